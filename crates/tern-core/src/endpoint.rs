@@ -1,0 +1,117 @@
+//! The interface between the engine and where files live.
+//!
+//! The engine (scan, plan, schedule, commit) only talks to these traits, so
+//! the same code drives a local directory, a remote daemon or an object
+//! store. All calls are blocking and made from the engine's worker threads;
+//! an endpoint that speaks to the network runs its own I/O underneath.
+//!
+//! Paths given to an endpoint are relative to its root; the empty path is
+//! the root itself.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use blake3::hazmat::ChainingValue;
+
+use crate::entry::{Entry, Kind, Meta};
+use crate::error::Result;
+use crate::hash::Hash;
+
+/// Extended attributes of an entry: (name, value) pairs.
+pub type Xattrs = Vec<(OsString, Vec<u8>)>;
+
+/// The read side of an endpoint.
+pub trait Source: Send + Sync {
+    /// A short description for messages (a path, an URL).
+    fn describe(&self, rel: &Path) -> String;
+    /// The entry at `rel`, without following a final symlink; `None` if
+    /// nothing is there.
+    fn stat(&self, rel: &Path) -> Result<Option<Entry>>;
+    /// The entries of the directory `rel`, sorted by name.
+    fn read_dir(&self, rel: &Path) -> Result<Vec<Entry>>;
+    /// Opens the regular file `rel` for reading. `expect` is the entry as it
+    /// was listed; the file must still match it.
+    fn open(&self, rel: &Path, expect: &Entry) -> Result<Box<dyn ReadFile>>;
+    /// Extended attributes of `rel` (not following symlinks).
+    fn xattrs(&self, rel: &Path) -> Result<Xattrs>;
+}
+
+/// An open source file.
+pub trait ReadFile: Send + Sync {
+    /// Fills `buf` from `offset`; reading past the end is a `Changed` error
+    /// (the file shrank).
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// The ranges `(start, len)` within `[offset, offset+len)` that hold data;
+    /// the rest are holes that read as zeros.
+    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        Ok(vec![(offset, len)])
+    }
+    /// Errors with `Changed` if the file was modified since it was opened.
+    fn check_unchanged(&self) -> Result<()>;
+}
+
+/// What the engine tells a destination about a file it is about to write.
+#[derive(Debug, Clone)]
+pub struct FileSpec {
+    /// Final length.
+    pub size: u64,
+    /// Chunk size used for hashing and journaling.
+    pub chunk_size: u64,
+    /// Keep a journal of verified chunks so an interrupted copy resumes.
+    pub resumable: bool,
+    /// Identity of the source version (size, mtime): a journal written for
+    /// another version is discarded.
+    pub source_meta: Meta,
+}
+
+/// A file being written at a temporary name.
+pub trait WriteFile: Send + Sync {
+    /// Chunks already in place from an interrupted earlier run, re-verified
+    /// against their recorded hashes: `(index, chaining value)`.
+    fn resumed(&self) -> Vec<(u64, ChainingValue)>;
+    /// Writes one chunk at `offset`. `holes` are sub-ranges that are all
+    /// zeros and need not be written. `cv` is the chunk's chaining value
+    /// when the file has more than one chunk; it is journaled.
+    fn write_chunk(
+        &self,
+        index: u64,
+        offset: u64,
+        data: &[u8],
+        holes: &[(u64, u64)],
+        cv: Option<&ChainingValue>,
+    ) -> Result<()>;
+    /// Applies the final metadata (and extended attributes, if any).
+    fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> Result<()>;
+    /// Makes the written data durable.
+    fn sync(&self) -> Result<()>;
+    /// Reads the written data back (from the device where possible) and
+    /// checks it hashes to `expected`.
+    fn verify(&self, expected: &Hash) -> Result<()>;
+    /// Moves the file to its final name atomically.
+    fn publish(self: Box<Self>) -> Result<()>;
+    /// Gives up. With `keep`, the temporary data and journal stay for a
+    /// later resume; otherwise they are removed.
+    fn abort(self: Box<Self>, keep: bool);
+}
+
+/// The write side of an endpoint. It can also be read, to compare.
+pub trait Dest: Source {
+    /// Creates the directory `rel` (its parent exists). Succeeds if it is
+    /// already a directory.
+    fn make_dir(&self, rel: &Path) -> Result<()>;
+    /// Starts writing the regular file `rel` at a temporary name.
+    fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>>;
+    /// Creates or atomically replaces `rel` with a symlink to `target`.
+    fn symlink(&self, rel: &Path, target: &Path, meta: &Meta, owner: bool) -> Result<()>;
+    /// Makes `rel` a hard link to the already written `existing`.
+    fn hard_link(&self, existing: &Path, rel: &Path) -> Result<()>;
+    /// Applies metadata to an existing entry (not following symlinks).
+    fn set_meta(&self, rel: &Path, kind: Kind, meta: &Meta, owner: bool, xattrs: Option<&Xattrs>) -> Result<()>;
+    /// Removes `rel`; directories with all their contents.
+    fn remove(&self, rel: &Path) -> Result<()>;
+    /// Makes everything written so far durable at once (cheaper than one
+    /// `sync` a file for many small files).
+    fn barrier(&self) -> Result<()>;
+    /// True when the endpoint can preserve owners (running privileged).
+    fn can_chown(&self) -> bool;
+}

@@ -1,0 +1,1304 @@
+//! The transfer engine: scan → plan → schedule → read → hash → write →
+//! commit → report.
+//!
+//! One scanner thread walks the source depth-first, one directory at a time,
+//! compares each entry with the destination and turns what must change into
+//! work items on a bounded queue (so memory does not grow with the tree).
+//! Worker threads take the items:
+//! - a *batch* of small files and symlinks, written to temporary names, made
+//!   durable together with one file-system barrier, then renamed into place;
+//! - a *large file*, whose chunks are claimed by every worker that picks up
+//!   one of its items, hashed and written in parallel at their offsets, and
+//!   journaled so an interrupted copy resumes; the last worker out composes
+//!   the whole-file hash and commits;
+//! - a *single* file to compare by content first (`--checksum`), or a pair
+//!   to compare (`check`).
+//!
+//! What must wait for all data to be in place (hard links, deletions,
+//! directory times) runs after the workers finish.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use blake3::hazmat::ChainingValue;
+
+use crate::endpoint::{Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
+use crate::entry::{Entry, Kind, Meta};
+use crate::error::{Error, Result};
+use crate::filter::Filter;
+use crate::hash::{self, Hash};
+
+/// Default chunk size: large enough to amortise per-chunk cost, small enough
+/// for parallelism and fine-grained resume.
+pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
+
+const BATCH_FILES: usize = 256;
+const BATCH_BYTES: u64 = 16 << 20;
+/// Below this many files a batch is synced file by file rather than with a
+/// file-system-wide barrier.
+const BARRIER_MIN_FILES: usize = 4;
+
+/// What the run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Make the destination hold the source's files (`copy`, `sync`).
+    Transfer,
+    /// Compare source and destination by content, change nothing.
+    Check,
+}
+
+/// How a run behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Transfer or check.
+    pub mode: Mode,
+    /// Remove destination entries the source does not have (after all data
+    /// is in place).
+    pub delete: bool,
+    /// Report what would be done; change nothing.
+    pub dry_run: bool,
+    /// Decide what changed by BLAKE3 instead of size and mtime.
+    pub checksum: bool,
+    /// Include/exclude rules.
+    pub filter: Filter,
+    /// Worker threads.
+    pub jobs: usize,
+    /// fsync data before it is renamed into place.
+    pub fsync: bool,
+    /// Read each written file back and check its hash before committing it.
+    pub verify: bool,
+    /// Chunk size (power of two, at least 1 KiB).
+    pub chunk_size: u64,
+    /// Preserve hard links between source files.
+    pub hard_links: bool,
+    /// Preserve extended attributes.
+    pub xattrs: bool,
+    /// Bandwidth limit in bytes per second.
+    pub bwlimit: Option<u64>,
+    /// Set to stop the run: in-flight chunks finish, partial files stay
+    /// resumable.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: Mode::Transfer,
+            delete: false,
+            dry_run: false,
+            checksum: false,
+            filter: Filter::new(),
+            jobs: default_jobs(),
+            fsync: true,
+            verify: false,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            hard_links: false,
+            xattrs: false,
+            bwlimit: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Default number of workers: enough to overlap I/O waits on small machines.
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| (n.get() * 2).clamp(4, 16))
+}
+
+/// One source of a run and where it lands.
+#[derive(Clone)]
+pub struct Root {
+    /// The source endpoint, rooted at the file or directory to transfer.
+    pub src: Arc<dyn Source>,
+    /// Where it lands, relative to the destination endpoint's root (empty:
+    /// the root itself).
+    pub dst_rel: PathBuf,
+}
+
+/// What happened (or, in a dry run, would happen) to one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// A file was copied where none was.
+    New,
+    /// A file was replaced by a newer version.
+    Update,
+    /// Only permissions/owner/times were changed.
+    Meta,
+    /// A directory was created.
+    Dir,
+    /// A symlink was created or replaced.
+    Symlink,
+    /// A hard link was made.
+    HardLink,
+    /// An entry the source does not have was removed.
+    Delete,
+    /// A device, FIFO or socket was skipped.
+    SkipSpecial,
+    /// `check`: present in the source only.
+    Missing,
+    /// `check`: present in the destination only.
+    Extra,
+    /// `check`: both have it, with different content or kind.
+    Differ,
+}
+
+/// Receives what the engine does, as it does it. Called from several
+/// threads.
+pub trait Observer: Send + Sync {
+    /// More work was planned: `files` files of `bytes` bytes in all.
+    fn planned(&self, _files: u64, _bytes: u64) {}
+    /// The scan finished: nothing more will be planned.
+    fn scan_done(&self) {}
+    /// `bytes` more bytes were transferred (or found already in place).
+    fn progress(&self, _bytes: u64) {}
+    /// A planned file is finished (committed, found equal, or failed).
+    fn file_done(&self) {}
+    /// An action on `path` (relative to the destination root).
+    fn action(&self, _action: Action, _path: &Path, _size: u64) {}
+    /// Something failed; the run goes on with other files.
+    fn error(&self, _error: &Error) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// Regular files seen in the source (after filters).
+    pub files: u64,
+    /// Files written (or to be written, in a dry run).
+    pub copied: u64,
+    /// Files already up to date.
+    pub unchanged: u64,
+    /// Bytes of file data written in this run.
+    pub bytes_written: u64,
+    /// Bytes found already written and verified from an interrupted run.
+    pub bytes_resumed: u64,
+    /// Total size of the files copied.
+    pub bytes_total: u64,
+    /// Directories created.
+    pub dirs_created: u64,
+    /// Symlinks created or replaced.
+    pub symlinks: u64,
+    /// Hard links made.
+    pub hard_links: u64,
+    /// Entries whose metadata alone was updated.
+    pub meta_updated: u64,
+    /// Entries deleted from the destination.
+    pub deleted: u64,
+    /// Special files skipped.
+    pub skipped_special: u64,
+    /// `check`: paths that differ, are missing or extra.
+    pub differences: u64,
+    /// Number of failures.
+    pub errors: u64,
+    /// The first failures, one line each.
+    pub error_messages: Vec<String>,
+    /// Wall time in seconds.
+    pub elapsed_secs: f64,
+    /// Bytes written per second of wall time.
+    pub bytes_per_sec: f64,
+    /// Every written file was read back and matched its source hash.
+    pub verified: bool,
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// The run was stopped before the end.
+    pub interrupted: bool,
+    /// Deletions were skipped because of errors.
+    pub deletions_skipped: bool,
+}
+
+const MAX_MESSAGES: usize = 100;
+
+#[derive(Default)]
+struct Stats {
+    files: AtomicU64,
+    copied: AtomicU64,
+    unchanged: AtomicU64,
+    bytes_written: AtomicU64,
+    bytes_resumed: AtomicU64,
+    bytes_total: AtomicU64,
+    dirs_created: AtomicU64,
+    symlinks: AtomicU64,
+    hard_links: AtomicU64,
+    meta_updated: AtomicU64,
+    deleted: AtomicU64,
+    skipped_special: AtomicU64,
+    differences: AtomicU64,
+    errors: AtomicU64,
+    messages: Mutex<Vec<String>>,
+    deletions_skipped: AtomicBool,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A task on one source entry.
+struct Task {
+    src: Arc<dyn Source>,
+    src_rel: PathBuf,
+    dst_rel: PathBuf,
+    entry: Entry,
+    /// The destination entry it replaces, if any.
+    existing: Option<Entry>,
+}
+
+enum Work {
+    Batch(Vec<Task>),
+    Large(Arc<Large>),
+    /// Compare by content, then copy if different.
+    Compare(Task),
+    /// `check`: compare a pair.
+    Check(Task),
+}
+
+/// Paces writes to a byte rate shared by all workers.
+struct Throttle {
+    rate: u64,
+    start: Instant,
+    sent: AtomicU64,
+}
+
+impl Throttle {
+    fn take(&self, n: u64) {
+        let sent = self.sent.fetch_add(n, Ordering::Relaxed) + n;
+        let due = Duration::from_secs_f64(sent as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+struct Ctx {
+    dest: Arc<dyn Dest>,
+    opts: Options,
+    obs: Arc<dyn Observer>,
+    stats: Stats,
+    owner: bool,
+    throttle: Option<Throttle>,
+}
+
+/// Runs a transfer or check of `roots` into `dest`.
+pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Observer>) -> Summary {
+    let start = Instant::now();
+    let owner = dest.can_chown();
+    let throttle = opts.bwlimit.map(|rate| Throttle {
+        rate: rate.max(1),
+        start,
+        sent: AtomicU64::new(0),
+    });
+    let jobs = opts.jobs.max(1);
+    let ctx = Arc::new(Ctx {
+        dest,
+        opts,
+        obs,
+        stats: Stats::default(),
+        owner,
+        throttle,
+    });
+    let (tx, rx) = sync_channel::<Work>(jobs * 2);
+    let rx = Arc::new(Mutex::new(rx));
+    let workers: Vec<_> = (0..jobs)
+        .map(|_| {
+            let ctx = ctx.clone();
+            let rx = rx.clone();
+            std::thread::spawn(move || worker(&ctx, &rx))
+        })
+        .collect();
+
+    let mut scan = Scanner {
+        ctx: &ctx,
+        tx,
+        batch: Vec::new(),
+        batch_bytes: 0,
+        dirs: Vec::new(),
+        deletions: Vec::new(),
+        links: HashMap::new(),
+        deferred_links: Vec::new(),
+        jobs,
+    };
+    for root in &roots {
+        if ctx.cancelled() {
+            break;
+        }
+        scan.root(root);
+    }
+    scan.flush();
+    let Scanner {
+        tx,
+        dirs,
+        deletions,
+        deferred_links,
+        ..
+    } = scan;
+    drop(tx);
+    ctx.obs.scan_done();
+    for w in workers {
+        if w.join().is_err() {
+            ctx.fail(Error::Internal("a worker thread panicked".into()));
+        }
+    }
+    ctx.finish(dirs, deletions, deferred_links);
+
+    let s = &ctx.stats;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    let errors = get(&s.errors);
+    let interrupted = ctx.cancelled();
+    Summary {
+        files: get(&s.files),
+        copied: get(&s.copied),
+        unchanged: get(&s.unchanged),
+        bytes_written: get(&s.bytes_written),
+        bytes_resumed: get(&s.bytes_resumed),
+        bytes_total: get(&s.bytes_total),
+        dirs_created: get(&s.dirs_created),
+        symlinks: get(&s.symlinks),
+        hard_links: get(&s.hard_links),
+        meta_updated: get(&s.meta_updated),
+        deleted: get(&s.deleted),
+        skipped_special: get(&s.skipped_special),
+        differences: get(&s.differences),
+        errors,
+        error_messages: s.messages.lock().map(|m| m.clone()).unwrap_or_default(),
+        elapsed_secs: elapsed,
+        bytes_per_sec: if elapsed > 0.0 {
+            get(&s.bytes_written) as f64 / elapsed
+        } else {
+            0.0
+        },
+        verified: ctx.opts.verify && errors == 0 && !interrupted && !ctx.opts.dry_run,
+        dry_run: ctx.opts.dry_run,
+        interrupted,
+        deletions_skipped: s.deletions_skipped.load(Ordering::Relaxed),
+    }
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::File => "file",
+        Kind::Dir => "directory",
+        Kind::Symlink => "symlink",
+        Kind::Special => "special file",
+    }
+}
+
+impl Ctx {
+    fn cancelled(&self) -> bool {
+        self.opts.cancel.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, e: Error) {
+        if e.is_interrupted() {
+            return;
+        }
+        add(&self.stats.errors, 1);
+        if let Ok(mut m) = self.stats.messages.lock() {
+            if m.len() < MAX_MESSAGES {
+                m.push(e.to_string());
+            }
+        }
+        self.obs.error(&e);
+    }
+
+    fn act(&self, action: Action, path: &Path, size: u64) {
+        self.obs.action(action, path, size);
+    }
+
+    fn meta_differs(&self, a: &Meta, b: &Meta, kind: Kind) -> bool {
+        (kind != Kind::Symlink && a.mode != b.mode)
+            || a.mtime != b.mtime
+            || (self.owner && (a.uid != b.uid || a.gid != b.gid))
+    }
+
+    fn xattrs_of(&self, src: &dyn Source, rel: &Path) -> Result<Xattrs> {
+        if self.opts.xattrs {
+            src.xattrs(rel)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Work that must wait until all data is in place.
+    fn finish(
+        &self,
+        dirs: Vec<(PathBuf, Entry, Arc<dyn Source>, PathBuf)>,
+        deletions: Vec<PathBuf>,
+        links: Vec<(PathBuf, PathBuf)>,
+    ) {
+        if self.opts.dry_run || self.opts.mode == Mode::Check {
+            return;
+        }
+        for (first, link) in links {
+            match self.dest.hard_link(&first, &link) {
+                Ok(()) => {
+                    add(&self.stats.hard_links, 1);
+                    self.act(Action::HardLink, &link, 0);
+                }
+                Err(e) => self.fail(e),
+            }
+        }
+        let safe_to_delete = self.stats.errors.load(Ordering::Relaxed) == 0 && !self.cancelled();
+        if safe_to_delete {
+            for rel in deletions {
+                match self.dest.remove(&rel) {
+                    Ok(()) => {
+                        add(&self.stats.deleted, 1);
+                        self.act(Action::Delete, &rel, 0);
+                    }
+                    Err(e) => self.fail(e),
+                }
+            }
+        } else if !deletions.is_empty() {
+            tracing::warn!(
+                count = deletions.len(),
+                "deletions skipped because of errors; nothing was deleted"
+            );
+            self.stats.deletions_skipped.store(true, Ordering::Relaxed);
+        }
+        // Deepest first, so setting a child's times does not disturb its
+        // parent's.
+        for (dst_rel, entry, src, src_rel) in dirs.into_iter().rev() {
+            let x = match self.xattrs_of(&*src, &src_rel) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.fail(e);
+                    continue;
+                }
+            };
+            let xa = self.opts.xattrs.then_some(&x);
+            if let Err(e) = self.dest.set_meta(&dst_rel, Kind::Dir, &entry.meta, self.owner, xa) {
+                self.fail(e);
+            }
+        }
+        if self.opts.fsync {
+            if let Err(e) = self.dest.barrier() {
+                self.fail(e);
+            }
+        }
+    }
+}
+
+struct Scanner<'a> {
+    ctx: &'a Arc<Ctx>,
+    tx: SyncSender<Work>,
+    batch: Vec<Task>,
+    batch_bytes: u64,
+    /// Every directory in the destination, in pre-order, for the final
+    /// metadata pass.
+    dirs: Vec<(PathBuf, Entry, Arc<dyn Source>, PathBuf)>,
+    deletions: Vec<PathBuf>,
+    links: HashMap<(u64, u64), PathBuf>,
+    deferred_links: Vec<(PathBuf, PathBuf)>,
+    jobs: usize,
+}
+
+impl Scanner<'_> {
+    fn send(&mut self, w: Work) {
+        // Fails only when every worker is gone, which ends the run anyway.
+        let _ = self.tx.send(w);
+    }
+
+    fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            let b = std::mem::take(&mut self.batch);
+            self.batch_bytes = 0;
+            self.send(Work::Batch(b));
+        }
+    }
+
+    fn dest_stat(&self, rel: &Path) -> Option<Option<Entry>> {
+        match self.ctx.dest.stat(rel) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                self.ctx.fail(e);
+                None
+            }
+        }
+    }
+
+    fn root(&mut self, root: &Root) {
+        let entry = match root.src.stat(Path::new("")) {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                self.ctx.fail(Error::Usage(format!(
+                    "{}: source does not exist",
+                    root.src.describe(Path::new(""))
+                )));
+                return;
+            }
+            Err(e) => {
+                self.ctx.fail(e);
+                return;
+            }
+        };
+        if !root.dst_rel.as_os_str().is_empty() && !self.ctx.opts.dry_run && self.ctx.opts.mode == Mode::Transfer {
+            // Landing inside the destination directory: make sure it exists.
+            if let Err(e) = self.ctx.dest.make_dir(Path::new("")) {
+                return self.ctx.fail(e);
+            }
+        }
+        let Some(existing) = self.dest_stat(&root.dst_rel) else {
+            return;
+        };
+        if !root.dst_rel.as_os_str().is_empty()
+            && !self.ctx.opts.filter.included(&root.dst_rel, entry.kind == Kind::Dir)
+        {
+            return;
+        }
+        self.entry(&root.src, Path::new(""), &root.dst_rel, entry, existing);
+    }
+
+    /// Removes a destination entry of the wrong kind when deleting is
+    /// allowed; otherwise reports the conflict. Returns true if the way is
+    /// now clear.
+    fn clear_conflict(&mut self, dst_rel: &Path, found: &Entry, wanted: Kind) -> bool {
+        let ctx = self.ctx;
+        if !ctx.opts.delete {
+            ctx.fail(Error::TypeConflict {
+                path: PathBuf::from(ctx.dest.describe(dst_rel)),
+                found: kind_name(found.kind),
+                wanted: kind_name(wanted),
+            });
+            return false;
+        }
+        ctx.act(Action::Delete, dst_rel, 0);
+        if ctx.opts.dry_run {
+            return true;
+        }
+        match ctx.dest.remove(dst_rel) {
+            Ok(()) => {
+                add(&ctx.stats.deleted, 1);
+                true
+            }
+            Err(e) => {
+                ctx.fail(e);
+                false
+            }
+        }
+    }
+
+    /// Plans one source entry against what the destination has there.
+    fn entry(&mut self, src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, se: Entry, de: Option<Entry>) {
+        let ctx = self.ctx;
+        if se.kind == Kind::Dir {
+            if let Some(exists) = self.dir(src, src_rel, dst_rel, &se, de.as_ref()) {
+                self.walk(src, src_rel, dst_rel, exists);
+            }
+            return;
+        }
+        if ctx.opts.mode == Mode::Check {
+            return self.check_entry(src, src_rel, dst_rel, se, de);
+        }
+        match se.kind {
+            Kind::Dir => {}
+            Kind::Special => {
+                add(&ctx.stats.skipped_special, 1);
+                ctx.act(Action::SkipSpecial, dst_rel, 0);
+            }
+            Kind::Symlink => {
+                if let Some(d) = &de {
+                    if d.kind == Kind::Symlink && d.target == se.target {
+                        return self.unchanged(src, src_rel, dst_rel, se, d.clone());
+                    }
+                    if d.kind == Kind::Dir && !self.clear_conflict(dst_rel, d, Kind::Symlink) {
+                        return;
+                    }
+                }
+                self.push_small(src, src_rel, dst_rel, se, de);
+            }
+            Kind::File => {
+                add(&ctx.stats.files, 1);
+                if ctx.opts.hard_links && se.nlink > 1 {
+                    if let Some(id) = se.file_id {
+                        if let Some(first) = self.links.get(&id) {
+                            ctx.act(Action::HardLink, dst_rel, 0);
+                            self.deferred_links.push((first.clone(), dst_rel.to_path_buf()));
+                            return;
+                        }
+                        self.links.insert(id, dst_rel.to_path_buf());
+                    }
+                }
+                if let Some(d) = &de {
+                    if d.kind == Kind::Dir && !self.clear_conflict(dst_rel, d, Kind::File) {
+                        return;
+                    }
+                    if d.kind == Kind::File && d.size == se.size {
+                        if ctx.opts.checksum {
+                            ctx.obs.planned(1, se.size);
+                            return self.send(Work::Compare(task(src, src_rel, dst_rel, se, de)));
+                        }
+                        if se.same_size_and_mtime(d) {
+                            return self.unchanged(src, src_rel, dst_rel, se, d.clone());
+                        }
+                    }
+                }
+                let update = de.as_ref().is_some_and(|d| d.kind != Kind::Dir);
+                ctx.act(if update { Action::Update } else { Action::New }, dst_rel, se.size);
+                add(&ctx.stats.copied, 1);
+                add(&ctx.stats.bytes_total, se.size);
+                if ctx.opts.dry_run {
+                    return;
+                }
+                ctx.obs.planned(1, se.size);
+                if se.size > ctx.opts.chunk_size {
+                    let large = Arc::new(Large::new(
+                        task(src, src_rel, dst_rel, se, de),
+                        ctx.opts.chunk_size,
+                        self.jobs,
+                    ));
+                    for _ in 0..large.participants {
+                        self.send(Work::Large(large.clone()));
+                    }
+                } else {
+                    self.push_small(src, src_rel, dst_rel, se, de);
+                }
+            }
+        }
+    }
+
+    /// Plans a directory. Returns whether to descend into it, and if so
+    /// whether the destination directory exists (in a dry run, a directory
+    /// that would be created does not).
+    fn dir(
+        &mut self,
+        src: &Arc<dyn Source>,
+        src_rel: &Path,
+        dst_rel: &Path,
+        se: &Entry,
+        de: Option<&Entry>,
+    ) -> Option<bool> {
+        let ctx = self.ctx;
+        if ctx.opts.mode == Mode::Check {
+            return match de {
+                Some(d) if d.kind == Kind::Dir => Some(true),
+                Some(_) => {
+                    add(&ctx.stats.differences, 1);
+                    ctx.act(Action::Differ, dst_rel, 0);
+                    None
+                }
+                None => {
+                    add(&ctx.stats.differences, 1);
+                    ctx.act(Action::Missing, dst_rel, 0);
+                    None
+                }
+            };
+        }
+        let exists = match de {
+            Some(d) if d.kind == Kind::Dir => true,
+            Some(d) => {
+                if !self.clear_conflict(dst_rel, d, Kind::Dir) {
+                    return None;
+                }
+                false
+            }
+            None => false,
+        };
+        if !exists {
+            ctx.act(Action::Dir, dst_rel, 0);
+            if !ctx.opts.dry_run {
+                if let Err(e) = ctx.dest.make_dir(dst_rel) {
+                    ctx.fail(e);
+                    return None;
+                }
+                add(&ctx.stats.dirs_created, 1);
+            }
+        }
+        let differs = de.is_none_or(|d| ctx.meta_differs(&d.meta, &se.meta, Kind::Dir));
+        if !ctx.opts.dry_run && (differs || ctx.opts.xattrs) {
+            self.dirs
+                .push((dst_rel.to_path_buf(), se.clone(), src.clone(), src_rel.to_path_buf()));
+        }
+        Some(exists || !ctx.opts.dry_run)
+    }
+
+    /// An entry whose content is in place; its metadata may still differ.
+    fn unchanged(&mut self, src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, se: Entry, de: Entry) {
+        let ctx = self.ctx;
+        if se.kind == Kind::File {
+            add(&ctx.stats.unchanged, 1);
+        }
+        if !ctx.meta_differs(&de.meta, &se.meta, se.kind) && !ctx.opts.xattrs {
+            return;
+        }
+        if ctx.meta_differs(&de.meta, &se.meta, se.kind) {
+            ctx.act(Action::Meta, dst_rel, 0);
+            add(&ctx.stats.meta_updated, 1);
+        }
+        if ctx.opts.dry_run {
+            return;
+        }
+        let x = match ctx.xattrs_of(&**src, src_rel) {
+            Ok(x) => x,
+            Err(e) => return ctx.fail(e),
+        };
+        if let Err(e) = ctx
+            .dest
+            .set_meta(dst_rel, se.kind, &se.meta, ctx.owner, ctx.opts.xattrs.then_some(&x))
+        {
+            ctx.fail(e);
+        }
+    }
+
+    fn push_small(&mut self, src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, se: Entry, de: Option<Entry>) {
+        if se.kind == Kind::Symlink {
+            self.ctx.act(Action::Symlink, dst_rel, 0);
+            if self.ctx.opts.dry_run {
+                return;
+            }
+        }
+        self.batch_bytes += se.size;
+        self.batch.push(task(src, src_rel, dst_rel, se, de));
+        if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
+            self.flush();
+        }
+    }
+
+    fn check_entry(&mut self, src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, se: Entry, de: Option<Entry>) {
+        let ctx = self.ctx;
+        let differ = |what: Action| {
+            add(&ctx.stats.differences, 1);
+            ctx.act(what, dst_rel, 0);
+        };
+        let Some(de) = de else {
+            if se.kind == Kind::File {
+                add(&ctx.stats.files, 1);
+            }
+            return differ(Action::Missing);
+        };
+        match (se.kind, de.kind) {
+            (Kind::File, Kind::File) => {
+                add(&ctx.stats.files, 1);
+                if se.size != de.size {
+                    return differ(Action::Differ);
+                }
+                ctx.obs.planned(1, se.size);
+                self.send(Work::Check(task(src, src_rel, dst_rel, se, Some(de))));
+            }
+            (Kind::Symlink, Kind::Symlink) if se.target == de.target => {}
+            (Kind::Special, Kind::Special) => {}
+            _ => differ(Action::Differ),
+        }
+    }
+
+    /// Walks the directory `src_rel` (landing at `dst_rel`) depth-first.
+    fn walk(&mut self, src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, dst_exists: bool) {
+        let mut stack = vec![(src_rel.to_path_buf(), dst_rel.to_path_buf(), dst_exists)];
+        while let Some((s, d, exists)) = stack.pop() {
+            if self.ctx.cancelled() {
+                return;
+            }
+            let src_entries = match src.read_dir(&s) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.ctx.fail(e);
+                    continue;
+                }
+            };
+            let dst_entries = if exists {
+                match self.ctx.dest.read_dir(&d) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.ctx.fail(e);
+                        continue;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let mut subdirs = Vec::new();
+            let mut di = dst_entries.into_iter().peekable();
+            for se in src_entries {
+                // Destination-only names sorting before this one.
+                while let Some(de) = di.next_if(|de| de.name.as_encoded_bytes() < se.name.as_encoded_bytes()) {
+                    self.extra(&d, de);
+                }
+                let de = di.next_if(|de| de.name == se.name);
+                let cs = s.join(&se.name);
+                let cd = d.join(&se.name);
+                if !self.ctx.opts.filter.included(&cd, se.kind == Kind::Dir) {
+                    continue;
+                }
+                if se.kind == Kind::Dir {
+                    if let Some(exists) = self.dir(src, &cs, &cd, &se, de.as_ref()) {
+                        subdirs.push((cs, cd, exists));
+                    }
+                } else {
+                    self.entry(src, &cs, &cd, se, de);
+                }
+            }
+            for de in di {
+                self.extra(&d, de);
+            }
+            stack.extend(subdirs.into_iter().rev());
+        }
+    }
+
+    /// A destination entry the source does not have.
+    fn extra(&mut self, dir: &Path, de: Entry) {
+        let ctx = self.ctx;
+        let rel = dir.join(&de.name);
+        if !ctx.opts.filter.included(&rel, de.kind == Kind::Dir) {
+            return;
+        }
+        if ctx.opts.mode == Mode::Check {
+            add(&ctx.stats.differences, 1);
+            ctx.act(Action::Extra, &rel, 0);
+        } else if ctx.opts.delete {
+            if ctx.opts.dry_run {
+                ctx.act(Action::Delete, &rel, 0);
+                add(&ctx.stats.deleted, 1);
+            } else {
+                self.deletions.push(rel);
+            }
+        }
+    }
+}
+
+fn task(src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, entry: Entry, existing: Option<Entry>) -> Task {
+    Task {
+        src: src.clone(),
+        src_rel: src_rel.to_path_buf(),
+        dst_rel: dst_rel.to_path_buf(),
+        entry,
+        existing,
+    }
+}
+
+/// A file copied in chunks by several workers at once.
+struct Large {
+    task: Task,
+    chunks: u64,
+    participants: u32,
+    next: AtomicU64,
+    exited: AtomicU32,
+    failed: AtomicBool,
+    state: Mutex<LargeState>,
+    sink: RwLock<Option<Box<dyn WriteFile>>>,
+}
+
+#[derive(Default)]
+struct LargeState {
+    opened: bool,
+    src: Option<Arc<dyn ReadFile>>,
+    cvs: Vec<Option<ChainingValue>>,
+    error: Option<Error>,
+}
+
+impl Large {
+    fn new(task: Task, chunk_size: u64, jobs: usize) -> Large {
+        let chunks = hash::chunk_count(task.entry.size, chunk_size);
+        Large {
+            task,
+            chunks,
+            participants: chunks.min(jobs as u64).max(1) as u32,
+            next: AtomicU64::new(0),
+            exited: AtomicU32::new(0),
+            failed: AtomicBool::new(false),
+            state: Mutex::new(LargeState::default()),
+            sink: RwLock::new(None),
+        }
+    }
+}
+
+fn worker(ctx: &Ctx, rx: &Mutex<Receiver<Work>>) {
+    let mut buf = Vec::new();
+    loop {
+        let work = match rx.lock() {
+            Ok(r) => r.recv(),
+            Err(_) => return,
+        };
+        let Ok(work) = work else { return };
+        match work {
+            Work::Batch(tasks) => ctx.batch(tasks, &mut buf),
+            Work::Large(l) => ctx.large(&l, &mut buf),
+            Work::Compare(t) => ctx.compare(t, &mut buf),
+            Work::Check(t) => ctx.check(t, &mut buf),
+        }
+    }
+}
+
+/// Reads `[offset, offset+len)` of `f` into `buf`, zero-filling holes
+/// without reading them. Returns the holes.
+fn read_chunk(f: &dyn ReadFile, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<Vec<(u64, u64)>> {
+    buf.resize(len, 0);
+    let data = f.data_ranges(offset, len as u64)?;
+    let mut holes = Vec::new();
+    let mut pos = offset;
+    for &(s, l) in &data {
+        if s > pos {
+            holes.push((pos, s - pos));
+        }
+        pos = s + l;
+    }
+    if pos < offset + len as u64 {
+        holes.push((pos, offset + len as u64 - pos));
+    }
+    if holes.is_empty() {
+        f.read_exact_at(offset, buf)?;
+    } else {
+        for &(s, l) in &holes {
+            buf[(s - offset) as usize..(s - offset + l) as usize].fill(0);
+        }
+        for &(s, l) in &data {
+            f.read_exact_at(s, &mut buf[(s - offset) as usize..(s - offset + l) as usize])?;
+        }
+    }
+    Ok(holes)
+}
+
+/// The BLAKE3 of a whole file, read chunk by chunk.
+fn hash_file(f: &dyn ReadFile, size: u64, chunk_size: u64, buf: &mut Vec<u8>, cancel: &AtomicBool) -> Result<Hash> {
+    if size <= chunk_size {
+        read_chunk(f, 0, size as usize, buf)?;
+        return Ok(hash::hash_bytes(buf));
+    }
+    let n = hash::chunk_count(size, chunk_size);
+    let mut cvs = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let off = i * chunk_size;
+        read_chunk(f, off, chunk_size.min(size - off) as usize, buf)?;
+        cvs.push(hash::chunk_cv(off, buf));
+    }
+    hash::compose(&cvs, size, chunk_size).ok_or_else(|| Error::Internal("chunk count".into()))
+}
+
+impl Ctx {
+    fn spec(&self, e: &Entry, resumable: bool) -> FileSpec {
+        FileSpec {
+            size: e.size,
+            chunk_size: self.opts.chunk_size,
+            resumable,
+            source_meta: e.meta.clone(),
+        }
+    }
+
+    fn batch(&self, tasks: Vec<Task>, buf: &mut Vec<u8>) {
+        let mut pending: Vec<(Task, Box<dyn WriteFile>, Hash)> = Vec::new();
+        for t in tasks {
+            if self.cancelled() {
+                break;
+            }
+            if t.entry.kind == Kind::Symlink {
+                let target = t.entry.target.clone().unwrap_or_default();
+                match self.dest.symlink(&t.dst_rel, &target, &t.entry.meta, self.owner) {
+                    Ok(()) => add(&self.stats.symlinks, 1),
+                    Err(e) => self.fail(e),
+                }
+                continue;
+            }
+            match self.write_small(&t, buf) {
+                Ok((w, h)) => pending.push((t, w, h)),
+                Err(e) => {
+                    self.fail(e);
+                    self.obs.file_done();
+                }
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        if self.cancelled() {
+            for (_, w, _) in pending {
+                w.abort(false);
+            }
+            return;
+        }
+        if self.opts.fsync {
+            let synced = if pending.len() >= BARRIER_MIN_FILES {
+                self.dest.barrier()
+            } else {
+                pending.iter().try_for_each(|(_, w, _)| w.sync())
+            };
+            if let Err(e) = synced {
+                self.fail(e);
+                for (_, w, _) in pending {
+                    w.abort(false);
+                }
+                return;
+            }
+        }
+        for (t, w, h) in pending {
+            self.commit(&t, w, &h);
+        }
+    }
+
+    /// Verifies (if asked) and renames a written, synced file into place.
+    fn commit(&self, t: &Task, w: Box<dyn WriteFile>, h: &Hash) {
+        if self.opts.verify {
+            if let Err(e) = w.verify(h) {
+                self.fail(e);
+                self.obs.file_done();
+                return w.abort(false);
+            }
+        }
+        match w.publish() {
+            Ok(()) => tracing::debug!(path = %t.dst_rel.display(), hash = %h.to_hex(), "committed"),
+            Err(e) => self.fail(e),
+        }
+        self.obs.file_done();
+    }
+
+    /// Reads, hashes and writes a file of at most one chunk; returns it
+    /// written and with its metadata, not yet synced or renamed.
+    fn write_small(&self, t: &Task, buf: &mut Vec<u8>) -> Result<(Box<dyn WriteFile>, Hash)> {
+        let rf = t.src.open(&t.src_rel, &t.entry)?;
+        let holes = read_chunk(&*rf, 0, t.entry.size as usize, buf)?;
+        let h = hash::hash_bytes(buf);
+        let xattrs = self.xattrs_of(&*t.src, &t.src_rel)?;
+        let w = self.dest.create(&t.dst_rel, &self.spec(&t.entry, false))?;
+        if let Some(th) = &self.throttle {
+            th.take(t.entry.size);
+        }
+        let r = w
+            .write_chunk(0, 0, buf, &holes, None)
+            .and_then(|()| rf.check_unchanged())
+            .and_then(|()| w.set_meta(&t.entry.meta, self.owner, &xattrs));
+        match r {
+            Ok(()) => {
+                add(&self.stats.bytes_written, t.entry.size);
+                self.obs.progress(t.entry.size);
+                Ok((w, h))
+            }
+            Err(e) => {
+                w.abort(false);
+                Err(e)
+            }
+        }
+    }
+
+    fn large(&self, l: &Large, buf: &mut Vec<u8>) {
+        self.large_chunks(l, buf);
+        if l.exited.fetch_add(1, Ordering::AcqRel) + 1 == l.participants {
+            self.large_finish(l);
+        }
+    }
+
+    /// Opens source and destination once, for the first participant.
+    /// `None` when that failed (the error is kept for the finisher).
+    fn large_open(&self, l: &Large) -> Option<(Arc<dyn ReadFile>, Vec<bool>)> {
+        let mut st = l.state.lock().ok()?;
+        if !st.opened {
+            st.opened = true;
+            let t = &l.task;
+            let opened = t
+                .src
+                .open(&t.src_rel, &t.entry)
+                .and_then(|rf| Ok((rf, self.dest.create(&t.dst_rel, &self.spec(&t.entry, true))?)));
+            let (rf, w) = match opened {
+                Ok(x) => x,
+                Err(e) => {
+                    l.failed.store(true, Ordering::Relaxed);
+                    st.error = Some(e);
+                    return None;
+                }
+            };
+            st.cvs = vec![None; l.chunks as usize];
+            let mut resumed_bytes = 0;
+            for (i, cv) in w.resumed() {
+                if let Some(slot) = st.cvs.get_mut(i as usize) {
+                    *slot = Some(cv);
+                    resumed_bytes += self.opts.chunk_size.min(t.entry.size - i * self.opts.chunk_size);
+                }
+            }
+            if resumed_bytes > 0 {
+                tracing::info!(path = %t.dst_rel.display(), bytes = resumed_bytes, "resuming");
+                add(&self.stats.bytes_resumed, resumed_bytes);
+                self.obs.progress(resumed_bytes);
+            }
+            st.src = Some(Arc::from(rf));
+            *l.sink.write().ok()? = Some(w);
+        }
+        let src = st.src.clone()?;
+        Some((src, st.cvs.iter().map(Option::is_some).collect()))
+    }
+
+    fn large_chunks(&self, l: &Large, buf: &mut Vec<u8>) {
+        let Some((src, done)) = self.large_open(l) else {
+            return; // reported once, by the finisher
+        };
+        let cs = self.opts.chunk_size;
+        let size = l.task.entry.size;
+        loop {
+            if self.cancelled() || l.failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let i = l.next.fetch_add(1, Ordering::Relaxed);
+            if i >= l.chunks {
+                return;
+            }
+            if done[i as usize] {
+                continue;
+            }
+            let off = i * cs;
+            let len = cs.min(size - off);
+            let r = read_chunk(&*src, off, len as usize, buf).and_then(|holes| {
+                let cv = hash::chunk_cv(off, buf);
+                if let Some(th) = &self.throttle {
+                    th.take(len);
+                }
+                let sink = l.sink.read().map_err(|_| Error::Internal("poisoned lock".into()))?;
+                match sink.as_ref() {
+                    Some(w) => w.write_chunk(i, off, buf, &holes, Some(&cv))?,
+                    None => return Err(Error::Internal("sink missing".into())),
+                }
+                Ok(cv)
+            });
+            match (r, l.state.lock()) {
+                (Ok(cv), Ok(mut st)) => {
+                    st.cvs[i as usize] = Some(cv);
+                    add(&self.stats.bytes_written, len);
+                    self.obs.progress(len);
+                }
+                (Err(e), Ok(mut st)) => {
+                    l.failed.store(true, Ordering::Relaxed);
+                    st.error.get_or_insert(e);
+                    return;
+                }
+                (_, Err(_)) => return,
+            }
+        }
+    }
+
+    fn large_finish(&self, l: &Large) {
+        let t = &l.task;
+        let sink = l.sink.write().ok().and_then(|mut s| s.take());
+        let Ok(mut st) = l.state.lock() else { return };
+        let interrupted = self.cancelled();
+        let result: Result<()> = match (st.error.take(), sink) {
+            (Some(e), w) => {
+                if let Some(w) = w {
+                    w.abort(false);
+                }
+                Err(e)
+            }
+            (None, None) => Err(Error::Internal(format!("{}: nothing opened", t.dst_rel.display()))),
+            (None, Some(w)) if interrupted => {
+                w.abort(true);
+                return;
+            }
+            (None, Some(w)) => {
+                let cvs: Option<Vec<_>> = st.cvs.iter().copied().collect();
+                let src = st.src.take();
+                drop(st);
+                let done = (|| {
+                    let cvs = cvs.ok_or_else(|| Error::Internal(format!("{}: chunk missing", t.dst_rel.display())))?;
+                    let h = hash::compose(&cvs, t.entry.size, self.opts.chunk_size)
+                        .ok_or_else(|| Error::Internal("chunk count".into()))?;
+                    if let Some(src) = &src {
+                        src.check_unchanged()?;
+                    }
+                    let x = self.xattrs_of(&*t.src, &t.src_rel)?;
+                    w.set_meta(&t.entry.meta, self.owner, &x)?;
+                    if self.opts.fsync {
+                        w.sync()?;
+                    }
+                    Ok(h)
+                })();
+                match done {
+                    Ok(h) => {
+                        self.commit(t, w, &h);
+                        return;
+                    }
+                    Err(e) => {
+                        w.abort(false);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            self.fail(e);
+            self.obs.file_done();
+        }
+    }
+
+    /// `--checksum`: copy only if the content differs.
+    fn compare(&self, t: Task, buf: &mut Vec<u8>) {
+        let Some(de) = t.existing.clone() else { return };
+        let dest: &dyn Source = &*self.dest;
+        let same = (|| {
+            let a = t.src.open(&t.src_rel, &t.entry)?;
+            let ha = hash_file(&*a, t.entry.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
+            let b = dest.open(&t.dst_rel, &de)?;
+            let hb = hash_file(&*b, de.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
+            Ok::<_, Error>(ha == hb)
+        })();
+        match same {
+            Ok(true) => {
+                add(&self.stats.unchanged, 1);
+                self.obs.progress(t.entry.size);
+                self.obs.file_done();
+                if self.meta_differs(&de.meta, &t.entry.meta, Kind::File) || self.opts.xattrs {
+                    self.act(Action::Meta, &t.dst_rel, 0);
+                    add(&self.stats.meta_updated, 1);
+                    if !self.opts.dry_run {
+                        let r = self.xattrs_of(&*t.src, &t.src_rel).and_then(|x| {
+                            self.dest.set_meta(
+                                &t.dst_rel,
+                                Kind::File,
+                                &t.entry.meta,
+                                self.owner,
+                                self.opts.xattrs.then_some(&x),
+                            )
+                        });
+                        if let Err(e) = r {
+                            self.fail(e);
+                        }
+                    }
+                }
+            }
+            Ok(false) => {
+                self.act(Action::Update, &t.dst_rel, t.entry.size);
+                add(&self.stats.copied, 1);
+                add(&self.stats.bytes_total, t.entry.size);
+                if self.opts.dry_run {
+                    return;
+                }
+                if t.entry.size > self.opts.chunk_size {
+                    let l = Large::new(t, self.opts.chunk_size, 1);
+                    self.large(&l, buf);
+                } else {
+                    self.batch(vec![t], buf);
+                }
+            }
+            Err(e) => {
+                self.fail(e);
+                self.obs.file_done();
+            }
+        }
+    }
+
+    fn check(&self, t: Task, buf: &mut Vec<u8>) {
+        let Some(de) = &t.existing else { return };
+        let dest: &dyn Source = &*self.dest;
+        let r = (|| {
+            let a = t.src.open(&t.src_rel, &t.entry)?;
+            let ha = hash_file(&*a, t.entry.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
+            let b = dest.open(&t.dst_rel, de)?;
+            let hb = hash_file(&*b, de.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
+            Ok::<_, Error>(ha == hb)
+        })();
+        self.obs.progress(t.entry.size);
+        self.obs.file_done();
+        match r {
+            Ok(true) => add(&self.stats.unchanged, 1),
+            Ok(false) => {
+                add(&self.stats.differences, 1);
+                self.act(Action::Differ, &t.dst_rel, t.entry.size);
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! What the engine knows about one file system entry.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// The kind of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (never followed).
+    Symlink,
+    /// A device, FIFO or socket: not transferred.
+    Special,
+}
+
+/// A point in time, as seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Time {
+    /// Whole seconds (may be negative).
+    pub sec: i64,
+    /// Nanoseconds, below 1e9.
+    pub nsec: u32,
+}
+
+/// Metadata carried over with an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// Permission bits (`0o7777` mask).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Last modification.
+    pub mtime: Time,
+    /// Last access.
+    pub atime: Time,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The name within its directory (any bytes but `/` and NUL).
+    pub name: OsString,
+    /// What it is.
+    pub kind: Kind,
+    /// Length in bytes (files), 0 otherwise.
+    pub size: u64,
+    /// Permissions, owner, times.
+    pub meta: Meta,
+    /// The link target, for symlinks.
+    pub target: Option<PathBuf>,
+    /// Identity of the underlying file (device, inode) when the endpoint
+    /// knows it: used to preserve hard links.
+    pub file_id: Option<(u64, u64)>,
+    /// Number of hard links.
+    pub nlink: u64,
+    /// Bytes allocated on disk; less than `size` for sparse files.
+    pub allocated: u64,
+}
+
+impl Entry {
+    /// True when size and modification time match: rsync's quick check.
+    pub fn same_size_and_mtime(&self, other: &Entry) -> bool {
+        self.size == other.size && self.meta.mtime == other.meta.mtime
+    }
+}

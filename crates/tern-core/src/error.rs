@@ -1,0 +1,97 @@
+//! Errors of the engine and its endpoints. Each names the path it concerns.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Something that went wrong with one entry or with the whole run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O call failed.
+    #[error("{path}: {op}: {}", describe_io(.source))]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// What was being done ("open", "write", ...).
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The source file disappeared between listing and reading.
+    #[error("{0}: source file vanished before it could be copied")]
+    Vanished(PathBuf),
+    /// The source file changed while it was being copied.
+    #[error("{0}: source file changed while being copied; not committed (rerun to copy the new version)")]
+    Changed(PathBuf),
+    /// A destination entry is in the way of a different kind of entry.
+    #[error("{path}: destination is a {found}, source is a {wanted} (use sync --delete to replace it)")]
+    TypeConflict {
+        /// The destination path.
+        path: PathBuf,
+        /// Kind at the destination.
+        found: &'static str,
+        /// Kind at the source.
+        wanted: &'static str,
+    },
+    /// Data read back did not hash to what was written.
+    #[error("{path}: verification failed: destination hashes to {found}, source to {expected}")]
+    VerifyFailed {
+        /// The file concerned.
+        path: PathBuf,
+        /// The source hash.
+        expected: String,
+        /// The destination hash.
+        found: String,
+    },
+    /// Another process holds the temporary file of this destination.
+    #[error("{0}: another tern process is writing this file")]
+    Busy(PathBuf),
+    /// Bad arguments or an unusable root.
+    #[error("{0}")]
+    Usage(String),
+    /// A bug in tern: an invariant did not hold.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The run was interrupted; partial files stay for a resume.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+fn describe_io(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => "no space left on device".into(),
+        Some(libc::EDQUOT) => "disk quota exceeded".into(),
+        _ => e.to_string(),
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with the path and operation.
+    pub fn io(path: &Path, op: &'static str, source: io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+
+    /// True when this is an interruption, not a failure.
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, Error::Interrupted)
+    }
+}
+
+/// Adds path context to `io::Result`s.
+pub trait IoContext<T> {
+    /// Names the path and operation of a failed I/O call.
+    fn ctx(self, path: &Path, op: &'static str) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, path: &Path, op: &'static str) -> Result<T> {
+        self.map_err(|e| Error::io(path, op, e))
+    }
+}

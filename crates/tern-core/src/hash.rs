@@ -1,0 +1,150 @@
+//! BLAKE3 hashing of chunks and composition of a whole-file hash from them.
+//!
+//! A file is cut into chunks of `chunk_size` bytes (a power of two, at least
+//! 1 KiB). Each chunk is hashed on its own into a BLAKE3 *chaining value*
+//! (CV) at its offset; the CVs are then merged along BLAKE3's own tree. The
+//! result is bit-for-bit the hash `b3sum FILE` prints, however the chunks
+//! were scheduled. This works because BLAKE3's left subtree always holds the
+//! largest power-of-two number of 1 KiB blocks that leaves something on the
+//! right, so every split of a file longer than one chunk falls on a chunk
+//! boundary.
+
+use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+
+/// The smallest chunk size the composition rule allows.
+pub const MIN_CHUNK_SIZE: u64 = 1024;
+
+/// A whole-file BLAKE3 hash.
+pub type Hash = blake3::Hash;
+
+/// Returns true when `size` can be used as a chunk size.
+pub fn valid_chunk_size(size: u64) -> bool {
+    size >= MIN_CHUNK_SIZE && size.is_power_of_two()
+}
+
+/// Number of chunks a file of `len` bytes is cut into (an empty file has one,
+/// empty, chunk).
+pub fn chunk_count(len: u64, chunk_size: u64) -> u64 {
+    if len == 0 {
+        1
+    } else {
+        len.div_ceil(chunk_size)
+    }
+}
+
+/// Chaining value of the chunk that starts at `offset` in a file made of
+/// more than one chunk.
+pub fn chunk_cv(offset: u64, data: &[u8]) -> ChainingValue {
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(offset);
+    h.update(data);
+    h.finalize_non_root()
+}
+
+/// Standard BLAKE3 of a buffer: the hash of a file of one chunk.
+pub fn hash_bytes(data: &[u8]) -> Hash {
+    blake3::hash(data)
+}
+
+/// Composes the whole-file hash of a `len`-byte file from the chaining values
+/// of its chunks, in order. Files of one chunk are hashed directly, not
+/// through here; `cvs` must then hold `chunk_count(len, chunk_size)` entries.
+///
+/// Returns `None` when the number of CVs does not fit the length.
+pub fn compose(cvs: &[ChainingValue], len: u64, chunk_size: u64) -> Option<Hash> {
+    if cvs.len() < 2 || cvs.len() as u64 != chunk_count(len, chunk_size) {
+        return None;
+    }
+    let split = blake3::hazmat::left_subtree_len(len);
+    let left_chunks = (split / chunk_size) as usize;
+    let left = merge(&cvs[..left_chunks], split, chunk_size);
+    let right = merge(&cvs[left_chunks..], len - split, chunk_size);
+    Some(merge_subtrees_root(&left, &right, Mode::Hash))
+}
+
+fn merge(cvs: &[ChainingValue], len: u64, chunk_size: u64) -> ChainingValue {
+    if cvs.len() == 1 {
+        return cvs[0];
+    }
+    let split = blake3::hazmat::left_subtree_len(len);
+    let left_chunks = (split / chunk_size) as usize;
+    let left = merge(&cvs[..left_chunks], split, chunk_size);
+    let right = merge(&cvs[left_chunks..], len - split, chunk_size);
+    merge_subtrees_non_root(&left, &right, Mode::Hash)
+}
+
+/// Formats a hash the way `b3sum` does.
+pub fn to_hex(hash: &Hash) -> String {
+    hash.to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize) -> Vec<u8> {
+        let mut x: u32 = 0x9e37_79b9;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn chunked(buf: &[u8], chunk: u64) -> Hash {
+        if buf.len() as u64 <= chunk {
+            return hash_bytes(buf);
+        }
+        // Hash the chunks out of order to show order does not matter.
+        let n = chunk_count(buf.len() as u64, chunk) as usize;
+        let mut cvs = vec![[0u8; 32]; n];
+        for i in (0..n).rev() {
+            let start = i * chunk as usize;
+            let end = (start + chunk as usize).min(buf.len());
+            cvs[i] = chunk_cv(start as u64, &buf[start..end]);
+        }
+        compose(&cvs, buf.len() as u64, chunk).expect("count fits")
+    }
+
+    #[test]
+    fn composed_hash_equals_plain_blake3() {
+        let buf = data(300 * 1024 + 17);
+        for chunk in [1024u64, 2048, 4096, 64 * 1024, 256 * 1024] {
+            for len in [
+                0usize,
+                1,
+                1023,
+                1024,
+                1025,
+                2048,
+                3 * 1024,
+                5 * 1024 + 1,
+                64 * 1024,
+                64 * 1024 + 1,
+                200 * 1024 - 3,
+                300 * 1024 + 17,
+            ] {
+                let part = &buf[..len];
+                assert_eq!(chunked(part, chunk), blake3::hash(part), "len {len} chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn compose_rejects_wrong_count() {
+        let cv = [0u8; 32];
+        assert!(compose(&[cv, cv], 10_000, 1024).is_none());
+        assert!(compose(&[cv], 1024, 1024).is_none());
+    }
+
+    #[test]
+    fn chunk_size_rule() {
+        assert!(valid_chunk_size(1024));
+        assert!(valid_chunk_size(8 << 20));
+        assert!(!valid_chunk_size(512));
+        assert!(!valid_chunk_size(3000));
+    }
+}

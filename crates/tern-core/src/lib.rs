@@ -1,0 +1,26 @@
+//! tern's transfer engine.
+//!
+//! The engine ([`engine::run`]) moves files from [`Source`] endpoints to a
+//! [`Dest`] endpoint: it scans the source, plans against the destination,
+//! schedules work items (batches of small files, chunks of large ones) on
+//! worker threads, hashes every byte with BLAKE3 as it goes, writes to
+//! temporary names, makes the data durable and renames it into place. Large
+//! files keep a journal of verified chunks so an interrupted copy resumes.
+//!
+//! This crate holds no network code; remote endpoints implement the same
+//! traits elsewhere.
+
+pub mod endpoint;
+pub mod engine;
+pub mod entry;
+pub mod error;
+pub mod filter;
+pub mod hash;
+pub mod journal;
+pub mod local;
+mod sys;
+
+pub use endpoint::{Dest, Source};
+pub use engine::{run, Action, Mode, Observer, Options, Root, Summary};
+pub use error::{Error, Result};
+pub use local::LocalEndpoint;

@@ -1,0 +1,205 @@
+//! Thin safe wrappers over the few Linux calls std does not offer.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+use crate::entry::Time;
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn timespec(t: Time) -> libc::timespec {
+    libc::timespec {
+        tv_sec: t.sec as libc::time_t,
+        tv_nsec: t.nsec as libc::c_long,
+    }
+}
+
+/// Sets access and modification times of `path` without following a final
+/// symlink.
+pub fn lutimes(path: &Path, atime: Time, mtime: Time) -> io::Result<()> {
+    let c = cstr(path)?;
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: `c` is a valid NUL-terminated string and `ts` two timespecs.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+}
+
+/// Sets access and modification times of an open file.
+pub fn futimes(f: &File, atime: Time, mtime: Time) -> io::Result<()> {
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: the descriptor is open for the lifetime of `f`.
+    check(unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) })
+}
+
+/// Takes an exclusive advisory lock without waiting; `Ok(false)` if another
+/// process holds it.
+pub fn try_lock(f: &File) -> io::Result<bool> {
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Flushes every dirty page and inode of the file system holding `f`.
+pub fn syncfs(f: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe { libc::syncfs(f.as_raw_fd()) })
+}
+
+/// Asks the kernel to drop cached pages of `f`, so the next read comes from
+/// the device. Only clean pages are dropped: call after fsync.
+pub fn drop_cache(f: &File) {
+    // SAFETY: plain syscall on an open descriptor; failure is harmless.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// Tells the kernel `f` will be read sequentially.
+pub fn advise_sequential(f: &File) {
+    // SAFETY: plain syscall on an open descriptor; failure is harmless.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}
+
+/// Deallocates `[offset, offset+len)` of `f`, keeping its size.
+pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+}
+
+/// The data ranges of `f` within `[offset, offset+len)`, found with
+/// `SEEK_DATA`/`SEEK_HOLE`. File systems without hole reporting give one
+/// range covering everything.
+pub fn data_ranges(f: &File, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let end = offset + len;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        // SAFETY: plain syscall on an open descriptor.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data at or after `pos`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stop = (hole as u64).min(end);
+        out.push((data, stop - data));
+        pos = stop;
+    }
+    Ok(out)
+}
+
+/// Names of the extended attributes of `path` (not following symlinks).
+pub fn list_xattrs(path: &Path) -> io::Result<Vec<OsString>> {
+    let c = cstr(path)?;
+    loop {
+        // SAFETY: a null buffer with size 0 asks for the needed size.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOTSUP) {
+                Ok(Vec::new())
+            } else {
+                Err(e)
+            };
+        }
+        let mut buf = vec![0u8; n as usize];
+        // SAFETY: `buf` has `buf.len()` writable bytes.
+        let m = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if m < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue; // grew in between
+            }
+            return Err(e);
+        }
+        buf.truncate(m as usize);
+        return Ok(buf
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| OsString::from_vec(s.to_vec()))
+            .collect());
+    }
+}
+
+/// Value of one extended attribute of `path` (not following symlinks).
+pub fn get_xattr(path: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
+    let c = cstr(path)?;
+    let n = cstr(Path::new(name))?;
+    loop {
+        // SAFETY: a null buffer with size 0 asks for the needed size.
+        let len = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+        if len < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; len as usize];
+        // SAFETY: `buf` has `buf.len()` writable bytes.
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if m < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(m as usize);
+        return Ok(buf);
+    }
+}
+
+/// Sets one extended attribute of `path` (not following symlinks).
+pub fn set_xattr(path: &Path, name: &OsStr, value: &[u8]) -> io::Result<()> {
+    let c = cstr(path)?;
+    let n = cstr(Path::new(name))?;
+    // SAFETY: valid C strings and a buffer of `value.len()` bytes.
+    check(unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+}
+
+/// True when the process runs with root's effective uid.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,199 @@
+//! Command-line definitions.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status of a run, documented in `tern --help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Everything was done.
+    Ok = 0,
+    /// The run could not start (bad source, unusable destination...).
+    Fatal = 1,
+    /// The command line was wrong.
+    Usage = 2,
+    /// Some entries failed; the others were done.
+    Partial = 3,
+    /// `check` found differences.
+    Differences = 4,
+    /// Stopped by a signal; rerun the same command to resume.
+    Interrupted = 130,
+}
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0    everything was done
+  1    the run could not start (missing source, unusable destination)
+  2    usage error
+  3    partial failure: some entries failed, the rest were done
+  4    check: the trees differ
+  130  interrupted (SIGINT/SIGTERM); rerun the same command to resume";
+
+/// tern moves files between disks and machines as fast as the hardware
+/// allows, verified end to end with BLAKE3, and resumable after any
+/// interruption.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about, after_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy files and directory trees.
+    ///
+    /// As in rsync, a source directory with a trailing slash (`src/`) copies
+    /// its contents into DST; without one (`src`) it copies the directory
+    /// itself, as DST/src. Several sources need DST to be a directory (it is
+    /// created if missing). Files already at the destination with the same
+    /// size and modification time are skipped, so rerunning an interrupted
+    /// copy continues it.
+    #[command(after_help = AFTER_HELP)]
+    Copy {
+        /// Sources, then the destination.
+        #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
+        paths: Vec<OsString>,
+        #[command(flatten)]
+        opts: TransferArgs,
+    },
+    /// Make DST an exact copy of SRC; only what changed is written.
+    ///
+    /// DST receives the contents of SRC (a trailing slash makes no
+    /// difference). With --delete, entries SRC does not have are removed from
+    /// DST, but only after all new data is safely in place, and not at all if
+    /// anything failed.
+    #[command(after_help = AFTER_HELP)]
+    Sync {
+        /// The source directory or file.
+        src: OsString,
+        /// The destination.
+        dst: OsString,
+        /// Remove destination entries that the source does not have (and
+        /// replace entries of the wrong kind).
+        #[arg(long)]
+        delete: bool,
+        #[command(flatten)]
+        opts: TransferArgs,
+    },
+    /// Compare two trees by content (BLAKE3) and list the differences.
+    ///
+    /// Prints one line per difference: `differ`, `missing` (only in SRC) or
+    /// `extra` (only in DST). Exits with status 4 if there is any.
+    #[command(after_help = AFTER_HELP)]
+    Check {
+        /// The reference tree.
+        src: OsString,
+        /// The tree to compare with it.
+        dst: OsString,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+        /// Files hashed in parallel.
+        #[arg(short = 'j', long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+}
+
+/// Options shared by copy and sync.
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Show what would be done; change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Decide what changed by comparing BLAKE3 hashes instead of size and
+    /// modification time.
+    #[arg(short = 'c', long)]
+    pub checksum: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Number of parallel workers [default: twice the CPUs, 4 to 16].
+    #[arg(short = 'j', long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Do not fsync written data before renaming it into place: faster, but
+    /// a power cut may leave recently copied files empty or short.
+    #[arg(long)]
+    pub no_fsync: bool,
+    /// Read every written file back from the disk and check it against the
+    /// source's BLAKE3 before it is put in place.
+    #[arg(long)]
+    pub verify: bool,
+    /// Preserve hard links between source files.
+    #[arg(short = 'H', long)]
+    pub hard_links: bool,
+    /// Preserve extended attributes.
+    #[arg(short = 'X', long)]
+    pub xattrs: bool,
+    /// Chunk size for large files: a power of two from 64K to 256M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8M")]
+    pub chunk_size: u64,
+    /// Limit the write rate, in bytes per second (suffixes K, M, G).
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub bwlimit: Option<u64>,
+}
+
+/// Include/exclude rules.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Skip paths matching PATTERN (rsync glob rules; repeatable). Rules are
+    /// tried in the order given, with --include; the first match decides.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<OsString>,
+    /// Do not skip paths matching PATTERN (repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<OsString>,
+    /// Read exclude patterns from FILE, one a line (`+ PAT` includes; `#`
+    /// and `;` start comments).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+}
+
+/// Output options.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Show a progress bar (default when stderr is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Never show a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print one JSON summary on stdout (and nothing else there).
+    #[arg(long)]
+    pub json: bool,
+    /// List each change (-v); add log messages (-vv, -vvv).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Print errors only.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+/// Parses `8M`, `64K`, `1G` or a plain number of bytes (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix {c:?} in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 65536, 64K, 8M)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}

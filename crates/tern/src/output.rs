@@ -1,0 +1,192 @@
+//! What the user sees: progress bar, per-change lines, errors, summary.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tern_core::{Action, Error, Observer, Summary};
+
+use crate::cli::OutputArgs;
+
+/// Prints to the terminal as the engine reports.
+pub struct Console {
+    bar: Option<ProgressBar>,
+    list: bool,
+    quiet: bool,
+    /// Change lines go to stderr when stdout carries JSON.
+    json: bool,
+    files_planned: AtomicU64,
+    files_done: AtomicU64,
+}
+
+impl Console {
+    /// Sets up output for the given options. `list` forces the per-change
+    /// lines (dry runs and check).
+    pub fn new(out: &OutputArgs, list: bool) -> Console {
+        let tty = std::io::stderr().is_terminal();
+        let show_bar = !out.quiet && !out.no_progress && (out.progress || tty);
+        let bar = show_bar.then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(4));
+            let style = ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta:>4} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        Console {
+            bar,
+            list: !out.quiet && (list || out.verbose > 0),
+            quiet: out.quiet,
+            json: out.json,
+            files_planned: AtomicU64::new(0),
+            files_done: AtomicU64::new(0),
+        }
+    }
+
+    fn line(&self, to_stdout: bool, s: &str) {
+        match (&self.bar, to_stdout) {
+            (Some(bar), _) => bar.suspend(|| print_line(to_stdout, s)),
+            (None, _) => print_line(to_stdout, s),
+        }
+    }
+
+    /// Removes the progress bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// Prints the closing summary (on stderr, or as JSON on stdout).
+    pub fn summary(&self, verb: &str, s: &Summary) {
+        self.finish();
+        if self.json {
+            let mut out = std::io::stdout().lock();
+            let _ = serde_json::to_writer(&mut out, s);
+            let _ = writeln!(out);
+            return;
+        }
+        if self.quiet {
+            return;
+        }
+        let mut parts = Vec::new();
+        if verb == "checked" {
+            parts.push(format!("checked {} files", s.files));
+            parts.push(format!("{} difference(s)", s.differences));
+        } else {
+            let what = if s.dry_run { "would copy" } else { verb };
+            parts.push(format!(
+                "{what} {} of {} files ({})",
+                s.copied,
+                s.files,
+                HumanBytes(s.bytes_total)
+            ));
+            if s.unchanged > 0 {
+                parts.push(format!("{} unchanged", s.unchanged));
+            }
+            if s.bytes_resumed > 0 {
+                parts.push(format!("{} resumed", HumanBytes(s.bytes_resumed)));
+            }
+            for (n, what) in [
+                (s.dirs_created, "dirs created"),
+                (s.symlinks, "symlinks"),
+                (s.hard_links, "hard links"),
+                (s.meta_updated, "metadata updated"),
+                (s.deleted, "deleted"),
+                (s.skipped_special, "special files skipped"),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{n} {what}"));
+                }
+            }
+            if !s.dry_run {
+                parts.push(format!(
+                    "{:.2}s, {}/s",
+                    s.elapsed_secs,
+                    HumanBytes(s.bytes_per_sec as u64)
+                ));
+            }
+            if s.verified {
+                parts.push("verified".into());
+            }
+        }
+        if s.errors > 0 {
+            parts.push(format!("{} error(s)", s.errors));
+        }
+        if s.interrupted {
+            parts.push("INTERRUPTED: rerun the same command to resume".into());
+        }
+        if s.deletions_skipped {
+            parts.push("deletions skipped because of errors".into());
+        }
+        eprintln!("{}", parts.join(", "));
+    }
+}
+
+fn print_line(to_stdout: bool, s: &str) {
+    if to_stdout {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{s}");
+    } else {
+        eprintln!("{s}");
+    }
+}
+
+fn label(a: Action) -> &'static str {
+    match a {
+        Action::New => "new",
+        Action::Update => "update",
+        Action::Meta => "meta",
+        Action::Dir => "dir",
+        Action::Symlink => "symlink",
+        Action::HardLink => "hardlink",
+        Action::Delete => "delete",
+        Action::SkipSpecial => "skip-special",
+        Action::Missing => "missing",
+        Action::Extra => "extra",
+        Action::Differ => "differ",
+    }
+}
+
+impl Observer for Console {
+    fn planned(&self, files: u64, bytes: u64) {
+        let n = self.files_planned.fetch_add(files, Ordering::Relaxed) + files;
+        if let Some(bar) = &self.bar {
+            bar.inc_length(bytes);
+            bar.set_message(format!("{}/{n} files", self.files_done.load(Ordering::Relaxed)));
+        }
+    }
+
+    fn progress(&self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+
+    fn file_done(&self) {
+        let d = self.files_done.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{d}/{} files", self.files_planned.load(Ordering::Relaxed)));
+        }
+    }
+
+    fn action(&self, action: Action, path: &Path, _size: u64) {
+        if self.list {
+            let shown = if path.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                path
+            };
+            self.line(!self.json, &format!("{:<8} {}", label(action), shown.display()));
+        }
+    }
+
+    fn error(&self, e: &Error) {
+        self.line(false, &format!("error: {e}"));
+    }
+}
