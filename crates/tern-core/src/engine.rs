@@ -666,8 +666,8 @@ impl Scanner<'_> {
     }
 
     /// Plans a directory. Returns whether to descend into it, and if so
-    /// whether the destination directory exists (in a dry run, a directory
-    /// that would be created does not).
+    /// whether the destination directory existed before (a new one is known
+    /// to be empty).
     fn dir(
         &mut self,
         src: &Arc<dyn Source>,
@@ -717,7 +717,7 @@ impl Scanner<'_> {
             self.dirs
                 .push((dst_rel.to_path_buf(), se.clone(), src.clone(), src_rel.to_path_buf()));
         }
-        Some(exists || !ctx.opts.dry_run)
+        Some(exists)
     }
 
     /// An entry whose content is in place; its metadata may still differ.

@@ -61,6 +61,9 @@ pub struct Entry {
     pub nlink: u64,
     /// Bytes allocated on disk; less than `size` for sparse files.
     pub allocated: u64,
+    /// Last status change (ctime) where the endpoint knows it: with size and
+    /// mtime, it tells whether a file changed since it was listed.
+    pub changed: Time,
 }
 
 impl Entry {

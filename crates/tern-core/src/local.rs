@@ -77,6 +77,10 @@ pub fn entry_from_metadata(name: OsString, md: &fs::Metadata) -> Entry {
         file_id: Some((md.dev(), md.ino())),
         nlink: md.nlink(),
         allocated: md.blocks() * 512,
+        changed: Time {
+            sec: md.ctime(),
+            nsec: md.ctime_nsec() as u32,
+        },
     }
 }
 
@@ -109,8 +113,17 @@ impl Source for LocalEndpoint {
         let mut out = Vec::new();
         for de in fs::read_dir(&p).ctx(&p, "read directory")? {
             let de = de.ctx(&p, "read directory")?;
+            // DirEntry::metadata stats relative to the open directory.
+            let md = de.metadata();
             let child = de.path();
-            match lstat_entry(&child, de.file_name()) {
+            let entry = md.and_then(|md| {
+                let mut e = entry_from_metadata(de.file_name(), &md);
+                if e.kind == Kind::Symlink {
+                    e.target = Some(fs::read_link(&child)?);
+                }
+                Ok(e)
+            });
+            match entry {
                 Ok(e) => out.push(e),
                 // Removed since the directory was read: as if never there.
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -136,7 +149,9 @@ impl Source for LocalEndpoint {
         {
             return Err(Error::Changed(p));
         }
-        sys::advise_sequential(&file);
+        if md.size() > 1 << 20 {
+            sys::advise_sequential(&file);
+        }
         let sparse = md.blocks() * 512 < md.size();
         Ok(Box::new(LocalReadFile {
             stamp: stamp(&md),
@@ -190,7 +205,7 @@ impl ReadFile for LocalReadFile {
 
     fn check_unchanged(&self) -> Result<()> {
         let md = self.file.metadata().ctx(&self.path, "stat")?;
-        if stamp(&md) != self.stamp {
+        if !md.is_file() || stamp(&md) != self.stamp {
             return Err(Error::Changed(self.path.clone()));
         }
         Ok(())
@@ -257,39 +272,56 @@ impl Dest for LocalEndpoint {
     fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>> {
         let final_path = self.path(rel);
         let (tmp, jpath) = side_paths(&final_path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .ctx(&tmp, "create")?;
+        // Created with its final permission bits where that needs no
+        // fchmod later; a new file's descriptor is writable whatever its mode.
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(spec.source_meta.mode & 0o777)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                // A read-only leftover of an earlier run.
+                fs::remove_file(&tmp).ctx(&tmp, "remove stale temporary file")?;
+                open()
+            }
+            r => r,
+        }
+        .ctx(&tmp, "create")?;
         if !sys::try_lock(&file).ctx(&tmp, "lock")? {
             return Err(Error::Busy(final_path));
         }
         // The name may have been renamed into place by another process
         // between our open and our lock: then this is no longer our file.
-        let ours = fs::symlink_metadata(&tmp).is_ok_and(|m| m.ino() == file.metadata().map(|n| n.ino()).unwrap_or(0));
-        if !ours {
+        let md = file.metadata().ctx(&tmp, "stat")?;
+        if !fs::symlink_metadata(&tmp).is_ok_and(|m| m.ino() == md.ino() && m.dev() == md.dev()) {
             return Err(Error::Busy(final_path));
         }
-        let existing = file.metadata().ctx(&tmp, "stat")?.size();
         let mut resumed = Vec::new();
-        if spec.resumable && existing == spec.size {
+        if spec.resumable && md.size() == spec.size {
             resumed = reverify(&file, &tmp, spec, journal::load(&jpath, spec))?;
         }
-        if resumed.is_empty() {
+        if resumed.is_empty() && md.size() > 0 {
             file.set_len(0).ctx(&tmp, "truncate")?;
         }
-        file.set_len(spec.size).ctx(&tmp, "set length")?;
+        // Resumable files get their length up front so chunks land anywhere;
+        // others grow as written (and are extended over a final hole).
+        if spec.resumable {
+            file.set_len(spec.size).ctx(&tmp, "set length")?;
+        }
+
         let journal = if spec.resumable {
             Some(Journal::create(&jpath, spec, &resumed).ctx(&jpath, "write journal")?)
         } else {
             None
         };
         Ok(Box::new(LocalWriteFile {
+            created: (md.mode() & 0o7777, md.uid(), md.gid()),
             reused: !resumed.is_empty(),
             file,
             tmp,
@@ -411,6 +443,8 @@ struct LocalWriteFile {
     resumed: Vec<(u64, ChainingValue)>,
     reused: bool,
     size: u64,
+    /// Mode, owner and group the temporary file was created with.
+    created: (u32, u32, u32),
 }
 
 impl WriteFile for LocalWriteFile {
@@ -447,6 +481,10 @@ impl WriteFile for LocalWriteFile {
             pos = h + hl;
         }
         write(pos, end)?;
+        if pos >= end && end == self.size && self.journal.is_none() {
+            // The file ends in a hole: give it its length.
+            self.file.set_len(self.size).ctx(&self.final_path, "set length")?;
+        }
         if let (Some(j), Some(cv)) = (&self.journal, cv) {
             j.append(index, cv).ctx(&self.jpath, "write journal")?;
         }
@@ -455,7 +493,13 @@ impl WriteFile for LocalWriteFile {
 
     fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> Result<()> {
         set_xattrs(&self.tmp, xattrs)?;
-        apply_owner_mode(&self.tmp, Some(&self.file), meta, owner, false).ctx(&self.final_path, "set permissions")?;
+        let (mode, uid, gid) = self.created;
+        let owner = owner && (meta.uid, meta.gid) != (uid, gid);
+        // chown clears set-id bits, so mode is set after it.
+        if owner || meta.mode != mode {
+            apply_owner_mode(&self.tmp, Some(&self.file), meta, owner, false)
+                .ctx(&self.final_path, "set permissions")?;
+        }
         sys::futimes(&self.file, meta.atime, meta.mtime).ctx(&self.final_path, "set times")
     }
 
