@@ -136,10 +136,10 @@ mod tests {
 
         // A torn trailing record and a corrupted one are dropped.
         let mut bytes = std::fs::read(&p).expect("read");
-        bytes[HEADER_LEN + 10] ^= 0xff;
+        bytes[HEADER_LEN + RECORD_LEN + 10] ^= 0xff;
         bytes.extend_from_slice(&[7; 20]);
         std::fs::write(&p, &bytes).expect("write");
-        assert_eq!(load(&p, &s), vec![(3, [3; 32])]);
+        assert_eq!(load(&p, &s), vec![(1, [1; 32])]);
 
         // Out-of-range indexes are dropped.
         let j = Journal::create(&p, &s, &[]).expect("create");

@@ -199,8 +199,9 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     let cancel = cancel_flag()?;
     let (roots, dest, opts, out, verb) = match &cli.command {
         Command::Copy { paths, opts: t } => {
+            let o = options(t, m, cancel)?;
             let (dest, roots) = copy_roots(paths)?;
-            (roots, dest, options(t, m, cancel)?, &t.out, "copied")
+            (roots, dest, o, &t.out, "copied")
         }
         Command::Sync {
             src,
@@ -208,6 +209,8 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             delete,
             opts: t,
         } => {
+            let mut o = options(t, m, cancel)?;
+            o.delete = *delete;
             let source = local_source(src)?;
             if dst.is_empty() {
                 bail!("empty destination path");
@@ -216,8 +219,6 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
                 src: source,
                 dst_rel: PathBuf::new(),
             }];
-            let mut o = options(t, m, cancel)?;
-            o.delete = *delete;
             (roots, LocalEndpoint::new(PathBuf::from(dst)), o, &t.out, "copied")
         }
         Command::Check {
