@@ -48,6 +48,11 @@ pub trait ReadFile: Send + Sync {
     }
     /// Errors with `Changed` if the file was modified since it was opened.
     fn check_unchanged(&self) -> Result<()>;
+    /// The open local file, when the source is on this machine: lets a
+    /// local destination use the kernel's copy paths.
+    fn local_file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// What the engine tells a destination about a file it is about to write.
@@ -92,6 +97,12 @@ pub trait WriteFile: Send + Sync {
     /// Gives up. With `keep`, the temporary data and journal stay for a
     /// later resume; otherwise they are removed.
     fn abort(self: Box<Self>, keep: bool);
+    /// Makes the file share `src`'s data blocks (a reflink), when both are
+    /// on one file system that can. Returns false when that is not
+    /// possible here; the caller then copies the bytes.
+    fn clone_from(&self, _src: &std::fs::File) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The write side of an endpoint. It can also be read, to compare.

@@ -181,6 +181,8 @@ pub struct Summary {
     pub bytes_written: u64,
     /// Bytes found already written and verified from an interrupted run.
     pub bytes_resumed: u64,
+    /// Bytes shared with the source by reflink instead of being copied.
+    pub bytes_cloned: u64,
     /// Total size of the files copied.
     pub bytes_total: u64,
     /// Directories created.
@@ -224,6 +226,7 @@ struct Stats {
     unchanged: AtomicU64,
     bytes_written: AtomicU64,
     bytes_resumed: AtomicU64,
+    bytes_cloned: AtomicU64,
     bytes_total: AtomicU64,
     dirs_created: AtomicU64,
     symlinks: AtomicU64,
@@ -359,6 +362,7 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         unchanged: get(&s.unchanged),
         bytes_written: get(&s.bytes_written),
         bytes_resumed: get(&s.bytes_resumed),
+        bytes_cloned: get(&s.bytes_cloned),
         bytes_total: get(&s.bytes_total),
         dirs_created: get(&s.dirs_created),
         symlinks: get(&s.symlinks),
@@ -888,6 +892,8 @@ struct Large {
 #[derive(Default)]
 struct LargeState {
     opened: bool,
+    /// The destination shares the source's blocks: no bytes to copy.
+    cloned: bool,
     src: Option<Arc<dyn ReadFile>>,
     cvs: Vec<Option<ChainingValue>>,
     error: Option<Error>,
@@ -1030,13 +1036,13 @@ impl Ctx {
             }
         }
         for (t, w, h) in pending {
-            self.commit(&t, w, &h);
+            self.commit(&t, w, Some(&h));
         }
     }
 
     /// Verifies (if asked) and renames a written, synced file into place.
-    fn commit(&self, t: &Task, w: Box<dyn WriteFile>, h: &Hash) {
-        if self.opts.verify {
+    fn commit(&self, t: &Task, w: Box<dyn WriteFile>, h: Option<&Hash>) {
+        if let (true, Some(h)) = (self.opts.verify, h) {
             if let Err(e) = w.verify(h) {
                 self.fail(e);
                 self.obs.file_done();
@@ -1044,7 +1050,7 @@ impl Ctx {
             }
         }
         match w.publish() {
-            Ok(()) => tracing::debug!(path = %t.dst_rel.display(), hash = %h.to_hex(), "committed"),
+            Ok(()) => tracing::debug!(path = %t.dst_rel.display(), hash = ?h.map(|h| h.to_hex()), "committed"),
             Err(e) => self.fail(e),
         }
         self.obs.file_done();
@@ -1081,7 +1087,7 @@ impl Ctx {
     fn large(&self, l: &Large, buf: &mut Vec<u8>) {
         self.large_chunks(l, buf);
         if l.exited.fetch_add(1, Ordering::AcqRel) + 1 == l.participants {
-            self.large_finish(l);
+            self.large_finish(l, buf);
         }
     }
 
@@ -1116,12 +1122,29 @@ impl Ctx {
                 tracing::info!(path = %t.dst_rel.display(), bytes = resumed_bytes, "resuming");
                 add(&self.stats.bytes_resumed, resumed_bytes);
                 self.obs.progress(resumed_bytes);
+            } else if let Some(f) = rf.local_file() {
+                match w.clone_from(f) {
+                    Ok(true) => {
+                        tracing::debug!(path = %t.dst_rel.display(), "reflinked");
+                        st.cloned = true;
+                        add(&self.stats.bytes_cloned, t.entry.size);
+                        self.obs.progress(t.entry.size);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        l.failed.store(true, Ordering::Relaxed);
+                        st.error = Some(e);
+                        w.abort(false);
+                        return None;
+                    }
+                }
             }
             st.src = Some(Arc::from(rf));
             *l.sink.write().ok()? = Some(w);
         }
         let src = st.src.clone()?;
-        Some((src, st.cvs.iter().map(Option::is_some).collect()))
+        let done = st.cvs.iter().map(|cv| st.cloned || cv.is_some()).collect();
+        Some((src, done))
     }
 
     fn large_chunks(&self, l: &Large, buf: &mut Vec<u8>) {
@@ -1171,7 +1194,7 @@ impl Ctx {
         }
     }
 
-    fn large_finish(&self, l: &Large) {
+    fn large_finish(&self, l: &Large, buf: &mut Vec<u8>) {
         let t = &l.task;
         let sink = l.sink.write().ok().and_then(|mut s| s.take());
         let Ok(mut st) = l.state.lock() else { return };
@@ -1191,14 +1214,31 @@ impl Ctx {
             (None, Some(w)) => {
                 let cvs: Option<Vec<_>> = st.cvs.iter().copied().collect();
                 let src = st.src.take();
+                let cloned = st.cloned;
                 drop(st);
                 let done = (|| {
-                    let cvs = cvs.ok_or_else(|| Error::Internal(format!("{}: chunk missing", t.dst_rel.display())))?;
-                    let h = hash::compose(&cvs, t.entry.size, self.opts.chunk_size)
-                        .ok_or_else(|| Error::Internal("chunk count".into()))?;
-                    if let Some(src) = &src {
-                        src.check_unchanged()?;
-                    }
+                    let src =
+                        src.ok_or_else(|| Error::Internal(format!("{}: source not open", t.dst_rel.display())))?;
+                    let h = if cloned {
+                        // Hash only to verify: the blocks were never copied.
+                        match self.opts.verify {
+                            true => Some(hash_file(
+                                &*src,
+                                t.entry.size,
+                                self.opts.chunk_size,
+                                buf,
+                                &self.opts.cancel,
+                            )?),
+                            false => None,
+                        }
+                    } else {
+                        let cvs =
+                            cvs.ok_or_else(|| Error::Internal(format!("{}: chunk missing", t.dst_rel.display())))?;
+                        let h = hash::compose(&cvs, t.entry.size, self.opts.chunk_size)
+                            .ok_or_else(|| Error::Internal("chunk count".into()))?;
+                        Some(h)
+                    };
+                    src.check_unchanged()?;
                     let x = self.xattrs_of(&*t.src, &t.src_rel)?;
                     w.set_meta(&t.entry.meta, self.owner, &x)?;
                     if self.opts.fsync {
@@ -1208,7 +1248,7 @@ impl Ctx {
                 })();
                 match done {
                     Ok(h) => {
-                        self.commit(t, w, &h);
+                        self.commit(t, w, h.as_ref());
                         return;
                     }
                     Err(e) => {

@@ -203,6 +203,10 @@ impl ReadFile for LocalReadFile {
         sys::data_ranges(&self.file, offset, len).ctx(&self.path, "find holes")
     }
 
+    fn local_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn check_unchanged(&self) -> Result<()> {
         let md = self.file.metadata().ctx(&self.path, "stat")?;
         if !md.is_file() || stamp(&md) != self.stamp {
@@ -537,6 +541,13 @@ impl WriteFile for LocalWriteFile {
             let _ = fs::remove_file(&self.jpath);
         }
         Ok(())
+    }
+
+    fn clone_from(&self, src: &File) -> Result<bool> {
+        if self.reused {
+            return Ok(false);
+        }
+        sys::reflink(&self.file, src).ctx(&self.final_path, "reflink")
     }
 
     fn abort(self: Box<Self>, keep: bool) {

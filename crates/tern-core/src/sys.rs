@@ -198,6 +198,21 @@ pub fn set_xattr(path: &Path, name: &OsStr, value: &[u8]) -> io::Result<()> {
     check(unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
 }
 
+/// Makes `dst` share all of `src`'s blocks (FICLONE). `Ok(false)` when the
+/// file system or the pair of files cannot do that.
+pub fn reflink(dst: &File, src: &File) -> io::Result<bool> {
+    // SAFETY: both descriptors are open; FICLONE takes the source fd as arg.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::EPERM | libc::EBADF) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 /// True when the process runs with root's effective uid.
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.

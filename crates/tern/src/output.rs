@@ -92,6 +92,9 @@ impl Console {
             if s.bytes_resumed > 0 {
                 parts.push(format!("{} resumed", HumanBytes(s.bytes_resumed)));
             }
+            if s.bytes_cloned > 0 {
+                parts.push(format!("{} reflinked", HumanBytes(s.bytes_cloned)));
+            }
             for (n, what) in [
                 (s.dirs_created, "dirs created"),
                 (s.symlinks, "symlinks"),

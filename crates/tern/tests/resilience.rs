@@ -220,3 +220,43 @@ fn unreadable_files_fail_alone() {
     assert!(!dst.join("secret.txt").exists());
     assert!(side_files(&dst).is_empty());
 }
+
+#[test]
+fn reflink_where_the_file_system_can() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let img = t.path().join("xfs.img");
+    let mnt = t.path().join("mnt");
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(512 << 20))
+        .expect("image");
+    let made = Command::new("mkfs.xfs")
+        .arg("-q")
+        .arg(&img)
+        .stderr(Stdio::null())
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: mkfs.xfs not available");
+        return;
+    }
+    fs::create_dir(&mnt).expect("mkdir");
+    let mounted = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: cannot mount a loop device here (needs root)");
+        return;
+    }
+    let _guard = Unmount(&mnt);
+    let src = mnt.join("big.bin");
+    write(&src, &data(20 * MIB + 7, 4));
+    let dst = mnt.join("copy.bin");
+    let s = json(&expect(0, &[&"copy", &"--json", &"--verify", &src, &dst]));
+    assert_eq!(s["bytes_cloned"], 20 * MIB + 7);
+    assert_eq!(s["bytes_written"], 0);
+    assert_eq!(s["verified"], true);
+    assert_eq!(b3(&dst), b3(&src));
+    assert!(side_files(&mnt).is_empty());
+}
