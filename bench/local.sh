@@ -16,11 +16,12 @@
 # Usage: bench/local.sh            (ROUNDS=5 BIG=2G SMALL=20000 by default)
 #        ROUNDS=3 BIG=512M SMALL=5000 bench/local.sh   (quicker)
 # Needs: rsync, GNU time (/usr/bin/time), python3; rclone if present.
-# Writes docs/benchmarks/local.md and keeps raw figures in bench/out/.
+# Writes docs/benchmarks/local.md; data and raw figures go to $TERN_BENCH_DIR
+# (default /tmp/tern-bench).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${TERN_BENCH_DIR:-$ROOT/bench/out}
+WORK=${TERN_BENCH_DIR:-${TMPDIR:-/tmp}/tern-bench}
 ROUNDS=${ROUNDS:-5}
 BIG=${BIG:-2G}
 SMALL=${SMALL:-20000}

@@ -36,7 +36,13 @@ Exit status:
 /// allows, verified end to end with BLAKE3, and resumable after any
 /// interruption.
 #[derive(Debug, Parser)]
-#[command(name = "tern", version, about, after_help = AFTER_HELP, propagate_version = true)]
+#[command(
+    name = "tern",
+    version,
+    about = "Copy, sync and check files fast, verified end to end with BLAKE3, resumable after any interruption",
+    after_help = AFTER_HELP,
+    propagate_version = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -54,10 +60,10 @@ pub enum Command {
     /// created if missing). Files already at the destination with the same
     /// size and modification time are skipped, so rerunning an interrupted
     /// copy continues it.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = AFTER_HELP, override_usage = "tern copy [OPTIONS] SRC... DST")]
     Copy {
         /// Sources, then the destination.
-        #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
+        #[arg(required = true, num_args = 2.., value_name = "PATH")]
         paths: Vec<OsString>,
         #[command(flatten)]
         opts: TransferArgs,
