@@ -26,12 +26,27 @@ use crate::sys;
 #[derive(Debug, Clone)]
 pub struct LocalEndpoint {
     root: PathBuf,
+    follow_root: bool,
 }
 
 impl LocalEndpoint {
-    /// An endpoint rooted at `root`, which need not exist yet.
+    /// An endpoint rooted at `root`, which need not exist yet. A root that
+    /// is a symlink is the symlink itself (a source copied as a link).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalEndpoint { root: root.into() }
+        LocalEndpoint {
+            root: root.into(),
+            follow_root: false,
+        }
+    }
+
+    /// An endpoint whose root, if a symlink, stands for what it points to:
+    /// a destination like `/backup -> /mnt/disk` is written through, never
+    /// replaced.
+    pub fn following_root(root: impl Into<PathBuf>) -> Self {
+        LocalEndpoint {
+            root: root.into(),
+            follow_root: true,
+        }
     }
 
     /// The absolute or relative path of `rel` under the root.
@@ -101,7 +116,12 @@ impl Source for LocalEndpoint {
     fn stat(&self, rel: &Path) -> Result<Option<Entry>> {
         let p = self.path(rel);
         let name = p.file_name().map(OsStr::to_os_string).unwrap_or_default();
-        match lstat_entry(&p, name) {
+        let found = if self.follow_root && rel.as_os_str().is_empty() {
+            fs::metadata(&p).map(|md| entry_from_metadata(name, &md))
+        } else {
+            lstat_entry(&p, name)
+        };
+        match found {
             Ok(e) => Ok(Some(e)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(&p, "stat", e)),

@@ -175,12 +175,44 @@ fn copy_roots(paths: &[OsString]) -> anyhow::Result<(LocalEndpoint, Vec<Root>)> 
                 None => PathBuf::new(), // `..`, `/`: contents
             }
         };
+        check_not_inside(src_path, &dst_path.join(&dst_rel))?;
         roots.push(Root { src, dst_rel });
     }
     if into_dir && std::fs::symlink_metadata(&dst_path).is_ok() && !is_dir(&dst_path) {
         bail!("destination {} exists and is not a directory", dst_path.display());
     }
-    Ok((LocalEndpoint::new(dst_path), roots))
+    Ok((LocalEndpoint::following_root(dst_path), roots))
+}
+
+/// `p` made absolute with symlinks resolved as far as it exists.
+fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut head = abs.clone();
+    let mut tail = Vec::new();
+    loop {
+        if let Ok(c) = head.canonicalize() {
+            return tail.iter().rev().fold(c, |acc: PathBuf, n| acc.join(n));
+        }
+        match (head.file_name().map(|n| n.to_os_string()), head.parent()) {
+            (Some(n), Some(parent)) => {
+                tail.push(n);
+                head = parent.to_path_buf();
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Refuses to copy a directory into itself, which would never end.
+fn check_not_inside(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    if !is_dir(src) {
+        return Ok(());
+    }
+    let (s, d) = (resolved(src), resolved(dst));
+    if d.starts_with(&s) {
+        return Err(UsageError(format!("cannot copy {} into itself ({})", src.display(), dst.display())).into());
+    }
+    Ok(())
 }
 
 fn exit_for(s: &Summary) -> Exit {
@@ -215,11 +247,18 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             if dst.is_empty() {
                 bail!("empty destination path");
             }
+            check_not_inside(Path::new(src), Path::new(dst))?;
             let roots = vec![Root {
                 src: source,
                 dst_rel: PathBuf::new(),
             }];
-            (roots, LocalEndpoint::new(PathBuf::from(dst)), o, &t.out, "copied")
+            (
+                roots,
+                LocalEndpoint::following_root(PathBuf::from(dst)),
+                o,
+                &t.out,
+                "copied",
+            )
         }
         Command::Check {
             src, dst, out, jobs, ..
@@ -238,7 +277,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
                 src: source,
                 dst_rel: PathBuf::new(),
             }];
-            (roots, LocalEndpoint::new(dst_path), o, out, "checked")
+            (roots, LocalEndpoint::following_root(dst_path), o, out, "checked")
         }
     };
     init_logging(out);

@@ -386,3 +386,37 @@ fn bad_arguments_are_usage_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing"));
 }
+
+#[test]
+fn copying_a_directory_into_itself_is_refused() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    sample(&src);
+    let o = run(&[&"copy", &src, &src.join("sub")]);
+    let (code, _, err) = outcome(&o);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("into itself"), "{err}");
+    assert_eq!(
+        tree(&src),
+        paths(&["a.txt", "empty", "sub", "sub/b.txt"]),
+        "nothing was written"
+    );
+}
+
+#[test]
+fn a_destination_root_that_is_a_symlink_is_written_through() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    sample(&src);
+    let real = t.path().join("real");
+    fs::create_dir(&real).expect("mkdir");
+    write(&real.join("old.txt"), b"old");
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    expect(0, &[&"sync", &"-q", &"--delete", &src, &link]);
+    assert!(
+        link.symlink_metadata().expect("lstat").file_type().is_symlink(),
+        "the link survives"
+    );
+    assert_eq!(tree(&real), paths(&["a.txt", "empty", "sub", "sub/b.txt"]));
+}
