@@ -296,6 +296,29 @@ impl Dest for LocalEndpoint {
     fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>> {
         let final_path = self.path(rel);
         let (tmp, jpath) = side_paths(&final_path);
+        if !spec.resumable {
+            // An unnamed file needs no lock, leaves nothing behind if we die,
+            // and can be linked straight to its final name.
+            let dir = final_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if let Some(file) = sys::open_unnamed(dir, spec.source_meta.mode & 0o777).ctx(dir, "create")? {
+                let md = file.metadata().ctx(&final_path, "stat")?;
+                return Ok(Box::new(LocalWriteFile {
+                    created: (md.mode() & 0o7777, md.uid(), md.gid()),
+                    unnamed: true,
+                    reused: false,
+                    file,
+                    tmp,
+                    final_path,
+                    jpath,
+                    journal: None,
+                    resumed: Vec::new(),
+                    size: spec.size,
+                }));
+            }
+        }
         // Created with its final permission bits where that needs no
         // fchmod later; a new file's descriptor is writable whatever its mode.
         let open = || {
@@ -346,6 +369,7 @@ impl Dest for LocalEndpoint {
         };
         Ok(Box::new(LocalWriteFile {
             created: (md.mode() & 0o7777, md.uid(), md.gid()),
+            unnamed: false,
             reused: !resumed.is_empty(),
             file,
             tmp,
@@ -469,6 +493,8 @@ struct LocalWriteFile {
     size: u64,
     /// Mode, owner and group the temporary file was created with.
     created: (u32, u32, u32),
+    /// Opened with O_TMPFILE: `tmp` is only used if the final name is taken.
+    unnamed: bool,
 }
 
 impl WriteFile for LocalWriteFile {
@@ -516,7 +542,9 @@ impl WriteFile for LocalWriteFile {
     }
 
     fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> Result<()> {
-        set_xattrs(&self.tmp, xattrs)?;
+        for (name, value) in xattrs {
+            sys::fset_xattr(&self.file, name, value).ctx(&self.final_path, "set xattr")?;
+        }
         let (mode, uid, gid) = self.created;
         let owner = owner && (meta.uid, meta.gid) != (uid, gid);
         // chown clears set-id bits, so mode is set after it.
@@ -556,6 +584,16 @@ impl WriteFile for LocalWriteFile {
     }
 
     fn publish(self: Box<Self>) -> Result<()> {
+        if self.unnamed {
+            match sys::link_unnamed(&self.file, &self.final_path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(&self.final_path, "link into place", e)),
+            }
+            // Replacing a file: name ours beside it, then rename over it.
+            let _ = fs::remove_file(&self.tmp);
+            sys::link_unnamed(&self.file, &self.tmp).ctx(&self.final_path, "link temporary file")?;
+        }
         fs::rename(&self.tmp, &self.final_path).ctx(&self.final_path, "rename into place")?;
         if self.journal.is_some() {
             let _ = fs::remove_file(&self.jpath);
@@ -571,6 +609,9 @@ impl WriteFile for LocalWriteFile {
     }
 
     fn abort(self: Box<Self>, keep: bool) {
+        if self.unnamed {
+            return; // freed when the descriptor closes
+        }
         if !keep || self.journal.is_none() {
             let _ = fs::remove_file(&self.tmp);
             let _ = fs::remove_file(&self.jpath);

@@ -213,6 +213,72 @@ pub fn reflink(dst: &File, src: &File) -> io::Result<bool> {
     }
 }
 
+/// Opens an unnamed regular file in directory `dir` (`O_TMPFILE`). `None`
+/// when the file system cannot.
+pub fn open_unnamed(dir: &Path, mode: u32) -> io::Result<Option<File>> {
+    let c = cstr(dir)?;
+    // SAFETY: valid C string; the returned descriptor is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(Some(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+}
+
+/// Gives the unnamed file `f` the name `path`; fails with `EEXIST` if the
+/// name is taken.
+pub fn link_unnamed(f: &File, path: &Path) -> io::Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: valid descriptor and C strings.
+    let r = unsafe {
+        libc::linkat(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOENT) {
+        return Err(e);
+    }
+    // Without CAP_DAC_READ_SEARCH, AT_EMPTY_PATH fails with ENOENT; the
+    // /proc link to the descriptor works for anyone.
+    let proc_path = cstr(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))?;
+    // SAFETY: valid C strings.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc_path.as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+}
+
+/// Sets one extended attribute of an open file.
+pub fn fset_xattr(f: &File, name: &OsStr, value: &[u8]) -> io::Result<()> {
+    let n = cstr(Path::new(name))?;
+    // SAFETY: valid descriptor, C string and buffer.
+    check(unsafe { libc::fsetxattr(f.as_raw_fd(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+}
+
 /// True when the process runs with root's effective uid.
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
