@@ -7,8 +7,11 @@
 # Each measurement is the wall time of the copy followed by `sync`, i.e. until
 # the data is on disk: tern fsyncs by default and the others do not, so timing
 # them without the sync would compare durable writes with page-cache writes.
-# `tern --no-fsync` is shown too. Runs alternate between tools (the order
-# rotates each round) and always write to a fresh destination name.
+# `tern --no-fsync` is shown too. Runs alternate between tools, in a new
+# (seeded) random order each round, so that no tool always follows the same
+# one: a run can leave the kernel work (writeback, reclaim) that slows the
+# next. Each run writes to a fresh destination name; a one-second pause after
+# each run's `sync` lets background work settle (it is not timed).
 #
 # Two storage setups are measured, one after the other:
 #   disk      the machine's own file system (the directory below). On a shared
@@ -107,16 +110,17 @@ measure() { # SETUP BASE WORKLOAD TOOL ROUND KEEP_SMALL
   fi
   printf '%-8s %-6s %-13s round %s: %6.2fs\n' "$setup" "$wl" "$tool" "$round" "$(echo "$t1 - $t0" | bc)" >&2
   if [ "$wl" = big ] || [ "$6" = no ]; then rm -rf "$dest" && sync; fi
+  sleep 1
   return 0
 }
 
 suite() { # SETUP BASE KEEP_SMALL: round 0 warms up and is not recorded
-  local n=${#tools[@]} wl r i
+  local wl r t
   mkdir -p "$2/runs"
   for wl in big small; do
     for ((r = 0; r <= ROUNDS; r++)); do
-      for ((i = 0; i < n; i++)); do
-        measure "$1" "$2" "$wl" "${tools[(i + r) % n]}" "$r" "$3"
+      for t in $(python3 -c 'import random, sys; t = sys.argv[2:]; random.Random(int(sys.argv[1])).shuffle(t); print(*t)' "$r" "${tools[@]}"); do
+        measure "$1" "$2" "$wl" "$t" "$r" "$3"
       done
     done
   done
@@ -146,7 +150,8 @@ for setup in $SETUPS; do
         continue
       fi
       truncate -s "${img_mb}M" "$RAM/tmpfs/ext4.img"
-      mkfs.ext4 -q -F "$RAM/tmpfs/ext4.img"
+      # No lazy inode-table init: it would run in the background during the runs.
+      mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$RAM/tmpfs/ext4.img"
       if ! mount -o loop "$RAM/tmpfs/ext4.img" "$RAM/ext4" 2>/dev/null; then
         echo "skipping ram-ext4: cannot mount a loop device" >&2
         cleanup

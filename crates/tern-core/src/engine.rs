@@ -1264,18 +1264,21 @@ impl Ctx {
         }
     }
 
+    /// Whether the source file and its destination counterpart `de` hash
+    /// the same.
+    fn same_content(&self, t: &Task, de: &Entry, buf: &mut Vec<u8>) -> Result<bool> {
+        let dest: &dyn Source = &*self.dest;
+        let a = t.src.open(&t.src_rel, &t.entry)?;
+        let ha = hash_file(&*a, t.entry.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
+        let b = dest.open(&t.dst_rel, de)?;
+        let hb = hash_file(&*b, de.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
+        Ok(ha == hb)
+    }
+
     /// `--checksum`: copy only if the content differs.
     fn compare(&self, t: Task, buf: &mut Vec<u8>) {
         let Some(de) = t.existing.clone() else { return };
-        let dest: &dyn Source = &*self.dest;
-        let same = (|| {
-            let a = t.src.open(&t.src_rel, &t.entry)?;
-            let ha = hash_file(&*a, t.entry.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
-            let b = dest.open(&t.dst_rel, &de)?;
-            let hb = hash_file(&*b, de.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
-            Ok::<_, Error>(ha == hb)
-        })();
-        match same {
+        match self.same_content(&t, &de, buf) {
             Ok(true) => {
                 add(&self.stats.unchanged, 1);
                 self.obs.progress(t.entry.size);
@@ -1322,14 +1325,7 @@ impl Ctx {
 
     fn check(&self, t: Task, buf: &mut Vec<u8>) {
         let Some(de) = &t.existing else { return };
-        let dest: &dyn Source = &*self.dest;
-        let r = (|| {
-            let a = t.src.open(&t.src_rel, &t.entry)?;
-            let ha = hash_file(&*a, t.entry.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
-            let b = dest.open(&t.dst_rel, de)?;
-            let hb = hash_file(&*b, de.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
-            Ok::<_, Error>(ha == hb)
-        })();
+        let r = self.same_content(&t, de, buf);
         self.obs.progress(t.entry.size);
         self.obs.file_done();
         match r {

@@ -619,12 +619,6 @@ impl WriteFile for LocalWriteFile {
     }
 }
 
-/// True when `name` is one of tern's own temporary or journal file names.
-pub fn is_side_file(name: &OsStr) -> bool {
-    let b = name.as_bytes();
-    b.starts_with(b".") && (b.ends_with(b".tern.tmp") || b.ends_with(b".tern.journal"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
