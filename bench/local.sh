@@ -11,7 +11,8 @@
 # (seeded) random order each round, so that no tool always follows the same
 # one: a run can leave the kernel work (writeback, reclaim) that slows the
 # next. Each run writes to a fresh destination name; a one-second pause after
-# each run's `sync` lets background work settle (it is not timed).
+# each run's `sync` lets background work settle, and the source is read into
+# the page cache before each run (neither is timed).
 #
 # Two storage setups are measured, one after the other:
 #   disk      the machine's own file system (the directory below). On a shared
@@ -94,6 +95,9 @@ measure() { # SETUP BASE WORKLOAD TOOL ROUND KEEP_SMALL
   [ "$wl" = big ] && mkdir -p "$dest"
   local c t0 t1
   c=$(cmd "$wl" "$tool" "$src" "$dest")
+  # Every tool starts with the source in the page cache (rclone evicts what
+  # it read with fadvise, which would slow whatever runs next).
+  find "$src" -type f -exec cat {} + >/dev/null
   sync
   t0=$(date +%s.%N)
   /usr/bin/time -f %M -o "$WORK/rss" $c >/dev/null 2>"$WORK/err" || { echo "FAILED: $c" >&2; cat "$WORK/err" >&2; exit 1; }
