@@ -36,8 +36,11 @@ def first_line(cmd):
 
 
 def fstype(path):
-    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True).stdout.strip()
-    return out or "?"
+    try:
+        out = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", path], capture_output=True, text=True).stdout
+        return out.strip() or "?"
+    except Exception:
+        return "?"
 
 
 names = {
@@ -87,6 +90,12 @@ for setup in setups:
 
 peak = max(v for (s, w, t), v in rss.items() if t == "tern") / 1024
 ok = lambda c: "met" if c else "**missed**"
+print("## Reading these figures\n")
+print("This machine's disk and memory bandwidth are shared with other virtual machines, and the same")
+print("command's time can change several-fold from one minute to the next; so can the file system's")
+print("state left by the previous run. Look at the per-run columns: a tool whose runs are bimodal")
+print("was sometimes measured in a slow phase. Orders are shuffled each round so that no tool is always")
+print("measured in the same position; the source is read into the page cache before every run.\n")
 print("## Targets\n")
 print("| target | " + " | ".join(setups) + " |")
 print("|---|" + "---|" * len(setups))
