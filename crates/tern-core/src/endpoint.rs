@@ -114,8 +114,9 @@ pub trait Dest: Source {
     fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>>;
     /// Creates or atomically replaces `rel` with a symlink to `target`.
     fn symlink(&self, rel: &Path, target: &Path, meta: &Meta, owner: bool) -> Result<()>;
-    /// Makes `rel` a hard link to the already written `existing`.
-    fn hard_link(&self, existing: &Path, rel: &Path) -> Result<()>;
+    /// Makes `rel` a hard link to the already written `existing`. Returns
+    /// false if it already was one.
+    fn hard_link(&self, existing: &Path, rel: &Path) -> Result<bool>;
     /// Applies metadata to an existing entry (not following symlinks).
     fn set_meta(&self, rel: &Path, kind: Kind, meta: &Meta, owner: bool, xattrs: Option<&Xattrs>) -> Result<()>;
     /// Removes `rel`; directories with all their contents.

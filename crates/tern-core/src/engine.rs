@@ -443,10 +443,7 @@ impl Ctx {
         }
         for (first, link) in links {
             match self.dest.hard_link(&first, &link) {
-                Ok(()) => {
-                    add(&self.stats.hard_links, 1);
-                    self.act(Action::HardLink, &link, 0);
-                }
+                Ok(made) => add(&self.stats.hard_links, made as u64),
                 Err(e) => self.fail(e),
             }
         }

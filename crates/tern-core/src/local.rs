@@ -396,7 +396,7 @@ impl Dest for LocalEndpoint {
         Ok(())
     }
 
-    fn hard_link(&self, existing: &Path, rel: &Path) -> Result<()> {
+    fn hard_link(&self, existing: &Path, rel: &Path) -> Result<bool> {
         let from = self.path(existing);
         let to = self.path(rel);
         let same = |a: &Path, b: &Path| match (fs::symlink_metadata(a), fs::symlink_metadata(b)) {
@@ -404,14 +404,14 @@ impl Dest for LocalEndpoint {
             _ => false,
         };
         if same(&from, &to) {
-            return Ok(());
+            return Ok(false);
         }
         let (tmp, _) = side_paths(&to);
         let _ = fs::remove_file(&tmp);
         fs::hard_link(&from, &tmp).ctx(&to, "hard link")?;
         let r = fs::rename(&tmp, &to).ctx(&to, "hard link");
         let _ = fs::remove_file(&tmp);
-        r
+        r.map(|()| true)
     }
 
     fn set_meta(&self, rel: &Path, kind: Kind, meta: &Meta, owner: bool, xattrs: Option<&Xattrs>) -> Result<()> {
