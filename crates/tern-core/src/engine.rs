@@ -563,7 +563,8 @@ impl Scanner<'_> {
     /// now clear.
     fn clear_conflict(&mut self, dst_rel: &Path, found: &Entry, wanted: Kind) -> bool {
         let ctx = self.ctx;
-        if !ctx.opts.delete {
+        // The destination root itself is never removed to make way.
+        if !ctx.opts.delete || dst_rel.as_os_str().is_empty() {
             ctx.fail(Error::TypeConflict {
                 path: PathBuf::from(ctx.dest.describe(dst_rel)),
                 found: kind_name(found.kind),

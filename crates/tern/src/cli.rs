@@ -71,7 +71,8 @@ pub enum Command {
     /// Make DST an exact copy of SRC; only what changed is written.
     ///
     /// DST receives the contents of SRC (a trailing slash makes no
-    /// difference). With --delete, entries SRC does not have are removed from
+    /// difference); a single file synced onto an existing directory goes
+    /// inside it. With --delete, entries SRC does not have are removed from
     /// DST, but only after all new data is safely in place, and not at all if
     /// anything failed.
     #[command(after_help = AFTER_HELP)]

@@ -248,10 +248,13 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
                 bail!("empty destination path");
             }
             check_not_inside(Path::new(src), Path::new(dst))?;
-            let roots = vec![Root {
-                src: source,
-                dst_rel: PathBuf::new(),
-            }];
+            // A single file synced onto a directory goes inside it, as with
+            // rsync; it never replaces the directory.
+            let dst_rel = match Path::new(src).file_name() {
+                Some(name) if !is_dir(Path::new(src)) && is_dir(Path::new(dst)) => PathBuf::from(name),
+                _ => PathBuf::new(),
+            };
+            let roots = vec![Root { src: source, dst_rel }];
             (
                 roots,
                 LocalEndpoint::following_root(PathBuf::from(dst)),

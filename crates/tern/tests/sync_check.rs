@@ -134,3 +134,15 @@ fn check_finds_a_one_byte_difference() {
     fs::remove_file(dst.join("only-dst")).expect("rm");
     expect(0, &[&"check", &"-q", &src, &dst]);
 }
+
+#[test]
+fn sync_delete_of_a_file_onto_a_directory_never_wipes_the_directory() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let file = t.path().join("report.txt");
+    write(&file, b"report");
+    let dst = t.path().join("backup");
+    write(&dst.join("precious"), b"keep me");
+    expect(0, &[&"sync", &"-q", &"--delete", &file, &dst]);
+    assert_eq!(fs::read(dst.join("precious")).expect("kept"), b"keep me");
+    assert_eq!(fs::read(dst.join("report.txt")).expect("copied inside"), b"report");
+}
