@@ -67,6 +67,10 @@ pub struct FileSpec {
     /// Identity of the source version (size, mtime): a journal written for
     /// another version is discarded.
     pub source_meta: Meta,
+    /// The source's last status change (ctime), zero where unknown: part of
+    /// the version's identity too, so a file rewritten with its mtime put
+    /// back is not resumed into.
+    pub source_changed: crate::entry::Time,
 }
 
 /// A file being written at a temporary name.

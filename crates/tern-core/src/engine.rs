@@ -326,6 +326,7 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         deletions: Vec::new(),
         links: HashMap::new(),
         deferred_links: Vec::new(),
+        batch_files: BATCH_FILES.min(crate::sys::open_file_budget() / jobs).max(1),
         jobs,
     };
     for root in &roots {
@@ -436,12 +437,29 @@ impl Ctx {
         &self,
         dirs: Vec<(PathBuf, Entry, Arc<dyn Source>, PathBuf)>,
         deletions: Vec<PathBuf>,
-        links: Vec<(PathBuf, PathBuf)>,
+        links: Vec<(PathBuf, PathBuf, Entry)>,
     ) {
-        if self.opts.dry_run || self.opts.mode == Mode::Check {
+        if self.opts.dry_run || self.opts.mode == Mode::Check || self.cancelled() {
             return;
         }
-        for (first, link) in links {
+        for (first, link, se) in links {
+            // Never link to a first copy that failed: the old file there
+            // would replace the other name's content.
+            match self.dest.stat(&first) {
+                Ok(Some(d)) if d.kind == Kind::File && d.same_size_and_mtime(&se) => {}
+                Ok(_) => {
+                    self.fail(Error::Usage(format!(
+                        "{}: not hard-linked, because {} was not copied",
+                        self.dest.describe(&link),
+                        self.dest.describe(&first)
+                    )));
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(e);
+                    continue;
+                }
+            }
             match self.dest.hard_link(&first, &link) {
                 Ok(made) => add(&self.stats.hard_links, made as u64),
                 Err(e) => self.fail(e),
@@ -498,7 +516,11 @@ struct Scanner<'a> {
     dirs: Vec<(PathBuf, Entry, Arc<dyn Source>, PathBuf)>,
     deletions: Vec<PathBuf>,
     links: HashMap<(u64, u64), PathBuf>,
-    deferred_links: Vec<(PathBuf, PathBuf)>,
+    /// Files per batch: each stays open until its batch commits.
+    batch_files: usize,
+    /// (first name, other name, source entry): linked at the end if the
+    /// first name then holds this entry's version.
+    deferred_links: Vec<(PathBuf, PathBuf, Entry)>,
     jobs: usize,
 }
 
@@ -623,7 +645,7 @@ impl Scanner<'_> {
                     if let Some(id) = se.file_id {
                         if let Some(first) = self.links.get(&id) {
                             ctx.act(Action::HardLink, dst_rel, 0);
-                            self.deferred_links.push((first.clone(), dst_rel.to_path_buf()));
+                            self.deferred_links.push((first.clone(), dst_rel.to_path_buf(), se));
                             return;
                         }
                         self.links.insert(id, dst_rel.to_path_buf());
@@ -645,9 +667,9 @@ impl Scanner<'_> {
                 }
                 let update = de.as_ref().is_some_and(|d| d.kind != Kind::Dir);
                 ctx.act(if update { Action::Update } else { Action::New }, dst_rel, se.size);
-                add(&ctx.stats.copied, 1);
-                add(&ctx.stats.bytes_total, se.size);
                 if ctx.opts.dry_run {
+                    add(&ctx.stats.copied, 1);
+                    add(&ctx.stats.bytes_total, se.size);
                     return;
                 }
                 ctx.obs.planned(1, se.size);
@@ -714,8 +736,9 @@ impl Scanner<'_> {
                 add(&ctx.stats.dirs_created, 1);
             }
         }
-        let differs = de.is_none_or(|d| ctx.meta_differs(&d.meta, &se.meta, Kind::Dir));
-        if !ctx.opts.dry_run && (differs || ctx.opts.xattrs) {
+        // Every directory is revisited at the end: writing or deleting inside
+        // it changes its mtime even when it matched during the scan.
+        if !ctx.opts.dry_run {
             self.dirs
                 .push((dst_rel.to_path_buf(), se.clone(), src.clone(), src_rel.to_path_buf()));
         }
@@ -759,7 +782,7 @@ impl Scanner<'_> {
         }
         self.batch_bytes += se.size;
         self.batch.push(task(src, src_rel, dst_rel, se, de));
-        if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
+        if self.batch.len() >= self.batch_files || self.batch_bytes >= BATCH_BYTES {
             self.flush();
         }
     }
@@ -824,6 +847,11 @@ impl Scanner<'_> {
                     self.extra(&d, de);
                 }
                 let de = di.next_if(|de| de.name == se.name);
+                if crate::local::is_side_file(&se.name) {
+                    // Another tern's partial file: never data to copy, and
+                    // copying it could collide with our own temporaries.
+                    continue;
+                }
                 let cs = s.join(&se.name);
                 let cd = d.join(&se.name);
                 if !self.ctx.opts.filter.included(&cd, se.kind == Kind::Dir) {
@@ -852,6 +880,9 @@ impl Scanner<'_> {
             return;
         }
         if ctx.opts.mode == Mode::Check {
+            if crate::local::is_side_file(&de.name) {
+                return;
+            }
             add(&ctx.stats.differences, 1);
             ctx.act(Action::Extra, &rel, 0);
         } else if ctx.opts.delete {
@@ -985,6 +1016,7 @@ impl Ctx {
             chunk_size: self.opts.chunk_size,
             resumable,
             source_meta: e.meta.clone(),
+            source_changed: e.changed,
         }
     }
 
@@ -1048,7 +1080,11 @@ impl Ctx {
             }
         }
         match w.publish() {
-            Ok(()) => tracing::debug!(path = %t.dst_rel.display(), hash = ?h.map(|h| h.to_hex()), "committed"),
+            Ok(()) => {
+                add(&self.stats.copied, 1);
+                add(&self.stats.bytes_total, t.entry.size);
+                tracing::debug!(path = %t.dst_rel.display(), hash = ?h.map(|h| h.to_hex()), "committed");
+            }
             Err(e) => self.fail(e),
         }
         self.obs.file_done();
@@ -1302,9 +1338,9 @@ impl Ctx {
             }
             Ok(false) => {
                 self.act(Action::Update, &t.dst_rel, t.entry.size);
-                add(&self.stats.copied, 1);
-                add(&self.stats.bytes_total, t.entry.size);
                 if self.opts.dry_run {
+                    add(&self.stats.copied, 1);
+                    add(&self.stats.bytes_total, t.entry.size);
                     return;
                 }
                 if t.entry.size > self.opts.chunk_size {

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! header, 64 bytes:  "TERNJNL\x01" | size u64 | chunk_size u64 | mtime_sec i64
-//!                    | mtime_nsec u32 | 12 zero bytes | blake3(bytes 0..48)[..16]
+//!                    | mtime_nsec u32 | ctime_sec i64 | ctime_nsec u32
+//!                    | blake3(bytes 0..48)[..16]
 //! record, 48 bytes:  chunk index u64 | chaining value [32] | blake3(bytes 0..40)[..8]
 //! ```
 //!
@@ -35,6 +36,8 @@ fn header(spec: &FileSpec) -> [u8; HEADER_LEN] {
     h[16..24].copy_from_slice(&spec.chunk_size.to_le_bytes());
     h[24..32].copy_from_slice(&spec.source_meta.mtime.sec.to_le_bytes());
     h[32..36].copy_from_slice(&spec.source_meta.mtime.nsec.to_le_bytes());
+    h[36..44].copy_from_slice(&spec.source_changed.sec.to_le_bytes());
+    h[44..48].copy_from_slice(&spec.source_changed.nsec.to_le_bytes());
     let sum = blake3::hash(&h[..48]);
     h[48..64].copy_from_slice(&sum.as_bytes()[..16]);
     h
@@ -118,6 +121,10 @@ mod tests {
                 },
                 ..Meta::default()
             },
+            source_changed: Time {
+                sec: 1_700_000_001,
+                nsec: 6,
+            },
         }
     }
 
@@ -133,6 +140,9 @@ mod tests {
 
         // Another source version: nothing is trusted.
         assert!(load(&p, &spec(10_001)).is_empty());
+        let mut touched = spec(10_000);
+        touched.source_changed.nsec += 1;
+        assert!(load(&p, &touched).is_empty(), "same size and mtime, but changed since");
 
         // A torn trailing record and a corrupted one are dropped.
         let mut bytes = std::fs::read(&p).expect("read");

@@ -12,6 +12,7 @@ use std::io::{self, ErrorKind};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use blake3::hazmat::ChainingValue;
 
@@ -27,6 +28,8 @@ use crate::sys;
 pub struct LocalEndpoint {
     root: PathBuf,
     follow_root: bool,
+    /// One open directory on each file system written to, for `barrier`.
+    devices: Arc<Mutex<Vec<(u64, File)>>>,
 }
 
 impl LocalEndpoint {
@@ -36,6 +39,7 @@ impl LocalEndpoint {
         LocalEndpoint {
             root: root.into(),
             follow_root: false,
+            devices: Arc::default(),
         }
     }
 
@@ -46,7 +50,21 @@ impl LocalEndpoint {
         LocalEndpoint {
             root: root.into(),
             follow_root: true,
+            devices: Arc::default(),
         }
+    }
+
+    /// Remembers that a file was written on device `dev` (in `dir`), so the
+    /// next barrier syncs that file system too.
+    fn note_device(&self, dev: u64, dir: &Path) -> Result<()> {
+        let mut devs = self
+            .devices
+            .lock()
+            .map_err(|_| Error::Internal("poisoned lock".into()))?;
+        if !devs.iter().any(|(d, _)| *d == dev) {
+            devs.push((dev, File::open(dir).ctx(dir, "open directory")?));
+        }
+        Ok(())
     }
 
     /// The absolute or relative path of `rel` under the root.
@@ -250,13 +268,32 @@ fn side_paths(final_path: &Path) -> (PathBuf, PathBuf) {
     (with(b".tmp"), with(b".journal"))
 }
 
-fn apply_owner_mode(path: &Path, f: Option<&File>, meta: &Meta, owner: bool, symlink: bool) -> io::Result<()> {
-    if owner {
-        match f {
-            Some(f) => std::os::unix::fs::fchown(f, Some(meta.uid), Some(meta.gid))?,
-            None => std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?,
-        }
+/// Temporary name for a symlink or hard link about to be renamed into place:
+/// distinct from file temporaries, which other writers may hold locked.
+fn link_temp(final_path: &Path) -> PathBuf {
+    let (tmp, _) = side_paths(final_path);
+    let mut name = tmp.into_os_string();
+    name.push(".lnk");
+    PathBuf::from(name)
+}
+
+/// True when `name` is one of tern's own temporary or journal files.
+pub fn is_side_file(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b.starts_with(b".")
+        && [&b".tern.tmp"[..], b".tern.journal", b".tern.tmp.lnk"]
+            .iter()
+            .any(|s| b.ends_with(s))
+}
+
+fn apply_owner(path: &Path, f: Option<&File>, meta: &Meta) -> io::Result<()> {
+    match f {
+        Some(f) => std::os::unix::fs::fchown(f, Some(meta.uid), Some(meta.gid)),
+        None => std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid)),
     }
+}
+
+fn apply_mode(path: &Path, f: Option<&File>, meta: &Meta, symlink: bool) -> io::Result<()> {
     if !symlink {
         let perm = fs::Permissions::from_mode(meta.mode);
         match f {
@@ -305,6 +342,7 @@ impl Dest for LocalEndpoint {
                 .unwrap_or(Path::new("."));
             if let Some(file) = sys::open_unnamed(dir, spec.source_meta.mode & 0o777).ctx(dir, "create")? {
                 let md = file.metadata().ctx(&final_path, "stat")?;
+                self.note_device(md.dev(), dir)?;
                 return Ok(Box::new(LocalWriteFile {
                     created: (md.mode() & 0o7777, md.uid(), md.gid()),
                     unnamed: true,
@@ -321,20 +359,22 @@ impl Dest for LocalEndpoint {
         }
         // Created with its final permission bits where that needs no
         // fchmod later; a new file's descriptor is writable whatever its mode.
+        // Kept owner-writable so that a rerun can reopen it to resume; the
+        // final mode is applied before the rename.
         let open = || {
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .mode(spec.source_meta.mode & 0o777)
+                .mode(spec.source_meta.mode & 0o777 | 0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&tmp)
         };
         let file = match open() {
             Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                // A read-only leftover of an earlier run.
-                fs::remove_file(&tmp).ctx(&tmp, "remove stale temporary file")?;
+                // A leftover that already got a read-only final mode.
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).ctx(&tmp, "make writable")?;
                 open()
             }
             r => r,
@@ -349,6 +389,7 @@ impl Dest for LocalEndpoint {
         if !fs::symlink_metadata(&tmp).is_ok_and(|m| m.ino() == md.ino() && m.dev() == md.dev()) {
             return Err(Error::Busy(final_path));
         }
+        self.note_device(md.dev(), tmp.parent().unwrap_or(Path::new(".")))?;
         let mut resumed = Vec::new();
         if spec.resumable && md.size() == spec.size {
             resumed = reverify(&file, &tmp, spec, journal::load(&jpath, spec))?;
@@ -383,10 +424,10 @@ impl Dest for LocalEndpoint {
 
     fn symlink(&self, rel: &Path, target: &Path, meta: &Meta, owner: bool) -> Result<()> {
         let final_path = self.path(rel);
-        let (tmp, _) = side_paths(&final_path);
+        let tmp = link_temp(&final_path);
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(target, &tmp).ctx(&tmp, "create symlink")?;
-        let done = apply_owner_mode(&tmp, None, meta, owner, true)
+        let done = (if owner { apply_owner(&tmp, None, meta) } else { Ok(()) })
             .and_then(|()| sys::lutimes(&tmp, meta.atime, meta.mtime))
             .and_then(|()| fs::rename(&tmp, &final_path));
         if let Err(e) = done {
@@ -406,7 +447,7 @@ impl Dest for LocalEndpoint {
         if same(&from, &to) {
             return Ok(false);
         }
-        let (tmp, _) = side_paths(&to);
+        let tmp = link_temp(&to);
         let _ = fs::remove_file(&tmp);
         fs::hard_link(&from, &tmp).ctx(&to, "hard link")?;
         let r = fs::rename(&tmp, &to).ctx(&to, "hard link");
@@ -415,12 +456,19 @@ impl Dest for LocalEndpoint {
     }
 
     fn set_meta(&self, rel: &Path, kind: Kind, meta: &Meta, owner: bool, xattrs: Option<&Xattrs>) -> Result<()> {
-        let p = self.path(rel);
+        let mut p = self.path(rel);
+        if self.follow_root && rel.as_os_str().is_empty() {
+            // The root stands for what it points to.
+            p = fs::canonicalize(&p).ctx(&p, "resolve")?;
+        }
         let symlink = kind == Kind::Symlink;
+        if owner {
+            apply_owner(&p, None, meta).ctx(&p, "set owner")?;
+        }
         if let Some(x) = xattrs {
             set_xattrs(&p, x)?;
         }
-        apply_owner_mode(&p, None, meta, owner, symlink).ctx(&p, "set permissions")?;
+        apply_mode(&p, None, meta, symlink).ctx(&p, "set permissions")?;
         sys::lutimes(&p, meta.atime, meta.mtime).ctx(&p, "set times")
     }
 
@@ -439,6 +487,17 @@ impl Dest for LocalEndpoint {
     }
 
     fn barrier(&self) -> Result<()> {
+        let devs = self
+            .devices
+            .lock()
+            .map_err(|_| Error::Internal("poisoned lock".into()))?;
+        for (_, dir) in devs.iter() {
+            sys::syncfs(dir).ctx(&self.root, "sync file system")?;
+        }
+        if !devs.is_empty() {
+            return Ok(());
+        }
+        drop(devs);
         let mut p = self.root.clone();
         // The root of a single-file copy may not exist yet: sync its parent.
         while !p.exists() {
@@ -526,7 +585,13 @@ impl WriteFile for LocalWriteFile {
             write(pos, h)?;
             if self.reused {
                 // Stale bytes from an unverified earlier attempt may sit here.
-                sys::punch_hole(&self.file, h, hl).ctx(&self.final_path, "punch hole")?;
+                match sys::punch_hole(&self.file, h, hl) {
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        let zeros = vec![0u8; hl as usize];
+                        self.file.write_all_at(&zeros, h).ctx(&self.final_path, "write")?;
+                    }
+                    r => r.ctx(&self.final_path, "punch hole")?,
+                }
             }
             pos = h + hl;
         }
@@ -542,15 +607,18 @@ impl WriteFile for LocalWriteFile {
     }
 
     fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> Result<()> {
+        let (mode, uid, gid) = self.created;
+        // chown clears set-id bits and file capabilities: owner first, then
+        // xattrs, then mode.
+        let owner = owner && (meta.uid, meta.gid) != (uid, gid);
+        if owner {
+            apply_owner(&self.tmp, Some(&self.file), meta).ctx(&self.final_path, "set owner")?;
+        }
         for (name, value) in xattrs {
             sys::fset_xattr(&self.file, name, value).ctx(&self.final_path, "set xattr")?;
         }
-        let (mode, uid, gid) = self.created;
-        let owner = owner && (meta.uid, meta.gid) != (uid, gid);
-        // chown clears set-id bits, so mode is set after it.
         if owner || meta.mode != mode {
-            apply_owner_mode(&self.tmp, Some(&self.file), meta, owner, false)
-                .ctx(&self.final_path, "set permissions")?;
+            apply_mode(&self.tmp, Some(&self.file), meta, false).ctx(&self.final_path, "set permissions")?;
         }
         sys::futimes(&self.file, meta.atime, meta.mtime).ctx(&self.final_path, "set times")
     }
@@ -594,6 +662,13 @@ impl WriteFile for LocalWriteFile {
             let _ = fs::remove_file(&self.tmp);
             sys::link_unnamed(&self.file, &self.tmp).ctx(&self.final_path, "link temporary file")?;
         }
+        if !self.unnamed {
+            // Rename only what we wrote: the name must still be our inode.
+            let ours = self.file.metadata().ctx(&self.final_path, "stat")?;
+            if !fs::symlink_metadata(&self.tmp).is_ok_and(|m| m.ino() == ours.ino() && m.dev() == ours.dev()) {
+                return Err(Error::Busy(self.final_path.clone()));
+            }
+        }
         fs::rename(&self.tmp, &self.final_path).ctx(&self.final_path, "rename into place")?;
         if self.journal.is_some() {
             let _ = fs::remove_file(&self.jpath);
@@ -612,7 +687,9 @@ impl WriteFile for LocalWriteFile {
         if self.unnamed {
             return; // freed when the descriptor closes
         }
-        if !keep || self.journal.is_none() {
+        let ours = self.file.metadata().ok();
+        let still_ours = fs::symlink_metadata(&self.tmp).is_ok_and(|m| ours.is_some_and(|o| o.ino() == m.ino()));
+        if still_ours && (!keep || self.journal.is_none()) {
             let _ = fs::remove_file(&self.tmp);
             let _ = fs::remove_file(&self.jpath);
         }

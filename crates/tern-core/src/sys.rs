@@ -279,6 +279,34 @@ pub fn fset_xattr(f: &File, name: &OsStr, value: &[u8]) -> io::Result<()> {
     check(unsafe { libc::fsetxattr(f.as_raw_fd(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
 }
 
+/// Raises the soft limit on open files to the hard limit (once), and returns
+/// how many descriptors the engine may keep open for pending files.
+pub fn open_file_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid rlimit to fill.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return 256;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: as above; failure leaves the old limit.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        // Keep room for sources, directories, journals and the rest.
+        (lim.rlim_cur as usize).saturating_sub(128) / 2
+    })
+}
+
 /// True when the process runs with root's effective uid.
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.

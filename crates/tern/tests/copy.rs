@@ -321,6 +321,55 @@ fn hard_links_and_xattrs_are_kept_when_asked() {
 }
 
 #[test]
+fn a_hard_link_is_not_made_to_a_first_copy_that_failed() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    write(&src.join("a"), b"new shared content");
+    fs::hard_link(src.join("a"), src.join("b")).expect("link");
+    let d = t.path().join("d");
+    fs::create_dir_all(d.join("a")).expect("a directory where `a` must go");
+    write(&d.join("b"), b"independent file");
+    let from = format!("{}/", src.display());
+    let o = run(&[&"copy", &"-H", &from, &d]);
+    let (code, _, err) = outcome(&o);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("not hard-linked"), "{err}");
+    assert_eq!(fs::read(d.join("b")).expect("b"), b"independent file");
+}
+
+#[test]
+fn directory_times_are_restored_after_writing_into_them() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    write(&src.join("sub/one"), b"1");
+    set_mtime(&src.join("sub"), 1_600_000_000, 0);
+    let d = t.path().join("d");
+    let from = format!("{}/", src.display());
+    expect(0, &[&"copy", &"-q", &from, &d]);
+    // A new file, with the directory's time put back: the directory itself
+    // looks unchanged to the scan, but writing into the copy moves its mtime.
+    write(&src.join("sub/two"), b"2");
+    set_mtime(&src.join("sub"), 1_600_000_000, 0);
+    expect(0, &[&"copy", &"-q", &from, &d]);
+    assert_eq!(fs::read(d.join("sub/two")).expect("copied"), b"2");
+    assert_eq!(fs::metadata(d.join("sub")).expect("stat").mtime(), 1_600_000_000);
+}
+
+#[test]
+fn tern_partial_files_in_a_source_are_not_copied() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    write(&src.join("big"), b"real");
+    write(&src.join(".big.tern.tmp"), b"someone else's partial copy");
+    write(&src.join(".big.tern.journal"), b"journal");
+    let d = t.path().join("d");
+    let from = format!("{}/", src.display());
+    expect(0, &[&"copy", &"-q", &from, &d]);
+    assert_eq!(tree(&d), paths(&["big"]));
+    expect(0, &[&"check", &src, &d]);
+}
+
+#[test]
 fn sparse_6gib_file_stays_sparse() {
     let t = tempfile::tempdir().expect("tempdir");
     let src = t.path().join("sparse.img");

@@ -260,3 +260,28 @@ fn reflink_where_the_file_system_can() {
     assert_eq!(b3(&dst), b3(&src));
     assert!(side_files(&mnt).is_empty());
 }
+
+#[test]
+fn a_low_open_file_limit_does_not_fail_many_small_files() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    for i in 0..600 {
+        write(&src.join(format!("d{}/f{i}", i % 7)), &data(100 + i, i as u64));
+    }
+    let dst = t.path().join("dst");
+    let o = Command::new("prlimit")
+        .arg("--nofile=200:200")
+        .arg(env!("CARGO_BIN_EXE_tern"))
+        .args(["copy", "-q", "-j", "8"])
+        .arg(format!("{}/", src.display()))
+        .arg(&dst)
+        .output();
+    let Ok(o) = o else {
+        eprintln!("skipping: prlimit not available");
+        return;
+    };
+    let (code, _, err) = outcome(&o);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(b3(&dst.join("d3/f500")), b3(&src.join("d3/f500")));
+    expect(0, &[&"check", &src, &dst]);
+}
