@@ -448,11 +448,10 @@ impl Ctx {
             match self.dest.stat(&first) {
                 Ok(Some(d)) if d.kind == Kind::File && d.same_size_and_mtime(&se) => {}
                 Ok(_) => {
-                    self.fail(Error::Usage(format!(
-                        "{}: not hard-linked, because {} was not copied",
-                        self.dest.describe(&link),
-                        self.dest.describe(&first)
-                    )));
+                    self.fail(Error::NotLinked {
+                        link: PathBuf::from(self.dest.describe(&link)),
+                        first: PathBuf::from(self.dest.describe(&first)),
+                    });
                     continue;
                 }
                 Err(e) => {
@@ -623,7 +622,7 @@ impl Scanner<'_> {
             return self.check_entry(src, src_rel, dst_rel, se, de);
         }
         match se.kind {
-            Kind::Dir => {}
+            Kind::Dir => {} // planned above
             Kind::Special => {
                 add(&ctx.stats.skipped_special, 1);
                 ctx.act(Action::SkipSpecial, dst_rel, 0);

@@ -46,6 +46,14 @@ pub enum Error {
         /// The destination hash.
         found: String,
     },
+    /// A hard link was not made because the name it links to was not copied.
+    #[error("{link}: not hard-linked, because {first} was not copied")]
+    NotLinked {
+        /// The name that should have been a link.
+        link: PathBuf,
+        /// The first name, whose copy failed.
+        first: PathBuf,
+    },
     /// Another process holds the temporary file of this destination.
     #[error("{0}: another tern process is writing this file")]
     Busy(PathBuf),
