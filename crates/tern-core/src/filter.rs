@@ -409,3 +409,34 @@ mod tests {
         assert!(x.add_file(&dir.path().join("missing")).is_err());
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+
+    #[test]
+    fn arbitrary_patterns_and_paths_never_panic() {
+        let alphabet = b"ab*?[]!^-\\/.";
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5000 {
+            let plen = (next() % 12) as usize;
+            let pat: Vec<u8> = (0..plen)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let slen = (next() % 16) as usize;
+            let path: Vec<u8> = (0..slen).map(|_| alphabet[(next() % 5) as usize + 6]).collect();
+            if let Ok(rule) = Rule::from_bytes(&pat, next() % 2 == 0) {
+                let mut f = Filter::new();
+                f.push(rule);
+                use std::os::unix::ffi::OsStrExt;
+                let _ = f.included(Path::new(std::ffi::OsStr::from_bytes(&path)), next() % 2 == 0);
+            }
+        }
+    }
+}

@@ -306,3 +306,52 @@ mod tests {
         assert!(matches!(frames(&bad, 64), Err(ProtoError::Malformed(_))));
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+
+    /// Deterministic xorshift bytes.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics_or_overallocates() {
+        let mut valid = Vec::new();
+        encode_control(3, &Msg::Hello(crate::Hello::ours("fuzz")), &mut valid).expect("encode");
+        for seed in 0..2000u64 {
+            let mut input = if seed % 2 == 0 {
+                noise(seed, (seed % 300) as usize)
+            } else {
+                // Valid frames with a few bytes flipped.
+                let mut v = valid.repeat(3);
+                let n = v.len();
+                for k in 0..3 {
+                    let i = noise(seed * 31 + k, 8)[0] as usize * 7 % n;
+                    v[i] ^= noise(seed * 17 + k, 1)[0] | 1;
+                }
+                v
+            };
+            input.truncate(4096);
+            let mut d = Decoder::new(1 << 16);
+            d.push(&input);
+            // Each call consumes a frame or stops: at most one frame per 12 bytes.
+            for _ in 0..=input.len() / HEADER_LEN {
+                match d.next_frame() {
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            assert!(d.buf.capacity() <= (1 << 16) + HEADER_LEN + 8192, "seed {seed}");
+        }
+    }
+}
