@@ -64,6 +64,9 @@ pub struct FileSpec {
     pub chunk_size: u64,
     /// Keep a journal of verified chunks so an interrupted copy resumes.
     pub resumable: bool,
+    /// The file will be made durable before it is published, so writing it
+    /// out early is free.
+    pub durable: bool,
     /// Identity of the source version (size, mtime): a journal written for
     /// another version is discarded.
     pub source_meta: Meta,

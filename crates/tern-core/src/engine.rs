@@ -1014,6 +1014,7 @@ impl Ctx {
             size: e.size,
             chunk_size: self.opts.chunk_size,
             resumable,
+            durable: self.opts.fsync,
             source_meta: e.meta.clone(),
             source_changed: e.changed,
         }

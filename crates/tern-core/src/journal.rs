@@ -114,6 +114,7 @@ mod tests {
             size,
             chunk_size: 1024,
             resumable: true,
+            durable: true,
             source_meta: Meta {
                 mtime: Time {
                     sec: 1_700_000_000,

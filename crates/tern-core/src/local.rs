@@ -346,6 +346,7 @@ impl Dest for LocalEndpoint {
                 return Ok(Box::new(LocalWriteFile {
                     created: (md.mode() & 0o7777, md.uid(), md.gid()),
                     unnamed: true,
+                    durable: spec.durable,
                     reused: false,
                     file,
                     tmp,
@@ -411,6 +412,7 @@ impl Dest for LocalEndpoint {
         Ok(Box::new(LocalWriteFile {
             created: (md.mode() & 0o7777, md.uid(), md.gid()),
             unnamed: false,
+            durable: spec.durable,
             reused: !resumed.is_empty(),
             file,
             tmp,
@@ -554,6 +556,8 @@ struct LocalWriteFile {
     created: (u32, u32, u32),
     /// Opened with O_TMPFILE: `tmp` is only used if the final name is taken.
     unnamed: bool,
+    /// Will be fsync'd before it is published.
+    durable: bool,
 }
 
 impl WriteFile for LocalWriteFile {
@@ -599,6 +603,11 @@ impl WriteFile for LocalWriteFile {
         if pos >= end && end == self.size && self.journal.is_none() {
             // The file ends in a hole: give it its length.
             self.file.set_len(self.size).ctx(&self.final_path, "set length")?;
+        }
+        if self.durable && self.journal.is_some() {
+            // The fsync before the rename will need these bytes on disk:
+            // start now, so the disk works while later chunks are copied.
+            sys::start_writeback(&self.file, offset, data.len() as u64);
         }
         if let (Some(j), Some(cv)) = (&self.journal, cv) {
             j.append(index, cv).ctx(&self.jpath, "write journal")?;
