@@ -36,6 +36,24 @@ fn side_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The `Source` methods a wrapper passes straight to `self.inner`.
+macro_rules! delegate_listing {
+    () => {
+        fn describe(&self, rel: &Path) -> String {
+            self.inner.describe(rel)
+        }
+        fn stat(&self, rel: &Path) -> Result<Option<Entry>> {
+            self.inner.stat(rel)
+        }
+        fn read_dir(&self, rel: &Path) -> Result<Vec<Entry>> {
+            self.inner.read_dir(rel)
+        }
+        fn xattrs(&self, rel: &Path) -> Result<Xattrs> {
+            self.inner.xattrs(rel)
+        }
+    };
+}
+
 /// Deletes `victim` just before it is opened.
 struct Vanishing {
     inner: LocalEndpoint,
@@ -44,23 +62,12 @@ struct Vanishing {
 }
 
 impl Source for Vanishing {
-    fn describe(&self, rel: &Path) -> String {
-        self.inner.describe(rel)
-    }
-    fn stat(&self, rel: &Path) -> Result<Option<Entry>> {
-        self.inner.stat(rel)
-    }
-    fn read_dir(&self, rel: &Path) -> Result<Vec<Entry>> {
-        self.inner.read_dir(rel)
-    }
+    delegate_listing!();
     fn open(&self, rel: &Path, expect: &Entry) -> Result<Box<dyn ReadFile>> {
         if rel.file_name() == Some(self.victim.as_os_str()) {
             fs::remove_file(self.root.join(rel)).expect("remove victim");
         }
         self.inner.open(rel, expect)
-    }
-    fn xattrs(&self, rel: &Path) -> Result<Xattrs> {
-        self.inner.xattrs(rel)
     }
 }
 
@@ -151,20 +158,9 @@ impl WriteFile for FullFile {
 }
 
 impl Source for FullDisk {
-    fn describe(&self, rel: &Path) -> String {
-        self.inner.describe(rel)
-    }
-    fn stat(&self, rel: &Path) -> Result<Option<Entry>> {
-        self.inner.stat(rel)
-    }
-    fn read_dir(&self, rel: &Path) -> Result<Vec<Entry>> {
-        self.inner.read_dir(rel)
-    }
+    delegate_listing!();
     fn open(&self, rel: &Path, expect: &Entry) -> Result<Box<dyn ReadFile>> {
         self.inner.open(rel, expect)
-    }
-    fn xattrs(&self, rel: &Path) -> Result<Xattrs> {
-        self.inner.xattrs(rel)
     }
 }
 
