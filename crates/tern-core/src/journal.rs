@@ -19,6 +19,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use blake3::hazmat::ChainingValue;
@@ -56,7 +57,7 @@ fn record(index: u64, cv: &ChainingValue) -> [u8; RECORD_LEN] {
 /// Returns an empty list when there is no usable journal.
 pub fn load(path: &Path, spec: &FileSpec) -> Vec<(u64, ChainingValue)> {
     let mut data = Vec::new();
-    let Ok(mut f) = File::open(path) else {
+    let Ok(mut f) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) else {
         return Vec::new();
     };
     if f.read_to_end(&mut data).is_err() || data.len() < HEADER_LEN || data[..HEADER_LEN] != header(spec) {
@@ -90,10 +91,18 @@ impl Journal {
         for (i, cv) in records {
             buf.extend_from_slice(&record(*i, cv));
         }
-        let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
         file.write_all(&buf)?;
         // Appends from several threads must not interleave within a record.
-        let file = OpenOptions::new().append(true).open(path)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
         Ok(Journal { file })
     }
 

@@ -9,9 +9,10 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use blake3::hazmat::ChainingValue;
@@ -30,6 +31,31 @@ pub struct LocalEndpoint {
     follow_root: bool,
     /// One open directory on each file system written to, for `barrier`.
     devices: Arc<Mutex<Vec<(u64, File)>>>,
+    /// For an endpoint exported to remote clients: the open root directory,
+    /// beneath which every path is resolved by the kernel.
+    confine: Option<Arc<OwnedFd>>,
+}
+
+/// A path ready for a system call, and the open directory it is relative to
+/// when the endpoint is confined (the path is then `/proc/self/fd/N/NAME`,
+/// which names NAME in exactly that directory, whatever happens to the path
+/// that led there).
+struct At {
+    path: PathBuf,
+    dir: Option<Arc<OwnedFd>>,
+}
+
+impl std::ops::Deref for At {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for At {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
 }
 
 impl LocalEndpoint {
@@ -40,6 +66,7 @@ impl LocalEndpoint {
             root: root.into(),
             follow_root: false,
             devices: Arc::default(),
+            confine: None,
         }
     }
 
@@ -51,7 +78,78 @@ impl LocalEndpoint {
             root: root.into(),
             follow_root: true,
             devices: Arc::default(),
+            confine: None,
         }
+    }
+
+    /// An endpoint for a directory exported to untrusted clients. Every path
+    /// is resolved beneath `root` by the kernel (`openat2` with
+    /// `RESOLVE_BENEATH`), so `..`, absolute paths and symlinks, also ones
+    /// swapped in while a transfer runs, cannot reach outside it; a final
+    /// symlink is never followed, and only regular files are opened. The root
+    /// must be an existing directory.
+    pub fn confined(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&root)
+            .ctx(&root, "open module root")?;
+        Ok(LocalEndpoint {
+            root,
+            follow_root: false,
+            devices: Arc::default(),
+            confine: Some(Arc::new(dir.into())),
+        })
+    }
+
+    /// Where the system calls for `rel` go. Confined, the parent directory
+    /// is opened beneath the root; a path with `..`, a root or `.` component
+    /// is refused outright.
+    fn at(&self, rel: &Path) -> io::Result<At> {
+        let Some(root) = &self.confine else {
+            return Ok(At {
+                path: self.path(rel),
+                dir: None,
+            });
+        };
+        if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "path must be relative and free of `..` and `.`",
+            ));
+        }
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            // "X/." names the directory itself, where "X" alone would be the
+            // /proc link.
+            return Ok(At {
+                path: sys::fd_path(&**root).join("."),
+                dir: Some(root.clone()),
+            });
+        };
+        let dir = if parent.as_os_str().is_empty() {
+            root.clone()
+        } else {
+            let fd = sys::open_beneath(&**root, parent, libc::O_PATH | libc::O_DIRECTORY).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::EXDEV) => io::Error::new(ErrorKind::PermissionDenied, "path leads outside the module"),
+                    _ => e,
+                }
+            })?;
+            Arc::new(fd)
+        };
+        Ok(At {
+            path: sys::fd_path(&*dir).join(name),
+            dir: Some(dir),
+        })
+    }
+
+    /// The name of the entry `rel` (of the root itself when `rel` is empty).
+    fn name_of(&self, rel: &Path) -> OsString {
+        rel.file_name()
+            .or_else(|| self.root.file_name())
+            .map(OsStr::to_os_string)
+            .unwrap_or_default()
     }
 
     /// Remembers that a file was written on device `dev` (in `dir`), so the
@@ -126,31 +224,53 @@ fn lstat_entry(path: &Path, name: OsString) -> io::Result<Entry> {
     Ok(e)
 }
 
+fn not_found(e: &io::Error) -> bool {
+    e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
 impl Source for LocalEndpoint {
     fn describe(&self, rel: &Path) -> String {
         self.path(rel).display().to_string()
     }
 
     fn stat(&self, rel: &Path) -> Result<Option<Entry>> {
-        let p = self.path(rel);
-        let name = p.file_name().map(OsStr::to_os_string).unwrap_or_default();
-        let found = if self.follow_root && rel.as_os_str().is_empty() {
-            fs::metadata(&p).map(|md| entry_from_metadata(name, &md))
-        } else {
-            lstat_entry(&p, name)
-        };
+        let shown = self.path(rel);
+        let name = self.name_of(rel);
+        let found = self.at(rel).and_then(|p| {
+            if self.follow_root && rel.as_os_str().is_empty() {
+                fs::metadata(&*p).map(|md| entry_from_metadata(name, &md))
+            } else {
+                lstat_entry(&p, name)
+            }
+        });
         match found {
             Ok(e) => Ok(Some(e)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(&p, "stat", e)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(Error::io(&shown, "stat", e)),
         }
     }
 
     fn read_dir(&self, rel: &Path) -> Result<Vec<Entry>> {
-        let p = self.path(rel);
+        let shown = self.path(rel);
+        let p = self.at(rel).ctx(&shown, "read directory")?;
+        // Confined, the directory itself is opened without following a
+        // symlink swapped in for it, and listed through its descriptor.
+        let opened;
+        let list: &Path = match p.dir {
+            None => &p,
+            Some(_) => {
+                let d = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(&*p)
+                    .ctx(&shown, "read directory")?;
+                opened = (sys::fd_path(&d), d);
+                &opened.0
+            }
+        };
         let mut out = Vec::new();
-        for de in fs::read_dir(&p).ctx(&p, "read directory")? {
-            let de = de.ctx(&p, "read directory")?;
+        for de in fs::read_dir(list).ctx(&shown, "read directory")? {
+            let de = de.ctx(&shown, "read directory")?;
             // DirEntry::metadata stats relative to the open directory.
             let md = de.metadata();
             let child = de.path();
@@ -165,7 +285,7 @@ impl Source for LocalEndpoint {
                 Ok(e) => out.push(e),
                 // Removed since the directory was read: as if never there.
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&child, "stat", e)),
+                Err(e) => return Err(Error::io(&shown.join(de.file_name()), "stat", e)),
             }
         }
         out.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
@@ -173,19 +293,35 @@ impl Source for LocalEndpoint {
     }
 
     fn open(&self, rel: &Path, expect: &Entry) -> Result<Box<dyn ReadFile>> {
-        let p = self.path(rel);
-        let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&p) {
+        let shown = self.path(rel);
+        let opened = self.at(rel).and_then(|p| {
+            if p.dir.is_none() {
+                return OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&*p);
+            }
+            // Confined: look before opening, so that no device or FIFO is
+            // ever opened for real; the reopen goes to the inode looked at.
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+                .open(&*p)?;
+            if !f.metadata()?.is_file() {
+                return Err(io::Error::new(ErrorKind::InvalidInput, "not a regular file"));
+            }
+            File::open(sys::fd_path(&f))
+        });
+        let file = match opened {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::Vanished(p)),
-            Err(e) => return Err(Error::io(&p, "open", e)),
+            Err(e) if not_found(&e) => return Err(Error::Vanished(shown)),
+            Err(e) if e.kind() == ErrorKind::InvalidInput => return Err(Error::Changed(shown)),
+            Err(e) => return Err(Error::io(&shown, "open", e)),
         };
-        let md = file.metadata().ctx(&p, "stat")?;
+        let md = file.metadata().ctx(&shown, "stat")?;
         if !md.is_file()
             || md.size() != expect.size
             || md.mtime() != expect.meta.mtime.sec
             || md.mtime_nsec() as u32 != expect.meta.mtime.nsec
         {
-            return Err(Error::Changed(p));
+            return Err(Error::Changed(shown));
         }
         if md.size() > 1 << 20 {
             sys::advise_sequential(&file);
@@ -194,19 +330,20 @@ impl Source for LocalEndpoint {
         Ok(Box::new(LocalReadFile {
             stamp: stamp(&md),
             file,
-            path: p,
+            path: shown,
             sparse,
         }))
     }
 
     fn xattrs(&self, rel: &Path) -> Result<Xattrs> {
-        let p = self.path(rel);
+        let shown = self.path(rel);
+        let p = self.at(rel).ctx(&shown, "list xattrs")?;
         let mut out = Vec::new();
-        for name in sys::list_xattrs(&p).ctx(&p, "list xattrs")? {
+        for name in sys::list_xattrs(&p).ctx(&shown, "list xattrs")? {
             match sys::get_xattr(&p, &name) {
                 Ok(v) => out.push((name, v)),
                 Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
-                Err(e) => return Err(Error::io(&p, "read xattr", e)),
+                Err(e) => return Err(Error::io(&shown, "read xattr", e)),
             }
         }
         Ok(out)
@@ -298,41 +435,59 @@ fn apply_mode(path: &Path, f: Option<&File>, meta: &Meta, symlink: bool) -> io::
         let perm = fs::Permissions::from_mode(meta.mode);
         match f {
             Some(f) => f.set_permissions(perm)?,
-            None => fs::set_permissions(path, perm)?,
+            None => sys::chmod_nofollow(path, meta.mode)?,
         }
     }
     Ok(())
 }
 
-fn set_xattrs(path: &Path, xattrs: &Xattrs) -> Result<()> {
+fn set_xattrs(path: &Path, shown: &Path, xattrs: &Xattrs) -> Result<()> {
     for (name, value) in xattrs {
-        sys::set_xattr(path, name, value).ctx(path, "set xattr")?;
+        sys::set_xattr(path, name, value).ctx(shown, "set xattr")?;
     }
     Ok(())
 }
 
 impl Dest for LocalEndpoint {
     fn make_dir(&self, rel: &Path) -> Result<()> {
-        let p = self.path(rel);
+        let shown = self.path(rel);
+        let p = self.at(rel).ctx(&shown, "create directory")?;
         let mut b = fs::DirBuilder::new();
         b.mode(0o755).recursive(rel.as_os_str().is_empty());
-        match b.create(&p) {
+        match b.create(&*p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::AlreadyExists && p.symlink_metadata().is_ok_and(|m| m.is_dir()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::AlreadyExists || e.raw_os_error() == Some(libc::ENOTDIR) => {
                 Err(Error::TypeConflict {
-                    path: p,
+                    path: shown,
                     found: "non-directory",
                     wanted: "directory",
                 })
             }
-            Err(e) => Err(Error::io(&p, "create directory", e)),
+            Err(e) => Err(Error::io(&shown, "create directory", e)),
         }
     }
 
     fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>> {
-        let final_path = self.path(rel);
+        let shown = self.path(rel);
+        let at = self.at(rel).ctx(&shown, "create")?;
+        let final_path = at.path.clone();
         let (tmp, jpath) = side_paths(&final_path);
+        let new = |file, unnamed, journal, resumed: Vec<_>, created| LocalWriteFile {
+            created,
+            unnamed,
+            durable: spec.durable,
+            reused: !resumed.is_empty(),
+            file,
+            tmp: tmp.clone(),
+            final_path: final_path.clone(),
+            jpath: jpath.clone(),
+            shown: shown.clone(),
+            _dir: at.dir.clone(),
+            journal,
+            resumed,
+            size: spec.size,
+        };
         if !spec.resumable {
             // An unnamed file needs no lock, leaves nothing behind if we die,
             // and can be linked straight to its final name.
@@ -340,22 +495,11 @@ impl Dest for LocalEndpoint {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            if let Some(file) = sys::open_unnamed(dir, spec.source_meta.mode & 0o777).ctx(dir, "create")? {
-                let md = file.metadata().ctx(&final_path, "stat")?;
+            if let Some(file) = sys::open_unnamed(dir, spec.source_meta.mode & 0o777).ctx(&shown, "create")? {
+                let md = file.metadata().ctx(&shown, "stat")?;
                 self.note_device(md.dev(), dir)?;
-                return Ok(Box::new(LocalWriteFile {
-                    created: (md.mode() & 0o7777, md.uid(), md.gid()),
-                    unnamed: true,
-                    durable: spec.durable,
-                    reused: false,
-                    file,
-                    tmp,
-                    final_path,
-                    jpath,
-                    journal: None,
-                    resumed: Vec::new(),
-                    size: spec.size,
-                }));
+                let created = (md.mode() & 0o7777, md.uid(), md.gid());
+                return Ok(Box::new(new(file, true, None, Vec::new(), created)));
             }
         }
         // Created with its final permission bits where that needs no
@@ -369,79 +513,79 @@ impl Dest for LocalEndpoint {
                 .create(true)
                 .truncate(false)
                 .mode(spec.source_meta.mode & 0o777 | 0o600)
-                .custom_flags(libc::O_NOFOLLOW)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&tmp)
         };
         let file = match open() {
             Err(e) if e.kind() == ErrorKind::PermissionDenied => {
                 // A leftover that already got a read-only final mode.
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).ctx(&tmp, "make writable")?;
+                sys::chmod_nofollow(&tmp, 0o600).ctx(&shown, "make temporary file writable")?;
                 open()
             }
             r => r,
         }
-        .ctx(&tmp, "create")?;
-        if !sys::try_lock(&file).ctx(&tmp, "lock")? {
-            return Err(Error::Busy(final_path));
+        .ctx(&shown, "create temporary file")?;
+        // Whatever sits at the temporary name must be a file we may write:
+        // never a FIFO or device planted there.
+        let md = file.metadata().ctx(&shown, "stat")?;
+        if !md.is_file() {
+            return Err(Error::TypeConflict {
+                path: shown,
+                found: "special file at the temporary name",
+                wanted: "regular file",
+            });
+        }
+        if !sys::try_lock(&file).ctx(&shown, "lock")? {
+            return Err(Error::Busy(shown));
         }
         // The name may have been renamed into place by another process
         // between our open and our lock: then this is no longer our file.
-        let md = file.metadata().ctx(&tmp, "stat")?;
         if !fs::symlink_metadata(&tmp).is_ok_and(|m| m.ino() == md.ino() && m.dev() == md.dev()) {
-            return Err(Error::Busy(final_path));
+            return Err(Error::Busy(shown));
         }
         self.note_device(md.dev(), tmp.parent().unwrap_or(Path::new(".")))?;
         let mut resumed = Vec::new();
         if spec.resumable && md.size() == spec.size {
-            resumed = reverify(&file, &tmp, spec, journal::load(&jpath, spec))?;
+            resumed = reverify(&file, &shown, spec, journal::load(&jpath, spec))?;
         }
         if resumed.is_empty() && md.size() > 0 {
-            file.set_len(0).ctx(&tmp, "truncate")?;
+            file.set_len(0).ctx(&shown, "truncate")?;
         }
         // Resumable files get their length up front so chunks land anywhere;
         // others grow as written (and are extended over a final hole).
         if spec.resumable {
-            file.set_len(spec.size).ctx(&tmp, "set length")?;
+            file.set_len(spec.size).ctx(&shown, "set length")?;
         }
 
         let journal = if spec.resumable {
-            Some(Journal::create(&jpath, spec, &resumed).ctx(&jpath, "write journal")?)
+            Some(Journal::create(&jpath, spec, &resumed).ctx(&shown, "write journal")?)
         } else {
             None
         };
-        Ok(Box::new(LocalWriteFile {
-            created: (md.mode() & 0o7777, md.uid(), md.gid()),
-            unnamed: false,
-            durable: spec.durable,
-            reused: !resumed.is_empty(),
-            file,
-            tmp,
-            final_path,
-            jpath,
-            journal,
-            resumed,
-            size: spec.size,
-        }))
+        let created = (md.mode() & 0o7777, md.uid(), md.gid());
+        Ok(Box::new(new(file, false, journal, resumed, created)))
     }
 
     fn symlink(&self, rel: &Path, target: &Path, meta: &Meta, owner: bool) -> Result<()> {
-        let final_path = self.path(rel);
-        let tmp = link_temp(&final_path);
+        let shown = self.path(rel);
+        let at = self.at(rel).ctx(&shown, "create symlink")?;
+        let tmp = link_temp(&at);
         let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(target, &tmp).ctx(&tmp, "create symlink")?;
+        std::os::unix::fs::symlink(target, &tmp).ctx(&shown, "create symlink")?;
         let done = (if owner { apply_owner(&tmp, None, meta) } else { Ok(()) })
             .and_then(|()| sys::lutimes(&tmp, meta.atime, meta.mtime))
-            .and_then(|()| fs::rename(&tmp, &final_path));
+            .and_then(|()| fs::rename(&tmp, &*at));
         if let Err(e) = done {
             let _ = fs::remove_file(&tmp);
-            return Err(Error::io(&final_path, "create symlink", e));
+            return Err(Error::io(&shown, "create symlink", e));
         }
         Ok(())
     }
 
     fn hard_link(&self, existing: &Path, rel: &Path) -> Result<bool> {
-        let from = self.path(existing);
-        let to = self.path(rel);
+        let shown = self.path(rel);
+        let from = self.at(existing).ctx(&self.path(existing), "hard link")?;
+        let to = self.at(rel).ctx(&shown, "hard link")?;
         let same = |a: &Path, b: &Path| match (fs::symlink_metadata(a), fs::symlink_metadata(b)) {
             (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
             _ => false,
@@ -451,40 +595,45 @@ impl Dest for LocalEndpoint {
         }
         let tmp = link_temp(&to);
         let _ = fs::remove_file(&tmp);
-        fs::hard_link(&from, &tmp).ctx(&to, "hard link")?;
-        let r = fs::rename(&tmp, &to).ctx(&to, "hard link");
+        // linkat without AT_SYMLINK_FOLLOW: a symlink is linked as itself.
+        fs::hard_link(&*from, &tmp).ctx(&shown, "hard link")?;
+        let r = fs::rename(&tmp, &*to).ctx(&shown, "hard link");
         let _ = fs::remove_file(&tmp);
         r.map(|()| true)
     }
 
     fn set_meta(&self, rel: &Path, kind: Kind, meta: &Meta, owner: bool, xattrs: Option<&Xattrs>) -> Result<()> {
-        let mut p = self.path(rel);
+        let shown = self.path(rel);
+        let mut p = self.at(rel).ctx(&shown, "set metadata")?;
         if self.follow_root && rel.as_os_str().is_empty() {
             // The root stands for what it points to.
-            p = fs::canonicalize(&p).ctx(&p, "resolve")?;
+            p.path = fs::canonicalize(&p.path).ctx(&shown, "resolve")?;
         }
         let symlink = kind == Kind::Symlink;
         if owner {
-            apply_owner(&p, None, meta).ctx(&p, "set owner")?;
+            apply_owner(&p, None, meta).ctx(&shown, "set owner")?;
         }
         if let Some(x) = xattrs {
-            set_xattrs(&p, x)?;
+            set_xattrs(&p, &shown, x)?;
         }
-        apply_mode(&p, None, meta, symlink).ctx(&p, "set permissions")?;
-        sys::lutimes(&p, meta.atime, meta.mtime).ctx(&p, "set times")
+        apply_mode(&p, None, meta, symlink).ctx(&shown, "set permissions")?;
+        sys::lutimes(&p, meta.atime, meta.mtime).ctx(&shown, "set times")
     }
 
     fn remove(&self, rel: &Path) -> Result<()> {
-        let p = self.path(rel);
-        let md = match fs::symlink_metadata(&p) {
+        let shown = self.path(rel);
+        let p = self.at(rel).ctx(&shown, "delete")?;
+        let md = match fs::symlink_metadata(&*p) {
             Ok(m) => m,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(&p, "stat", e)),
+            Err(e) => return Err(Error::io(&shown, "stat", e)),
         };
+        // remove_dir_all descends with O_NOFOLLOW and unlinkat: it never
+        // leaves the tree, even if a directory is swapped for a symlink.
         if md.is_dir() {
-            fs::remove_dir_all(&p).ctx(&p, "delete directory")
+            fs::remove_dir_all(&*p).ctx(&shown, "delete directory")
         } else {
-            fs::remove_file(&p).ctx(&p, "delete")
+            fs::remove_file(&*p).ctx(&shown, "delete")
         }
     }
 
@@ -521,7 +670,7 @@ impl Dest for LocalEndpoint {
 /// to the recorded value.
 fn reverify(
     file: &File,
-    tmp: &Path,
+    shown: &Path,
     spec: &FileSpec,
     records: Vec<(u64, ChainingValue)>,
 ) -> Result<Vec<(u64, ChainingValue)>> {
@@ -534,7 +683,7 @@ fn reverify(
         match file.read_exact_at(&mut buf, off) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => continue,
-            Err(e) => return Err(Error::io(tmp, "read", e)),
+            Err(e) => return Err(Error::io(shown, "read temporary file", e)),
         }
         if hash::chunk_cv(off, &buf) == cv {
             ok.push((index, cv));
@@ -548,6 +697,10 @@ struct LocalWriteFile {
     tmp: PathBuf,
     final_path: PathBuf,
     jpath: PathBuf,
+    /// The final path as shown in messages.
+    shown: PathBuf,
+    /// Keeps the directory the paths above are relative to open (confined).
+    _dir: Option<Arc<OwnedFd>>,
     journal: Option<Journal>,
     resumed: Vec<(u64, ChainingValue)>,
     reused: bool,
@@ -579,9 +732,7 @@ impl WriteFile for LocalWriteFile {
             if to > from {
                 let s = (from - offset) as usize;
                 let e = (to - offset) as usize;
-                self.file
-                    .write_all_at(&data[s..e], from)
-                    .ctx(&self.final_path, "write")?;
+                self.file.write_all_at(&data[s..e], from).ctx(&self.shown, "write")?;
             }
             Ok(())
         };
@@ -592,9 +743,9 @@ impl WriteFile for LocalWriteFile {
                 match sys::punch_hole(&self.file, h, hl) {
                     Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                         let zeros = vec![0u8; hl as usize];
-                        self.file.write_all_at(&zeros, h).ctx(&self.final_path, "write")?;
+                        self.file.write_all_at(&zeros, h).ctx(&self.shown, "write")?;
                     }
-                    r => r.ctx(&self.final_path, "punch hole")?,
+                    r => r.ctx(&self.shown, "punch hole")?,
                 }
             }
             pos = h + hl;
@@ -602,7 +753,7 @@ impl WriteFile for LocalWriteFile {
         write(pos, end)?;
         if pos >= end && end == self.size && self.journal.is_none() {
             // The file ends in a hole: give it its length.
-            self.file.set_len(self.size).ctx(&self.final_path, "set length")?;
+            self.file.set_len(self.size).ctx(&self.shown, "set length")?;
         }
         if self.durable && self.journal.is_some() {
             // The fsync before the rename will need these bytes on disk:
@@ -621,19 +772,19 @@ impl WriteFile for LocalWriteFile {
         // xattrs, then mode.
         let owner = owner && (meta.uid, meta.gid) != (uid, gid);
         if owner {
-            apply_owner(&self.tmp, Some(&self.file), meta).ctx(&self.final_path, "set owner")?;
+            apply_owner(&self.tmp, Some(&self.file), meta).ctx(&self.shown, "set owner")?;
         }
         for (name, value) in xattrs {
-            sys::fset_xattr(&self.file, name, value).ctx(&self.final_path, "set xattr")?;
+            sys::fset_xattr(&self.file, name, value).ctx(&self.shown, "set xattr")?;
         }
         if owner || meta.mode != mode {
-            apply_mode(&self.tmp, Some(&self.file), meta, false).ctx(&self.final_path, "set permissions")?;
+            apply_mode(&self.tmp, Some(&self.file), meta, false).ctx(&self.shown, "set permissions")?;
         }
-        sys::futimes(&self.file, meta.atime, meta.mtime).ctx(&self.final_path, "set times")
+        sys::futimes(&self.file, meta.atime, meta.mtime).ctx(&self.shown, "set times")
     }
 
     fn sync(&self) -> Result<()> {
-        self.file.sync_all().ctx(&self.final_path, "fsync")
+        self.file.sync_all().ctx(&self.shown, "fsync")
     }
 
     fn verify(&self, expected: &Hash) -> Result<()> {
@@ -642,7 +793,7 @@ impl WriteFile for LocalWriteFile {
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            let n = self.file.read_at(&mut buf, total).ctx(&self.final_path, "read back")?;
+            let n = self.file.read_at(&mut buf, total).ctx(&self.shown, "read back")?;
             if n == 0 {
                 break;
             }
@@ -652,7 +803,7 @@ impl WriteFile for LocalWriteFile {
         let found = h.finalize();
         if total != self.size || found != *expected {
             return Err(Error::VerifyFailed {
-                path: self.final_path.clone(),
+                path: self.shown.clone(),
                 expected: expected.to_hex().to_string(),
                 found: found.to_hex().to_string(),
             });
@@ -665,20 +816,20 @@ impl WriteFile for LocalWriteFile {
             match sys::link_unnamed(&self.file, &self.final_path) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(&self.final_path, "link into place", e)),
+                Err(e) => return Err(Error::io(&self.shown, "link into place", e)),
             }
             // Replacing a file: name ours beside it, then rename over it.
             let _ = fs::remove_file(&self.tmp);
-            sys::link_unnamed(&self.file, &self.tmp).ctx(&self.final_path, "link temporary file")?;
+            sys::link_unnamed(&self.file, &self.tmp).ctx(&self.shown, "link temporary file")?;
         }
         if !self.unnamed {
             // Rename only what we wrote: the name must still be our inode.
-            let ours = self.file.metadata().ctx(&self.final_path, "stat")?;
+            let ours = self.file.metadata().ctx(&self.shown, "stat")?;
             if !fs::symlink_metadata(&self.tmp).is_ok_and(|m| m.ino() == ours.ino() && m.dev() == ours.dev()) {
-                return Err(Error::Busy(self.final_path.clone()));
+                return Err(Error::Busy(self.shown.clone()));
             }
         }
-        fs::rename(&self.tmp, &self.final_path).ctx(&self.final_path, "rename into place")?;
+        fs::rename(&self.tmp, &self.final_path).ctx(&self.shown, "rename into place")?;
         if self.journal.is_some() {
             let _ = fs::remove_file(&self.jpath);
         }
@@ -689,7 +840,7 @@ impl WriteFile for LocalWriteFile {
         if self.reused {
             return Ok(false);
         }
-        sys::reflink(&self.file, src).ctx(&self.final_path, "reflink")
+        sys::reflink(&self.file, src).ctx(&self.shown, "reflink")
     }
 
     fn abort(self: Box<Self>, keep: bool) {

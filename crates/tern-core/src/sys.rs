@@ -326,3 +326,54 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Opens `rel` relative to the directory `dir` with `openat2` and
+/// `RESOLVE_BENEATH`: the kernel refuses any resolution (`..`, an absolute
+/// path, a symlink, also one swapped in concurrently) that would leave `dir`,
+/// with `EXDEV`. Magic links (`/proc/.../fd`) are refused too.
+pub fn open_beneath(dir: &impl AsRawFd, rel: &Path, flags: libc::c_int) -> io::Result<std::os::fd::OwnedFd> {
+    let c = cstr(if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    })?;
+    // SAFETY: a plain C struct, valid all zeros.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid descriptor, C string and `open_how` of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as libc::c_int) })
+}
+
+/// The path through which the open descriptor `fd` can be named again.
+pub fn fd_path(fd: &impl AsRawFd) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Sets the permission bits of `path` without following a final symlink (a
+/// symlink is left alone: Linux symlinks have no permissions of their own).
+pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if f.metadata()?.file_type().is_symlink() {
+        return Ok(());
+    }
+    // The /proc link names exactly the inode opened above.
+    std::fs::set_permissions(fd_path(&f), std::fs::Permissions::from_mode(mode))
+}

@@ -1,0 +1,268 @@
+//! A confined endpoint (what the daemon exports) never reads or writes
+//! outside its root, whatever paths it is given and whatever is planted or
+//! swapped inside the tree.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tern_core::{Dest, Entry, FileSpec, Kind, LocalEndpoint, Meta, Source};
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    module: PathBuf,
+    outside: PathBuf,
+    ep: LocalEndpoint,
+}
+
+/// A module directory and, beside it, an "outside" directory holding a
+/// secret file that must never be read, changed or replaced.
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let module = tmp.path().join("module");
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&module).expect("mkdir");
+    fs::create_dir(&outside).expect("mkdir");
+    fs::write(outside.join("secret"), b"secret").expect("write");
+    fs::set_permissions(outside.join("secret"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let ep = LocalEndpoint::confined(&module).expect("confined");
+    Setup {
+        _tmp: tmp,
+        module,
+        outside,
+        ep,
+    }
+}
+
+impl Setup {
+    fn outside_untouched(&self) {
+        let names: Vec<_> = fs::read_dir(&self.outside)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec!["secret"], "nothing may appear outside the module");
+        let md = fs::metadata(self.outside.join("secret")).expect("stat");
+        assert_eq!(fs::read(self.outside.join("secret")).expect("read"), b"secret");
+        assert_eq!(md.mode() & 0o7777, 0o600);
+        assert_eq!(md.nlink(), 1);
+    }
+}
+
+fn spec(size: u64, resumable: bool) -> FileSpec {
+    FileSpec {
+        size,
+        chunk_size: 1024,
+        resumable,
+        durable: false,
+        source_meta: Meta {
+            mode: 0o644,
+            ..Meta::default()
+        },
+        source_changed: Default::default(),
+    }
+}
+
+fn file_entry(size: u64) -> Entry {
+    Entry {
+        name: "x".into(),
+        kind: Kind::File,
+        size,
+        meta: Meta::default(),
+        target: None,
+        file_id: None,
+        nlink: 1,
+        allocated: 0,
+        changed: Default::default(),
+    }
+}
+
+fn escapes() -> Vec<PathBuf> {
+    let outside_abs = PathBuf::from("/etc/passwd");
+    vec![
+        PathBuf::from("../outside/secret"),
+        PathBuf::from("a/../../outside/secret"),
+        outside_abs,
+        PathBuf::from("./x"),
+    ]
+}
+
+#[test]
+fn dot_dot_absolute_and_dot_paths_are_refused_for_every_operation() {
+    let s = setup();
+    fs::create_dir(s.module.join("a")).expect("mkdir");
+    for p in escapes() {
+        assert!(s.ep.stat(&p).is_err(), "stat {p:?}");
+        assert!(s.ep.read_dir(&p).is_err(), "read_dir {p:?}");
+        assert!(s.ep.open(&p, &file_entry(6)).is_err(), "open {p:?}");
+        assert!(s.ep.create(&p, &spec(1, false)).is_err(), "create {p:?}");
+        assert!(s.ep.create(&p, &spec(1, true)).is_err(), "create resumable {p:?}");
+        assert!(s.ep.make_dir(&p).is_err(), "mkdir {p:?}");
+        assert!(s.ep.remove(&p).is_err(), "remove {p:?}");
+        assert!(
+            s.ep.symlink(&p, Path::new("t"), &Meta::default(), false).is_err(),
+            "symlink {p:?}"
+        );
+        assert!(s.ep.hard_link(&p, Path::new("l")).is_err(), "hard link from {p:?}");
+        let m = Meta {
+            mode: 0o777,
+            ..Meta::default()
+        };
+        assert!(
+            s.ep.set_meta(&p, Kind::File, &m, false, None).is_err(),
+            "set_meta {p:?}"
+        );
+        assert!(s.ep.xattrs(&p).is_err(), "xattrs {p:?}");
+    }
+    s.outside_untouched();
+}
+
+#[test]
+fn a_symlink_to_outside_is_never_followed_as_a_directory_or_a_file() {
+    let s = setup();
+    symlink(&s.outside, s.module.join("out")).expect("symlink");
+    symlink(s.outside.join("secret"), s.module.join("sec")).expect("symlink");
+    symlink("../outside", s.module.join("rel_out")).expect("symlink");
+
+    for dir in ["out", "rel_out"] {
+        let inside = Path::new(dir).join("secret");
+        let e = s.ep.stat(&inside).expect_err("stat through a symlink out");
+        assert!(e.to_string().contains("outside the module"), "{e}");
+        assert!(s.ep.read_dir(Path::new(dir)).is_err(), "listing {dir}");
+        assert!(s.ep.open(&inside, &file_entry(6)).is_err());
+        assert!(s.ep.create(&Path::new(dir).join("new"), &spec(3, false)).is_err());
+        assert!(s.ep.create(&Path::new(dir).join("new"), &spec(3, true)).is_err());
+        assert!(s.ep.make_dir(&Path::new(dir).join("d")).is_err());
+        assert!(s.ep.remove(&inside).is_err());
+    }
+    // The final symlink is an entry of its own: statted, never followed.
+    let e = s.ep.stat(Path::new("sec")).expect("stat").expect("exists");
+    assert_eq!(e.kind, Kind::Symlink);
+    assert!(
+        s.ep.open(Path::new("sec"), &file_entry(6)).is_err(),
+        "open must not follow"
+    );
+    let m = Meta {
+        mode: 0o777,
+        ..Meta::default()
+    };
+    s.ep.set_meta(Path::new("sec"), Kind::Dir, &m, false, None).ok();
+    s.ep.set_meta(Path::new("out"), Kind::Dir, &m, false, None).ok();
+    // Hard-linking the symlink links the symlink, not the secret.
+    assert!(s.ep.hard_link(Path::new("sec"), Path::new("hl")).expect("link"));
+    assert!(fs::symlink_metadata(s.module.join("hl"))
+        .expect("stat")
+        .file_type()
+        .is_symlink());
+    // Removing the symlink removes only the symlink.
+    s.ep.remove(Path::new("out")).expect("remove");
+    assert!(!s.module.join("out").exists());
+    s.outside_untouched();
+}
+
+#[test]
+fn a_planted_journal_symlink_is_not_followed() {
+    let s = setup();
+    symlink(s.outside.join("secret"), s.module.join(".big.tern.journal")).expect("symlink");
+    symlink(s.outside.join("secret"), s.module.join(".big2.tern.tmp")).expect("symlink");
+    // The journal cannot be written: the create fails, the secret stays.
+    assert!(s.ep.create(Path::new("big"), &spec(4096, true)).is_err());
+    assert!(s.ep.create(Path::new("big2"), &spec(4096, true)).is_err());
+    s.outside_untouched();
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_mid_write_keeps_the_write_inside() {
+    let s = setup();
+    fs::create_dir(s.module.join("d")).expect("mkdir");
+    let w = s.ep.create(Path::new("d/f"), &spec(5, true)).expect("create");
+    fs::rename(s.module.join("d"), s.module.join("d_old")).expect("rename");
+    symlink(&s.outside, s.module.join("d")).expect("symlink");
+    w.write_chunk(0, 0, b"hello", &[], None).expect("write");
+    w.publish().expect("publish");
+    assert_eq!(fs::read(s.module.join("d_old/f")).expect("read"), b"hello");
+    s.outside_untouched();
+}
+
+#[test]
+fn fifos_and_devices_are_not_opened() {
+    let s = setup();
+    let fifo = s.module.join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("cstr");
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let tmp_fifo = s.module.join(".g.tern.tmp");
+    let c = std::ffi::CString::new(tmp_fifo.as_os_str().as_encoded_bytes()).expect("cstr");
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    symlink("/dev/zero", s.module.join("zero")).expect("symlink");
+
+    // Opening a FIFO for reading would block until a writer came: it must
+    // fail at once instead. Bounded so a regression fails, not hangs.
+    let (tx, rx) = mpsc::channel();
+    let ep = s.ep.clone();
+    std::thread::spawn(move || {
+        let r = (
+            ep.open(Path::new("fifo"), &file_entry(0)).is_err(),
+            ep.open(Path::new("zero"), &file_entry(0)).is_err(),
+            ep.create(Path::new("g"), &spec(10, true)).is_err(),
+        );
+        let _ = tx.send(r);
+    });
+    let r = rx.recv_timeout(Duration::from_secs(20)).expect("open of a FIFO hung");
+    assert_eq!(r, (true, true, true));
+    s.outside_untouched();
+}
+
+#[test]
+fn ordinary_use_inside_the_module_works() {
+    let s = setup();
+    fs::create_dir(s.module.join("sub")).expect("mkdir");
+    fs::write(s.module.join("sub/in"), b"inside").expect("write");
+    // A symlink that stays inside may be traversed as a directory.
+    symlink("sub", s.module.join("alias")).expect("symlink");
+    let e = s.ep.stat(Path::new("alias/in")).expect("stat").expect("exists");
+    assert_eq!(e.size, 6);
+    let names: Vec<_> =
+        s.ep.read_dir(Path::new("sub"))
+            .expect("list")
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+    assert_eq!(names, vec!["in"]);
+    let root = s.ep.stat(Path::new("")).expect("stat").expect("root");
+    assert_eq!(root.kind, Kind::Dir);
+
+    s.ep.make_dir(Path::new("new")).expect("mkdir");
+    for resumable in [false, true] {
+        let name = format!("new/f{resumable}");
+        let w = s.ep.create(Path::new(&name), &spec(3, resumable)).expect("create");
+        w.write_chunk(0, 0, b"abc", &[], None).expect("write");
+        w.set_meta(
+            &Meta {
+                mode: 0o640,
+                ..Meta::default()
+            },
+            false,
+            &Vec::new(),
+        )
+        .expect("meta");
+        w.publish().expect("publish");
+        let md = fs::metadata(s.module.join(&name)).expect("stat");
+        assert_eq!(md.mode() & 0o777, 0o640);
+        assert_eq!(fs::read(s.module.join(&name)).expect("read"), b"abc");
+    }
+    let rf =
+        s.ep.open(
+            Path::new("sub/in"),
+            &s.ep.stat(Path::new("sub/in")).expect("stat").expect("e"),
+        )
+        .expect("open");
+    let mut buf = [0u8; 6];
+    rf.read_exact_at(0, &mut buf).expect("read");
+    assert_eq!(&buf, b"inside");
+    s.ep.remove(Path::new("new")).expect("remove");
+    assert!(!s.module.join("new").exists());
+    s.outside_untouched();
+}
