@@ -9,12 +9,14 @@
 //! the root itself.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use blake3::hazmat::ChainingValue;
 
 use crate::entry::{Entry, Kind, Meta};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 /// Extended attributes of an entry: (name, value) pairs.
@@ -34,13 +36,28 @@ pub trait Source: Send + Sync {
     fn open(&self, rel: &Path, expect: &Entry) -> Result<Box<dyn ReadFile>>;
     /// Extended attributes of `rel` (not following symlinks).
     fn xattrs(&self, rel: &Path) -> Result<Xattrs>;
+    /// The BLAKE3 of the file `rel`, computed where the file lives, when
+    /// that is cheaper than reading it here (a remote endpoint). `None`:
+    /// the caller reads and hashes the file itself.
+    fn file_hash(&self, _rel: &Path, _expect: &Entry) -> Option<Result<Hash>> {
+        None
+    }
 }
 
 /// An open source file.
 pub trait ReadFile: Send + Sync {
+    /// The file, for messages.
+    fn describe(&self) -> PathBuf;
     /// Fills `buf` from `offset`; reading past the end is a `Changed` error
     /// (the file shrank).
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// The BLAKE3 chaining value the sender computed for the bytes last read
+    /// at `offset` (a remote source sends one with every chunk), so the
+    /// reader can check what arrived against what was read. `None` where
+    /// the bytes did not cross a network.
+    fn sent_cv(&self, _offset: u64) -> Option<ChainingValue> {
+        None
+    }
     /// The ranges `(start, len)` within `[offset, offset+len)` that hold data;
     /// the rest are holes that read as zeros.
     fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
@@ -112,6 +129,143 @@ pub trait WriteFile: Send + Sync {
     }
 }
 
+/// A small file or a symlink for [`Dest::write_batch`].
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    /// Where, relative to the destination root.
+    pub rel: PathBuf,
+    /// Metadata to apply.
+    pub meta: Meta,
+    /// What to create.
+    pub body: BatchBody,
+}
+
+/// What a [`BatchItem`] creates.
+#[derive(Debug, Clone)]
+pub enum BatchBody {
+    /// A regular file of at most one chunk.
+    File {
+        /// Its bytes, holes zero-filled.
+        data: Vec<u8>,
+        /// Zero ranges that need not be written.
+        holes: Vec<(u64, u64)>,
+        /// BLAKE3 of `data`.
+        hash: Hash,
+        /// Extended attributes to set.
+        xattrs: Xattrs,
+        /// What the destination is told about the file.
+        spec: FileSpec,
+    },
+    /// A symlink.
+    Symlink {
+        /// Its target.
+        target: PathBuf,
+    },
+}
+
+/// How [`Dest::write_batch`] commits.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOptions {
+    /// Set owners.
+    pub owner: bool,
+    /// Make the files durable before they get their names.
+    pub sync: bool,
+    /// Read each file back and check its hash first.
+    pub verify: bool,
+    /// Set when the run is interrupted: nothing more is published.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Below this many files a batch is synced file by file rather than with a
+/// file-system-wide barrier.
+const BARRIER_MIN_FILES: usize = 4;
+
+/// Writes a batch through the single-file calls of `dest`: every file to a
+/// temporary name with its metadata, one barrier (or an fsync each, for a
+/// few files), then each renamed into place. One result per item.
+pub fn write_batch_each(dest: &(impl Dest + ?Sized), items: Vec<BatchItem>, opts: &BatchOptions) -> Vec<Result<()>> {
+    let cancelled = || opts.cancel.load(Ordering::Relaxed);
+    let mut results: Vec<Result<()>> = Vec::with_capacity(items.len());
+    let mut pending: Vec<(usize, Box<dyn WriteFile>, Hash, PathBuf)> = Vec::new();
+    for item in items {
+        if cancelled() {
+            results.push(Err(Error::Interrupted));
+            continue;
+        }
+        match item.body {
+            BatchBody::Symlink { target } => results.push(dest.symlink(&item.rel, &target, &item.meta, opts.owner)),
+            BatchBody::File {
+                data,
+                holes,
+                hash,
+                xattrs,
+                spec,
+            } => {
+                let written = dest.create(&item.rel, &spec).and_then(|w| {
+                    match w
+                        .write_chunk(0, 0, &data, &holes, None)
+                        .and_then(|()| w.set_meta(&item.meta, opts.owner, &xattrs))
+                    {
+                        Ok(()) => Ok(w),
+                        Err(e) => {
+                            w.abort(false);
+                            Err(e)
+                        }
+                    }
+                });
+                match written {
+                    Ok(w) => {
+                        pending.push((results.len(), w, hash, item.rel));
+                        results.push(Ok(()));
+                    }
+                    Err(e) => results.push(Err(e)),
+                }
+            }
+        }
+    }
+    let mut fail_all = |pending: Vec<(usize, Box<dyn WriteFile>, Hash, PathBuf)>, e: &Error| {
+        for (i, w, _, rel) in pending {
+            w.abort(false);
+            results[i] = Err(match e {
+                Error::Interrupted => Error::Interrupted,
+                e => Error::Other {
+                    path: PathBuf::from(dest.describe(&rel)),
+                    message: format!("not committed: {e}"),
+                },
+            });
+        }
+    };
+    if pending.is_empty() {
+        return results;
+    }
+    if cancelled() {
+        fail_all(pending, &Error::Interrupted);
+        return results;
+    }
+    if opts.sync {
+        let synced = if pending.len() >= BARRIER_MIN_FILES {
+            dest.barrier()
+        } else {
+            pending.iter().try_for_each(|(_, w, _, _)| w.sync())
+        };
+        if let Err(e) = synced {
+            fail_all(pending, &e);
+            return results;
+        }
+    }
+    for (i, w, hash, _) in pending {
+        if opts.verify {
+            if let Err(e) = w.verify(&hash) {
+                w.abort(false);
+                results[i] = Err(e);
+                continue;
+            }
+        }
+        results[i] = w.publish();
+    }
+    results
+}
+
 /// The write side of an endpoint. It can also be read, to compare.
 pub trait Dest: Source {
     /// Creates the directory `rel` (its parent exists). Succeeds if it is
@@ -133,4 +287,9 @@ pub trait Dest: Source {
     fn barrier(&self) -> Result<()>;
     /// True when the endpoint can preserve owners (running privileged).
     fn can_chown(&self) -> bool;
+    /// Creates several small files and symlinks at once; one result per
+    /// item, in order. A remote endpoint sends them as one request.
+    fn write_batch(&self, items: Vec<BatchItem>, opts: &BatchOptions) -> Vec<Result<()>> {
+        write_batch_each(self, items, opts)
+    }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 
-use crate::endpoint::{Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
+use crate::endpoint::{BatchBody, BatchItem, BatchOptions, Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
 use crate::entry::{Entry, Kind, Meta};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
@@ -38,9 +38,6 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 
 const BATCH_FILES: usize = 256;
 const BATCH_BYTES: u64 = 16 << 20;
-/// Below this many files a batch is synced file by file rather than with a
-/// file-system-wide barrier.
-const BARRIER_MIN_FILES: usize = 4;
 
 /// What the run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -952,7 +949,7 @@ fn worker(ctx: &Ctx, rx: &Mutex<Receiver<Work>>) {
         };
         let Ok(work) = work else { return };
         match work {
-            Work::Batch(tasks) => ctx.batch(tasks, &mut buf),
+            Work::Batch(tasks) => ctx.batch(tasks),
             Work::Large(l) => ctx.large(&l, &mut buf),
             Work::Compare(t) => ctx.compare(t, &mut buf),
             Work::Check(t) => ctx.check(t, &mut buf),
@@ -977,22 +974,61 @@ fn read_chunk(f: &dyn ReadFile, offset: u64, len: usize, buf: &mut Vec<u8>) -> R
         holes.push((pos, offset + len as u64 - pos));
     }
     if holes.is_empty() {
+        // The caller checks the sender's CV against the one it computes.
         f.read_exact_at(offset, buf)?;
     } else {
         for &(s, l) in &holes {
             buf[(s - offset) as usize..(s - offset + l) as usize].fill(0);
         }
         for &(s, l) in &data {
-            f.read_exact_at(s, &mut buf[(s - offset) as usize..(s - offset + l) as usize])?;
+            let part = &mut buf[(s - offset) as usize..(s - offset + l) as usize];
+            f.read_exact_at(s, part)?;
+            if let Some(sent) = f.sent_cv(s) {
+                check_sent(f, s, &sent, &hash::cv_at(s, part))?;
+            }
         }
     }
     Ok(holes)
 }
 
+/// Fails when bytes that crossed a network do not hash to what the sender
+/// computed from what it read.
+fn check_sent(f: &dyn ReadFile, offset: u64, sent: &ChainingValue, got: &ChainingValue) -> Result<()> {
+    if sent == got {
+        return Ok(());
+    }
+    Err(Error::Other {
+        path: f.describe(),
+        message: format!("data at offset {offset} arrived corrupted (BLAKE3 mismatch); not written"),
+    })
+}
+
+/// Checks a whole chunk read without holes against the sender's CV, given
+/// the chunk CV the caller computed (`None`: compute it here).
+fn check_chunk(
+    f: &dyn ReadFile,
+    offset: u64,
+    data: &[u8],
+    cv: Option<&ChainingValue>,
+    holes: &[(u64, u64)],
+) -> Result<()> {
+    if !holes.is_empty() {
+        return Ok(()); // checked range by range
+    }
+    match f.sent_cv(offset) {
+        Some(sent) => {
+            let got = cv.copied().unwrap_or_else(|| hash::cv_at(offset, data));
+            check_sent(f, offset, &sent, &got)
+        }
+        None => Ok(()),
+    }
+}
+
 /// The BLAKE3 of a whole file, read chunk by chunk.
 fn hash_file(f: &dyn ReadFile, size: u64, chunk_size: u64, buf: &mut Vec<u8>, cancel: &AtomicBool) -> Result<Hash> {
     if size <= chunk_size {
-        read_chunk(f, 0, size as usize, buf)?;
+        let holes = read_chunk(f, 0, size as usize, buf)?;
+        check_chunk(f, 0, buf, None, &holes)?;
         return Ok(hash::hash_bytes(buf));
     }
     let n = hash::chunk_count(size, chunk_size);
@@ -1002,8 +1038,10 @@ fn hash_file(f: &dyn ReadFile, size: u64, chunk_size: u64, buf: &mut Vec<u8>, ca
             return Err(Error::Interrupted);
         }
         let off = i * chunk_size;
-        read_chunk(f, off, chunk_size.min(size - off) as usize, buf)?;
-        cvs.push(hash::chunk_cv(off, buf));
+        let holes = read_chunk(f, off, chunk_size.min(size - off) as usize, buf)?;
+        let cv = hash::chunk_cv(off, buf);
+        check_chunk(f, off, buf, Some(&cv), &holes)?;
+        cvs.push(cv);
     }
     hash::compose(&cvs, size, chunk_size).ok_or_else(|| Error::Internal("chunk count".into()))
 }
@@ -1020,53 +1058,60 @@ impl Ctx {
         }
     }
 
-    fn batch(&self, tasks: Vec<Task>, buf: &mut Vec<u8>) {
-        let mut pending: Vec<(Task, Box<dyn WriteFile>, Hash)> = Vec::new();
+    fn batch(&self, tasks: Vec<Task>) {
+        let mut items = Vec::with_capacity(tasks.len());
+        let mut kept = Vec::with_capacity(tasks.len());
         for t in tasks {
             if self.cancelled() {
                 break;
             }
-            if t.entry.kind == Kind::Symlink {
-                let target = t.entry.target.clone().unwrap_or_default();
-                match self.dest.symlink(&t.dst_rel, &target, &t.entry.meta, self.owner) {
-                    Ok(()) => add(&self.stats.symlinks, 1),
-                    Err(e) => self.fail(e),
+            let body = if t.entry.kind == Kind::Symlink {
+                BatchBody::Symlink {
+                    target: t.entry.target.clone().unwrap_or_default(),
                 }
-                continue;
-            }
-            match self.write_small(&t, buf) {
-                Ok((w, h)) => pending.push((t, w, h)),
-                Err(e) => {
-                    self.fail(e);
-                    self.obs.file_done();
-                }
-            }
-        }
-        if pending.is_empty() {
-            return;
-        }
-        if self.cancelled() {
-            for (_, w, _) in pending {
-                w.abort(false);
-            }
-            return;
-        }
-        if self.opts.fsync {
-            let synced = if pending.len() >= BARRIER_MIN_FILES {
-                self.dest.barrier()
             } else {
-                pending.iter().try_for_each(|(_, w, _)| w.sync())
-            };
-            if let Err(e) = synced {
-                self.fail(e);
-                for (_, w, _) in pending {
-                    w.abort(false);
+                match self.read_small(&t) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        self.fail(e);
+                        self.obs.file_done();
+                        continue;
+                    }
                 }
-                return;
-            }
+            };
+            items.push(BatchItem {
+                rel: t.dst_rel.clone(),
+                meta: t.entry.meta.clone(),
+                body,
+            });
+            kept.push(t);
         }
-        for (t, w, h) in pending {
-            self.commit(&t, w, Some(&h));
+        if items.is_empty() || self.cancelled() {
+            return;
+        }
+        let opts = BatchOptions {
+            owner: self.owner,
+            sync: self.opts.fsync,
+            verify: self.opts.verify,
+            cancel: self.opts.cancel.clone(),
+        };
+        let results = self.dest.write_batch(items, &opts);
+        for (t, r) in kept.iter().zip(results) {
+            let file = t.entry.kind != Kind::Symlink;
+            match r {
+                Ok(()) if file => {
+                    add(&self.stats.copied, 1);
+                    add(&self.stats.bytes_total, t.entry.size);
+                    add(&self.stats.bytes_written, t.entry.size);
+                    self.obs.progress(t.entry.size);
+                    tracing::debug!(path = %t.dst_rel.display(), "committed");
+                }
+                Ok(()) => add(&self.stats.symlinks, 1),
+                Err(e) => self.fail(e),
+            }
+            if file {
+                self.obs.file_done();
+            }
         }
     }
 
@@ -1090,32 +1135,26 @@ impl Ctx {
         self.obs.file_done();
     }
 
-    /// Reads, hashes and writes a file of at most one chunk; returns it
-    /// written and with its metadata, not yet synced or renamed.
-    fn write_small(&self, t: &Task, buf: &mut Vec<u8>) -> Result<(Box<dyn WriteFile>, Hash)> {
+    /// Reads and hashes a file of at most one chunk, checking it did not
+    /// change while read.
+    fn read_small(&self, t: &Task) -> Result<BatchBody> {
         let rf = t.src.open(&t.src_rel, &t.entry)?;
-        let holes = read_chunk(&*rf, 0, t.entry.size as usize, buf)?;
-        let h = hash::hash_bytes(buf);
+        let mut data = Vec::new();
+        let holes = read_chunk(&*rf, 0, t.entry.size as usize, &mut data)?;
+        check_chunk(&*rf, 0, &data, None, &holes)?;
+        let hash = hash::hash_bytes(&data);
+        rf.check_unchanged()?;
         let xattrs = self.xattrs_of(&*t.src, &t.src_rel)?;
-        let w = self.dest.create(&t.dst_rel, &self.spec(&t.entry, false))?;
         if let Some(th) = &self.throttle {
             th.take(t.entry.size);
         }
-        let r = w
-            .write_chunk(0, 0, buf, &holes, None)
-            .and_then(|()| rf.check_unchanged())
-            .and_then(|()| w.set_meta(&t.entry.meta, self.owner, &xattrs));
-        match r {
-            Ok(()) => {
-                add(&self.stats.bytes_written, t.entry.size);
-                self.obs.progress(t.entry.size);
-                Ok((w, h))
-            }
-            Err(e) => {
-                w.abort(false);
-                Err(e)
-            }
-        }
+        Ok(BatchBody::File {
+            data,
+            holes,
+            hash,
+            xattrs,
+            spec: self.spec(&t.entry, false),
+        })
     }
 
     fn large(&self, l: &Large, buf: &mut Vec<u8>) {
@@ -1202,6 +1241,7 @@ impl Ctx {
             let len = cs.min(size - off);
             let r = read_chunk(&*src, off, len as usize, buf).and_then(|holes| {
                 let cv = hash::chunk_cv(off, buf);
+                check_chunk(&*src, off, buf, Some(&cv), &holes)?;
                 if let Some(th) = &self.throttle {
                     th.take(len);
                 }
@@ -1302,11 +1342,19 @@ impl Ctx {
     /// the same.
     fn same_content(&self, t: &Task, de: &Entry, buf: &mut Vec<u8>) -> Result<bool> {
         let dest: &dyn Source = &*self.dest;
-        let a = t.src.open(&t.src_rel, &t.entry)?;
-        let ha = hash_file(&*a, t.entry.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
-        let b = dest.open(&t.dst_rel, de)?;
-        let hb = hash_file(&*b, de.size, self.opts.chunk_size, buf, &self.opts.cancel)?;
+        let ha = self.content_hash(&*t.src, &t.src_rel, &t.entry, buf)?;
+        let hb = self.content_hash(dest, &t.dst_rel, de, buf)?;
         Ok(ha == hb)
+    }
+
+    /// The BLAKE3 of a file: computed by the endpoint where it lives if it
+    /// can, else read and hashed here.
+    fn content_hash(&self, ep: &dyn Source, rel: &Path, e: &Entry, buf: &mut Vec<u8>) -> Result<Hash> {
+        if let Some(h) = ep.file_hash(rel, e) {
+            return h;
+        }
+        let f = ep.open(rel, e)?;
+        hash_file(&*f, e.size, self.opts.chunk_size, buf, &self.opts.cancel)
     }
 
     /// `--checksum`: copy only if the content differs.
@@ -1347,7 +1395,7 @@ impl Ctx {
                     let l = Large::new(t, self.opts.chunk_size, 1);
                     self.large(&l, buf);
                 } else {
-                    self.batch(vec![t], buf);
+                    self.batch(vec![t]);
                 }
             }
             Err(e) => {

@@ -57,6 +57,15 @@ pub enum Error {
     /// Another process holds the temporary file of this destination.
     #[error("{0}: another tern process is writing this file")]
     Busy(PathBuf),
+    /// A failure described by a message (from a remote endpoint, or shared
+    /// by several files).
+    #[error("{path}: {message}")]
+    Other {
+        /// The path concerned.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// Bad arguments or an unusable root.
     #[error("{0}")]
     Usage(String),
@@ -83,6 +92,32 @@ impl Error {
             path: path.to_path_buf(),
             op,
             source,
+        }
+    }
+
+    /// The path the error is about, if it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Error::Io { path, .. }
+            | Error::TypeConflict { path, .. }
+            | Error::VerifyFailed { path, .. }
+            | Error::Other { path, .. } => Some(path),
+            Error::Vanished(p) | Error::Changed(p) | Error::Busy(p) => Some(p),
+            Error::NotLinked { link, .. } => Some(link),
+            Error::Usage(_) | Error::Internal(_) | Error::Interrupted => None,
+        }
+    }
+
+    /// The message without the leading path, for a peer that names the
+    /// path its own way.
+    pub fn detail(&self) -> String {
+        let full = self.to_string();
+        match self.path() {
+            Some(p) => {
+                let prefix = format!("{}: ", p.display());
+                full.strip_prefix(&prefix).map(str::to_string).unwrap_or(full)
+            }
+            None => full,
         }
     }
 

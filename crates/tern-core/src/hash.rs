@@ -41,6 +41,17 @@ pub fn chunk_cv(offset: u64, data: &[u8]) -> ChainingValue {
     h.finalize_non_root()
 }
 
+/// The chaining value that vouches for `data` read at `offset` when it
+/// crosses a network: [`chunk_cv`] where the offset allows it (a multiple of
+/// 1 KiB, as every chunk and hole boundary is), else the BLAKE3 of the bytes.
+pub fn cv_at(offset: u64, data: &[u8]) -> ChainingValue {
+    if offset % MIN_CHUNK_SIZE == 0 {
+        chunk_cv(offset, data)
+    } else {
+        *blake3::hash(data).as_bytes()
+    }
+}
+
 /// Standard BLAKE3 of a buffer: the hash of a file of one chunk.
 pub fn hash_bytes(data: &[u8]) -> Hash {
     blake3::hash(data)

@@ -363,6 +363,10 @@ struct LocalReadFile {
 }
 
 impl ReadFile for LocalReadFile {
+    fn describe(&self) -> PathBuf {
+        self.path.clone()
+    }
+
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self.file.read_exact_at(buf, offset) {
             Ok(()) => Ok(()),

@@ -111,6 +111,23 @@ pub fn encode_control(channel: u32, msg: &Msg, out: &mut Vec<u8>) -> Result<(), 
     Ok(())
 }
 
+/// Decodes the payload of a control frame.
+pub fn decode_control(payload: &[u8]) -> Result<Msg, ProtoError> {
+    postcard::from_bytes(payload).map_err(|e| ProtoError::Malformed(e.to_string()))
+}
+
+/// The header of a data frame of `len` bytes; `last` marks the end of the
+/// data that belongs together.
+pub fn data_header(len: u32, last: bool) -> [u8; HEADER_LEN] {
+    FrameHeader {
+        len,
+        kind: FrameKind::Data,
+        flags: if last { FLAG_LAST } else { 0 },
+        channel: 0,
+    }
+    .encode()
+}
+
 /// Turns a byte stream into frames. Memory is bounded by one frame: a header
 /// announcing more than the limit is an error before anything is buffered.
 #[derive(Debug)]
@@ -160,7 +177,7 @@ impl Decoder {
         let payload = &avail[HEADER_LEN..total];
         let frame = match h.kind {
             FrameKind::Control => {
-                let msg: Msg = postcard::from_bytes(payload).map_err(|e| ProtoError::Malformed(e.to_string()))?;
+                let msg = decode_control(payload)?;
                 Frame::Control {
                     channel: h.channel,
                     msg,

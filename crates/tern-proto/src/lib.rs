@@ -24,8 +24,14 @@
 mod frame;
 mod msg;
 
-pub use frame::{encode_control, Decoder, Frame, FrameHeader, FrameKind, DEFAULT_MAX_PAYLOAD, FLAG_LAST, HEADER_LEN};
-pub use msg::{negotiate, Agreed, ErrorCode, ErrorMsg, Hello, Msg, FEATURES, MAGIC, VERSION_MAX, VERSION_MIN};
+pub use frame::{
+    data_header, decode_control, encode_control, Decoder, Frame, FrameHeader, FrameKind, DEFAULT_MAX_PAYLOAD,
+    FLAG_LAST, HEADER_LEN,
+};
+pub use msg::{
+    negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WireEntry,
+    WireKind, WireMeta, WireSpec, WriteChunk, FEATURES, MAGIC, VERSION_MAX, VERSION_MIN,
+};
 
 /// A violation of the protocol by the peer (or a bug in the caller).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -24,6 +24,377 @@ pub enum Msg {
     Hello(Hello),
     /// A request failed, or the connection is being closed.
     Error(ErrorMsg),
+
+    // Opening a stream, after the Hellos.
+    /// Client: authenticate for `module` (first stream of a session).
+    Auth(Auth),
+    /// Client: attach this stream to an existing session.
+    Join {
+        /// Session id from [`Welcome`].
+        session: u64,
+        /// Session secret from [`Welcome`].
+        secret: [u8; 32],
+    },
+    /// Server: the stream is open.
+    Welcome(Welcome),
+
+    // Generic replies.
+    /// The request succeeded and has nothing to return.
+    Done,
+    /// Reply to `Stat`: the entry, if one is there.
+    StatReply(Option<WireEntry>),
+    /// Reply to `ReadDir`: some entries; more replies follow while `more`.
+    Entries {
+        /// Entries, sorted by name.
+        entries: Vec<WireEntry>,
+        /// More `Entries` replies follow.
+        more: bool,
+    },
+    /// Reply to `Xattrs`.
+    XattrList(Vec<(Vec<u8>, Vec<u8>)>),
+    /// Reply to `Read`: `len` bytes follow as data frames. `cv` is the
+    /// BLAKE3 chaining value of those bytes at their offset, computed by the
+    /// sender from what it read.
+    ReadReply {
+        /// Number of bytes in the data frames that follow.
+        len: u64,
+        /// Chaining value of the bytes.
+        cv: [u8; 32],
+    },
+    /// Reply to `Ranges`.
+    RangesReply(Vec<(u64, u64)>),
+    /// Reply to `Create`: chunks already in place from an earlier attempt.
+    Created {
+        /// `(index, chaining value)` of each.
+        resumed: Vec<(u64, [u8; 32])>,
+    },
+    /// Reply to `HardLink`: whether a link was made.
+    Linked(bool),
+    /// Reply to `Hash`.
+    HashReply([u8; 32]),
+    /// Reply to `Batch`: one result per item, in order.
+    BatchReply(Vec<Option<ErrorMsg>>),
+
+    // Reading.
+    /// Describe `path`.
+    Stat {
+        /// Module-relative path.
+        path: Vec<u8>,
+    },
+    /// List the directory `path`.
+    ReadDir {
+        /// Module-relative path.
+        path: Vec<u8>,
+    },
+    /// Extended attributes of `path`.
+    Xattrs {
+        /// Module-relative path.
+        path: Vec<u8>,
+    },
+    /// Open a file for reading as `handle` (chosen by the client).
+    OpenRead {
+        /// Client-chosen handle.
+        handle: u64,
+        /// Module-relative path.
+        path: Vec<u8>,
+        /// The entry as listed: the file must still match it.
+        expect: WireEntry,
+    },
+    /// Read `len` bytes at `offset`.
+    Read {
+        /// Handle from `OpenRead`.
+        handle: u64,
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// The data ranges (not holes) within `[offset, offset+len)`.
+    Ranges {
+        /// Handle from `OpenRead`.
+        handle: u64,
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Fail if the open file changed since it was opened.
+    CheckUnchanged {
+        /// Handle from `OpenRead`.
+        handle: u64,
+    },
+    /// Forget a read handle (no reply).
+    CloseRead {
+        /// Handle from `OpenRead`.
+        handle: u64,
+    },
+    /// The BLAKE3 of a whole file, computed where it lives.
+    Hash {
+        /// Module-relative path.
+        path: Vec<u8>,
+        /// The entry as listed.
+        expect: WireEntry,
+    },
+
+    // Writing.
+    /// Start writing `path` at a temporary name, as `handle`.
+    Create {
+        /// Client-chosen handle.
+        handle: u64,
+        /// Module-relative path.
+        path: Vec<u8>,
+        /// What is coming.
+        spec: WireSpec,
+    },
+    /// A chunk for `handle`: its data bytes follow as data frames (holes
+    /// are not sent). No reply; a failure is reported by the next request
+    /// on the handle that has one.
+    Write(WriteChunk),
+    /// Final metadata of a file being written, once `writes` chunks sent
+    /// for it (on any stream) have been applied.
+    FileMeta {
+        /// Handle from `Create`.
+        handle: u64,
+        /// Number of `Write`s the client sent for the handle.
+        writes: u64,
+        /// Metadata.
+        meta: WireMeta,
+        /// Also set owner and group.
+        owner: bool,
+        /// Extended attributes.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Make the file durable.
+    Sync {
+        /// Handle.
+        handle: u64,
+    },
+    /// Read the file back and check its BLAKE3.
+    Verify {
+        /// Handle.
+        handle: u64,
+        /// Expected whole-file hash.
+        hash: [u8; 32],
+    },
+    /// Rename the file into place; the handle is gone afterwards.
+    Publish {
+        /// Handle.
+        handle: u64,
+        /// Number of `Write`s the client sent for the handle.
+        writes: u64,
+    },
+    /// Give up on the file (no reply).
+    Abort {
+        /// Handle.
+        handle: u64,
+        /// Keep the partial data and journal for a later resume.
+        keep: bool,
+    },
+    /// Create a directory.
+    MakeDir {
+        /// Module-relative path.
+        path: Vec<u8>,
+    },
+    /// Create or replace a symlink.
+    Symlink {
+        /// Module-relative path.
+        path: Vec<u8>,
+        /// Link target, stored as is.
+        target: Vec<u8>,
+        /// Metadata.
+        meta: WireMeta,
+        /// Also set owner and group.
+        owner: bool,
+    },
+    /// Make `path` a hard link to `existing`.
+    HardLink {
+        /// Existing module-relative path.
+        existing: Vec<u8>,
+        /// New module-relative path.
+        path: Vec<u8>,
+    },
+    /// Apply metadata to an existing entry.
+    SetMeta {
+        /// Module-relative path.
+        path: Vec<u8>,
+        /// Its kind.
+        kind: WireKind,
+        /// Metadata.
+        meta: WireMeta,
+        /// Also set owner and group.
+        owner: bool,
+        /// Extended attributes to set, if any.
+        xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    },
+    /// Remove an entry (directories with their contents).
+    Remove {
+        /// Module-relative path.
+        path: Vec<u8>,
+    },
+    /// Make everything written so far durable.
+    Barrier,
+    /// Several small files (and symlinks) in one request; the files'
+    /// bytes follow as data frames, in item order, holes left out.
+    Batch(Batch),
+}
+
+/// An authentication request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    /// The module to use.
+    pub module: String,
+    /// A token, if the client has one (it may also be known by its key).
+    pub token: Option<String>,
+    /// The client intends to write.
+    pub write: bool,
+}
+
+/// The server's answer to `Auth` or `Join`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Session id, for `Join` on more streams.
+    pub session: u64,
+    /// Secret that must accompany `session`.
+    pub secret: [u8; 32],
+    /// The client may write.
+    pub writable: bool,
+    /// The server's chunk-size limit for one `Read` or `Write`.
+    pub max_chunk: u64,
+}
+
+/// Kind of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+    /// Device, FIFO, socket.
+    Special,
+}
+
+/// Metadata of an entry; times are (seconds, nanoseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMeta {
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time.
+    pub mtime: (i64, u32),
+    /// Access time.
+    pub atime: (i64, u32),
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Name (bytes, no `/`).
+    pub name: Vec<u8>,
+    /// Kind.
+    pub kind: WireKind,
+    /// Size of a file.
+    pub size: u64,
+    /// Metadata.
+    pub meta: WireMeta,
+    /// Symlink target.
+    pub target: Option<Vec<u8>>,
+    /// (device, inode) on the server, to find hard links.
+    pub file_id: Option<(u64, u64)>,
+    /// Link count.
+    pub nlink: u64,
+    /// Bytes allocated.
+    pub allocated: u64,
+    /// Status change time.
+    pub changed: (i64, u32),
+}
+
+/// What a file about to be written will be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSpec {
+    /// Final size.
+    pub size: u64,
+    /// Chunk size.
+    pub chunk_size: u64,
+    /// Keep a resume journal.
+    pub resumable: bool,
+    /// Will be synced before publishing.
+    pub durable: bool,
+    /// Source metadata (the version's identity).
+    pub source_meta: WireMeta,
+    /// Source ctime.
+    pub source_changed: (i64, u32),
+}
+
+/// One chunk of a file being written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteChunk {
+    /// Handle from `Create`.
+    pub handle: u64,
+    /// Chunk index.
+    pub index: u64,
+    /// Offset in the file.
+    pub offset: u64,
+    /// Chunk length, holes included.
+    pub len: u64,
+    /// Ranges within the chunk that are zeros and not sent.
+    pub holes: Vec<(u64, u64)>,
+    /// BLAKE3 chaining value of the whole chunk at its offset; the server
+    /// recomputes it before writing. For a file of one chunk it is the
+    /// file's BLAKE3 hash.
+    pub cv: [u8; 32],
+}
+
+/// Several small files or symlinks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The items.
+    pub items: Vec<BatchItem>,
+    /// Set owners.
+    pub owner: bool,
+    /// Make the files durable before publishing them.
+    pub sync: bool,
+    /// Read each file back and check its hash before publishing.
+    pub verify: bool,
+}
+
+/// One entry of a [`Batch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItem {
+    /// Module-relative path.
+    pub path: Vec<u8>,
+    /// Metadata to apply.
+    pub meta: WireMeta,
+    /// What to create.
+    pub body: BatchBody,
+}
+
+/// What a batch item creates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchBody {
+    /// A regular file of `size` bytes; its bytes less `holes` are in the
+    /// batch's data.
+    File {
+        /// File length.
+        size: u64,
+        /// Zero ranges not sent.
+        holes: Vec<(u64, u64)>,
+        /// The file's BLAKE3.
+        hash: [u8; 32],
+        /// Extended attributes.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Source ctime.
+        changed: (i64, u32),
+    },
+    /// A symlink.
+    Symlink {
+        /// Target.
+        target: Vec<u8>,
+    },
 }
 
 /// What a side speaks.
@@ -96,6 +467,18 @@ pub enum ErrorCode {
     NotFound,
     /// The server could not do it (disk full, I/O error...).
     Server,
+    /// The source file vanished.
+    Vanished,
+    /// The source file changed while being read.
+    Changed,
+    /// An entry of another kind is in the way.
+    Conflict,
+    /// Another writer holds the file.
+    Busy,
+    /// Data did not hash to what it should.
+    Corrupt,
+    /// The server is shutting down or overloaded; retry later.
+    Unavailable,
 }
 
 /// An error sent to the peer.
@@ -103,8 +486,18 @@ pub enum ErrorCode {
 pub struct ErrorMsg {
     /// Category.
     pub code: ErrorCode,
-    /// One line for the user.
+    /// One line for the user, without the path.
     pub message: String,
+}
+
+impl ErrorMsg {
+    /// An error of `code` with `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorMsg {
+        ErrorMsg {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 #[cfg(test)]
