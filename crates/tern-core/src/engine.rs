@@ -1024,8 +1024,9 @@ fn check_chunk(
     }
 }
 
-/// The BLAKE3 of a whole file, read chunk by chunk.
-fn hash_file(f: &dyn ReadFile, size: u64, chunk_size: u64, buf: &mut Vec<u8>, cancel: &AtomicBool) -> Result<Hash> {
+/// The BLAKE3 of a whole file, read chunk by chunk (checked against the
+/// sender's chaining values where the file crossed a network).
+pub fn hash_file(f: &dyn ReadFile, size: u64, chunk_size: u64, buf: &mut Vec<u8>, cancel: &AtomicBool) -> Result<Hash> {
     if size <= chunk_size {
         let holes = read_chunk(f, 0, size as usize, buf)?;
         check_chunk(f, 0, buf, None, &holes)?;

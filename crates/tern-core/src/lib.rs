@@ -21,7 +21,7 @@ pub mod local;
 mod sys;
 
 pub use endpoint::{Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
-pub use engine::{run, Action, Mode, Observer, Options, Root, Summary};
+pub use engine::{hash_file, run, Action, Mode, Observer, Options, Root, Summary};
 pub use entry::{Entry, Kind, Meta, Time};
 pub use error::{Error, Result};
 pub use local::LocalEndpoint;

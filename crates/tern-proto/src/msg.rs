@@ -260,6 +260,8 @@ pub struct Welcome {
     pub writable: bool,
     /// The server's chunk-size limit for one `Read` or `Write`.
     pub max_chunk: u64,
+    /// The server can set owners (it runs privileged).
+    pub can_chown: bool,
 }
 
 /// Kind of an entry.

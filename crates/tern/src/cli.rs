@@ -102,10 +102,83 @@ pub enum Command {
         filter: FilterArgs,
         #[command(flatten)]
         out: OutputArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Files hashed in parallel.
         #[arg(short = 'j', long, value_name = "N")]
         jobs: Option<usize>,
     },
+    /// Run a daemon that exports directories ("modules") to tern clients
+    /// over QUIC and TCP+TLS (the same port for both).
+    ///
+    /// Quick start: `tern serve --module data=./dir --read-write --token-file tok`
+    /// prints the address, modules, the server's key fingerprint and how
+    /// clients authenticate. Nothing is writable unless configured so.
+    /// SIGINT/SIGTERM stop it; files being written stay resumable.
+    Serve(ServeArgs),
+    /// Print a key fingerprint: this client's (presented to daemons that
+    /// authorize keys), or with --server / --state-dir a daemon's. The key
+    /// is created if it does not exist yet.
+    Fingerprint {
+        /// The daemon's identity (in its default state directory).
+        #[arg(long)]
+        server: bool,
+        /// The daemon's identity in DIR.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// `tern serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A TOML configuration file (see docs/serve.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (repeatable) [default: 0.0.0.0:7373].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<String>,
+    /// Export PATH as module NAME (repeatable).
+    #[arg(long, value_name = "NAME=PATH")]
+    pub module: Vec<String>,
+    /// Make the --module modules writable (by the --token-file token).
+    #[arg(long)]
+    pub read_write: bool,
+    /// The token clients must present for the --module modules; created
+    /// (random) if the file does not exist.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Where the daemon keeps its identity [default: $TERN_STATE_DIR, or
+    /// /var/lib/tern for root, or ~/.local/state/tern].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// How to reach tern daemons.
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// Transport to a daemon: auto picks TCP on a LAN-like path (RTT under
+    /// 2 ms) and QUIC otherwise.
+    #[arg(long, value_name = "auto|quic|tcp", default_value = "auto", value_parser = ["auto", "quic", "tcp"])]
+    pub transport: String,
+    /// File holding the token for the daemon (else $TERN_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The daemon's key fingerprint, as `tern serve` prints it: trusted
+    /// without consulting or changing the known-hosts file.
+    #[arg(long, value_name = "FP", env = "TERN_FINGERPRINT")]
+    pub fingerprint: Option<String>,
+    /// Trust a daemon seen for the first time and pin its key.
+    #[arg(long)]
+    pub accept_new_host: bool,
+    /// Reconnect and resume this many times when the connection drops.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub retries: u32,
+    /// Seconds to wait for a daemon before giving up on a request.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// Options shared by copy and sync.
@@ -145,6 +218,8 @@ pub struct TransferArgs {
     /// Limit the write rate, in bytes per second (suffixes K, M, G).
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     pub bwlimit: Option<u64>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// Include/exclude rules.

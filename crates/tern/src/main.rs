@@ -6,21 +6,24 @@
 //! status.
 
 mod cli;
+mod net;
 mod output;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use tern_core::filter::{Filter, Rule};
-use tern_core::{LocalEndpoint, Mode, Options, Root, Summary};
+use tern_core::{Dest, LocalEndpoint, Mode, Options, Root, Source, Summary};
+use tern_net::remote::RemoteEndpoint;
 
-use cli::{Cli, Command, Exit, OutputArgs, TransferArgs};
+use cli::{Cli, Command, Exit, OutputArgs, RemoteArgs, TransferArgs};
+use net::Loc;
 use output::Console;
 
 fn main() -> ExitCode {
@@ -46,10 +49,15 @@ fn main() -> ExitCode {
 struct UsageError(String);
 
 fn init_logging(out: &OutputArgs) {
-    let level = match (out.quiet, out.verbose) {
-        (true, _) => tracing::Level::ERROR,
-        (_, 0 | 1) => tracing::Level::WARN,
-        (_, 2) => tracing::Level::INFO,
+    init_logging_at(out, tracing::Level::WARN);
+}
+
+/// Logs at `base` by default; -v/-vv raise it, -q lowers it to errors.
+fn init_logging_at(out: &OutputArgs, base: tracing::Level) {
+    let level = match (out.quiet, out.verbose, base) {
+        (true, _, _) => tracing::Level::ERROR,
+        (_, 0 | 1, b) => b,
+        (_, 2, tracing::Level::WARN) => tracing::Level::INFO,
         _ => tracing::Level::DEBUG,
     };
     tracing_subscriber::fmt()
@@ -150,38 +158,127 @@ fn local_source(p: &OsStr) -> anyhow::Result<Arc<LocalEndpoint>> {
     Ok(Arc::new(LocalEndpoint::new(path)))
 }
 
-/// Resolves `tern copy SRC... DST` into engine roots.
-fn copy_roots(paths: &[OsString]) -> anyhow::Result<(LocalEndpoint, Vec<Root>)> {
-    let (dst, srcs) = paths.split_last().context("need SRC... DST")?;
-    if dst.is_empty() {
+/// A source, opened, and what the trailing-slash rule needs to know of it.
+struct Src {
+    ep: Arc<dyn Source>,
+    /// A directory (not a symlink to one named without a trailing slash).
+    is_dir: bool,
+    slash: bool,
+    /// The name it is copied under when it is not copied as contents.
+    name: Option<PathBuf>,
+    local: Option<PathBuf>,
+}
+
+fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -> anyhow::Result<Src> {
+    match net::parse_loc(arg)? {
+        Loc::Local(p) => {
+            let ep = local_source(&p)?;
+            let path = PathBuf::from(&p);
+            let slash = ends_with_slash(&p);
+            let is_dir =
+                is_dir(&path) && (slash || !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()));
+            Ok(Src {
+                ep,
+                is_dir,
+                slash,
+                name: path.file_name().map(PathBuf::from),
+                local: Some(path),
+            })
+        }
+        Loc::Remote(spec) => {
+            let ep = net::connect(&spec, r, false)?;
+            let root = ep.stat(Path::new(""))?;
+            let Some(root) = root else {
+                bail!("source {}: no such file or directory", spec.display());
+            };
+            remotes.push(ep.clone());
+            Ok(Src {
+                ep: Arc::new(ep),
+                is_dir: root.kind == tern_core::Kind::Dir,
+                slash: spec.trailing_slash,
+                name: Some(net::remote_name(&spec)),
+                local: None,
+            })
+        }
+    }
+}
+
+/// A destination, opened.
+struct Dst {
+    ep: Arc<dyn Dest>,
+    /// What is at the root now.
+    root: Option<tern_core::Entry>,
+    slash: bool,
+    local: Option<PathBuf>,
+    shown: String,
+}
+
+fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteEndpoint>) -> anyhow::Result<Dst> {
+    if arg.is_empty() {
         bail!("empty destination path");
     }
-    let dst_path = PathBuf::from(dst);
-    let into_dir = srcs.len() > 1 || ends_with_slash(dst) || is_dir(&dst_path);
+    match net::parse_loc(arg)? {
+        Loc::Local(p) => {
+            let path = PathBuf::from(&p);
+            let ep = LocalEndpoint::following_root(path.clone());
+            let root = ep.stat(Path::new(""))?;
+            Ok(Dst {
+                ep: Arc::new(ep),
+                root,
+                slash: ends_with_slash(&p),
+                shown: path.display().to_string(),
+                local: Some(path),
+            })
+        }
+        Loc::Remote(spec) => {
+            let ep = net::connect(&spec, r, write)?;
+            let root = ep.stat(Path::new(""))?;
+            remotes.push(ep.clone());
+            Ok(Dst {
+                ep: Arc::new(ep),
+                root,
+                slash: spec.trailing_slash,
+                shown: spec.display(),
+                local: None,
+            })
+        }
+    }
+}
+
+fn dst_is_dir(d: &Dst) -> bool {
+    d.root.as_ref().is_some_and(|e| e.kind == tern_core::Kind::Dir)
+}
+
+/// Resolves `tern copy SRC... DST` into engine roots.
+fn copy_roots(
+    paths: &[OsString],
+    r: &RemoteArgs,
+    write: bool,
+    remotes: &mut Vec<RemoteEndpoint>,
+) -> anyhow::Result<(Arc<dyn Dest>, Vec<Root>)> {
+    let (dst, srcs) = paths.split_last().context("need SRC... DST")?;
+    let d = open_dest(dst, r, write, remotes)?;
+    let into_dir = srcs.len() > 1 || d.slash || dst_is_dir(&d);
     let mut roots = Vec::new();
     for s in srcs {
-        let src = local_source(s)?;
-        let src_path = Path::new(s);
-        let src_is_dir = is_dir(src_path)
-            && (ends_with_slash(s) || !std::fs::symlink_metadata(src_path).is_ok_and(|m| m.file_type().is_symlink()));
-        let dst_rel = if !into_dir && !src_is_dir {
+        let src = open_source(s, r, remotes)?;
+        let dst_rel = if !into_dir && !src.is_dir {
             // A single file to a file name.
             PathBuf::new()
-        } else if src_is_dir && ends_with_slash(s) {
+        } else if src.is_dir && src.slash {
             PathBuf::new()
         } else {
-            match src_path.file_name() {
-                Some(n) => PathBuf::from(n),
-                None => PathBuf::new(), // `..`, `/`: contents
-            }
+            src.name.clone().unwrap_or_default() // `..`, `/`: contents
         };
-        check_not_inside(src_path, &dst_path.join(&dst_rel))?;
-        roots.push(Root { src, dst_rel });
+        if let (Some(sp), Some(dp)) = (&src.local, &d.local) {
+            check_not_inside(sp, &dp.join(&dst_rel))?;
+        }
+        roots.push(Root { src: src.ep, dst_rel });
     }
-    if into_dir && std::fs::symlink_metadata(&dst_path).is_ok() && !is_dir(&dst_path) {
-        bail!("destination {} exists and is not a directory", dst_path.display());
+    if into_dir && d.root.is_some() && !dst_is_dir(&d) {
+        bail!("destination {} exists and is not a directory", d.shown);
     }
-    Ok((LocalEndpoint::following_root(dst_path), roots))
+    Ok((d.ep, roots))
 }
 
 /// `p` made absolute with symlinks resolved as far as it exists.
@@ -228,65 +325,122 @@ fn exit_for(s: &Summary) -> Exit {
 }
 
 fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
+    match &cli.command {
+        Command::Serve(a) => {
+            init_logging_at(&a.out, tracing::Level::INFO);
+            return net::serve(a);
+        }
+        Command::Fingerprint { server, state_dir } => return net::fingerprint(*server, state_dir.as_deref()),
+        _ => {}
+    }
     let cancel = cancel_flag()?;
-    let (roots, dest, opts, out, verb) = match &cli.command {
-        Command::Copy { paths, opts: t } => {
-            let o = options(t, m, cancel)?;
-            let (dest, roots) = copy_roots(paths)?;
-            (roots, dest, o, &t.out, "copied")
-        }
-        Command::Sync {
-            src,
-            dst,
-            delete,
-            opts: t,
-        } => {
-            let mut o = options(t, m, cancel)?;
+    let (opts, out, remote, verb) = match &cli.command {
+        Command::Copy { opts: t, .. } => (options(t, m, cancel.clone())?, &t.out, &t.remote, "copied"),
+        Command::Sync { delete, opts: t, .. } => {
+            let mut o = options(t, m, cancel.clone())?;
             o.delete = *delete;
-            let source = local_source(src)?;
-            if dst.is_empty() {
-                bail!("empty destination path");
-            }
-            check_not_inside(Path::new(src), Path::new(dst))?;
-            // A single file synced onto a directory goes inside it, as with
-            // rsync; it never replaces the directory.
-            let dst_rel = match Path::new(src).file_name() {
-                Some(name) if !is_dir(Path::new(src)) && is_dir(Path::new(dst)) => PathBuf::from(name),
-                _ => PathBuf::new(),
-            };
-            let roots = vec![Root { src: source, dst_rel }];
-            (
-                roots,
-                LocalEndpoint::following_root(PathBuf::from(dst)),
-                o,
-                &t.out,
-                "copied",
-            )
+            (o, &t.out, &t.remote, "copied")
         }
-        Command::Check {
-            src, dst, out, jobs, ..
-        } => {
-            let source = local_source(src)?;
-            let dst_path = PathBuf::from(dst);
-            std::fs::symlink_metadata(&dst_path).with_context(|| format!("destination {}", dst_path.display()))?;
+        Command::Check { out, jobs, remote, .. } => {
             let o = Options {
                 mode: Mode::Check,
                 filter: filter_from(m)?,
                 jobs: jobs.unwrap_or_else(tern_core::engine::default_jobs),
-                cancel,
+                cancel: cancel.clone(),
                 ..Options::default()
             };
-            let roots = vec![Root {
-                src: source,
-                dst_rel: PathBuf::new(),
-            }];
-            (roots, LocalEndpoint::following_root(dst_path), o, out, "checked")
+            (o, out, remote, "checked")
         }
+        Command::Serve(_) | Command::Fingerprint { .. } => unreachable!("handled above"),
     };
     init_logging(out);
+    let write = !opts.dry_run && opts.mode == Mode::Transfer;
     let list = opts.dry_run || opts.mode == Mode::Check;
     let console = Arc::new(Console::new(out, list));
-    let summary = tern_core::run(roots, Arc::new(dest), opts, console.clone());
-    console.summary(verb, &summary);
-    Ok(exit_for(&summary))
+    let mut attempt = 0;
+    loop {
+        let mut remotes = Vec::new();
+        let resolved = resolve(&cli.command, remote, write, &mut remotes);
+        let (dest, roots) = match resolved {
+            Ok(x) => x,
+            Err(e) if attempt < remote.retries && is_connect_failure(&e) && !cancel.load(Ordering::Relaxed) => {
+                attempt += 1;
+                retry_pause(attempt, remote.retries, &e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let summary = tern_core::run(roots, dest, opts.clone(), console.clone());
+        let lost = remotes.iter().any(|r| r.connection_lost());
+        if lost && attempt < remote.retries && !summary.interrupted {
+            attempt += 1;
+            retry_pause(attempt, remote.retries, &anyhow::anyhow!("the connection dropped"));
+            continue;
+        }
+        let transport = remotes.first().map(|r| r.transport().name());
+        console.summary(verb, &summary, transport);
+        return Ok(exit_for(&summary));
+    }
+}
+
+fn is_connect_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tern_net::NetError>().is_some_and(|n| {
+            matches!(
+                n,
+                tern_net::NetError::Io(_)
+                    | tern_net::NetError::Timeout(_)
+                    | tern_net::NetError::Closed
+                    | tern_net::NetError::Quic(_)
+            )
+        })
+    })
+}
+
+/// Waits before retry `attempt` (1, 2, 4... seconds, at most 30).
+fn retry_pause(attempt: u32, of: u32, why: &anyhow::Error) {
+    let secs = (1u64 << (attempt - 1).min(5)).min(30);
+    eprintln!("tern: {why:#}; retrying in {secs} s (attempt {attempt} of {of})");
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+}
+
+/// Opens the endpoints of a copy, sync or check.
+fn resolve(
+    cmd: &Command,
+    r: &RemoteArgs,
+    write: bool,
+    remotes: &mut Vec<RemoteEndpoint>,
+) -> anyhow::Result<(Arc<dyn Dest>, Vec<Root>)> {
+    match cmd {
+        Command::Copy { paths, .. } => copy_roots(paths, r, write, remotes),
+        Command::Sync { src, dst, .. } => {
+            let s = open_source(src, r, remotes)?;
+            let d = open_dest(dst, r, write, remotes)?;
+            if let (Some(sp), Some(dp)) = (&s.local, &d.local) {
+                check_not_inside(sp, dp)?;
+            }
+            // A single file synced onto a directory goes inside it, as with
+            // rsync; it never replaces the directory.
+            let dst_rel = match &s.name {
+                Some(name) if !s.is_dir && dst_is_dir(&d) => name.clone(),
+                _ => PathBuf::new(),
+            };
+            Ok((d.ep, vec![Root { src: s.ep, dst_rel }]))
+        }
+        Command::Check { src, dst, .. } => {
+            let s = open_source(src, r, remotes)?;
+            let d = open_dest(dst, r, false, remotes)?;
+            if d.root.is_none() {
+                bail!("destination {}: no such file or directory", d.shown);
+            }
+            Ok((
+                d.ep,
+                vec![Root {
+                    src: s.ep,
+                    dst_rel: PathBuf::new(),
+                }],
+            ))
+        }
+        Command::Serve(_) | Command::Fingerprint { .. } => bail!("not a transfer"),
+    }
 }

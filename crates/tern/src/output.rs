@@ -63,11 +63,15 @@ impl Console {
     }
 
     /// Prints the closing summary (on stderr, or as JSON on stdout).
-    pub fn summary(&self, verb: &str, s: &Summary) {
+    pub fn summary(&self, verb: &str, s: &Summary, transport: Option<&str>) {
         self.finish();
         if self.json {
             let mut out = std::io::stdout().lock();
-            let _ = serde_json::to_writer(&mut out, s);
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            if let (Some(t), Some(o)) = (transport, v.as_object_mut()) {
+                o.insert("transport".into(), t.into());
+            }
+            let _ = serde_json::to_writer(&mut out, &v);
             let _ = writeln!(out);
             return;
         }
@@ -126,6 +130,9 @@ impl Console {
         }
         if s.deletions_skipped {
             parts.push("deletions skipped because of errors".into());
+        }
+        if let Some(t) = transport {
+            parts.push(format!("via {t}"));
         }
         eprintln!("{}", parts.join(", "));
     }

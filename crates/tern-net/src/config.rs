@@ -1,0 +1,387 @@
+//! The daemon's configuration: a TOML file and/or command-line quick start.
+//!
+//! ```toml
+//! listen = ["0.0.0.0:7373"]
+//! state_dir = "/var/lib/tern"
+//!
+//! [modules.data]
+//! path = "/srv/data"
+//! access = "read-write"      # default "read-only"
+//! comment = "shared data"
+//!
+//! [[tokens]]
+//! token_file = "/etc/tern/data.token"   # or token = "..."
+//! modules = ["data"]                   # or ["*"]
+//! access = "read-write"                # or "read"
+//!
+//! [[clients]]
+//! fingerprint = "b3:..."               # `tern fingerprint` on the client
+//! modules = ["*"]
+//! access = "read"
+//!
+//! [limits]
+//! max_connections = 256
+//! streams_per_connection = 64
+//! handshake_timeout_secs = 10
+//! idle_timeout_secs = 300
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{NetError, Result};
+use crate::identity::normalize_fingerprint;
+use crate::transport::Limits;
+
+/// The port tern listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7373;
+
+/// Read or read-write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    /// Read only.
+    #[default]
+    #[serde(alias = "read-only")]
+    Read,
+    /// Read and write.
+    ReadWrite,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileCfg {
+    #[serde(default)]
+    listen: Vec<String>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    modules: BTreeMap<String, ModuleCfg>,
+    #[serde(default)]
+    tokens: Vec<TokenCfg>,
+    #[serde(default)]
+    clients: Vec<ClientCfg>,
+    #[serde(default)]
+    limits: LimitsCfg,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModuleCfg {
+    path: PathBuf,
+    #[serde(default)]
+    access: Access,
+    comment: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenCfg {
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    modules: Vec<String>,
+    #[serde(default)]
+    access: Access,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientCfg {
+    fingerprint: String,
+    modules: Vec<String>,
+    #[serde(default)]
+    access: Access,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsCfg {
+    max_connections: usize,
+    streams_per_connection: u32,
+    handshake_timeout_secs: u64,
+    idle_timeout_secs: u64,
+}
+
+impl Default for LimitsCfg {
+    fn default() -> Self {
+        LimitsCfg {
+            max_connections: 256,
+            streams_per_connection: 64,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 300,
+        }
+    }
+}
+
+/// An exported directory.
+#[derive(Debug, Clone)]
+pub struct ModuleConfig {
+    /// Its name in URLs.
+    pub name: String,
+    /// The directory.
+    pub path: PathBuf,
+    /// Whether it may be written at all.
+    pub access: Access,
+    /// Free text shown to clients.
+    pub comment: Option<String>,
+}
+
+/// Who may do what: a token or a client key, for some modules.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// BLAKE3 of the token, if this grant is for a token.
+    pub token_hash: Option<blake3::Hash>,
+    /// Client certificate fingerprint, if this grant is for a key.
+    pub client: Option<String>,
+    /// Module names, or `*` for all.
+    pub modules: Vec<String>,
+    /// What it allows.
+    pub access: Access,
+}
+
+impl Grant {
+    /// Whether the grant covers `module`.
+    pub fn covers(&self, module: &str) -> bool {
+        self.modules.iter().any(|m| m == "*" || m == module)
+    }
+}
+
+/// Everything the daemon needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Where the identity (and a generated token) live.
+    pub state_dir: PathBuf,
+    /// Modules by name.
+    pub modules: BTreeMap<String, ModuleConfig>,
+    /// Grants.
+    pub grants: Vec<Grant>,
+    /// Per-client limits.
+    pub limits: Limits,
+}
+
+/// Reads a token from a file: its first line, trimmed.
+pub fn read_token_file(p: &Path) -> Result<String> {
+    let s =
+        std::fs::read_to_string(p).map_err(|e| NetError::Config(format!("{}: cannot read token: {e}", p.display())))?;
+    let t = s.lines().next().unwrap_or("").trim().to_string();
+    if t.is_empty() {
+        return Err(NetError::Config(format!("{}: the token file is empty", p.display())));
+    }
+    Ok(t)
+}
+
+/// Parses a listen address; a bare host gets the default port.
+pub fn parse_listen(s: &str) -> Result<SocketAddr> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let bad = || {
+        NetError::Config(format!(
+            "`{s}` is not an address to listen on (try 127.0.0.1:{DEFAULT_PORT})"
+        ))
+    };
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bare = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, DEFAULT_PORT));
+    }
+    let found = match s.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => s.to_socket_addrs(),
+        Some(_) => return Err(bad()),
+        None => (s, DEFAULT_PORT).to_socket_addrs(),
+    };
+    found.ok().and_then(|mut a| a.next()).ok_or_else(bad)
+}
+
+impl ServerConfig {
+    /// Loads a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<ServerConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| NetError::Config(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text, path.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| NetError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a configuration; relative paths are taken from `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<ServerConfig> {
+        let f: FileCfg = toml::from_str(text).map_err(|e| NetError::Config(e.to_string()))?;
+        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let mut cfg = ServerConfig::empty();
+        for l in &f.listen {
+            cfg.listen.push(parse_listen(l)?);
+        }
+        if let Some(d) = &f.state_dir {
+            cfg.state_dir = abs(d);
+        }
+        for (name, m) in f.modules {
+            cfg.add_module(&name, &abs(&m.path), m.access, m.comment)?;
+        }
+        for t in f.tokens {
+            let token = match (t.token, t.token_file) {
+                (Some(t), None) => t,
+                (None, Some(p)) => read_token_file(&abs(&p))?,
+                _ => {
+                    return Err(NetError::Config(
+                        "each [[tokens]] needs exactly one of `token` and `token_file`".into(),
+                    ))
+                }
+            };
+            cfg.grants.push(Grant {
+                token_hash: Some(blake3::hash(token.as_bytes())),
+                client: None,
+                modules: t.modules,
+                access: t.access,
+            });
+        }
+        for c in f.clients {
+            cfg.grants.push(Grant {
+                token_hash: None,
+                client: Some(normalize_fingerprint(&c.fingerprint)?),
+                modules: c.modules,
+                access: c.access,
+            });
+        }
+        for g in &cfg.grants {
+            for m in &g.modules {
+                if m != "*" && !cfg.modules.contains_key(m) {
+                    return Err(NetError::Config(format!(
+                        "a grant names module `{m}`, which is not defined"
+                    )));
+                }
+            }
+        }
+        let l = f.limits;
+        cfg.limits = Limits {
+            handshake: Duration::from_secs(l.handshake_timeout_secs.max(1)),
+            idle: Duration::from_secs(l.idle_timeout_secs.max(1)),
+            streams_per_conn: l.streams_per_connection.max(1),
+            max_conns: l.max_connections.max(1),
+        };
+        Ok(cfg)
+    }
+
+    /// A configuration with nothing in it yet.
+    pub fn empty() -> ServerConfig {
+        ServerConfig {
+            listen: Vec::new(),
+            state_dir: default_state_dir(),
+            modules: BTreeMap::new(),
+            grants: Vec::new(),
+            limits: Limits {
+                handshake: Duration::from_secs(10),
+                idle: Duration::from_secs(300),
+                streams_per_conn: 64,
+                max_conns: 256,
+            },
+        }
+    }
+
+    /// Adds a module; its directory must exist.
+    pub fn add_module(&mut self, name: &str, path: &Path, access: Access, comment: Option<String>) -> Result<()> {
+        if name.is_empty()
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || name.starts_with('.')
+        {
+            return Err(NetError::Config(format!(
+                "`{name}` is not a module name (letters, digits, `-`, `_` and `.`, not first)"
+            )));
+        }
+        if !path.is_dir() {
+            return Err(NetError::Config(format!(
+                "module `{name}`: {} is not a directory",
+                path.display()
+            )));
+        }
+        if self.modules.contains_key(name) {
+            return Err(NetError::Config(format!("module `{name}` is defined twice")));
+        }
+        let path = path
+            .canonicalize()
+            .map_err(|e| NetError::Config(format!("{}: {e}", path.display())))?;
+        self.modules.insert(
+            name.to_string(),
+            ModuleConfig {
+                name: name.to_string(),
+                path,
+                access,
+                comment,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// The daemon's state directory unless configured: `$TERN_STATE_DIR`, else
+/// `/var/lib/tern` for root, else `$XDG_STATE_HOME/tern` or
+/// `~/.local/state/tern`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TERN_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/tern");
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("tern");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/tern")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses_and_bad_ones_are_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(d.path().join("data")).expect("mkdir");
+        std::fs::write(d.path().join("tok"), "s3cret\n").expect("write");
+        let text = r#"
+listen = ["127.0.0.1:9000", "[::1]"]
+state_dir = "state"
+[modules.data]
+path = "data"
+access = "read-write"
+comment = "x"
+[[tokens]]
+token_file = "tok"
+modules = ["data"]
+access = "read-write"
+[[clients]]
+fingerprint = "b3:0000000000000000000000000000000000000000000000000000000000000000"
+modules = ["*"]
+[limits]
+idle_timeout_secs = 5
+"#;
+        let c = ServerConfig::from_toml(text, d.path()).expect("parse");
+        assert_eq!(c.listen[0].port(), 9000);
+        assert_eq!(c.listen[1].port(), DEFAULT_PORT);
+        assert_eq!(c.state_dir, d.path().join("state"));
+        assert_eq!(c.modules["data"].access, Access::ReadWrite);
+        assert_eq!(c.grants.len(), 2);
+        assert_eq!(c.grants[0].token_hash, Some(blake3::hash(b"s3cret")));
+        assert_eq!(c.grants[1].access, Access::Read);
+        assert_eq!(c.limits.idle, Duration::from_secs(5));
+
+        let bad = [
+            ("[modules.x]\npath = \"nope\"\n", "not a directory"),
+            ("[modules.data]\npath = \"data\"\nacess = \"read\"\n", "unknown field"),
+            ("[[tokens]]\ntoken = \"a\"\nmodules = [\"other\"]\n", "not defined"),
+            ("[[tokens]]\nmodules = [\"*\"]\n", "exactly one"),
+            ("listen = [\"nowhere:xx\"]\n", "not an address"),
+            ("[modules.\"../x\"]\npath = \"data\"\n", "not a module name"),
+        ];
+        for (t, want) in bad {
+            let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();
+            assert!(e.contains(want), "{t}: {e}");
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Running the daemon: listeners on every configured address, and a
+//! graceful stop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{ServerConfig, DEFAULT_PORT};
+use crate::error::Result;
+use crate::identity::Identity;
+use crate::server::Server;
+use crate::transport::{Handler, Listener};
+
+/// A running daemon.
+pub struct Daemon {
+    rt: tokio::runtime::Runtime,
+    server: Arc<Server>,
+    addrs: Vec<SocketAddr>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Daemon {
+    /// Binds every listen address and starts accepting.
+    pub fn start(cfg: &ServerConfig, id: &Identity) -> Result<Daemon> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(1024)
+            .enable_all()
+            .thread_name("tern-serve")
+            .build()?;
+        let server = Arc::new(Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?);
+        let listen = if cfg.listen.is_empty() {
+            vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))]
+        } else {
+            cfg.listen.clone()
+        };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut addrs = Vec::new();
+        for a in listen {
+            let l = rt.block_on(Listener::bind(a, crate::tls::server_config(id)?, cfg.limits.clone()))?;
+            addrs.push(l.local_addr()?);
+            let srv = server.clone();
+            let handler: Handler = Arc::new(move |s, p| srv.handle(s, p));
+            rt.spawn(l.run(handler, stop_rx.clone()));
+        }
+        Ok(Daemon {
+            rt,
+            server,
+            addrs,
+            stop,
+        })
+    }
+
+    /// The addresses listened on.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Waits for SIGINT or SIGTERM, then stops: no new connections, no new
+    /// requests; after at most `grace`, files still being written are
+    /// aborted with their partial data and journal kept for a resume.
+    pub fn run_until_signal(self, grace: Duration) -> Result<()> {
+        self.rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            Ok::<_, std::io::Error>(())
+        })?;
+        tracing::info!("stopping: no new connections; waiting for requests in flight");
+        self.stop(grace);
+        Ok(())
+    }
+
+    /// Stops now (see [`Daemon::run_until_signal`]).
+    pub fn stop(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        self.server.shutdown.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + grace;
+        while self.server.active_sessions() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.server.abort_all();
+        self.rt.shutdown_timeout(Duration::from_secs(1));
+        tracing::info!("stopped");
+    }
+}

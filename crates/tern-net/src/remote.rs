@@ -1,0 +1,697 @@
+//! The client's view of a module on a tern daemon: a [`Source`] and
+//! [`Dest`] for the engine.
+//!
+//! Every engine worker takes a stream from a pool for each call, so as many
+//! requests are in flight as there are workers. Chunk writes are not
+//! acknowledged one by one: the transport's flow control is the window, and
+//! a failed write is reported by the file's next request that has a reply.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blake3::hazmat::ChainingValue;
+use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
+use tern_core::{Dest, Entry, Error, FileSpec, Kind, Meta, ReadFile, Source, WriteFile, Xattrs};
+use tern_proto::{negotiate, Auth, Hello, Msg, Welcome, WriteChunk};
+
+use crate::error::{NetError, Result};
+use crate::identity::{fingerprint, Identity};
+use crate::server::pack_around_holes;
+use crate::stream::Stream;
+use crate::transport::{Connector, Transport};
+use crate::trust::TrustPolicy;
+use crate::url::RemoteSpec;
+use crate::wire;
+
+/// Which transport a client asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// Decide by the path: TCP on a LAN-like path, QUIC otherwise.
+    Auto,
+    /// QUIC.
+    Quic,
+    /// TCP+TLS.
+    Tcp,
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Transport.
+    pub transport: TransportChoice,
+    /// Token to authenticate with.
+    pub token: Option<String>,
+    /// Server trust.
+    pub trust: TrustPolicy,
+    /// The client's own identity (presented as a TLS client certificate).
+    pub identity_dir: Option<PathBuf>,
+    /// Bound on connecting and on every wait for the server.
+    pub timeout: Duration,
+    /// The client will write.
+    pub write: bool,
+}
+
+/// Round trips below this look like a LAN, where parallel TCP streams are
+/// the fastest; above it, QUIC with BBR copes better with distance and loss.
+const LAN_RTT: Duration = Duration::from_millis(2);
+
+struct Inner {
+    // Dropped last: the connection and streams need it to close.
+    conn: Connector,
+    pool: Mutex<Vec<Stream>>,
+    welcome: Welcome,
+    next_handle: AtomicU64,
+    spec: RemoteSpec,
+    lost: AtomicBool,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pool.lock() {
+            for mut s in p.drain(..) {
+                let _ = s.finish();
+            }
+        }
+        self.conn.close();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+/// A module (or a path inside one) on a tern daemon.
+#[derive(Clone)]
+pub struct RemoteEndpoint {
+    inner: Arc<Inner>,
+}
+
+fn resolve(spec: &RemoteSpec) -> Result<SocketAddr> {
+    (spec.host.as_str(), spec.port)
+        .to_socket_addrs()
+        .map_err(|e| NetError::Config(format!("{}: cannot resolve host: {e}", spec.host)))?
+        .next()
+        .ok_or_else(|| NetError::Config(format!("{}: host has no address", spec.host)))
+}
+
+fn handshake(s: &mut Stream, second: Msg) -> Result<Welcome> {
+    let ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
+    s.send(&Msg::Hello(ours.clone()))?;
+    s.send(&second)?;
+    let theirs = match s.recv()? {
+        Msg::Hello(h) => h,
+        _ => {
+            return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                "expected Hello".into(),
+            )))
+        }
+    };
+    negotiate(&ours, &theirs)?;
+    match s.recv()? {
+        Msg::Welcome(w) => Ok(w),
+        _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+            "expected Welcome".into(),
+        ))),
+    }
+}
+
+impl RemoteEndpoint {
+    /// Connects, checks the server's key, authenticates.
+    pub fn connect(spec: &RemoteSpec, opts: &ConnectOptions) -> Result<RemoteEndpoint> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("tern-net")
+            .build()?;
+        let addr = resolve(spec)?;
+        let identity = match &opts.identity_dir {
+            Some(d) => Some(Identity::load_or_create(d)?),
+            None => None,
+        };
+        let tls = crate::tls::client_config(identity.as_ref())?;
+        let kind = match opts.transport {
+            TransportChoice::Quic => Transport::Quic,
+            TransportChoice::Tcp => Transport::Tcp,
+            TransportChoice::Auto => {
+                let start = Instant::now();
+                let t = opts.timeout;
+                let probe =
+                    rt.block_on(async move { tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await });
+                match probe {
+                    Ok(Ok(_)) if start.elapsed() < LAN_RTT => Transport::Tcp,
+                    _ => Transport::Quic,
+                }
+            }
+        };
+        let connected = Connector::connect(rt.handle().clone(), kind, addr, tls.clone(), opts.timeout);
+        let (conn, mut first) = match (connected, opts.transport) {
+            (Ok(c), _) => c,
+            // Auto falls back to TCP where UDP does not get through.
+            (Err(e), TransportChoice::Auto) if kind == Transport::Quic => {
+                tracing::info!(error = %e, "QUIC failed; trying TCP");
+                Connector::connect(rt.handle().clone(), Transport::Tcp, addr, tls, opts.timeout)?
+            }
+            (Err(e), _) => return Err(e),
+        };
+        let fp = fingerprint(conn.server_cert());
+        crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
+        let welcome = handshake(
+            &mut first,
+            Msg::Auth(Auth {
+                module: spec.module.clone(),
+                token: opts.token.clone(),
+                write: opts.write,
+            }),
+        )?;
+        tracing::debug!(transport = conn.kind().name(), session = welcome.session, "connected");
+        Ok(RemoteEndpoint {
+            inner: Arc::new(Inner {
+                conn,
+                pool: Mutex::new(vec![first]),
+                welcome,
+                next_handle: AtomicU64::new(1),
+                spec: spec.clone(),
+                lost: AtomicBool::new(false),
+                rt: Some(rt),
+            }),
+        })
+    }
+
+    /// The transport in use.
+    pub fn transport(&self) -> Transport {
+        self.inner.conn.kind()
+    }
+
+    /// True once a request failed because the connection broke (worth a
+    /// retry on a new connection).
+    pub fn connection_lost(&self) -> bool {
+        self.inner.lost.load(Ordering::Relaxed)
+    }
+
+    /// The location, for messages.
+    pub fn spec(&self) -> &RemoteSpec {
+        &self.inner.spec
+    }
+
+    fn full(&self, rel: &Path) -> Vec<u8> {
+        wire::path_bytes(&self.inner.spec.path.join(rel))
+    }
+
+    fn shown(&self, rel: &Path) -> PathBuf {
+        let mut spec = self.inner.spec.clone();
+        spec.path = spec.path.join(rel);
+        PathBuf::from(spec.display())
+    }
+
+    /// Runs `f` on a pooled stream (opening one if none is free).
+    fn with<T>(&self, rel: &Path, f: impl FnOnce(&mut Stream) -> Result<T>) -> tern_core::Result<T> {
+        let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop());
+        let mut s = match pooled {
+            Some(s) => s,
+            None => self.open_stream().map_err(|e| self.err(rel, e))?,
+        };
+        let r = f(&mut s);
+        if !s.is_broken() {
+            if let Ok(mut p) = self.inner.pool.lock() {
+                p.push(s);
+            }
+        }
+        r.map_err(|e| self.err(rel, e))
+    }
+
+    fn open_stream(&self) -> Result<Stream> {
+        let mut s = self.inner.conn.open()?;
+        handshake(
+            &mut s,
+            Msg::Join {
+                session: self.inner.welcome.session,
+                secret: self.inner.welcome.secret,
+            },
+        )?;
+        Ok(s)
+    }
+
+    fn err(&self, rel: &Path, e: NetError) -> Error {
+        match e {
+            NetError::Remote(m) => wire::unerror(m, self.shown(rel)),
+            e => {
+                if matches!(
+                    e,
+                    NetError::Io(_) | NetError::Closed | NetError::Timeout(_) | NetError::Quic(_) | NetError::Tls(_)
+                ) {
+                    self.inner.lost.store(true, Ordering::Relaxed);
+                }
+                Error::Other {
+                    path: self.shown(rel),
+                    message: format!("connection to {}: {e}", self.inner.spec.authority()),
+                }
+            }
+        }
+    }
+
+    fn call(&self, rel: &Path, req: Msg) -> tern_core::Result<Msg> {
+        self.with(rel, |s| {
+            s.send(&req)?;
+            s.recv()
+        })
+    }
+
+    fn done(&self, rel: &Path, req: Msg) -> tern_core::Result<()> {
+        match self.call(rel, req)? {
+            Msg::Done => Ok(()),
+            _ => Err(self.unexpected(rel)),
+        }
+    }
+
+    fn unexpected(&self, rel: &Path) -> Error {
+        self.inner.lost.store(true, Ordering::Relaxed);
+        Error::Other {
+            path: self.shown(rel),
+            message: "unexpected reply from the server".into(),
+        }
+    }
+
+    fn handle(&self) -> u64 {
+        self.inner.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Source for RemoteEndpoint {
+    fn describe(&self, rel: &Path) -> String {
+        self.shown(rel).display().to_string()
+    }
+
+    fn stat(&self, rel: &Path) -> tern_core::Result<Option<Entry>> {
+        match self.call(rel, Msg::Stat { path: self.full(rel) })? {
+            Msg::StatReply(None) => Ok(None),
+            Msg::StatReply(Some(e)) => wire::unentry_any_name(e).map(Some).ok_or_else(|| self.unexpected(rel)),
+            _ => Err(self.unexpected(rel)),
+        }
+    }
+
+    fn read_dir(&self, rel: &Path) -> tern_core::Result<Vec<Entry>> {
+        let path = self.full(rel);
+        let r = self.with(rel, |s| {
+            s.send(&Msg::ReadDir { path })?;
+            let mut out = Vec::new();
+            loop {
+                match s.recv()? {
+                    Msg::Entries { entries, more } => {
+                        out.extend(entries);
+                        if !more {
+                            return Ok(out);
+                        }
+                    }
+                    _ => {
+                        return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                            "expected Entries".into(),
+                        )))
+                    }
+                }
+            }
+        })?;
+        let mut out = Vec::with_capacity(r.len());
+        for w in r {
+            out.push(wire::unentry(w).ok_or_else(|| self.unexpected(rel))?);
+        }
+        // The engine merges listings by name: the order must be right.
+        if out
+            .windows(2)
+            .any(|w| w[0].name.as_encoded_bytes() >= w[1].name.as_encoded_bytes())
+        {
+            return Err(self.unexpected(rel));
+        }
+        Ok(out)
+    }
+
+    fn open(&self, rel: &Path, expect: &Entry) -> tern_core::Result<Box<dyn ReadFile>> {
+        let handle = self.handle();
+        self.done(
+            rel,
+            Msg::OpenRead {
+                handle,
+                path: self.full(rel),
+                expect: wire::entry(expect),
+            },
+        )?;
+        Ok(Box::new(RemoteReadFile {
+            ep: self.clone(),
+            rel: rel.to_path_buf(),
+            handle,
+            sparse: expect.allocated < expect.size,
+            cvs: Mutex::default(),
+        }))
+    }
+
+    fn xattrs(&self, rel: &Path) -> tern_core::Result<Xattrs> {
+        match self.call(rel, Msg::Xattrs { path: self.full(rel) })? {
+            Msg::XattrList(x) => Ok(wire::unxattrs(x)),
+            _ => Err(self.unexpected(rel)),
+        }
+    }
+
+    fn file_hash(&self, rel: &Path, expect: &Entry) -> Option<tern_core::Result<tern_core::hash::Hash>> {
+        let r = self.call(
+            rel,
+            Msg::Hash {
+                path: self.full(rel),
+                expect: wire::entry(expect),
+            },
+        );
+        Some(match r {
+            Ok(Msg::HashReply(h)) => Ok(blake3::Hash::from_bytes(h)),
+            Ok(_) => Err(self.unexpected(rel)),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+struct RemoteReadFile {
+    ep: RemoteEndpoint,
+    rel: PathBuf,
+    handle: u64,
+    sparse: bool,
+    /// Chaining values the server sent, by offset, until asked for.
+    cvs: Mutex<HashMap<u64, ChainingValue>>,
+}
+
+impl Drop for RemoteReadFile {
+    fn drop(&mut self) {
+        let handle = self.handle;
+        let _ = self.ep.with(&self.rel, |s| {
+            s.send(&Msg::CloseRead { handle })?;
+            s.flush()
+        });
+    }
+}
+
+impl ReadFile for RemoteReadFile {
+    fn describe(&self) -> PathBuf {
+        self.ep.shown(&self.rel)
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> tern_core::Result<()> {
+        let len = buf.len() as u64;
+        let handle = self.handle;
+        let cv = self.ep.with(&self.rel, |s| {
+            s.send(&Msg::Read { handle, offset, len })?;
+            match s.recv()? {
+                Msg::ReadReply { len: n, cv } if n == len => {
+                    s.recv_data(buf)?;
+                    Ok(cv)
+                }
+                _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                    "bad read reply".into(),
+                ))),
+            }
+        })?;
+        if let Ok(mut m) = self.cvs.lock() {
+            m.insert(offset, cv);
+        }
+        Ok(())
+    }
+
+    fn sent_cv(&self, offset: u64) -> Option<ChainingValue> {
+        self.cvs.lock().ok().and_then(|mut m| m.remove(&offset))
+    }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> tern_core::Result<Vec<(u64, u64)>> {
+        if !self.sparse {
+            return Ok(vec![(offset, len)]);
+        }
+        match self.ep.call(
+            &self.rel,
+            Msg::Ranges {
+                handle: self.handle,
+                offset,
+                len,
+            },
+        )? {
+            Msg::RangesReply(r) => {
+                let end = offset + len;
+                let mut pos = offset;
+                for &(s, l) in &r {
+                    if s < pos || s.checked_add(l).is_none_or(|e| e > end) {
+                        return Err(self.ep.unexpected(&self.rel));
+                    }
+                    pos = s + l;
+                }
+                Ok(r)
+            }
+            _ => Err(self.ep.unexpected(&self.rel)),
+        }
+    }
+
+    fn check_unchanged(&self) -> tern_core::Result<()> {
+        self.ep.done(&self.rel, Msg::CheckUnchanged { handle: self.handle })
+    }
+}
+
+impl Dest for RemoteEndpoint {
+    fn make_dir(&self, rel: &Path) -> tern_core::Result<()> {
+        self.done(rel, Msg::MakeDir { path: self.full(rel) })
+    }
+
+    fn create(&self, rel: &Path, spec: &FileSpec) -> tern_core::Result<Box<dyn WriteFile>> {
+        let handle = self.handle();
+        let r = self.call(
+            rel,
+            Msg::Create {
+                handle,
+                path: self.full(rel),
+                spec: wire::spec(spec),
+            },
+        )?;
+        let Msg::Created { resumed } = r else {
+            return Err(self.unexpected(rel));
+        };
+        Ok(Box::new(RemoteWriteFile {
+            ep: self.clone(),
+            rel: rel.to_path_buf(),
+            handle,
+            size: spec.size,
+            writes: AtomicU64::new(0),
+            resumed,
+        }))
+    }
+
+    fn symlink(&self, rel: &Path, target: &Path, meta: &Meta, owner: bool) -> tern_core::Result<()> {
+        self.done(
+            rel,
+            Msg::Symlink {
+                path: self.full(rel),
+                target: wire::path_bytes(target),
+                meta: wire::meta(meta),
+                owner,
+            },
+        )
+    }
+
+    fn hard_link(&self, existing: &Path, rel: &Path) -> tern_core::Result<bool> {
+        match self.call(
+            rel,
+            Msg::HardLink {
+                existing: self.full(existing),
+                path: self.full(rel),
+            },
+        )? {
+            Msg::Linked(b) => Ok(b),
+            _ => Err(self.unexpected(rel)),
+        }
+    }
+
+    fn set_meta(
+        &self,
+        rel: &Path,
+        kind: Kind,
+        meta: &Meta,
+        owner: bool,
+        xattrs: Option<&Xattrs>,
+    ) -> tern_core::Result<()> {
+        self.done(
+            rel,
+            Msg::SetMeta {
+                path: self.full(rel),
+                kind: wire::kind(kind),
+                meta: wire::meta(meta),
+                owner,
+                xattrs: xattrs.map(wire::xattrs),
+            },
+        )
+    }
+
+    fn remove(&self, rel: &Path) -> tern_core::Result<()> {
+        self.done(rel, Msg::Remove { path: self.full(rel) })
+    }
+
+    fn barrier(&self) -> tern_core::Result<()> {
+        self.done(Path::new(""), Msg::Barrier)
+    }
+
+    fn can_chown(&self) -> bool {
+        self.inner.welcome.can_chown
+    }
+
+    fn write_batch(&self, items: Vec<BatchItem>, opts: &BatchOptions) -> Vec<tern_core::Result<()>> {
+        let n = items.len();
+        let mut wire_items = Vec::with_capacity(n);
+        let mut rels = Vec::with_capacity(n);
+        for it in &items {
+            let body = match &it.body {
+                BatchBody::File {
+                    data,
+                    holes,
+                    hash,
+                    xattrs,
+                    spec,
+                } => tern_proto::BatchBody::File {
+                    size: data.len() as u64,
+                    holes: holes.clone(),
+                    hash: *hash.as_bytes(),
+                    xattrs: wire::xattrs(xattrs),
+                    changed: (spec.source_changed.sec, spec.source_changed.nsec),
+                },
+                BatchBody::Symlink { target } => tern_proto::BatchBody::Symlink {
+                    target: wire::path_bytes(target),
+                },
+            };
+            wire_items.push(tern_proto::BatchItem {
+                path: self.full(&it.rel),
+                meta: wire::meta(&it.meta),
+                body,
+            });
+            rels.push(it.rel.clone());
+        }
+        let batch = tern_proto::Batch {
+            items: wire_items,
+            owner: opts.owner,
+            sync: opts.sync,
+            verify: opts.verify,
+        };
+        let r = self.with(Path::new(""), |s| {
+            s.send(&Msg::Batch(batch))?;
+            for it in &items {
+                if let BatchBody::File { data, holes, .. } = &it.body {
+                    s.send_data(&pack_around_holes(data, 0, holes))?;
+                }
+            }
+            s.recv()
+        });
+        match r {
+            Ok(Msg::BatchReply(results)) if results.len() == n => results
+                .into_iter()
+                .zip(rels)
+                .map(|(r, rel)| match r {
+                    None => Ok(()),
+                    Some(m) => Err(wire::unerror(m, self.shown(&rel))),
+                })
+                .collect(),
+            Ok(_) => rels.iter().map(|r| Err(self.unexpected(r))).collect(),
+            Err(e) => {
+                let msg = e.to_string();
+                rels.iter()
+                    .map(|r| {
+                        Err(Error::Other {
+                            path: self.shown(r),
+                            message: format!("not written: {msg}"),
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+struct RemoteWriteFile {
+    ep: RemoteEndpoint,
+    rel: PathBuf,
+    handle: u64,
+    size: u64,
+    writes: AtomicU64,
+    resumed: Vec<(u64, [u8; 32])>,
+}
+
+impl WriteFile for RemoteWriteFile {
+    fn resumed(&self) -> Vec<(u64, ChainingValue)> {
+        self.resumed.clone()
+    }
+
+    fn write_chunk(
+        &self,
+        index: u64,
+        offset: u64,
+        data: &[u8],
+        holes: &[(u64, u64)],
+        cv: Option<&ChainingValue>,
+    ) -> tern_core::Result<()> {
+        let cv = match cv {
+            Some(cv) => *cv,
+            None if offset == 0 && data.len() as u64 == self.size => *blake3::hash(data).as_bytes(),
+            None => tern_core::hash::cv_at(offset, data),
+        };
+        let wc = WriteChunk {
+            handle: self.handle,
+            index,
+            offset,
+            len: data.len() as u64,
+            holes: holes.to_vec(),
+            cv,
+        };
+        self.ep.with(&self.rel, |s| {
+            s.send(&Msg::Write(wc))?;
+            s.send_data(&pack_around_holes(data, offset, holes))?;
+            s.flush()
+        })?;
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> tern_core::Result<()> {
+        self.ep.done(
+            &self.rel,
+            Msg::FileMeta {
+                handle: self.handle,
+                writes: self.writes.load(Ordering::Acquire),
+                meta: wire::meta(meta),
+                owner,
+                xattrs: wire::xattrs(xattrs),
+            },
+        )
+    }
+
+    fn sync(&self) -> tern_core::Result<()> {
+        self.ep.done(&self.rel, Msg::Sync { handle: self.handle })
+    }
+
+    fn verify(&self, expected: &tern_core::hash::Hash) -> tern_core::Result<()> {
+        self.ep.done(
+            &self.rel,
+            Msg::Verify {
+                handle: self.handle,
+                hash: *expected.as_bytes(),
+            },
+        )
+    }
+
+    fn publish(self: Box<Self>) -> tern_core::Result<()> {
+        self.ep.done(
+            &self.rel,
+            Msg::Publish {
+                handle: self.handle,
+                writes: self.writes.load(Ordering::Acquire),
+            },
+        )
+    }
+
+    fn abort(self: Box<Self>, keep: bool) {
+        let handle = self.handle;
+        let _ = self.ep.with(&self.rel, |s| {
+            s.send(&Msg::Abort { handle, keep })?;
+            s.flush()
+        });
+    }
+}

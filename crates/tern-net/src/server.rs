@@ -1,0 +1,869 @@
+//! The daemon: authentication, sessions and the request handler.
+//!
+//! Each accepted stream runs on its own blocking thread: Hello, then `Auth`
+//! (which opens a session) or `Join` (which attaches the stream to one),
+//! then requests in order until the client closes it. A session's files
+//! being written are shared by all its streams, so the chunks of one large
+//! file can arrive on several streams at once; requests that need all of
+//! them (`FileMeta`, `Publish`) carry the number of chunks the client sent
+//! and wait until that many have been applied.
+//!
+//! All file access goes through a confined [`LocalEndpoint`]: paths are
+//! resolved beneath the module root by the kernel.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
+use tern_core::{hash, Dest, Error, LocalEndpoint, ReadFile, Source, WriteFile};
+use tern_proto::{negotiate, Auth, Batch, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WriteChunk};
+
+use crate::config::{Access, ModuleConfig, ServerConfig};
+use crate::error::{NetError, Result};
+use crate::stream::Stream;
+use crate::transport::Peer;
+use crate::wire;
+
+/// Largest `Read` or `Write` the server accepts (the engine's chunk size
+/// is at most this).
+pub const MAX_CHUNK: u64 = 64 << 20;
+/// Failed authentications allowed per client address within
+/// [`FAILURE_WINDOW`] before further attempts are refused unchecked.
+const MAX_FAILURES: u32 = 5;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Entries per `Entries` reply, at most.
+const LIST_BATCH: usize = 512;
+
+/// The daemon's shared state.
+pub struct Server {
+    modules: HashMap<String, Module>,
+    grants: Vec<crate::config::Grant>,
+    sessions: Mutex<HashMap<u64, Weak<Session>>>,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Set when the daemon is stopping.
+    pub shutdown: Arc<AtomicBool>,
+    next_session: AtomicU64,
+    agent: String,
+}
+
+struct Module {
+    cfg: ModuleConfig,
+    ep: LocalEndpoint,
+}
+
+impl Server {
+    /// Opens every module's root.
+    pub fn new(cfg: &ServerConfig, agent: &str) -> Result<Server> {
+        let mut modules = HashMap::new();
+        for (name, m) in &cfg.modules {
+            let ep = LocalEndpoint::confined(&m.path).map_err(|e| NetError::Config(e.to_string()))?;
+            modules.insert(name.clone(), Module { cfg: m.clone(), ep });
+        }
+        Ok(Server {
+            modules,
+            grants: cfg.grants.clone(),
+            sessions: Mutex::default(),
+            failures: Mutex::default(),
+            shutdown: Arc::default(),
+            next_session: AtomicU64::new(1),
+            agent: agent.to_string(),
+        })
+    }
+
+    /// Number of sessions alive.
+    pub fn active_sessions(&self) -> usize {
+        self.sessions
+            .lock()
+            .map(|s| s.values().filter(|w| w.strong_count() > 0).count())
+            .unwrap_or(0)
+    }
+
+    /// Aborts every file still being written, keeping partial data for a
+    /// resume: the last step of a graceful stop.
+    pub fn abort_all(&self) {
+        let sessions: Vec<Arc<Session>> = match self.sessions.lock() {
+            Ok(s) => s.values().filter_map(Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        for s in sessions {
+            s.abort_all();
+        }
+    }
+
+    /// Serves one stream until the client closes it.
+    pub fn handle(self: &Arc<Self>, mut s: Stream, peer: Peer) {
+        match self.open_stream(&mut s, &peer) {
+            Ok(session) => {
+                if let Err(e) = self.serve_requests(&mut s, &session) {
+                    match e {
+                        NetError::Closed | NetError::Timeout(_) => {
+                            tracing::debug!(peer = %peer.addr, error = %e, "stream ended")
+                        }
+                        e => {
+                            tracing::info!(peer = %peer.addr, error = %e, "stream failed");
+                            let _ = s.send(&Msg::Error(ErrorMsg::new(ErrorCode::Protocol, e.to_string())));
+                            let _ = s.flush();
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = match e {
+                    NetError::Remote(m) => m,
+                    e => ErrorMsg::new(ErrorCode::Protocol, e.to_string()),
+                };
+                let _ = s.send(&Msg::Error(msg));
+                let _ = s.flush();
+            }
+        }
+        let _ = s.finish();
+    }
+
+    fn open_stream(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Arc<Session>> {
+        let theirs = match s.recv()? {
+            Msg::Hello(h) => h,
+            _ => return Err(proto("expected Hello")),
+        };
+        let ours = Hello::ours(&self.agent);
+        s.send(&Msg::Hello(ours.clone()))?;
+        let agreed = negotiate(&ours, &theirs)?;
+        tracing::debug!(peer = %peer.addr, version = agreed.version, agent = %theirs.agent, "hello");
+        match s.recv()? {
+            Msg::Auth(a) => {
+                let session = self.authenticate(&a, peer)?;
+                s.send(&Msg::Welcome(session.welcome()))?;
+                Ok(session)
+            }
+            Msg::Join { session, secret } => {
+                let found = self
+                    .sessions
+                    .lock()
+                    .map_err(|_| proto("poisoned"))?
+                    .get(&session)
+                    .and_then(Weak::upgrade);
+                match found {
+                    // blake3::Hash compares in constant time.
+                    Some(sess) if blake3::Hash::from(sess.secret) == blake3::Hash::from(secret) => {
+                        s.send(&Msg::Welcome(sess.welcome()))?;
+                        Ok(sess)
+                    }
+                    _ => {
+                        self.note_failure(peer, "join with an unknown session");
+                        Err(refuse(ErrorCode::Unauthorized, "unknown or expired session"))
+                    }
+                }
+            }
+            _ => Err(proto("expected Auth or Join")),
+        }
+    }
+
+    fn note_failure(&self, peer: &Peer, why: &str) {
+        tracing::warn!(peer = %peer.addr, client_key = ?peer.client, reason = why, "authentication failed");
+        if let Ok(mut f) = self.failures.lock() {
+            let now = Instant::now();
+            let e = f.entry(peer.addr.ip()).or_insert((0, now));
+            if now.duration_since(e.1) > FAILURE_WINDOW {
+                *e = (0, now);
+            }
+            e.0 += 1;
+        }
+    }
+
+    fn authenticate(self: &Arc<Self>, a: &Auth, peer: &Peer) -> Result<Arc<Session>> {
+        if self.shutdown.load(Ordering::Relaxed) {
+            return Err(refuse(ErrorCode::Unavailable, "the server is shutting down"));
+        }
+        if let Ok(f) = self.failures.lock() {
+            if let Some((n, since)) = f.get(&peer.addr.ip()) {
+                let left = FAILURE_WINDOW.saturating_sub(since.elapsed());
+                if *n >= MAX_FAILURES && !left.is_zero() {
+                    tracing::warn!(peer = %peer.addr, "authentication refused: too many failed attempts");
+                    return Err(refuse(
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "too many failed attempts from {}; try again in {} s",
+                            peer.addr.ip(),
+                            left.as_secs() + 1
+                        ),
+                    ));
+                }
+            }
+        }
+        let Some(module) = self.modules.get(&a.module) else {
+            self.note_failure(peer, "unknown module");
+            return Err(refuse(
+                ErrorCode::NotFound,
+                format!("no module named `{}` on this server", a.module),
+            ));
+        };
+        let token = a.token.as_deref().map(|t| blake3::hash(t.as_bytes()));
+        let mut grants = self.grants.iter().filter(|g| g.covers(&a.module)).filter(|g| {
+            // blake3::Hash compares in constant time.
+            let by_token = matches!((g.token_hash, token), (Some(x), Some(y)) if x == y);
+            let by_key = matches!((&g.client, &peer.client), (Some(x), Some(y)) if x == y);
+            by_token || by_key
+        });
+        let Some(first) = grants.next() else {
+            let why = match (&a.token, &peer.client) {
+                (Some(_), _) => format!("the token is not valid for module `{}`", a.module),
+                (None, Some(fp)) => format!(
+                    "no token given, and this client's key ({fp}) is not authorized for module `{}`; pass --token-file or set TERN_TOKEN",
+                    a.module
+                ),
+                (None, None) => "authentication required: pass --token-file or set TERN_TOKEN".to_string(),
+            };
+            self.note_failure(peer, &why);
+            return Err(refuse(ErrorCode::Unauthorized, why));
+        };
+        let granted_write = first.access == Access::ReadWrite || grants.any(|g| g.access == Access::ReadWrite);
+        let writable = granted_write && module.cfg.access == Access::ReadWrite;
+        if a.write && !writable {
+            let why = if module.cfg.access != Access::ReadWrite {
+                format!("module `{}` is read-only", a.module)
+            } else {
+                format!("this client may only read module `{}`", a.module)
+            };
+            tracing::warn!(peer = %peer.addr, module = %a.module, "write refused: {why}");
+            return Err(refuse(ErrorCode::Forbidden, why));
+        }
+        let mut secret = [0u8; 32];
+        getrandom(&mut secret)?;
+        let session = Arc::new(Session {
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            secret,
+            module: a.module.clone(),
+            ep: module.ep.clone(),
+            writable,
+            writes: Mutex::default(),
+            reads: Mutex::default(),
+            cancel: self.shutdown.clone(),
+            idle: Duration::from_secs(300),
+        });
+        if let Ok(mut m) = self.sessions.lock() {
+            m.retain(|_, w| w.strong_count() > 0);
+            m.insert(session.id, Arc::downgrade(&session));
+        }
+        tracing::info!(peer = %peer.addr, module = %a.module, writable, transport = peer.transport.name(), "session opened");
+        Ok(session)
+    }
+
+    fn serve_requests(&self, s: &mut Stream, sess: &Session) -> Result<()> {
+        let mut buf = Vec::new();
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let Some(msg) = s.recv_opt()? else { return Ok(()) };
+            if let Msg::Error(e) = msg {
+                return Err(NetError::Remote(e));
+            }
+            sess.request(s, msg, &mut buf)?;
+        }
+        Ok(())
+    }
+}
+
+fn proto(m: &str) -> NetError {
+    NetError::Proto(tern_proto::ProtoError::Malformed(m.into()))
+}
+
+fn refuse(code: ErrorCode, m: impl Into<String>) -> NetError {
+    NetError::Remote(ErrorMsg::new(code, m))
+}
+
+/// Fills `buf` from the kernel's random source.
+pub fn getrandom(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: valid buffer of the given length.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// A file being written, shared by the streams of a session.
+struct WHandle {
+    file: RwLock<Option<Box<dyn WriteFile>>>,
+    state: Mutex<WState>,
+    changed: Condvar,
+    size: u64,
+    path: PathBuf,
+}
+
+#[derive(Default)]
+struct WState {
+    applied: u64,
+    error: Option<ErrorMsg>,
+}
+
+impl WHandle {
+    fn applied(&self, error: Option<ErrorMsg>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.applied += 1;
+            if st.error.is_none() {
+                st.error = error;
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until `writes` chunks were applied; the first error if any.
+    fn wait(&self, writes: u64, limit: Duration) -> std::result::Result<(), ErrorMsg> {
+        let deadline = Instant::now() + limit;
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| ErrorMsg::new(ErrorCode::Server, "poisoned lock"))?;
+        while st.applied < writes {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorMsg::new(
+                    ErrorCode::Protocol,
+                    "chunks announced but never received",
+                ));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .map_err(|_| ErrorMsg::new(ErrorCode::Server, "poisoned lock"))?
+                .0;
+        }
+        match &st.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An authenticated client's use of one module.
+struct Session {
+    id: u64,
+    secret: [u8; 32],
+    module: String,
+    ep: LocalEndpoint,
+    writable: bool,
+    writes: Mutex<HashMap<u64, Arc<WHandle>>>,
+    reads: Mutex<HashMap<u64, Arc<dyn ReadFile>>>,
+    cancel: Arc<AtomicBool>,
+    idle: Duration,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.abort_all();
+    }
+}
+
+type Reply = std::result::Result<Msg, ErrorMsg>;
+
+impl Session {
+    fn welcome(&self) -> Welcome {
+        Welcome {
+            session: self.id,
+            secret: self.secret,
+            writable: self.writable,
+            max_chunk: MAX_CHUNK,
+            can_chown: self.ep.can_chown(),
+        }
+    }
+
+    fn abort_all(&self) {
+        let handles: Vec<_> = match self.writes.lock() {
+            Ok(mut w) => w.drain().map(|(_, h)| h).collect(),
+            Err(_) => return,
+        };
+        for h in handles {
+            if let Some(f) = h.file.write().ok().and_then(|mut f| f.take()) {
+                tracing::info!(module = %self.module, path = %h.path.display(), "kept partial file for a resume");
+                f.abort(true);
+            }
+        }
+    }
+
+    /// A client path as a module-relative path; refused if it could name
+    /// anything but an entry beneath the root.
+    fn path(&self, b: &[u8]) -> std::result::Result<PathBuf, ErrorMsg> {
+        let p = wire::bytes_path(b);
+        let ok =
+            !b.contains(&0) && p.components().all(|c| matches!(c, std::path::Component::Normal(_))) && b.len() <= 4096;
+        if !ok {
+            return Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "path `{}` is not a plain path inside the module",
+                    String::from_utf8_lossy(b)
+                ),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Like [`Session::path`], for a new name: never the root, never one of
+    /// tern's own temporary names, and only when writing is allowed.
+    fn new_path(&self, b: &[u8]) -> std::result::Result<PathBuf, ErrorMsg> {
+        self.may_write()?;
+        let p = self.path(b)?;
+        match p.file_name() {
+            None => Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                "the module root cannot be replaced",
+            )),
+            Some(n) if tern_core::local::is_side_file(n) => Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "`{}` is a name tern reserves for its temporary files",
+                    n.to_string_lossy()
+                ),
+            )),
+            Some(_) => Ok(p),
+        }
+    }
+
+    fn may_write(&self) -> std::result::Result<(), ErrorMsg> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                format!("module `{}` is read-only for this client", self.module),
+            ))
+        }
+    }
+
+    fn whandle(&self, h: u64) -> std::result::Result<Arc<WHandle>, ErrorMsg> {
+        self.writes
+            .lock()
+            .ok()
+            .and_then(|w| w.get(&h).cloned())
+            .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, format!("no file open as handle {h}")))
+    }
+
+    fn rhandle(&self, h: u64) -> std::result::Result<Arc<dyn ReadFile>, ErrorMsg> {
+        self.reads
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&h).cloned())
+            .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, format!("no file open for reading as handle {h}")))
+    }
+
+    /// Handles one request, replying on `s` where the request has a reply.
+    fn request(&self, s: &mut Stream, msg: Msg, buf: &mut Vec<u8>) -> Result<()> {
+        let err = |e: Error| wire::error_msg(&e);
+        let reply: Reply = match msg {
+            Msg::Stat { path } => self.path(&path).and_then(|p| {
+                self.ep
+                    .stat(&p)
+                    .map(|e| Msg::StatReply(e.as_ref().map(wire::entry)))
+                    .map_err(err)
+            }),
+            Msg::ReadDir { path } => {
+                let listed = self.path(&path).and_then(|p| self.ep.read_dir(&p).map_err(err));
+                match listed {
+                    Ok(entries) => {
+                        let n = entries.len();
+                        let mut sent = 0;
+                        for part in entries.chunks(LIST_BATCH) {
+                            sent += part.len();
+                            s.send(&Msg::Entries {
+                                entries: part.iter().map(wire::entry).collect(),
+                                more: sent < n,
+                            })?;
+                        }
+                        if n == 0 {
+                            s.send(&Msg::Entries {
+                                entries: Vec::new(),
+                                more: false,
+                            })?;
+                        }
+                        return Ok(());
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Msg::Xattrs { path } => self.path(&path).and_then(|p| {
+                self.ep
+                    .xattrs(&p)
+                    .map(|x| Msg::XattrList(wire::xattrs(&x)))
+                    .map_err(err)
+            }),
+            Msg::OpenRead { handle, path, expect } => self.path(&path).and_then(|p| {
+                let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
+                let f = self.ep.open(&p, &e).map_err(err)?;
+                if let Ok(mut r) = self.reads.lock() {
+                    r.insert(handle, Arc::from(f));
+                }
+                Ok(Msg::Done)
+            }),
+            Msg::Read { handle, offset, len } => {
+                let read = self.rhandle(handle).and_then(|f| {
+                    if len > MAX_CHUNK {
+                        return Err(ErrorMsg::new(
+                            ErrorCode::Protocol,
+                            format!("read of {len} bytes is too large"),
+                        ));
+                    }
+                    buf.resize(len as usize, 0);
+                    f.read_exact_at(offset, buf).map_err(err)?;
+                    Ok(hash::cv_at(offset, buf))
+                });
+                match read {
+                    Ok(cv) => {
+                        s.send(&Msg::ReadReply { len, cv })?;
+                        s.send_data(buf)?;
+                        return Ok(());
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Msg::Ranges { handle, offset, len } => self
+                .rhandle(handle)
+                .and_then(|f| f.data_ranges(offset, len).map(Msg::RangesReply).map_err(err)),
+            Msg::CheckUnchanged { handle } => self
+                .rhandle(handle)
+                .and_then(|f| f.check_unchanged().map(|()| Msg::Done).map_err(err)),
+            Msg::CloseRead { handle } => {
+                if let Ok(mut r) = self.reads.lock() {
+                    r.remove(&handle);
+                }
+                return Ok(());
+            }
+            Msg::Hash { path, expect } => self.path(&path).and_then(|p| {
+                let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
+                let f = self.ep.open(&p, &e).map_err(err)?;
+                let h = tern_core::hash_file(&*f, e.size, tern_core::engine::DEFAULT_CHUNK_SIZE, buf, &self.cancel)
+                    .map_err(err)?;
+                Ok(Msg::HashReply(*h.as_bytes()))
+            }),
+            Msg::Create { handle, path, spec } => self.new_path(&path).and_then(|p| {
+                let spec = wire::unspec(&spec);
+                if !hash::valid_chunk_size(spec.chunk_size) || spec.chunk_size > MAX_CHUNK {
+                    return Err(ErrorMsg::new(ErrorCode::Protocol, "bad chunk size"));
+                }
+                let f = self.ep.create(&p, &spec).map_err(err)?;
+                let resumed = f.resumed().into_iter().collect();
+                let h = WHandle {
+                    file: RwLock::new(Some(f)),
+                    state: Mutex::default(),
+                    changed: Condvar::new(),
+                    size: spec.size,
+                    path: p,
+                };
+                if let Ok(mut w) = self.writes.lock() {
+                    if let Some(old) = w.insert(handle, Arc::new(h)) {
+                        if let Some(f) = old.file.write().ok().and_then(|mut f| f.take()) {
+                            f.abort(true);
+                        }
+                    }
+                }
+                Ok(Msg::Created { resumed })
+            }),
+            Msg::Write(wc) => return self.write(s, wc, buf),
+            Msg::FileMeta {
+                handle,
+                writes,
+                meta,
+                owner,
+                xattrs,
+            } => self.whandle(handle).and_then(|h| {
+                h.wait(writes, self.idle)?;
+                let f = h
+                    .file
+                    .read()
+                    .map_err(|_| ErrorMsg::new(ErrorCode::Server, "poisoned lock"))?;
+                let f = f
+                    .as_ref()
+                    .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "file already closed"))?;
+                f.set_meta(&wire::unmeta(&meta), owner, &wire::unxattrs(xattrs))
+                    .map(|()| Msg::Done)
+                    .map_err(err)
+            }),
+            Msg::Sync { handle } => self.with_file(handle, |f| f.sync()),
+            Msg::Verify { handle, hash } => self.with_file(handle, |f| f.verify(&blake3::Hash::from_bytes(hash))),
+            Msg::Publish { handle, writes } => self.whandle(handle).and_then(|h| {
+                h.wait(writes, self.idle)?;
+                if let Ok(mut w) = self.writes.lock() {
+                    w.remove(&handle);
+                }
+                let f = h.file.write().ok().and_then(|mut f| f.take());
+                let f = f.ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "file already closed"))?;
+                f.publish().map(|()| Msg::Done).map_err(err)
+            }),
+            Msg::Abort { handle, keep } => {
+                let h = self.writes.lock().ok().and_then(|mut w| w.remove(&handle));
+                if let Some(f) = h.and_then(|h| h.file.write().ok().and_then(|mut f| f.take())) {
+                    f.abort(keep);
+                }
+                return Ok(());
+            }
+            Msg::MakeDir { path } => self.may_write().and_then(|()| {
+                let p = self.path(&path)?;
+                self.ep.make_dir(&p).map(|()| Msg::Done).map_err(err)
+            }),
+            Msg::Symlink {
+                path,
+                target,
+                meta,
+                owner,
+            } => self.new_path(&path).and_then(|p| {
+                let owner = owner && self.ep.can_chown();
+                self.ep
+                    .symlink(&p, &wire::bytes_path(&target), &wire::unmeta(&meta), owner)
+                    .map(|()| Msg::Done)
+                    .map_err(err)
+            }),
+            Msg::HardLink { existing, path } => self.new_path(&path).and_then(|p| {
+                let from = self.path(&existing)?;
+                self.ep.hard_link(&from, &p).map(Msg::Linked).map_err(err)
+            }),
+            Msg::SetMeta {
+                path,
+                kind,
+                meta,
+                owner,
+                xattrs,
+            } => self.may_write().and_then(|()| {
+                let p = self.path(&path)?;
+                let x = xattrs.map(wire::unxattrs);
+                let owner = owner && self.ep.can_chown();
+                self.ep
+                    .set_meta(&p, wire::unkind(kind), &wire::unmeta(&meta), owner, x.as_ref())
+                    .map(|()| Msg::Done)
+                    .map_err(err)
+            }),
+            Msg::Remove { path } => self
+                .new_path(&path)
+                .and_then(|p| self.ep.remove(&p).map(|()| Msg::Done).map_err(err)),
+            Msg::Barrier => self
+                .may_write()
+                .and_then(|()| self.ep.barrier().map(|()| Msg::Done).map_err(err)),
+            Msg::Batch(b) => return self.batch(s, b),
+            Msg::Hello(_) | Msg::Auth(_) | Msg::Join { .. } => {
+                return Err(proto("handshake message in the middle of a stream"))
+            }
+            other => return Err(proto(&format!("unexpected message {}", msg_name(&other)))),
+        };
+        match reply {
+            Ok(m) => s.send(&m),
+            Err(e) => s.send(&Msg::Error(e)),
+        }
+    }
+
+    fn with_file(&self, handle: u64, f: impl FnOnce(&dyn WriteFile) -> tern_core::Result<()>) -> Reply {
+        let h = self.whandle(handle)?;
+        let file = h
+            .file
+            .read()
+            .map_err(|_| ErrorMsg::new(ErrorCode::Server, "poisoned lock"))?;
+        let file = file
+            .as_ref()
+            .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "file already closed"))?;
+        f(&**file).map(|()| Msg::Done).map_err(|e| wire::error_msg(&e))
+    }
+
+    /// Receives a chunk's data and writes it if it hashes right. No reply:
+    /// an error is kept for the handle's next replying request.
+    fn write(&self, s: &mut Stream, wc: WriteChunk, buf: &mut Vec<u8>) -> Result<()> {
+        let h = self.whandle(wc.handle).map_err(NetError::Remote)?;
+        if wc.len > MAX_CHUNK || wc.offset.checked_add(wc.len).is_none_or(|end| end > h.size) {
+            return Err(proto("chunk outside the file"));
+        }
+        let holes = check_holes(&wc.holes, wc.offset, wc.len).ok_or_else(|| proto("bad hole list"))?;
+        buf.clear();
+        buf.resize(wc.len as usize, 0);
+        recv_around_holes(s, buf, wc.offset, &holes)?;
+        let single = wc.offset == 0 && wc.len == h.size;
+        let got = if single {
+            *blake3::hash(buf).as_bytes()
+        } else {
+            hash::cv_at(wc.offset, buf)
+        };
+        if got != wc.cv {
+            tracing::warn!(module = %self.module, path = %h.path.display(), offset = wc.offset, "chunk arrived corrupted");
+            h.applied(Some(ErrorMsg::new(
+                ErrorCode::Corrupt,
+                format!(
+                    "chunk at offset {} arrived corrupted (BLAKE3 mismatch); not written",
+                    wc.offset
+                ),
+            )));
+            return Ok(());
+        }
+        let r = match h.file.read() {
+            Ok(f) => match f.as_ref() {
+                Some(f) => f
+                    .write_chunk(wc.index, wc.offset, buf, &holes, (!single).then_some(&wc.cv))
+                    .map_err(|e| wire::error_msg(&e)),
+                None => Err(ErrorMsg::new(ErrorCode::Protocol, "file already closed")),
+            },
+            Err(_) => Err(ErrorMsg::new(ErrorCode::Server, "poisoned lock")),
+        };
+        h.applied(r.err());
+        Ok(())
+    }
+
+    fn batch(&self, s: &mut Stream, b: Batch) -> Result<()> {
+        // The data comes whatever happens; receive it before deciding.
+        let mut items = Vec::with_capacity(b.items.len());
+        let mut early: Vec<Option<ErrorMsg>> = Vec::with_capacity(b.items.len());
+        let mut total = 0u64;
+        for it in &b.items {
+            if let tern_proto::BatchBody::File { size, .. } = it.body {
+                total = total.saturating_add(size);
+            }
+        }
+        if total > 2 * MAX_CHUNK {
+            return Err(proto("batch too large"));
+        }
+        for it in b.items {
+            match it.body {
+                tern_proto::BatchBody::File {
+                    size,
+                    holes,
+                    hash,
+                    xattrs,
+                    changed,
+                } => {
+                    let holes = check_holes(&holes, 0, size).ok_or_else(|| proto("bad hole list"))?;
+                    let mut data = vec![0u8; size as usize];
+                    recv_around_holes(s, &mut data, 0, &holes)?;
+                    let problem = self.new_path(&it.path).err().or_else(|| {
+                        (*blake3::hash(&data).as_bytes() != hash).then(|| {
+                            ErrorMsg::new(ErrorCode::Corrupt, "arrived corrupted (BLAKE3 mismatch); not written")
+                        })
+                    });
+                    let meta = wire::unmeta(&it.meta);
+                    items.push(BatchItem {
+                        rel: wire::bytes_path(&it.path),
+                        body: BatchBody::File {
+                            spec: tern_core::FileSpec {
+                                size,
+                                chunk_size: size.next_power_of_two().max(hash::MIN_CHUNK_SIZE),
+                                resumable: false,
+                                durable: b.sync,
+                                source_meta: meta.clone(),
+                                source_changed: tern_core::Time {
+                                    sec: changed.0,
+                                    nsec: changed.1.min(999_999_999),
+                                },
+                            },
+                            data,
+                            holes,
+                            hash: blake3::Hash::from_bytes(hash),
+                            xattrs: wire::unxattrs(xattrs),
+                        },
+                        meta,
+                    });
+                    early.push(problem);
+                }
+                tern_proto::BatchBody::Symlink { target } => {
+                    early.push(self.new_path(&it.path).err());
+                    items.push(BatchItem {
+                        rel: wire::bytes_path(&it.path),
+                        meta: wire::unmeta(&it.meta),
+                        body: BatchBody::Symlink {
+                            target: wire::bytes_path(&target),
+                        },
+                    });
+                }
+            }
+        }
+        let (ok_items, ok_idx): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| early[*i].is_none())
+            .map(|(i, it)| (it, i))
+            .unzip();
+        let opts = BatchOptions {
+            owner: b.owner && self.ep.can_chown(),
+            sync: b.sync,
+            verify: b.verify,
+            cancel: self.cancel.clone(),
+        };
+        let results = self.ep.write_batch(ok_items, &opts);
+        for (i, r) in ok_idx.into_iter().zip(results) {
+            early[i] = r.err().map(|e| wire::error_msg(&e));
+        }
+        s.send(&Msg::BatchReply(early))
+    }
+}
+
+/// Holes as absolute ranges inside `[offset, offset+len)`, sorted and
+/// disjoint; `None` if the list is not that.
+fn check_holes(holes: &[(u64, u64)], offset: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+    let mut pos = offset;
+    for &(s, l) in holes {
+        if s < pos || l == 0 || s.checked_add(l)? > offset + len {
+            return None;
+        }
+        pos = s + l;
+    }
+    Some(holes.to_vec())
+}
+
+/// Receives the bytes of `buf` (at `offset` in the file) that are not in
+/// `holes`, as one run of data frames.
+fn recv_around_holes(s: &mut Stream, buf: &mut [u8], offset: u64, holes: &[(u64, u64)]) -> Result<()> {
+    if holes.is_empty() {
+        return s.recv_data(buf);
+    }
+    // Gather the data ranges, receive them contiguously, then spread them.
+    let mut ranges = Vec::new();
+    let mut pos = offset;
+    for &(h, l) in holes {
+        if h > pos {
+            ranges.push((pos, h - pos));
+        }
+        pos = h + l;
+    }
+    let end = offset + buf.len() as u64;
+    if pos < end {
+        ranges.push((pos, end - pos));
+    }
+    let n: u64 = ranges.iter().map(|r| r.1).sum();
+    let mut packed = vec![0u8; n as usize];
+    s.recv_data(&mut packed)?;
+    let mut at = 0usize;
+    for (start, len) in ranges {
+        let from = (start - offset) as usize;
+        buf[from..from + len as usize].copy_from_slice(&packed[at..at + len as usize]);
+        at += len as usize;
+    }
+    Ok(())
+}
+
+fn msg_name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Welcome(_) => "Welcome",
+        _ => "reply",
+    }
+}
+
+/// The data bytes of `data` (at `offset`) outside `holes`, concatenated:
+/// what goes on the wire for a chunk with holes.
+pub fn pack_around_holes<'a>(data: &'a [u8], offset: u64, holes: &[(u64, u64)]) -> std::borrow::Cow<'a, [u8]> {
+    if holes.is_empty() {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    let mut out = Vec::with_capacity(data.len());
+    let mut pos = offset;
+    for &(h, l) in holes {
+        if h > pos {
+            out.extend_from_slice(&data[(pos - offset) as usize..(h - offset) as usize]);
+        }
+        pos = h + l;
+    }
+    let end = offset + data.len() as u64;
+    if pos < end {
+        out.extend_from_slice(&data[(pos - offset) as usize..]);
+    }
+    std::borrow::Cow::Owned(out)
+}

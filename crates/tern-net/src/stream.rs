@@ -1,0 +1,267 @@
+//! A framed, blocking view of one transport stream.
+//!
+//! The engine and the request handlers are plain blocking code on their own
+//! threads; each drives its stream through the transport's async runtime
+//! with `Handle::block_on`. Control messages are buffered and go out with
+//! the next flush (every receive flushes first); data is written straight
+//! from the caller's buffer.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use tern_proto::{data_header, decode_control, encode_control, FrameHeader, FrameKind, Msg, HEADER_LEN};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::runtime::Handle;
+
+use crate::error::{NetError, Result};
+
+/// Largest frame payload either side sends or accepts.
+pub const MAX_PAYLOAD: u32 = (1 << 20) + 4096;
+/// Largest control message accepted (a directory listing is sent in parts).
+const MAX_CONTROL: usize = 1 << 20;
+const READ_BUF: usize = 256 << 10;
+
+/// The receiving half of a transport stream.
+pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
+/// The sending half of a transport stream.
+pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// A blocking, framed stream.
+pub struct Stream {
+    rt: Handle,
+    rd: Reader,
+    wr: Writer,
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rlen: usize,
+    wbuf: Vec<u8>,
+    timeout: Duration,
+    /// Set when the stream can no longer be trusted to be in step.
+    broken: bool,
+}
+
+impl Stream {
+    /// Wraps the two halves of a stream; every wait is bounded by `timeout`.
+    pub fn new(rt: Handle, rd: Reader, wr: Writer, timeout: Duration) -> Stream {
+        Stream {
+            rt,
+            rd,
+            wr,
+            rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+            rpos: 0,
+            rlen: 0,
+            wbuf: Vec::with_capacity(64 << 10),
+            timeout,
+            broken: false,
+        }
+    }
+
+    /// Changes the bound on every wait.
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    /// True after an error left the stream out of step.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    fn run<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let r = f(self);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Queues a control message.
+    pub fn send(&mut self, msg: &Msg) -> Result<()> {
+        self.run(|s| {
+            encode_control(0, msg, &mut s.wbuf)?;
+            if s.wbuf.len() >= 256 << 10 {
+                s.flush_inner()?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Sends `data` as data frames, the last one flagged.
+    pub fn send_data(&mut self, data: &[u8]) -> Result<()> {
+        self.run(|s| {
+            let mut parts = data.chunks(MAX_PAYLOAD as usize).peekable();
+            if parts.peek().is_none() {
+                s.wbuf.extend_from_slice(&data_header(0, true));
+            }
+            while let Some(p) = parts.next() {
+                s.wbuf
+                    .extend_from_slice(&data_header(p.len() as u32, parts.peek().is_none()));
+                if p.len() <= 16 << 10 {
+                    s.wbuf.extend_from_slice(p);
+                } else {
+                    s.flush_inner()?;
+                    s.write_all(p)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<()> {
+        self.run(|s| s.flush_inner())
+    }
+
+    fn flush_inner(&mut self) -> Result<()> {
+        if !self.wbuf.is_empty() {
+            let buf = std::mem::take(&mut self.wbuf);
+            let r = self.write_all(&buf);
+            self.wbuf = buf;
+            self.wbuf.clear();
+            r?;
+        }
+        let t = self.timeout;
+        let wr = &mut self.wr;
+        bounded(&self.rt, t, wr.flush())
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        let t = self.timeout;
+        let wr = &mut self.wr;
+        bounded(&self.rt, t, wr.write_all(data))
+    }
+
+    /// Closes the sending side (the peer reads end of stream).
+    pub fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        let t = self.timeout;
+        let wr = &mut self.wr;
+        bounded(&self.rt, t, wr.shutdown())
+    }
+
+    /// Fills `out` exactly, from the buffer then the stream. `Ok(false)` at
+    /// a clean end of stream before the first byte.
+    fn read_exact(&mut self, out: &mut [u8]) -> Result<bool> {
+        let mut done = 0;
+        while done < out.len() {
+            if self.rpos < self.rlen {
+                let n = (self.rlen - self.rpos).min(out.len() - done);
+                out[done..done + n].copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
+                self.rpos += n;
+                done += n;
+                continue;
+            }
+            let t = self.timeout;
+            let want = out.len() - done;
+            let n = if want >= self.rbuf.len() {
+                // Large reads go straight to the caller's buffer.
+                let rd = &mut self.rd;
+                bounded(&self.rt, t, rd.read(&mut out[done..]))?
+            } else {
+                let (rd, buf) = (&mut self.rd, &mut self.rbuf);
+                let n = bounded(&self.rt, t, rd.read(buf))?;
+                self.rpos = 0;
+                self.rlen = n;
+                n
+            };
+            if n == 0 {
+                if done == 0 {
+                    return Ok(false);
+                }
+                return Err(tern_proto::ProtoError::Truncated(done).into());
+            }
+            if want >= self.rbuf.len() {
+                done += n;
+            }
+        }
+        Ok(true)
+    }
+
+    fn header(&mut self) -> Result<Option<FrameHeader>> {
+        let mut h = [0u8; HEADER_LEN];
+        if !self.read_exact(&mut h)? {
+            return Ok(None);
+        }
+        Ok(Some(FrameHeader::decode(&h, MAX_PAYLOAD)?))
+    }
+
+    /// Receives the next control message, flushing what is queued first.
+    /// `Ok(None)` when the peer closed the stream cleanly between messages.
+    pub fn recv_opt(&mut self) -> Result<Option<Msg>> {
+        self.run(|s| {
+            s.flush_inner()?;
+            let Some(h) = s.header()? else { return Ok(None) };
+            if h.kind != FrameKind::Control {
+                return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                    "data frame where a message was expected".into(),
+                )));
+            }
+            if h.len as usize > MAX_CONTROL {
+                return Err(tern_proto::ProtoError::TooLarge {
+                    len: h.len,
+                    max: MAX_CONTROL as u32,
+                }
+                .into());
+            }
+            let mut payload = vec![0u8; h.len as usize];
+            if !s.read_exact(&mut payload)? && h.len > 0 {
+                return Err(tern_proto::ProtoError::Truncated(0).into());
+            }
+            Ok(Some(decode_control(&payload)?))
+        })
+    }
+
+    /// Receives the next control message; an `Error` message from the peer
+    /// becomes [`NetError::Remote`], end of stream [`NetError::Closed`].
+    pub fn recv(&mut self) -> Result<Msg> {
+        match self.recv_opt()? {
+            Some(Msg::Error(e)) => Err(NetError::Remote(e)),
+            Some(m) => Ok(m),
+            None => {
+                self.broken = true;
+                Err(NetError::Closed)
+            }
+        }
+    }
+
+    /// Receives exactly `out.len()` bytes of data frames, the last one
+    /// flagged.
+    pub fn recv_data(&mut self, out: &mut [u8]) -> Result<()> {
+        self.run(|s| {
+            s.flush_inner()?;
+            let mut done = 0;
+            loop {
+                let Some(h) = s.header()? else {
+                    return Err(NetError::Closed);
+                };
+                let bad = |m: &str| NetError::Proto(tern_proto::ProtoError::Malformed(m.into()));
+                if h.kind != FrameKind::Data {
+                    return Err(bad("message where data was expected"));
+                }
+                let n = h.len as usize;
+                if n > out.len() - done {
+                    return Err(bad("more data than announced"));
+                }
+                if !s.read_exact(&mut out[done..done + n])? && n > 0 {
+                    return Err(NetError::Closed);
+                }
+                done += n;
+                if h.flags & tern_proto::FLAG_LAST != 0 {
+                    if done != out.len() {
+                        return Err(bad("less data than announced"));
+                    }
+                    return Ok(());
+                }
+            }
+        })
+    }
+}
+
+/// Runs `f` on the runtime, bounded by `t`.
+fn bounded<T>(rt: &Handle, t: Duration, f: impl std::future::Future<Output = std::io::Result<T>>) -> Result<T> {
+    // The timer must be made inside the runtime: hence the async block.
+    match rt.block_on(async move { tokio::time::timeout(t, f).await }) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(NetError::Io(e)),
+        Err(_) => Err(NetError::Timeout(t.as_secs())),
+    }
+}

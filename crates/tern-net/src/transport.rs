@@ -1,0 +1,383 @@
+//! The two transports behind one interface: QUIC (quinn, BBR, one stream per
+//! engine worker) and TCP with one TLS 1.3 connection per engine worker.
+//! Either way a client gets [`Stream`]s from a [`Connector`], and a server
+//! hands each accepted stream to a blocking handler.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+
+use crate::error::{NetError, Result};
+use crate::identity::fingerprint;
+use crate::stream::Stream;
+
+/// Which transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// QUIC over UDP.
+    Quic,
+    /// TLS over several TCP connections.
+    Tcp,
+}
+
+impl Transport {
+    /// Its name in messages and summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// QUIC settings: BBR, and windows big enough for a fast, long path
+/// (64 MiB per connection covers 1 Gbit/s at 500 ms of RTT).
+fn quic_transport(streams: u32, idle: Duration) -> Result<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    let idle = quinn::IdleTimeout::try_from(idle).map_err(|e| NetError::Config(format!("idle timeout: {e}")))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    Ok(t)
+}
+
+fn quic_err(e: impl std::fmt::Display) -> NetError {
+    NetError::Quic(e.to_string())
+}
+
+/// Opens streams to one server.
+pub struct Connector {
+    rt: Handle,
+    kind: Transport,
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Arc<rustls::ClientConfig>,
+    quic: Option<(quinn::Endpoint, quinn::Connection)>,
+    /// The server's certificate seen on the first connection; every later
+    /// TCP connection must present the same one.
+    cert: Vec<u8>,
+}
+
+impl Connector {
+    /// Connects to `addr` (one QUIC connection, or a first TCP connection
+    /// whose stream is returned too).
+    pub fn connect(
+        rt: Handle,
+        kind: Transport,
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+    ) -> Result<(Connector, Stream)> {
+        let tls = Arc::new(tls);
+        match kind {
+            Transport::Tcp => {
+                let (stream, cert) = rt.block_on(tcp_connect(&rt, addr, tls.clone(), timeout))?;
+                let c = Connector {
+                    rt,
+                    kind,
+                    addr,
+                    timeout,
+                    tls,
+                    quic: None,
+                    cert,
+                };
+                Ok((c, stream))
+            }
+            Transport::Quic => {
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.clone()).map_err(quic_err)?;
+                let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+                cfg.transport_config(Arc::new(quic_transport(256, timeout.max(Duration::from_secs(30)))?));
+                let bind: SocketAddr = if addr.is_ipv6() {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                };
+                let conn = rt.block_on(async {
+                    let mut ep = quinn::Endpoint::client(bind)?;
+                    ep.set_default_client_config(cfg);
+                    let connecting = ep.connect(addr, "tern").map_err(quic_err)?;
+                    let conn = tokio::time::timeout(timeout, connecting)
+                        .await
+                        .map_err(|_| NetError::Timeout(timeout.as_secs()))?
+                        .map_err(quic_err)?;
+                    Ok::<_, NetError>((ep, conn))
+                })?;
+                let cert = peer_cert(conn.1.peer_identity()).ok_or_else(|| quic_err("server sent no certificate"))?;
+                let c = Connector {
+                    rt,
+                    kind,
+                    addr,
+                    timeout,
+                    tls,
+                    quic: Some(conn),
+                    cert,
+                };
+                let s = c.open()?;
+                Ok((c, s))
+            }
+        }
+    }
+
+    /// The transport in use.
+    pub fn kind(&self) -> Transport {
+        self.kind
+    }
+
+    /// The server's certificate (DER).
+    pub fn server_cert(&self) -> &[u8] {
+        &self.cert
+    }
+
+    /// Smoothed round-trip time, where the transport measures it.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.quic.as_ref().map(|(_, c)| c.rtt())
+    }
+
+    /// Opens one more stream.
+    pub fn open(&self) -> Result<Stream> {
+        match &self.quic {
+            Some((_, conn)) => {
+                let t = self.timeout;
+                let (send, recv) = self
+                    .rt
+                    .block_on(async move { tokio::time::timeout(t, conn.open_bi()).await })
+                    .map_err(|_| NetError::Timeout(self.timeout.as_secs()))?
+                    .map_err(quic_err)?;
+                Ok(Stream::new(
+                    self.rt.clone(),
+                    Box::pin(recv),
+                    Box::pin(send),
+                    self.timeout,
+                ))
+            }
+            None => {
+                let (s, cert) = self
+                    .rt
+                    .block_on(tcp_connect(&self.rt, self.addr, self.tls.clone(), self.timeout))?;
+                if cert != self.cert {
+                    return Err(NetError::Trust(format!(
+                        "{}: the server presented a different certificate on a second connection",
+                        self.addr
+                    )));
+                }
+                Ok(s)
+            }
+        }
+    }
+
+    /// Closes the QUIC connection (TCP streams close as they are dropped).
+    pub fn close(&self) {
+        if let Some((ep, conn)) = &self.quic {
+            conn.close(quinn::VarInt::from_u32(0), b"done");
+            let _ = self
+                .rt
+                .block_on(async move { tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await });
+        }
+    }
+}
+
+async fn tcp_connect(
+    rt: &Handle,
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<(Stream, Vec<u8>)> {
+    let fut = async {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from("tern").map_err(|e| NetError::Tls(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        Ok::<_, NetError>(tls)
+    };
+    let tls = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| NetError::Timeout(timeout.as_secs()))??;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .ok_or_else(|| NetError::Tls("server sent no certificate".into()))?;
+    let (r, w) = tokio::io::split(tls);
+    Ok((Stream::new(rt.clone(), Box::pin(r), Box::pin(w), timeout), cert))
+}
+
+fn peer_cert(identity: Option<Box<dyn std::any::Any>>) -> Option<Vec<u8>> {
+    let certs = identity?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
+/// Who is on the other end of an accepted stream.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Fingerprint of the client's certificate, if it presented one.
+    pub client: Option<String>,
+    /// Transport.
+    pub transport: Transport,
+    /// Identifies the connection the stream came on (for logs).
+    pub conn_id: u64,
+}
+
+/// Limits a server applies to each client.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time allowed for the TLS/QUIC handshake.
+    pub handshake: Duration,
+    /// Time a stream may stay silent.
+    pub idle: Duration,
+    /// Concurrent streams per QUIC connection.
+    pub streams_per_conn: u32,
+    /// Concurrent connections (TCP connections and QUIC connections).
+    pub max_conns: usize,
+}
+
+/// What the server does with each accepted stream (on a blocking thread).
+pub type Handler = Arc<dyn Fn(Stream, Peer) + Send + Sync>;
+
+/// A bound TCP listener and QUIC endpoint (the same port number).
+pub struct Listener {
+    tcp: TcpListener,
+    quic: quinn::Endpoint,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Limits,
+}
+
+impl Listener {
+    /// Binds TCP and UDP on `addr` (port 0: a free port, the same for both).
+    pub async fn bind(addr: SocketAddr, tls: rustls::ServerConfig, limits: Limits) -> Result<Listener> {
+        let tls = Arc::new(tls);
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|e| NetError::Config(format!("cannot listen on {addr} (TCP): {e}")))?;
+        let local = tcp.local_addr()?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone()).map_err(quic_err)?;
+        let mut qcfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        qcfg.transport_config(Arc::new(quic_transport(limits.streams_per_conn, limits.idle)?));
+        let quic = quinn::Endpoint::server(qcfg, local)
+            .map_err(|e| NetError::Config(format!("cannot listen on {local} (UDP): {e}")))?;
+        Ok(Listener { tcp, quic, tls, limits })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.tcp.local_addr()?)
+    }
+
+    /// Accepts connections until `stop` turns true, handing every stream to
+    /// `handler` on a blocking thread.
+    pub async fn run(self, handler: Handler, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Listener { tcp, quic, tls, limits } = self;
+        let conns = Arc::new(tokio::sync::Semaphore::new(limits.max_conns));
+        let mut next_id = 0u64;
+        loop {
+            next_id += 1;
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                r = tcp.accept() => {
+                    let (sock, peer) = match r {
+                        Ok(x) => x,
+                        Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                    };
+                    let Ok(permit) = conns.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many connections; refused");
+                        continue;
+                    };
+                    let (tls, limits, handler, id) = (tls.clone(), limits.clone(), handler.clone(), next_id);
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if let Err(e) = tcp_conn(sock, peer, tls, &limits, handler, id).await {
+                            tracing::info!(%peer, error = %e, "TCP connection failed");
+                        }
+                    });
+                }
+                c = quic.accept() => {
+                    let Some(incoming) = c else { break };
+                    let Ok(permit) = conns.clone().try_acquire_owned() else {
+                        tracing::warn!(peer = %incoming.remote_address(), "too many connections; refused");
+                        incoming.refuse();
+                        continue;
+                    };
+                    let (limits, handler, id) = (limits.clone(), handler.clone(), next_id);
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let peer = incoming.remote_address();
+                        if let Err(e) = quic_conn(incoming, &limits, handler, id).await {
+                            tracing::info!(%peer, error = %e, "QUIC connection ended");
+                        }
+                    });
+                }
+            }
+        }
+        quic.close(quinn::VarInt::from_u32(1), b"server shutting down");
+    }
+}
+
+async fn tcp_conn(
+    sock: TcpStream,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    limits: &Limits,
+    handler: Handler,
+    conn_id: u64,
+) -> Result<()> {
+    sock.set_nodelay(true)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let s = tokio::time::timeout(limits.handshake, acceptor.accept(sock))
+        .await
+        .map_err(|_| NetError::Timeout(limits.handshake.as_secs()))??;
+    let client = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| fingerprint(c));
+    let peer = Peer {
+        addr,
+        client,
+        transport: Transport::Tcp,
+        conn_id,
+    };
+    let (r, w) = tokio::io::split(s);
+    let stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle);
+    tokio::task::spawn_blocking(move || handler(stream, peer))
+        .await
+        .map_err(|e| NetError::Config(format!("handler failed: {e}")))
+}
+
+async fn quic_conn(incoming: quinn::Incoming, limits: &Limits, handler: Handler, conn_id: u64) -> Result<()> {
+    let conn = tokio::time::timeout(limits.handshake, async {
+        incoming.accept().map_err(quic_err)?.await.map_err(quic_err)
+    })
+    .await
+    .map_err(|_| NetError::Timeout(limits.handshake.as_secs()))??;
+    let peer = Peer {
+        addr: conn.remote_address(),
+        client: peer_cert(conn.peer_identity()).map(|c| fingerprint(&c)),
+        transport: Transport::Quic,
+        conn_id,
+    };
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => return Ok(()),
+            Err(e) => return Err(quic_err(e)),
+        };
+        let stream = Stream::new(Handle::current(), Box::pin(recv), Box::pin(send), limits.idle);
+        let (handler, peer) = (handler.clone(), peer.clone());
+        tokio::task::spawn_blocking(move || handler(stream, peer));
+    }
+}

@@ -1,0 +1,177 @@
+//! Conversions between the engine's types and the wire's.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use tern_core::{Entry, Error, FileSpec, Kind, Meta, Time, Xattrs};
+use tern_proto::{ErrorCode, ErrorMsg, WireEntry, WireKind, WireMeta, WireSpec};
+
+/// A path as bytes.
+pub fn path_bytes(p: &Path) -> Vec<u8> {
+    p.as_os_str().as_bytes().to_vec()
+}
+
+/// Bytes as a path.
+pub fn bytes_path(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsString::from_vec(b.to_vec()))
+}
+
+fn time(t: Time) -> (i64, u32) {
+    (t.sec, t.nsec)
+}
+
+fn untime((sec, nsec): (i64, u32)) -> Time {
+    Time {
+        sec,
+        nsec: nsec.min(999_999_999),
+    }
+}
+
+/// Engine metadata to wire.
+pub fn meta(m: &Meta) -> WireMeta {
+    WireMeta {
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+        mtime: time(m.mtime),
+        atime: time(m.atime),
+    }
+}
+
+/// Wire metadata to engine.
+pub fn unmeta(m: &WireMeta) -> Meta {
+    Meta {
+        mode: m.mode & 0o7777,
+        uid: m.uid,
+        gid: m.gid,
+        mtime: untime(m.mtime),
+        atime: untime(m.atime),
+    }
+}
+
+/// Engine kind to wire.
+pub fn kind(k: Kind) -> WireKind {
+    match k {
+        Kind::File => WireKind::File,
+        Kind::Dir => WireKind::Dir,
+        Kind::Symlink => WireKind::Symlink,
+        Kind::Special => WireKind::Special,
+    }
+}
+
+/// Wire kind to engine.
+pub fn unkind(k: WireKind) -> Kind {
+    match k {
+        WireKind::File => Kind::File,
+        WireKind::Dir => Kind::Dir,
+        WireKind::Symlink => Kind::Symlink,
+        WireKind::Special => Kind::Special,
+    }
+}
+
+/// Engine entry to wire.
+pub fn entry(e: &Entry) -> WireEntry {
+    WireEntry {
+        name: e.name.as_bytes().to_vec(),
+        kind: kind(e.kind),
+        size: e.size,
+        meta: meta(&e.meta),
+        target: e.target.as_deref().map(path_bytes),
+        file_id: e.file_id,
+        nlink: e.nlink,
+        allocated: e.allocated,
+        changed: time(e.changed),
+    }
+}
+
+/// Wire entry to engine. Names with a `/` or NUL, or empty ones, are
+/// refused: a listing must never name anything but a child.
+pub fn unentry(w: WireEntry) -> Option<Entry> {
+    if w.name.is_empty() {
+        return None;
+    }
+    unentry_any_name(w)
+}
+
+/// Like [`unentry`], but an empty name is allowed (a root's).
+pub fn unentry_any_name(w: WireEntry) -> Option<Entry> {
+    if w.name.contains(&b'/') || w.name.contains(&0) || w.name == b"." || w.name == b".." {
+        return None;
+    }
+    Some(Entry {
+        name: OsString::from_vec(w.name),
+        kind: unkind(w.kind),
+        size: if w.kind == WireKind::File { w.size } else { 0 },
+        meta: unmeta(&w.meta),
+        target: w.target.map(|t| bytes_path(&t)),
+        file_id: w.file_id,
+        nlink: w.nlink,
+        allocated: w.allocated,
+        changed: untime(w.changed),
+    })
+}
+
+/// Engine file spec to wire.
+pub fn spec(s: &FileSpec) -> WireSpec {
+    WireSpec {
+        size: s.size,
+        chunk_size: s.chunk_size,
+        resumable: s.resumable,
+        durable: s.durable,
+        source_meta: meta(&s.source_meta),
+        source_changed: time(s.source_changed),
+    }
+}
+
+/// Wire file spec to engine.
+pub fn unspec(s: &WireSpec) -> FileSpec {
+    FileSpec {
+        size: s.size,
+        chunk_size: s.chunk_size,
+        resumable: s.resumable,
+        durable: s.durable,
+        source_meta: unmeta(&s.source_meta),
+        source_changed: untime(s.source_changed),
+    }
+}
+
+/// Extended attributes to wire.
+pub fn xattrs(x: &Xattrs) -> Vec<(Vec<u8>, Vec<u8>)> {
+    x.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.clone())).collect()
+}
+
+/// Wire extended attributes to engine.
+pub fn unxattrs(x: Vec<(Vec<u8>, Vec<u8>)>) -> Xattrs {
+    x.into_iter().map(|(n, v)| (OsString::from_vec(n), v)).collect()
+}
+
+/// An engine error as sent to the peer: the path is left out (the peer
+/// knows which path it asked about, and names it its own way).
+pub fn error_msg(e: &Error) -> ErrorMsg {
+    let code = match e {
+        Error::Vanished(_) => ErrorCode::Vanished,
+        Error::Changed(_) => ErrorCode::Changed,
+        Error::TypeConflict { .. } => ErrorCode::Conflict,
+        Error::Busy(_) => ErrorCode::Busy,
+        Error::VerifyFailed { .. } => ErrorCode::Corrupt,
+        Error::Interrupted => ErrorCode::Unavailable,
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => ErrorCode::Forbidden,
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorCode::NotFound,
+        _ => ErrorCode::Server,
+    };
+    ErrorMsg::new(code, e.detail())
+}
+
+/// A peer's error about `shown` as an engine error.
+pub fn unerror(m: ErrorMsg, shown: PathBuf) -> Error {
+    match m.code {
+        ErrorCode::Vanished => Error::Vanished(shown),
+        ErrorCode::Changed => Error::Changed(shown),
+        ErrorCode::Busy => Error::Busy(shown),
+        _ => Error::Other {
+            path: shown,
+            message: m.message,
+        },
+    }
+}

@@ -1,0 +1,192 @@
+//! The command line's network side: `tern serve`, `tern fingerprint`, and
+//! connecting to daemons named as copy/sync/check endpoints.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tern_net::config::{self, Access, ServerConfig};
+use tern_net::identity::Identity;
+use tern_net::remote::{ConnectOptions, RemoteEndpoint, TransportChoice};
+use tern_net::trust::{config_dir, TrustPolicy};
+use tern_net::url::RemoteSpec;
+
+use crate::cli::{Exit, RemoteArgs, ServeArgs};
+use crate::UsageError;
+
+/// A copy/sync/check argument: a local path or a daemon location.
+pub enum Loc {
+    /// A local path.
+    Local(std::ffi::OsString),
+    /// A module on a daemon.
+    Remote(RemoteSpec),
+}
+
+/// Tells local paths from remote locations.
+pub fn parse_loc(arg: &OsStr) -> anyhow::Result<Loc> {
+    match arg.to_str().and_then(tern_net::url::parse) {
+        None => Ok(Loc::Local(arg.to_os_string())),
+        Some(Ok(spec)) => Ok(Loc::Remote(spec)),
+        Some(Err(e)) => Err(UsageError(e.to_string()).into()),
+    }
+}
+
+fn token(r: &RemoteArgs) -> anyhow::Result<Option<String>> {
+    if let Some(f) = &r.token_file {
+        return Ok(Some(config::read_token_file(f)?));
+    }
+    Ok(std::env::var("TERN_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| t.trim().to_string()))
+}
+
+/// Connects to the module `spec` names.
+pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, write: bool) -> anyhow::Result<RemoteEndpoint> {
+    let transport = match r.transport.as_str() {
+        "quic" => TransportChoice::Quic,
+        "tcp" => TransportChoice::Tcp,
+        _ => TransportChoice::Auto,
+    };
+    let dir = config_dir();
+    let opts = ConnectOptions {
+        transport,
+        token: token(r)?,
+        trust: TrustPolicy {
+            fingerprint: r.fingerprint.clone(),
+            accept_new: r.accept_new_host,
+            known_hosts: dir.join("known_hosts"),
+        },
+        identity_dir: Some(dir.join("identity")),
+        timeout: Duration::from_secs(r.timeout.max(1)),
+        write,
+    };
+    RemoteEndpoint::connect(spec, &opts).with_context(|| spec.display())
+}
+
+/// `tern fingerprint`.
+pub fn fingerprint(server: bool, state_dir: Option<&Path>) -> anyhow::Result<Exit> {
+    let dir = match (server, state_dir) {
+        (_, Some(d)) => d.to_path_buf(),
+        (true, None) => config::default_state_dir(),
+        (false, None) => config_dir().join("identity"),
+    };
+    let id = Identity::load_or_create(&dir)?;
+    println!("{}", id.fingerprint());
+    Ok(Exit::Ok)
+}
+
+/// Reads the token in `f`, or makes one and writes it there.
+fn token_in(f: &Path) -> anyhow::Result<(String, bool)> {
+    if f.exists() {
+        return Ok((config::read_token_file(f)?, false));
+    }
+    let mut raw = [0u8; 24];
+    tern_net::server::getrandom(&mut raw)?;
+    let t: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(d) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(f)
+        .with_context(|| format!("{}: cannot create token file", f.display()))?;
+    writeln!(file, "{t}").with_context(|| f.display().to_string())?;
+    Ok((t, true))
+}
+
+/// `tern serve`.
+pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
+    let mut cfg = match &a.config {
+        Some(p) => ServerConfig::from_file(p)?,
+        None => ServerConfig::empty(),
+    };
+    if let Some(d) = &a.state_dir {
+        cfg.state_dir = d.clone();
+    }
+    for l in &a.listen {
+        cfg.listen
+            .push(config::parse_listen(l).map_err(|e| UsageError(e.to_string()))?);
+    }
+    let access = if a.read_write { Access::ReadWrite } else { Access::Read };
+    let mut cli_modules = Vec::new();
+    for m in &a.module {
+        let Some((name, path)) = m.split_once('=') else {
+            return Err(UsageError(format!("--module takes NAME=PATH, not `{m}`")).into());
+        };
+        cfg.add_module(name, Path::new(path), access, None)?;
+        cli_modules.push(name.to_string());
+    }
+    if cfg.modules.is_empty() {
+        bail!(UsageError(
+            "nothing to serve: give --module NAME=PATH or a --config with modules".into()
+        ));
+    }
+    let id = Identity::load_or_create(&cfg.state_dir)?;
+    // Modules from the command line get a token: the --token-file one, or
+    // one generated into the state directory when no access is configured.
+    let mut token_note = None;
+    let token_file = match (&a.token_file, cfg.grants.is_empty()) {
+        (Some(f), _) => Some(f.clone()),
+        (None, true) => Some(cfg.state_dir.join("token")),
+        (None, false) => None,
+    };
+    if let Some(f) = token_file.filter(|_| !cli_modules.is_empty() || cfg.grants.is_empty()) {
+        let (t, created) = token_in(&f)?;
+        let modules = if cli_modules.is_empty() {
+            vec!["*".to_string()]
+        } else {
+            cli_modules.clone()
+        };
+        cfg.grants.push(config::Grant {
+            token_hash: Some(blake3::hash(t.as_bytes())),
+            client: None,
+            modules,
+            access,
+        });
+        token_note = Some((f, t, created));
+    }
+    let daemon = tern_net::daemon::Daemon::start(&cfg, &id)?;
+    let mut o = std::io::stdout().lock();
+    let addrs: Vec<String> = daemon.addrs().iter().map(|a| a.to_string()).collect();
+    writeln!(o, "tern daemon listening on {} (QUIC and TCP)", addrs.join(", "))?;
+    writeln!(o, "fingerprint: {}", id.fingerprint())?;
+    for m in cfg.modules.values() {
+        let rw = if m.access == Access::ReadWrite {
+            "read-write"
+        } else {
+            "read-only"
+        };
+        let c = m.comment.as_deref().map(|c| format!(" - {c}")).unwrap_or_default();
+        writeln!(o, "module {}: {} ({rw}){c}", m.name, m.path.display())?;
+    }
+    if let Some((f, t, created)) = &token_note {
+        let what = if *created { "created" } else { "read" };
+        writeln!(o, "token ({what} {}): {t}", f.display())?;
+        writeln!(o, "clients authenticate with --token-file FILE or TERN_TOKEN=<token>")?;
+    }
+    if let (Some(a), Some(m)) = (daemon.addrs().first(), cfg.modules.keys().next()) {
+        writeln!(
+            o,
+            "try: tern copy FILE tern://{a}/{m}/ --fingerprint {} --token-file TOKENFILE",
+            id.fingerprint()
+        )?;
+    }
+    o.flush()?;
+    drop(o);
+    daemon.run_until_signal(Duration::from_secs(10))?;
+    Ok(Exit::Ok)
+}
+
+/// The module-relative name a remote source is copied under.
+pub fn remote_name(spec: &RemoteSpec) -> PathBuf {
+    match spec.path.file_name() {
+        Some(n) => PathBuf::from(n),
+        None => PathBuf::from(&spec.module),
+    }
+}
