@@ -1,0 +1,331 @@
+//! End-to-end: the real daemon on 127.0.0.1 with a random port, driven by
+//! the real client.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use common::*;
+
+/// A running `tern serve`, killed when dropped.
+struct Daemon {
+    child: Child,
+    port: u16,
+    fingerprint: String,
+    token: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a daemon exporting `module` (read-write unless `ro`), reading its
+/// banner for the port and fingerprint.
+fn daemon(dir: &Path, module: &Path, ro: bool) -> Daemon {
+    let token = dir.join("token");
+    let mut c = tern();
+    c.args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--module")
+        .arg(format!("data={}", module.display()));
+    if !ro {
+        c.arg("--read-write");
+    }
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let (mut port, mut fp) = (0, String::new());
+    // The banner is printed once the daemon listens: reading it is the
+    // synchronisation.
+    for line in BufReader::new(out).lines() {
+        let line = line.expect("banner");
+        if let Some(rest) = line.strip_prefix("tern daemon listening on 127.0.0.1:") {
+            port = rest
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port");
+        }
+        if let Some(f) = line.strip_prefix("fingerprint: ") {
+            fp = f.to_string();
+        }
+        if line.starts_with("try:") {
+            break;
+        }
+    }
+    assert!(port > 0 && fp.starts_with("b3:"), "daemon banner incomplete");
+    Daemon {
+        child,
+        port,
+        fingerprint: fp,
+        token,
+    }
+}
+
+/// A client command with its own config dir (known hosts, key).
+fn client(dir: &Path) -> Command {
+    let mut c = tern();
+    c.env("TERN_CONFIG_DIR", dir.join("client"))
+        .env_remove("TERN_TOKEN")
+        .env_remove("TERN_FINGERPRINT");
+    c.stdin(Stdio::null());
+    c
+}
+
+fn go(c: &mut Command) -> Output {
+    c.output().expect("run tern")
+}
+
+fn ok(c: &mut Command) -> String {
+    let o = go(c);
+    let (code, out, err) = outcome(&o);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    out
+}
+
+fn fails(c: &mut Command, code: i32, needle: &str) {
+    let o = go(c);
+    let (got, out, err) = outcome(&o);
+    assert_eq!(got, code, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+}
+
+/// A tree with a multi-chunk file, small files, a symlink, an empty
+/// directory and a name that is not UTF-8.
+fn make_tree(root: &Path) {
+    write(&root.join("big.bin"), &data(5 * 1024 * 1024 + 123, 1));
+    for i in 0..50 {
+        write(&root.join(format!("small/f{i}")), &data(100 + i * 37, i as u64));
+    }
+    write(&root.join(OsStr::from_bytes(b"odd-\xff-name")), b"bytes");
+    fs::create_dir_all(root.join("empty")).expect("mkdir");
+    std::os::unix::fs::symlink("small/f1", root.join("link")).expect("symlink");
+}
+
+fn same_tree(a: &Path, b: &Path) {
+    assert_eq!(tree(a), tree(b));
+    for p in tree(a) {
+        let (x, y) = (a.join(&p), b.join(&p));
+        let m = fs::symlink_metadata(&x).expect("stat");
+        if m.is_file() {
+            assert_eq!(b3(&x), b3(&y), "{}", p.display());
+        } else if m.file_type().is_symlink() {
+            assert_eq!(fs::read_link(&x).expect("link"), fs::read_link(&y).expect("link"));
+        }
+    }
+}
+
+impl Daemon {
+    fn url(&self, path: &str) -> String {
+        format!("tern://127.0.0.1:{}/data/{path}", self.port)
+    }
+
+    /// Client args that trust and authenticate to this daemon.
+    fn auth<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+        c.arg("--fingerprint")
+            .arg(&self.fingerprint)
+            .arg("--token-file")
+            .arg(&self.token)
+    }
+}
+
+#[test]
+fn push_pull_check_and_sync_over_both_transports() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    make_tree(&src);
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    for tr in ["tcp", "quic"] {
+        // Push, with a small chunk size so the big file has many chunks on
+        // several streams at once.
+        let out = ok(d
+            .auth(client(t.path()).args(["copy", "--json", "--chunk-size", "256K", "--transport", tr]))
+            .arg(format!("{}/", src.display()))
+            .arg(d.url(&format!("push-{tr}"))));
+        let j = json(&out);
+        assert_eq!(j["transport"], tr);
+        assert_eq!(j["errors"], 0);
+        same_tree(&src, &module.join(format!("push-{tr}")));
+        assert!(side_files(&module).is_empty());
+
+        // Pull it back.
+        let back = t.path().join(format!("pull-{tr}"));
+        ok(d.auth(client(t.path()).args(["copy", "--transport", tr]))
+            .arg(d.url(&format!("push-{tr}/")))
+            .arg(&back));
+        same_tree(&src, &back);
+
+        // Check by content: equal, then one difference found.
+        ok(d.auth(client(t.path()).args(["check", "--transport", tr]))
+            .arg(&src)
+            .arg(d.url(&format!("push-{tr}"))));
+        write(&module.join(format!("push-{tr}/small/f3")), b"changed");
+        let o = go(d
+            .auth(client(t.path()).args(["check", "--transport", tr]))
+            .arg(&src)
+            .arg(d.url(&format!("push-{tr}"))));
+        assert_eq!(outcome(&o).0, 4, "{}", outcome(&o).2);
+        assert!(outcome(&o).1.contains("small/f3"));
+
+        // Sync with --delete repairs and removes extras.
+        write(&module.join(format!("push-{tr}/extra")), b"x");
+        ok(d.auth(client(t.path()).args(["sync", "--delete", "--transport", tr]))
+            .arg(&src)
+            .arg(d.url(&format!("push-{tr}"))));
+        same_tree(&src, &module.join(format!("push-{tr}")));
+    }
+}
+
+#[test]
+fn wrong_missing_and_read_only_credentials_are_refused_clearly() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    write(&src.join("a"), b"a");
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let bad = t.path().join("bad-token");
+    fs::write(&bad, "not-the-token\n").expect("write");
+    fails(
+        client(t.path())
+            .args(["copy", "--fingerprint", &d.fingerprint, "--token-file"])
+            .arg(&bad)
+            .arg(&src)
+            .arg(d.url("")),
+        1,
+        "token is not valid",
+    );
+    fails(
+        client(t.path())
+            .args(["copy", "--fingerprint", &d.fingerprint])
+            .arg(&src)
+            .arg(d.url("")),
+        1,
+        "no token given",
+    );
+    fails(
+        d.auth(client(t.path()).arg("copy"))
+            .arg(&src)
+            .arg(format!("tern://127.0.0.1:{}/nope/", d.port)),
+        1,
+        "no module named `nope`",
+    );
+    assert!(tree(&module).is_empty(), "nothing may be written");
+
+    // A read-only module: reading works, writing is refused.
+    let t2 = tempfile::tempdir().expect("tempdir");
+    write(&t2.path().join("ro/file"), b"content");
+    let ro = daemon(t2.path(), &t2.path().join("ro"), true);
+    fails(
+        ro.auth(client(t2.path()).arg("copy")).arg(&src).arg(ro.url("")),
+        1,
+        "read-only",
+    );
+    ok(ro
+        .auth(client(t2.path()).arg("copy"))
+        .arg(ro.url("file"))
+        .arg(t2.path().join("got")));
+    assert_eq!(fs::read(t2.path().join("got")).expect("read"), b"content");
+}
+
+#[test]
+fn server_keys_are_pinned_on_first_use_and_a_change_is_a_hard_error() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    write(&src.join("a"), b"a");
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let tok = || d.token.clone();
+    fails(
+        client(t.path())
+            .arg("copy")
+            .arg("--token-file")
+            .arg(tok())
+            .arg(&src)
+            .arg(d.url("x")),
+        1,
+        "not a known host",
+    );
+    ok(client(t.path())
+        .args(["copy", "--accept-new-host", "--token-file"])
+        .arg(tok())
+        .arg(&src)
+        .arg(d.url("x")));
+    let kh = t.path().join("client/known_hosts");
+    let pinned = fs::read_to_string(&kh).expect("known_hosts");
+    assert!(pinned.contains(&d.fingerprint) && pinned.contains(&format!("127.0.0.1:{}", d.port)));
+    // Now known: no flag needed.
+    ok(client(t.path())
+        .arg("copy")
+        .arg("--token-file")
+        .arg(tok())
+        .arg(&src)
+        .arg(d.url("y")));
+    // The key this address presents no longer matches the pinned one.
+    let other = format!("127.0.0.1:{} b3:{}\n", d.port, "0".repeat(64));
+    fs::write(&kh, other).expect("write");
+    fails(
+        client(t.path())
+            .arg("copy")
+            .arg("--token-file")
+            .arg(tok())
+            .arg(&src)
+            .arg(d.url("z")),
+        1,
+        "KEY HAS CHANGED",
+    );
+    fails(
+        client(t.path())
+            .args([
+                "copy",
+                "--fingerprint",
+                &format!("b3:{}", "1".repeat(64)),
+                "--token-file",
+            ])
+            .arg(tok())
+            .arg(&src)
+            .arg(d.url("z")),
+        1,
+        "not the expected",
+    );
+    assert!(!module.join("z").exists());
+}
+
+#[test]
+fn sixteen_clients_at_once() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    make_tree(&src);
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let children: Vec<Child> = (0..16)
+        .map(|i| {
+            let tr = if i % 2 == 0 { "tcp" } else { "quic" };
+            d.auth(client(t.path()).args(["copy", "-q", "-j", "2", "--transport", tr]))
+                .arg(format!("{}/", src.display()))
+                .arg(d.url(&format!("c{i}")))
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for (i, mut c) in children.into_iter().enumerate() {
+        assert!(c.wait().expect("wait").success(), "client {i} failed");
+    }
+    for i in 0..16 {
+        same_tree(&src, &module.join(format!("c{i}")));
+    }
+}
