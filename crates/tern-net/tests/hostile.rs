@@ -1,0 +1,303 @@
+//! A client that does not play by the rules, against an in-process daemon:
+//! crafted paths, reserved names, writes without the right, unknown
+//! versions and garbage frames. Each is refused, nothing outside the module
+//! is touched, and the daemon keeps serving.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::time::Duration;
+
+use tern_net::config::{Access, Grant, ServerConfig};
+use tern_net::daemon::Daemon;
+use tern_net::identity::Identity;
+use tern_net::stream::Stream;
+use tern_net::transport::{Connector, Transport};
+use tern_net::NetError;
+use tern_proto::{Auth, ErrorCode, Hello, Msg, WireMeta, WireSpec};
+
+struct Setup {
+    _t: tempfile::TempDir,
+    root: std::path::PathBuf,
+    daemon: Option<Daemon>,
+    conns: std::sync::Mutex<Vec<Connector>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.stop(Duration::from_secs(1));
+        }
+    }
+}
+
+const TOKEN: &str = "good-token";
+const RO_TOKEN: &str = "read-token";
+
+fn setup() -> Setup {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path().to_path_buf();
+    fs::create_dir_all(root.join("module/sub")).expect("mkdir");
+    fs::create_dir_all(root.join("other")).expect("mkdir");
+    fs::create_dir_all(root.join("outside")).expect("mkdir");
+    fs::write(root.join("outside/secret"), b"secret").expect("write");
+    symlink(root.join("outside"), root.join("module/out")).expect("symlink");
+    let mut cfg = ServerConfig::empty();
+    cfg.listen.push("127.0.0.1:0".parse().expect("addr"));
+    cfg.state_dir = root.join("state");
+    cfg.add_module("data", &root.join("module"), Access::ReadWrite, None)
+        .expect("module");
+    cfg.add_module("other", &root.join("other"), Access::ReadWrite, None)
+        .expect("module");
+    for (tok, access) in [(TOKEN, Access::ReadWrite), (RO_TOKEN, Access::Read)] {
+        cfg.grants.push(Grant {
+            token_hash: Some(blake3::hash(tok.as_bytes())),
+            client: None,
+            modules: vec!["data".into()],
+            access,
+        });
+    }
+    let id = Identity::load_or_create(&cfg.state_dir).expect("identity");
+    let daemon = Daemon::start(&cfg, &id).expect("start");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    Setup {
+        _t: t,
+        root,
+        daemon: Some(daemon),
+        conns: Default::default(),
+        rt,
+    }
+}
+
+impl Setup {
+    fn stream(&self, kind: Transport) -> Stream {
+        let addr = self.daemon.as_ref().expect("daemon").addrs()[0];
+        let tls = tern_net::tls::client_config(None).expect("tls");
+        let (c, s) =
+            Connector::connect(self.rt.handle().clone(), kind, addr, tls, Duration::from_secs(10)).expect("connect");
+        // The connection must outlive the stream (QUIC).
+        self.conns.lock().expect("lock").push(c);
+        s
+    }
+
+    /// A stream authenticated for `module` with `token`.
+    fn session(&self, module: &str, token: &str, write: bool) -> Result<Stream, NetError> {
+        let mut s = self.stream(Transport::Tcp);
+        s.send(&Msg::Hello(Hello::ours("test")))?;
+        s.send(&Msg::Auth(Auth {
+            module: module.into(),
+            token: Some(token.into()),
+            write,
+        }))?;
+        assert!(matches!(s.recv()?, Msg::Hello(_)));
+        match s.recv()? {
+            Msg::Welcome(_) => Ok(s),
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+
+    fn outside_untouched(&self) {
+        let names: Vec<_> = fs::read_dir(self.root.join("outside"))
+            .expect("list")
+            .map(|e| e.expect("e").file_name())
+            .collect();
+        assert_eq!(names, vec!["secret"]);
+        assert_eq!(fs::read(self.root.join("outside/secret")).expect("read"), b"secret");
+    }
+}
+
+fn refused(s: &mut Stream, req: Msg) -> ErrorCode {
+    s.send(&req).expect("send");
+    match s.recv() {
+        Err(NetError::Remote(e)) => e.code,
+        other => panic!("{req:?} was not refused: {other:?}"),
+    }
+}
+
+fn spec() -> WireSpec {
+    WireSpec {
+        size: 3,
+        chunk_size: 1024,
+        resumable: true,
+        durable: false,
+        source_meta: WireMeta::default(),
+        source_changed: (0, 0),
+    }
+}
+
+#[test]
+fn crafted_paths_never_leave_the_module() {
+    let st = setup();
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let escapes: Vec<&[u8]> = vec![
+        b"../outside/secret",
+        b"sub/../../outside/secret",
+        b"/etc/passwd",
+        b"out/secret",
+        b"out/../out/secret",
+        b"a\0b",
+        b"./sub",
+    ];
+    for p in &escapes {
+        refused(&mut s, Msg::Stat { path: p.to_vec() });
+        refused(&mut s, Msg::ReadDir { path: p.to_vec() });
+        refused(&mut s, Msg::MakeDir { path: p.to_vec() });
+        refused(&mut s, Msg::Remove { path: p.to_vec() });
+        refused(
+            &mut s,
+            Msg::Create {
+                handle: 1,
+                path: p.to_vec(),
+                spec: spec(),
+            },
+        );
+    }
+    // Over-long names, and the names tern keeps for itself.
+    refused(&mut s, Msg::Stat { path: vec![b'a'; 5000] });
+    for reserved in [&b".x.tern.tmp"[..], b".x.tern.journal", b"sub/.y.tern.tmp.lnk"] {
+        refused(
+            &mut s,
+            Msg::Symlink {
+                path: reserved.to_vec(),
+                target: b"/etc/passwd".to_vec(),
+                meta: WireMeta::default(),
+                owner: false,
+            },
+        );
+    }
+    refused(&mut s, Msg::Remove { path: Vec::new() });
+    // A hard link to something reached through the symlink out.
+    refused(
+        &mut s,
+        Msg::HardLink {
+            existing: b"out/secret".to_vec(),
+            path: b"stolen".to_vec(),
+        },
+    );
+    assert!(!st.root.join("module/stolen").exists());
+    // The symlink itself is listed as a symlink, never followed.
+    s.send(&Msg::Stat { path: b"out".to_vec() }).expect("send");
+    match s.recv().expect("stat") {
+        Msg::StatReply(Some(e)) => assert_eq!(e.kind, tern_proto::WireKind::Symlink),
+        m => panic!("{m:?}"),
+    }
+    st.outside_untouched();
+}
+
+#[test]
+fn writes_need_a_read_write_grant_and_tokens_are_per_module() {
+    let st = setup();
+    let mut ro = st.session("data", RO_TOKEN, false).expect("read session");
+    assert_eq!(
+        refused(&mut ro, Msg::MakeDir { path: b"new".to_vec() }),
+        ErrorCode::Forbidden
+    );
+    let create = Msg::Create {
+        handle: 1,
+        path: b"f".to_vec(),
+        spec: spec(),
+    };
+    assert_eq!(refused(&mut ro, create), ErrorCode::Forbidden);
+    assert!(!st.root.join("module/new").exists());
+    // Asking to write with a read token fails at once.
+    match st.session("data", RO_TOKEN, true) {
+        Err(NetError::Remote(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
+        other => panic!("write session with a read token: {:?}", other.is_ok()),
+    }
+    // The data token is not valid for the other module.
+    match st.session("other", TOKEN, false) {
+        Err(NetError::Remote(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        other => panic!("token used for another module: {:?}", other.is_ok()),
+    }
+}
+
+#[test]
+fn failed_logins_are_rate_limited() {
+    let st = setup();
+    let mut last = String::new();
+    for _ in 0..7 {
+        match st.session("data", "wrong", false) {
+            Err(NetError::Remote(e)) => last = e.message,
+            _ => panic!("wrong token accepted"),
+        }
+    }
+    assert!(last.contains("too many failed attempts"), "{last}");
+    // Even the right token waits out the window now.
+    assert!(st.session("data", TOKEN, false).is_err());
+}
+
+#[test]
+fn an_older_client_is_met_and_an_unknown_version_refused() {
+    let st = setup();
+    // An "older" client: speaks only version 1, knows no features.
+    let mut s = st.stream(Transport::Quic);
+    let older = Hello {
+        features: 0,
+        agent: "tern 0.0.1".into(),
+        ..Hello::ours("x")
+    };
+    s.send(&Msg::Hello(older)).expect("send");
+    s.send(&Msg::Auth(Auth {
+        module: "data".into(),
+        token: Some(TOKEN.into()),
+        write: false,
+    }))
+    .expect("send");
+    assert!(matches!(s.recv(), Ok(Msg::Hello(h)) if h.version_min <= 1));
+    assert!(matches!(s.recv(), Ok(Msg::Welcome(_))));
+
+    // A client from the future that no longer speaks version 1.
+    let mut s = st.stream(Transport::Tcp);
+    let future = Hello {
+        version_min: 90,
+        version_max: 99,
+        ..Hello::ours("tern 9")
+    };
+    s.send(&Msg::Hello(future)).expect("send");
+    s.send(&Msg::Barrier).expect("send");
+    let _ = s.recv(); // the server's Hello
+    match s.recv() {
+        Err(NetError::Remote(e)) => assert!(e.message.contains("no common protocol version"), "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn garbage_and_unexpected_frames_end_only_their_stream() {
+    let st = setup();
+    for kind in [Transport::Tcp, Transport::Quic] {
+        // Data where a Hello belongs.
+        let mut s = st.stream(kind);
+        s.send_data(&[0u8; 10]).expect("send");
+        assert!(s.recv().is_err());
+        // A Write for a handle never created.
+        let mut s = st.stream(kind);
+        s.send(&Msg::Hello(Hello::ours("x"))).expect("send");
+        s.send(&Msg::Auth(Auth {
+            module: "data".into(),
+            token: Some(TOKEN.into()),
+            write: true,
+        }))
+        .expect("send");
+        assert!(s.recv().is_ok());
+        assert!(s.recv().is_ok());
+        s.send(&Msg::Write(tern_proto::WriteChunk {
+            handle: 77,
+            index: 0,
+            offset: 0,
+            len: 3,
+            holes: vec![],
+            cv: [0; 32],
+        }))
+        .expect("send");
+        assert!(s.recv().is_err());
+    }
+    // Still serving.
+    let mut s = st.session("data", TOKEN, false).expect("session after garbage");
+    s.send(&Msg::Stat { path: Vec::new() }).expect("send");
+    assert!(matches!(s.recv(), Ok(Msg::StatReply(Some(_)))));
+}
