@@ -18,28 +18,28 @@ pub struct Identity {
     key: Vec<u8>,
 }
 
-const CERT_FILE: &str = "cert.der";
-const KEY_FILE: &str = "key.der";
+/// One file holds both, so that they are created (and replaced) together.
+const FILE: &str = "identity";
+const MAGIC: &[u8; 8] = b"TERNID1\n";
 
 impl Identity {
     /// Loads the identity kept in `dir`, creating it (and `dir`) on first
-    /// use. The key file is readable by its owner only.
+    /// use. The file is readable by its owner only. Processes starting at
+    /// once agree on one identity: the first to link its file in wins.
     pub fn load_or_create(dir: &Path) -> Result<Identity> {
-        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-        match (fs::read(&cert_path), fs::read(&key_path)) {
-            (Ok(cert), Ok(key)) => {
-                return Ok(Identity {
-                    cert: CertificateDer::from(cert),
-                    key,
-                })
+        let path = dir.join(FILE);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                return Self::decode(&bytes)
+                    .ok_or_else(|| NetError::Config(format!("{}: not a tern identity file", path.display())))
             }
-            (Err(e), _) | (_, Err(e)) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 return Err(NetError::Config(format!(
                     "{}: cannot read identity: {e}",
-                    dir.display()
+                    path.display()
                 )))
             }
-            _ => {}
+            Err(_) => {}
         }
         let made = rcgen::generate_simple_self_signed(vec!["tern".to_string()])
             .map_err(|e| NetError::Config(format!("cannot generate a key pair: {e}")))?;
@@ -52,11 +52,41 @@ impl Identity {
             .mode(0o700)
             .create(dir)
             .map_err(|e| cfg_err(dir, e))?;
-        // Key first: a certificate without its key would be useless.
-        write_new(&key_path, &id.key, 0o600)?;
-        write_new(&cert_path, &id.cert, 0o644)?;
-        tracing::info!(dir = %dir.display(), fingerprint = %id.fingerprint(), "created a new identity");
-        Ok(id)
+        let mut tmp = PathBuf::from(dir);
+        tmp.push(format!(".identity.{}.tmp", std::process::id()));
+        let written = write_new(&tmp, &id.encode());
+        let linked = written.and_then(|()| fs::hard_link(&tmp, &path).map_err(|e| cfg_err(&path, e)));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), fingerprint = %id.fingerprint(), "created a new identity");
+                Ok(id)
+            }
+            // Another process made one first: use it.
+            Err(_) if path.exists() => Self::load_or_create(dir),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = MAGIC.to_vec();
+        v.extend_from_slice(&(self.cert.len() as u32).to_le_bytes());
+        v.extend_from_slice(&self.cert);
+        v.extend_from_slice(&self.key);
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<Identity> {
+        let rest = b.strip_prefix(MAGIC)?;
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let n = u32::from_le_bytes(*len) as usize;
+        if rest.len() <= n {
+            return None;
+        }
+        Some(Identity {
+            cert: CertificateDer::from(rest[..n].to_vec()),
+            key: rest[n..].to_vec(),
+        })
     }
 
     /// The private key, for rustls.
@@ -74,21 +104,18 @@ fn cfg_err(p: &Path, e: io::Error) -> NetError {
     NetError::Config(format!("{}: {e}", p.display()))
 }
 
-/// Writes `data` to `path` atomically (temporary name, fsync, rename).
-fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut tmp = PathBuf::from(path);
-    tmp.set_extension("tmp");
+/// Writes `data` to a new private file and makes it durable.
+fn write_new(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| cfg_err(&tmp, e))?;
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| cfg_err(path, e))?;
     f.write_all(data)
         .and_then(|()| f.sync_all())
-        .map_err(|e| cfg_err(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| cfg_err(path, e))
+        .map_err(|e| cfg_err(path, e))
 }
 
 /// The fingerprint of a certificate: `b3:` and the BLAKE3 of its DER bytes
@@ -124,7 +151,7 @@ mod tests {
         let other = Identity::load_or_create(&d.path().join("other")).expect("create");
         assert_ne!(a.fingerprint(), other.fingerprint());
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.join(KEY_FILE)).expect("stat").permissions().mode();
+        let mode = fs::metadata(dir.join(FILE)).expect("stat").permissions().mode();
         assert_eq!(mode & 0o077, 0, "key must be private");
     }
 

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -30,9 +31,13 @@ impl Drop for Daemon {
 /// Starts a daemon exporting `module` (read-write unless `ro`), reading its
 /// banner for the port and fingerprint.
 fn daemon(dir: &Path, module: &Path, ro: bool) -> Daemon {
+    daemon_on(dir, module, ro, 0)
+}
+
+fn daemon_on(dir: &Path, module: &Path, ro: bool, port: u16) -> Daemon {
     let token = dir.join("token");
     let mut c = tern();
-    c.args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+    c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--token-file"])
         .arg(&token)
         .arg("--state-dir")
         .arg(dir.join("state"))
@@ -316,16 +321,87 @@ fn sixteen_clients_at_once() {
         .map(|i| {
             let tr = if i % 2 == 0 { "tcp" } else { "quic" };
             d.auth(client(t.path()).args(["copy", "-q", "-j", "2", "--transport", tr]))
+                .stderr(Stdio::piped())
                 .arg(format!("{}/", src.display()))
                 .arg(d.url(&format!("c{i}")))
                 .spawn()
                 .expect("spawn")
         })
         .collect();
-    for (i, mut c) in children.into_iter().enumerate() {
-        assert!(c.wait().expect("wait").success(), "client {i} failed");
+    for (i, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().expect("wait");
+        assert!(
+            o.status.success(),
+            "client {i} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     for i in 0..16 {
         same_tree(&src, &module.join(format!("c{i}")));
     }
+}
+
+/// Starts a slow push of a 48 MiB file and waits until the daemon has
+/// journaled some of its chunks.
+fn slow_push(t: &Path, d: &Daemon, src: &Path, module: &Path) -> Child {
+    let child = d
+        .auth(client(t).args([
+            "copy",
+            "-q",
+            "--chunk-size",
+            "1M",
+            "--bwlimit",
+            "12M",
+            "--transport",
+            "tcp",
+        ]))
+        .arg(src)
+        .arg(d.url("big"))
+        .spawn()
+        .expect("spawn");
+    wait_until("journaled chunks", Duration::from_secs(60), || {
+        journal_records(&module.join(".big.tern.journal")) >= 4
+    });
+    child
+}
+
+#[test]
+fn kill_9_of_client_or_daemon_then_rerun_resumes_to_the_same_blake3() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("big"), t.path().join("module"));
+    write(&src, &data(48 << 20, 9));
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+
+    // The client dies.
+    let mut c = slow_push(t.path(), &d, &src, &module);
+    kill9(&mut c);
+    assert!(!module.join("big").exists(), "no partial file at the final name");
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json", "--chunk-size", "1M", "--transport", "quic"]))
+        .arg(&src)
+        .arg(d.url("big")));
+    let j = json(&out);
+    assert!(j["bytes_resumed"].as_u64().unwrap_or(0) >= 4 << 20, "{out}");
+    assert_eq!(b3(&src), b3(&module.join("big")));
+    assert!(side_files(&module).is_empty());
+
+    // The daemon dies, and comes back on the same port with the same key.
+    fs::remove_file(module.join("big")).expect("rm");
+    let port = d.port;
+    let mut c = slow_push(t.path(), &d, &src, &module);
+    let mut d = d;
+    kill9(&mut d.child);
+    kill9(&mut c);
+    assert!(!module.join("big").exists(), "no partial file at the final name");
+    let d2 = daemon_on(t.path(), &module, false, port);
+    assert_eq!(d2.fingerprint, d.fingerprint, "the identity persists");
+    let out = ok(d2
+        .auth(client(t.path()).args(["copy", "--json", "--chunk-size", "1M"]))
+        .arg(&src)
+        .arg(d2.url("big")));
+    let j = json(&out);
+    assert!(j["bytes_resumed"].as_u64().unwrap_or(0) >= 4 << 20, "{out}");
+    assert_eq!(b3(&src), b3(&module.join("big")));
+    assert!(side_files(&module).is_empty());
 }
