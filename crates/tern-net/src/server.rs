@@ -649,7 +649,7 @@ impl Session {
             Msg::Hello(_) | Msg::Auth(_) | Msg::Join { .. } => {
                 return Err(proto("handshake message in the middle of a stream"))
             }
-            other => return Err(proto(&format!("unexpected message {}", msg_name(&other)))),
+            _ => return Err(proto("a reply where a request was expected")),
         };
         match reply {
             Ok(m) => s.send(&m),
@@ -815,19 +815,8 @@ fn recv_around_holes(s: &mut Stream, buf: &mut [u8], offset: u64, holes: &[(u64,
     if holes.is_empty() {
         return s.recv_data(buf);
     }
-    // Gather the data ranges, receive them contiguously, then spread them.
-    let mut ranges = Vec::new();
-    let mut pos = offset;
-    for &(h, l) in holes {
-        if h > pos {
-            ranges.push((pos, h - pos));
-        }
-        pos = h + l;
-    }
-    let end = offset + buf.len() as u64;
-    if pos < end {
-        ranges.push((pos, end - pos));
-    }
+    // Receive the data ranges contiguously, then spread them.
+    let ranges = data_around(holes, offset, buf.len() as u64);
     let n: u64 = ranges.iter().map(|r| r.1).sum();
     let mut packed = vec![0u8; n as usize];
     s.recv_data(&mut packed)?;
@@ -840,11 +829,20 @@ fn recv_around_holes(s: &mut Stream, buf: &mut [u8], offset: u64, holes: &[(u64,
     Ok(())
 }
 
-fn msg_name(m: &Msg) -> &'static str {
-    match m {
-        Msg::Welcome(_) => "Welcome",
-        _ => "reply",
+/// The ranges of `[offset, offset+len)` outside `holes` (sorted, disjoint).
+fn data_around(holes: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::with_capacity(holes.len() + 1);
+    let mut pos = offset;
+    for &(h, l) in holes {
+        if h > pos {
+            ranges.push((pos, h - pos));
+        }
+        pos = h + l;
     }
+    if pos < offset + len {
+        ranges.push((pos, offset + len - pos));
+    }
+    ranges
 }
 
 /// The data bytes of `data` (at `offset`) outside `holes`, concatenated:
@@ -854,16 +852,9 @@ pub fn pack_around_holes<'a>(data: &'a [u8], offset: u64, holes: &[(u64, u64)]) 
         return std::borrow::Cow::Borrowed(data);
     }
     let mut out = Vec::with_capacity(data.len());
-    let mut pos = offset;
-    for &(h, l) in holes {
-        if h > pos {
-            out.extend_from_slice(&data[(pos - offset) as usize..(h - offset) as usize]);
-        }
-        pos = h + l;
-    }
-    let end = offset + data.len() as u64;
-    if pos < end {
-        out.extend_from_slice(&data[(pos - offset) as usize..]);
+    for (start, len) in data_around(holes, offset, data.len() as u64) {
+        let from = (start - offset) as usize;
+        out.extend_from_slice(&data[from..from + len as usize]);
     }
     std::borrow::Cow::Owned(out)
 }

@@ -63,14 +63,14 @@ fn bad(arg: &str, why: &str) -> NetError {
     ))
 }
 
-fn split_host(arg: &str, s: &str) -> Result<(String, Option<String>, String)> {
-    // Returns (host, rest after host, separator-stripped remainder).
+/// The host (brackets removed) and what follows it.
+fn split_host<'a>(arg: &str, s: &'a str) -> Result<(String, &'a str)> {
     if let Some(r) = s.strip_prefix('[') {
         let (host, rest) = r.split_once(']').ok_or_else(|| bad(arg, "unclosed `[`"))?;
-        return Ok((host.to_string(), None, rest.to_string()));
+        return Ok((host.to_string(), rest));
     }
     let end = s.find([':', '/']).unwrap_or(s.len());
-    Ok((s[..end].to_string(), None, s[end..].to_string()))
+    Ok((s[..end].to_string(), &s[end..]))
 }
 
 fn module_and_path(arg: &str, s: &str) -> Result<(String, PathBuf, bool)> {
@@ -92,13 +92,13 @@ fn port(arg: &str, p: &str) -> Result<u16> {
 }
 
 fn parse_url(arg: &str, rest: &str) -> Result<RemoteSpec> {
-    let (host, _, after) = split_host(arg, rest)?;
+    let (host, after) = split_host(arg, rest)?;
     let (port, after) = match after.strip_prefix(':') {
         Some(a) => {
             let end = a.find('/').unwrap_or(a.len());
             (port(arg, &a[..end])?, &a[end..])
         }
-        None => (DEFAULT_PORT, after.as_str()),
+        None => (DEFAULT_PORT, after),
     };
     if host.is_empty() {
         return Err(bad(arg, "no host"));
@@ -117,7 +117,7 @@ fn parse_url(arg: &str, rest: &str) -> Result<RemoteSpec> {
 }
 
 fn parse_short(arg: &str) -> Result<RemoteSpec> {
-    let (host, _, after) = split_host(arg, arg)?;
+    let (host, after) = split_host(arg, arg)?;
     let after = after
         .strip_prefix(':')
         .ok_or_else(|| bad(arg, "expected `:` after the host"))?;
