@@ -117,7 +117,7 @@ pub struct Root {
 }
 
 /// What happened (or, in a dry run, would happen) to one path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// A file was copied where none was.
@@ -166,7 +166,8 @@ pub struct Quiet;
 impl Observer for Quiet {}
 
 /// The outcome of a run.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Summary {
     /// Regular files seen in the source (after filters).
     pub files: u64,

@@ -63,6 +63,7 @@ pub struct Rule {
     include: bool,
     pats: Vec<Pattern>,
     text: String,
+    raw: Vec<u8>,
 }
 
 impl Rule {
@@ -96,7 +97,12 @@ impl Rule {
         } else {
             pats.push(compile(p, anchored, dir_only, &text)?);
         }
-        Ok(Rule { include, pats, text })
+        Ok(Rule {
+            include,
+            pats,
+            text,
+            raw: pattern.to_vec(),
+        })
     }
 
     /// Whether this is an include rule.
@@ -107,6 +113,11 @@ impl Rule {
     /// The pattern as written.
     pub fn pattern(&self) -> &str {
         &self.text
+    }
+
+    /// The pattern's bytes as written (`pattern` is lossy for non-UTF-8).
+    pub fn pattern_bytes(&self) -> &[u8] {
+        &self.raw
     }
 
     fn matches(&self, path: &[u8], is_dir: bool) -> bool {
@@ -290,6 +301,11 @@ impl Filter {
             self.rules.push(rule);
         }
         Ok(())
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
     }
 
     /// True when there are no rules.

@@ -103,6 +103,11 @@ impl LocalEndpoint {
         })
     }
 
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where the system calls for `rel` go. Confined, the parent directory
     /// is opened beneath the root; a path with `..`, a root or `.` component
     /// is refused outright.

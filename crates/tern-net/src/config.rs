@@ -3,6 +3,11 @@
 //! ```toml
 //! listen = ["0.0.0.0:7373"]
 //! state_dir = "/var/lib/tern"
+//! # Daemons this one may pull from when a client asks it to copy from them
+//! # directly (remote to remote): HOST:PORT, HOST (any port) or "*". Empty
+//! # (the default): never. The source daemon must also grant this daemon's
+//! # key (`tern fingerprint --server`) in its [[clients]].
+//! pull_from = ["nas.example:7373"]
 //!
 //! [modules.data]
 //! path = "/srv/data"
@@ -64,6 +69,8 @@ struct FileCfg {
     tokens: Vec<TokenCfg>,
     #[serde(default)]
     clients: Vec<ClientCfg>,
+    #[serde(default)]
+    pull_from: Vec<String>,
     #[serde(default)]
     limits: LimitsCfg,
 }
@@ -160,8 +167,56 @@ pub struct ServerConfig {
     pub modules: BTreeMap<String, ModuleConfig>,
     /// Grants.
     pub grants: Vec<Grant>,
+    /// Daemons this one may pull from on a client's behalf.
+    pub pull_from: Vec<PullPeer>,
     /// Per-client limits.
     pub limits: Limits,
+}
+
+/// A daemon this one may pull from: a host (any port) or host and port, or
+/// any daemon at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullPeer {
+    /// `*`.
+    Any,
+    /// `HOST` or `HOST:PORT` (host compared without case).
+    Host(String, Option<u16>),
+}
+
+impl PullPeer {
+    /// Parses `*`, `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT`.
+    pub fn parse(s: &str) -> Result<PullPeer> {
+        let bad = || NetError::Config(format!("pull_from: `{s}` is not HOST, HOST:PORT or \"*\""));
+        if s == "*" {
+            return Ok(PullPeer::Any);
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p.parse().map_err(|_| bad())?)),
+                None if after.is_empty() => (h, None),
+                None => return Err(bad()),
+            }
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p.parse().map_err(|_| bad())?)),
+                Some(_) => (s, None),
+                None => (s, None),
+            }
+        };
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(bad());
+        }
+        Ok(PullPeer::Host(host.to_ascii_lowercase(), port))
+    }
+
+    /// Whether this entry allows `host:port`.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        match self {
+            PullPeer::Any => true,
+            PullPeer::Host(h, p) => h.eq_ignore_ascii_case(host) && p.is_none_or(|p| p == port),
+        }
+    }
 }
 
 /// Reads a token from a file: its first line, trimmed.
@@ -254,6 +309,9 @@ impl ServerConfig {
                 }
             }
         }
+        for p in &f.pull_from {
+            cfg.pull_from.push(PullPeer::parse(p)?);
+        }
         let l = f.limits;
         cfg.limits = Limits {
             handshake: Duration::from_secs(l.handshake_timeout_secs.max(1)),
@@ -271,6 +329,7 @@ impl ServerConfig {
             state_dir: default_state_dir(),
             modules: BTreeMap::new(),
             grants: Vec::new(),
+            pull_from: Vec::new(),
             limits: Limits {
                 handshake: Duration::from_secs(10),
                 idle: Duration::from_secs(300),
@@ -347,6 +406,7 @@ mod tests {
         let text = r#"
 listen = ["127.0.0.1:9000", "[::1]"]
 state_dir = "state"
+pull_from = ["a.example:7000", "b.example", "[::1]:9", "*"]
 [modules.data]
 path = "data"
 access = "read-write"
@@ -370,6 +430,10 @@ idle_timeout_secs = 5
         assert_eq!(c.grants[0].token_hash, Some(blake3::hash(b"s3cret")));
         assert_eq!(c.grants[1].access, Access::Read);
         assert_eq!(c.limits.idle, Duration::from_secs(5));
+        assert!(c.pull_from[0].allows("A.example", 7000) && !c.pull_from[0].allows("a.example", 7001));
+        assert!(c.pull_from[1].allows("b.example", 1) && !c.pull_from[1].allows("c.example", 1));
+        assert!(c.pull_from[2].allows("::1", 9) && !c.pull_from[2].allows("::1", 10));
+        assert_eq!(c.pull_from[3], PullPeer::Any);
 
         let bad = [
             ("[modules.x]\npath = \"nope\"\n", "not a directory"),
@@ -378,6 +442,8 @@ idle_timeout_secs = 5
             ("[[tokens]]\nmodules = [\"*\"]\n", "exactly one"),
             ("listen = [\"nowhere:xx\"]\n", "not an address"),
             ("[modules.\"../x\"]\npath = \"data\"\n", "not a module name"),
+            ("pull_from = [\"host:port\"]\n", "pull_from"),
+            ("pull_from = [\"[::1\"]\n", "pull_from"),
         ];
         for (t, want) in bad {
             let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();

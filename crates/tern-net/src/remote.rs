@@ -64,6 +64,8 @@ struct Inner {
     conn: Connector,
     pool: Mutex<Vec<Stream>>,
     welcome: Welcome,
+    /// Protocol features both sides offer.
+    features: u64,
     next_handle: AtomicU64,
     spec: RemoteSpec,
     lost: AtomicBool,
@@ -98,7 +100,7 @@ fn resolve(spec: &RemoteSpec) -> Result<SocketAddr> {
         .ok_or_else(|| NetError::Config(format!("{}: host has no address", spec.host)))
 }
 
-fn handshake(s: &mut Stream, second: Msg) -> Result<Welcome> {
+fn handshake(s: &mut Stream, second: Msg) -> Result<(Welcome, u64)> {
     let ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
     s.send(&Msg::Hello(ours.clone()))?;
     s.send(&second)?;
@@ -110,9 +112,9 @@ fn handshake(s: &mut Stream, second: Msg) -> Result<Welcome> {
             )))
         }
     };
-    negotiate(&ours, &theirs)?;
+    let agreed = negotiate(&ours, &theirs)?;
     match s.recv()? {
-        Msg::Welcome(w) => Ok(w),
+        Msg::Welcome(w) => Ok((w, agreed.features)),
         _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
             "expected Welcome".into(),
         ))),
@@ -159,7 +161,7 @@ impl RemoteEndpoint {
         };
         let fp = fingerprint(conn.server_cert());
         crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
-        let welcome = handshake(
+        let (welcome, features) = handshake(
             &mut first,
             Msg::Auth(Auth {
                 module: spec.module.clone(),
@@ -173,6 +175,7 @@ impl RemoteEndpoint {
                 conn,
                 pool: Mutex::new(vec![first]),
                 welcome,
+                features,
                 next_handle: AtomicU64::new(1),
                 spec: spec.clone(),
                 lost: AtomicBool::new(false),
@@ -195,6 +198,81 @@ impl RemoteEndpoint {
     /// The location, for messages.
     pub fn spec(&self) -> &RemoteSpec {
         &self.inner.spec
+    }
+
+    /// The server's key fingerprint, as verified when connecting.
+    pub fn server_fingerprint(&self) -> String {
+        fingerprint(self.inner.conn.server_cert())
+    }
+
+    /// Whether the daemon can run a transfer from other daemons itself.
+    pub fn supports_pull(&self) -> bool {
+        self.inner.features & tern_proto::FEATURE_PULL != 0
+    }
+
+    /// Asks the daemon to run `req` (sources on other daemons, destination
+    /// in this session's module), passing its events to `obs` until it
+    /// ends. Returns the run's summary and the transport the daemon used.
+    /// Setting `cancel` stops waiting and drops the stream, which stops the
+    /// daemon's run (partial files stay for a resume).
+    pub fn pull(
+        &self,
+        req: tern_proto::PullRequest,
+        obs: &dyn tern_core::engine::Observer,
+        cancel: &AtomicBool,
+    ) -> Result<(tern_core::Summary, String)> {
+        use tern_proto::RunEvent;
+        let mut s = self.open_stream()?;
+        s.send(&Msg::Pull(Box::new(req)))?;
+        s.flush()?;
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok((
+                    tern_core::Summary {
+                        interrupted: true,
+                        ..Default::default()
+                    },
+                    String::new(),
+                ));
+            }
+            match s.recv()? {
+                Msg::RunEvent(e) => match e {
+                    RunEvent::Planned { files, bytes } => obs.planned(files, bytes),
+                    RunEvent::ScanDone => obs.scan_done(),
+                    RunEvent::Progress(n) => obs.progress(n),
+                    RunEvent::FilesDone(n) => (0..n).for_each(|_| obs.file_done()),
+                    RunEvent::Action { action, path, size } => {
+                        if let Ok(a) = serde_json::from_str(&action) {
+                            obs.action(a, &wire::bytes_path(&path), size);
+                        }
+                    }
+                    RunEvent::Failed { path: Some(p), message } => {
+                        let p = wire::bytes_path(&p);
+                        let rel = p.strip_prefix(&self.inner.spec.path).unwrap_or(&p);
+                        obs.error(&Error::Other {
+                            path: self.shown(rel),
+                            message,
+                        })
+                    }
+                    // Already names its path (a source's).
+                    RunEvent::Failed { path: None, message } => obs.error(&Error::Usage(message)),
+                },
+                Msg::RunDone {
+                    summary_json,
+                    transport,
+                } => {
+                    let summary = serde_json::from_str(&summary_json)
+                        .map_err(|e| NetError::Proto(tern_proto::ProtoError::Malformed(format!("run summary: {e}"))))?;
+                    return Ok((summary, transport));
+                }
+                Msg::Error(e) => return Err(NetError::Remote(e)),
+                _ => {
+                    return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                        "unexpected message during a pull".into(),
+                    )))
+                }
+            }
+        }
     }
 
     fn full(&self, rel: &Path) -> Vec<u8> {

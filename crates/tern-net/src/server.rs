@@ -48,6 +48,7 @@ pub struct Server {
     pub shutdown: Arc<AtomicBool>,
     next_session: AtomicU64,
     agent: String,
+    pull: Arc<crate::pull::PullPolicy>,
 }
 
 struct Module {
@@ -71,6 +72,10 @@ impl Server {
             shutdown: Arc::default(),
             next_session: AtomicU64::new(1),
             agent: agent.to_string(),
+            pull: Arc::new(crate::pull::PullPolicy {
+                allow: cfg.pull_from.clone(),
+                state_dir: cfg.state_dir.clone(),
+            }),
         })
     }
 
@@ -242,12 +247,20 @@ impl Server {
             reads: Mutex::default(),
             cancel: self.shutdown.clone(),
             idle: Duration::from_secs(300),
+            pull: self.pull.clone(),
         });
         if let Ok(mut m) = self.sessions.lock() {
             m.retain(|_, w| w.strong_count() > 0);
             m.insert(session.id, Arc::downgrade(&session));
         }
-        tracing::info!(peer = %peer.addr, module = %a.module, writable, transport = peer.transport.name(), "session opened");
+        tracing::info!(
+            peer = %peer.addr,
+            module = %a.module,
+            writable,
+            transport = peer.transport.name(),
+            client_key = peer.client.as_deref().unwrap_or("none"),
+            "session opened"
+        );
         Ok(session)
     }
 
@@ -355,6 +368,7 @@ struct Session {
     reads: Mutex<HashMap<u64, Arc<dyn ReadFile>>>,
     cancel: Arc<AtomicBool>,
     idle: Duration,
+    pull: Arc<crate::pull::PullPolicy>,
 }
 
 impl Drop for Session {
@@ -567,6 +581,17 @@ impl Session {
                 Ok(Msg::Created { resumed })
             }),
             Msg::Write(wc) => return self.write(s, wc, buf),
+            Msg::Pull(req) => {
+                let path = |b: &[u8]| self.path(b);
+                let t = crate::pull::Target {
+                    ep: &self.ep,
+                    module: &self.module,
+                    writable: self.writable,
+                    path: &path,
+                    shutdown: &self.cancel,
+                };
+                return crate::pull::serve(&self.pull, &t, *req, s);
+            }
             Msg::FileMeta {
                 handle,
                 writes,

@@ -7,13 +7,13 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::time::Duration;
 
-use tern_net::config::{Access, Grant, ServerConfig};
+use tern_net::config::{Access, Grant, PullPeer, ServerConfig};
 use tern_net::daemon::Daemon;
 use tern_net::identity::Identity;
 use tern_net::stream::Stream;
 use tern_net::transport::{Connector, Transport};
 use tern_net::NetError;
-use tern_proto::{Auth, ErrorCode, Hello, Msg, WireMeta, WireSpec};
+use tern_proto::{Auth, ErrorCode, Hello, Msg, PullRequest, PullSource, RunOptions, WireMeta, WireSpec};
 
 struct Setup {
     _t: tempfile::TempDir,
@@ -57,6 +57,7 @@ fn setup() -> Setup {
             access,
         });
     }
+    cfg.pull_from.push(PullPeer::Host("127.0.0.1".into(), None));
     let id = Identity::load_or_create(&cfg.state_dir).expect("identity");
     let daemon = Daemon::start(&cfg, &id).expect("start");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -300,4 +301,79 @@ fn garbage_and_unexpected_frames_end_only_their_stream() {
     let mut s = st.session("data", TOKEN, false).expect("session after garbage");
     s.send(&Msg::Stat { path: Vec::new() }).expect("send");
     assert!(matches!(s.recv(), Ok(Msg::StatReply(Some(_)))));
+}
+
+fn pull(st: &Setup, host: &str, fingerprint: &str, dst_rel: &[u8], chunk_size: u64) -> Msg {
+    let port = st.daemon.as_ref().expect("daemon").addrs()[0].port();
+    Msg::Pull(Box::new(PullRequest {
+        sources: vec![PullSource {
+            host: host.into(),
+            port,
+            module: "data".into(),
+            path: b"sub".to_vec(),
+            fingerprint: fingerprint.into(),
+            dst_rel: dst_rel.to_vec(),
+        }],
+        opts: RunOptions {
+            check: false,
+            delete: true,
+            dry_run: false,
+            checksum: false,
+            rules: Vec::new(),
+            jobs: 2,
+            fsync: false,
+            verify: false,
+            chunk_size,
+            hard_links: false,
+            xattrs: false,
+            bwlimit: None,
+        },
+        transport: 2,
+    }))
+}
+
+#[test]
+fn pull_requests_outside_what_the_daemon_allows_are_refused() {
+    let st = setup();
+    let fp = Identity::load_or_create(&st.root.join("state"))
+        .expect("id")
+        .fingerprint();
+    let mut ro = st.session("data", RO_TOKEN, false).expect("read session");
+    assert_eq!(
+        refused(&mut ro, pull(&st, "127.0.0.1", &fp, b"x", 1 << 20)),
+        ErrorCode::Forbidden
+    );
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    // Not in pull_from: refused before any connection is made.
+    s.send(&pull(&st, "10.255.255.1", &fp, b"x", 1 << 20)).expect("send");
+    match s.recv() {
+        Err(NetError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::Forbidden);
+            assert!(e.message.contains("pull_from"), "{}", e.message);
+        }
+        other => panic!("pull from an unlisted host: {other:?}"),
+    }
+    // A destination outside the module, and a bogus chunk size.
+    for bad in [&b"../outside"[..], b"/etc", b"out/../../outside"] {
+        assert_eq!(
+            refused(&mut s, pull(&st, "127.0.0.1", &fp, bad, 1 << 20)),
+            ErrorCode::Forbidden
+        );
+    }
+    assert_eq!(
+        refused(&mut s, pull(&st, "127.0.0.1", &fp, b"x", 3)),
+        ErrorCode::Protocol
+    );
+    // A source showing another key than the client saw is not used.
+    let wrong = format!("b3:{}", "0".repeat(64));
+    s.send(&pull(&st, "127.0.0.1", &wrong, b"x", 1 << 20)).expect("send");
+    match s.recv() {
+        Err(NetError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert!(e.message.contains("cannot reach the source"), "{}", e.message);
+        }
+        other => panic!("pull from a source with another key: {other:?}"),
+    }
+    assert!(!st.root.join("module/x").exists());
+    st.outside_untouched();
 }

@@ -29,8 +29,9 @@ pub use frame::{
     FLAG_LAST, HEADER_LEN,
 };
 pub use msg::{
-    negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WireEntry,
-    WireKind, WireMeta, WireSpec, WriteChunk, FEATURES, MAGIC, VERSION_MAX, VERSION_MIN,
+    negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, ErrorCode, ErrorMsg, Hello, Msg, PullRequest, PullSource,
+    RunEvent, RunOptions, Welcome, WireEntry, WireKind, WireMeta, WireSpec, WriteChunk, FEATURES, FEATURE_PULL, MAGIC,
+    VERSION_MAX, VERSION_MIN,
 };
 
 /// A violation of the protocol by the peer (or a bug in the caller).

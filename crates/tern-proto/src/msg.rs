@@ -10,9 +10,11 @@ pub const MAGIC: [u8; 4] = *b"TERN";
 pub const VERSION_MIN: u16 = 1;
 /// Highest protocol version this build speaks.
 pub const VERSION_MAX: u16 = 1;
-/// Feature bits this build offers (none are defined yet). Unknown bits from a
-/// peer are ignored.
-pub const FEATURES: u64 = 0;
+/// Feature bit: the daemon runs transfers from another daemon itself
+/// ([`Msg::Pull`]).
+pub const FEATURE_PULL: u64 = 1;
+/// Feature bits this build offers. Unknown bits from a peer are ignored.
+pub const FEATURES: u64 = FEATURE_PULL;
 
 /// A control message.
 ///
@@ -236,6 +238,114 @@ pub enum Msg {
     /// Several small files (and symlinks) in one request; the files'
     /// bytes follow as data frames, in item order, holes left out.
     Batch(Batch),
+
+    // Daemon to daemon (feature [`FEATURE_PULL`]).
+    /// Client: run a transfer (or check) from other daemons into this
+    /// session's module, here. The server answers with [`Msg::RunEvent`]s
+    /// and one [`Msg::RunDone`], or an `Error`.
+    Pull(Box<PullRequest>),
+    /// Server: something the run did.
+    RunEvent(RunEvent),
+    /// Server: the run ended.
+    RunDone {
+        /// The run's summary, as JSON (its fields change more often than
+        /// the protocol does).
+        summary_json: String,
+        /// The transport the server used to reach the sources.
+        transport: String,
+    },
+}
+
+/// A transfer for a daemon to run from other daemons into its module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// What to transfer, and where each lands.
+    pub sources: Vec<PullSource>,
+    /// How.
+    pub opts: RunOptions,
+    /// 0: auto, 1: QUIC, 2: TCP.
+    pub transport: u8,
+}
+
+/// One source of a [`PullRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullSource {
+    /// Host name or address, as the client named it.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Module on that daemon.
+    pub module: String,
+    /// Path inside the module.
+    pub path: Vec<u8>,
+    /// The source daemon's key fingerprint, as the client verified it: the
+    /// server must see the same one.
+    pub fingerprint: String,
+    /// Where it lands, relative to the session module's root.
+    pub dst_rel: Vec<u8>,
+}
+
+/// The engine options of a delegated run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Compare only (`tern check`).
+    pub check: bool,
+    /// Delete what the source does not have.
+    pub delete: bool,
+    /// Change nothing.
+    pub dry_run: bool,
+    /// Decide by content.
+    pub checksum: bool,
+    /// Filter rules in order: (pattern, include).
+    pub rules: Vec<(Vec<u8>, bool)>,
+    /// Worker threads.
+    pub jobs: u32,
+    /// fsync before rename.
+    pub fsync: bool,
+    /// Read back and hash before commit.
+    pub verify: bool,
+    /// Chunk size.
+    pub chunk_size: u64,
+    /// Preserve hard links.
+    pub hard_links: bool,
+    /// Preserve extended attributes.
+    pub xattrs: bool,
+    /// Bytes per second, if limited.
+    pub bwlimit: Option<u64>,
+}
+
+/// What a delegated run did, as it does it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunEvent {
+    /// More work planned.
+    Planned {
+        /// Files.
+        files: u64,
+        /// Bytes.
+        bytes: u64,
+    },
+    /// The scan ended.
+    ScanDone,
+    /// Bytes transferred (or found in place) since the last event.
+    Progress(u64),
+    /// Files finished since the last event.
+    FilesDone(u64),
+    /// An action on a path (relative to the destination root).
+    Action {
+        /// The action's name, as in `--json` output.
+        action: String,
+        /// Path.
+        path: Vec<u8>,
+        /// Size.
+        size: u64,
+    },
+    /// A failure; the run goes on.
+    Failed {
+        /// Path concerned, if any.
+        path: Option<Vec<u8>>,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// An authentication request.

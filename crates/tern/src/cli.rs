@@ -148,6 +148,14 @@ pub struct ServeArgs {
     /// (random) if the file does not exist.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Also let the client (or daemon) with this key fingerprint use the
+    /// --module modules, as the token does (repeatable).
+    #[arg(long, value_name = "FP")]
+    pub allow_key: Vec<String>,
+    /// Let clients ask this daemon to copy from the daemon at HOST[:PORT]
+    /// directly (remote to remote; repeatable; `*` for any).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub pull_from: Vec<String>,
     /// Where the daemon keeps its identity [default: $TERN_STATE_DIR, or
     /// /var/lib/tern for root, or ~/.local/state/tern].
     #[arg(long, value_name = "DIR")]

@@ -21,6 +21,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use tern_core::filter::{Filter, Rule};
 use tern_core::{Dest, LocalEndpoint, Mode, Options, Root, Source, Summary};
 use tern_net::remote::RemoteEndpoint;
+use tern_proto::{PullRequest, PullSource};
 
 use cli::{Cli, Command, Exit, OutputArgs, RemoteArgs, TransferArgs};
 use net::Loc;
@@ -183,6 +184,7 @@ struct Src {
     /// The name it is copied under when it is not copied as contents.
     name: Option<PathBuf>,
     local: Option<PathBuf>,
+    remote: Option<RemoteEndpoint>,
 }
 
 fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -> anyhow::Result<Src> {
@@ -199,6 +201,7 @@ fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -
                 slash,
                 name: path.file_name().map(PathBuf::from),
                 local: Some(path),
+                remote: None,
             })
         }
         Loc::Remote(spec) => {
@@ -209,11 +212,12 @@ fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -
             };
             remotes.push(ep.clone());
             Ok(Src {
-                ep: Arc::new(ep),
+                ep: Arc::new(ep.clone()),
                 is_dir: root.kind == tern_core::Kind::Dir,
                 slash: spec.trailing_slash,
                 name: Some(net::remote_name(&spec)),
                 local: None,
+                remote: Some(ep),
             })
         }
     }
@@ -227,6 +231,7 @@ struct Dst {
     slash: bool,
     local: Option<PathBuf>,
     shown: String,
+    remote: Option<RemoteEndpoint>,
 }
 
 fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteEndpoint>) -> anyhow::Result<Dst> {
@@ -244,6 +249,7 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
                 slash: ends_with_slash(&p),
                 shown: path.display().to_string(),
                 local: Some(path),
+                remote: None,
             })
         }
         Loc::Remote(spec) => {
@@ -251,11 +257,12 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             let root = ep.stat(Path::new(""))?;
             remotes.push(ep.clone());
             Ok(Dst {
-                ep: Arc::new(ep),
+                ep: Arc::new(ep.clone()),
                 root,
                 slash: spec.trailing_slash,
                 shown: spec.display(),
                 local: None,
+                remote: Some(ep),
             })
         }
     }
@@ -265,13 +272,51 @@ fn dst_is_dir(d: &Dst) -> bool {
     d.root.as_ref().is_some_and(|e| e.kind == tern_core::Kind::Dir)
 }
 
+/// The endpoints of a run.
+struct Plan {
+    dest: Arc<dyn Dest>,
+    roots: Vec<Root>,
+    /// Set when the destination and every source are on daemons: the
+    /// destination daemon may then run the transfer itself (remote to
+    /// remote, the data not passing through here).
+    direct: Option<(RemoteEndpoint, Vec<PullSource>)>,
+}
+
+impl Plan {
+    fn new(d: Dst, roots: Vec<(Root, Option<RemoteEndpoint>)>) -> Plan {
+        let direct = d.remote.filter(|dr| dr.supports_pull()).and_then(|dr| {
+            let sources = roots
+                .iter()
+                .map(|(root, src)| {
+                    let src = src.as_ref()?;
+                    let spec = src.spec();
+                    Some(PullSource {
+                        host: spec.host.clone(),
+                        port: spec.port,
+                        module: spec.module.clone(),
+                        path: spec.path.as_os_str().as_bytes().to_vec(),
+                        fingerprint: src.server_fingerprint(),
+                        dst_rel: dr.spec().path.join(&root.dst_rel).as_os_str().as_bytes().to_vec(),
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some((dr, sources))
+        });
+        Plan {
+            dest: d.ep,
+            roots: roots.into_iter().map(|(r, _)| r).collect(),
+            direct,
+        }
+    }
+}
+
 /// Resolves `tern copy SRC... DST` into engine roots.
 fn copy_roots(
     paths: &[OsString],
     r: &RemoteArgs,
     write: bool,
     remotes: &mut Vec<RemoteEndpoint>,
-) -> anyhow::Result<(Arc<dyn Dest>, Vec<Root>)> {
+) -> anyhow::Result<Plan> {
     let (dst, srcs) = paths.split_last().context("need SRC... DST")?;
     let d = open_dest(dst, r, write, remotes)?;
     let into_dir = srcs.len() > 1 || d.slash || dst_is_dir(&d);
@@ -289,12 +334,12 @@ fn copy_roots(
         if let (Some(sp), Some(dp)) = (&src.local, &d.local) {
             check_not_inside(sp, &dp.join(&dst_rel))?;
         }
-        roots.push(Root { src: src.ep, dst_rel });
+        roots.push((Root { src: src.ep, dst_rel }, src.remote));
     }
     if into_dir && d.root.is_some() && !dst_is_dir(&d) {
         bail!("destination {} exists and is not a directory", d.shown);
     }
-    Ok((d.ep, roots))
+    Ok(Plan::new(d, roots))
 }
 
 /// `p` made absolute with symlinks resolved as far as it exists.
@@ -377,7 +422,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     loop {
         let mut remotes = Vec::new();
         let resolved = resolve(&cli.command, remote, write, &mut remotes);
-        let (dest, roots) = match resolved {
+        let plan = match resolved {
             Ok(x) => x,
             Err(e) if attempt < remote.retries && is_connect_failure(&e) && !cancel.load(Ordering::Relaxed) => {
                 attempt += 1;
@@ -386,7 +431,40 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             }
             Err(e) => return Err(e),
         };
-        let summary = tern_core::run(roots, dest, opts.clone(), console.clone());
+        if let Some((dr, sources)) = plan.direct {
+            let req = PullRequest {
+                sources,
+                opts: tern_net::pull::run_options(&opts),
+                transport: match remote.transport.as_str() {
+                    "quic" => 1,
+                    "tcp" => 2,
+                    _ => 0,
+                },
+            };
+            match dr.pull(req, &*console, &cancel) {
+                Ok((summary, transport)) => {
+                    console.summary(verb, &summary, Some(&transport), true);
+                    return Ok(exit_for(&summary));
+                }
+                Err(tern_net::NetError::Remote(e)) if direct_refusal(e.code) => {
+                    console.note(&format!(
+                        "{} cannot pull from the source itself ({}); the data goes through this machine",
+                        dr.spec().display(),
+                        e.message
+                    ));
+                }
+                Err(e) => {
+                    let e = anyhow::Error::from(e).context(dr.spec().display());
+                    if attempt < remote.retries && is_connect_failure(&e) && !cancel.load(Ordering::Relaxed) {
+                        attempt += 1;
+                        retry_pause(attempt, remote.retries, &e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let summary = tern_core::run(plan.roots, plan.dest, opts.clone(), console.clone());
         let lost = remotes.iter().any(|r| r.connection_lost());
         if lost && attempt < remote.retries && !summary.interrupted {
             attempt += 1;
@@ -394,9 +472,16 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             continue;
         }
         let transport = remotes.first().map(|r| r.transport().name());
-        console.summary(verb, &summary, transport);
+        console.summary(verb, &summary, transport, false);
         return Ok(exit_for(&summary));
     }
+}
+
+/// Refusals of a direct (daemon to daemon) run after which relaying the data
+/// through the client may still work.
+fn direct_refusal(code: tern_proto::ErrorCode) -> bool {
+    use tern_proto::ErrorCode as C;
+    matches!(code, C::Forbidden | C::Unauthorized | C::Unavailable | C::NotFound)
 }
 
 fn is_connect_failure(e: &anyhow::Error) -> bool {
@@ -421,12 +506,7 @@ fn retry_pause(attempt: u32, of: u32, why: &anyhow::Error) {
 }
 
 /// Opens the endpoints of a copy, sync or check.
-fn resolve(
-    cmd: &Command,
-    r: &RemoteArgs,
-    write: bool,
-    remotes: &mut Vec<RemoteEndpoint>,
-) -> anyhow::Result<(Arc<dyn Dest>, Vec<Root>)> {
+fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteEndpoint>) -> anyhow::Result<Plan> {
     match cmd {
         Command::Copy { paths, .. } => copy_roots(paths, r, write, remotes),
         Command::Sync { src, dst, .. } => {
@@ -441,7 +521,7 @@ fn resolve(
                 Some(name) if !s.is_dir && dst_is_dir(&d) => name.clone(),
                 _ => PathBuf::new(),
             };
-            Ok((d.ep, vec![Root { src: s.ep, dst_rel }]))
+            Ok(Plan::new(d, vec![(Root { src: s.ep, dst_rel }, s.remote)]))
         }
         Command::Check { src, dst, .. } => {
             let s = open_source(src, r, remotes)?;
@@ -449,13 +529,11 @@ fn resolve(
             if d.root.is_none() {
                 bail!("destination {}: no such file or directory", d.shown);
             }
-            Ok((
-                d.ep,
-                vec![Root {
-                    src: s.ep,
-                    dst_rel: PathBuf::new(),
-                }],
-            ))
+            let root = Root {
+                src: s.ep,
+                dst_rel: PathBuf::new(),
+            };
+            Ok(Plan::new(d, vec![(root, s.remote)]))
         }
         Command::Serve(_) | Command::Fingerprint { .. } => bail!("not a transfer"),
     }

@@ -122,6 +122,24 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
         cfg.add_module(name, Path::new(path), access, None)?;
         cli_modules.push(name.to_string());
     }
+    for fp in &a.allow_key {
+        let fp = tern_net::identity::normalize_fingerprint(fp).map_err(|e| UsageError(e.to_string()))?;
+        let modules = if cli_modules.is_empty() {
+            vec!["*".to_string()]
+        } else {
+            cli_modules.clone()
+        };
+        cfg.grants.push(config::Grant {
+            token_hash: None,
+            client: Some(fp),
+            modules,
+            access,
+        });
+    }
+    for p in &a.pull_from {
+        cfg.pull_from
+            .push(config::PullPeer::parse(p).map_err(|e| UsageError(e.to_string()))?);
+    }
     if cfg.modules.is_empty() {
         bail!(UsageError(
             "nothing to serve: give --module NAME=PATH or a --config with modules".into()
@@ -164,6 +182,18 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
         };
         let c = m.comment.as_deref().map(|c| format!(" - {c}")).unwrap_or_default();
         writeln!(o, "module {}: {} ({rw}){c}", m.name, m.path.display())?;
+    }
+    if !cfg.pull_from.is_empty() {
+        let peers: Vec<String> = cfg
+            .pull_from
+            .iter()
+            .map(|p| match p {
+                config::PullPeer::Any => "any daemon".to_string(),
+                config::PullPeer::Host(h, Some(port)) => format!("{h}:{port}"),
+                config::PullPeer::Host(h, None) => h.clone(),
+            })
+            .collect();
+        writeln!(o, "pulls on request from: {}", peers.join(", "))?;
     }
     if let Some((f, t, created)) = &token_note {
         let what = if *created { "created" } else { "read" };

@@ -62,14 +62,25 @@ impl Console {
         }
     }
 
+    /// Tells the user something worth knowing about how the run goes (on
+    /// stderr, unless quiet).
+    pub fn note(&self, s: &str) {
+        if !self.quiet {
+            self.line(false, &format!("tern: {s}"));
+        }
+    }
+
     /// Prints the closing summary (on stderr, or as JSON on stdout).
-    pub fn summary(&self, verb: &str, s: &Summary, transport: Option<&str>) {
+    /// `direct`: the destination daemon fetched the data from the source
+    /// daemon itself, over `transport`.
+    pub fn summary(&self, verb: &str, s: &Summary, transport: Option<&str>, direct: bool) {
         self.finish();
         if self.json {
             let mut out = std::io::stdout().lock();
             let mut v = serde_json::to_value(s).unwrap_or_default();
             if let (Some(t), Some(o)) = (transport, v.as_object_mut()) {
                 o.insert("transport".into(), t.into());
+                o.insert("direct".into(), direct.into());
             }
             let _ = serde_json::to_writer(&mut out, &v);
             let _ = writeln!(out);
@@ -131,8 +142,10 @@ impl Console {
         if s.deletions_skipped {
             parts.push("deletions skipped because of errors".into());
         }
-        if let Some(t) = transport {
-            parts.push(format!("via {t}"));
+        match transport {
+            Some(t) if direct => parts.push(format!("daemon to daemon via {t}")),
+            Some(t) => parts.push(format!("via {t}")),
+            None => {}
         }
         eprintln!("{}", parts.join(", "));
     }

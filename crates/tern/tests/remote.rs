@@ -35,6 +35,11 @@ fn daemon(dir: &Path, module: &Path, ro: bool) -> Daemon {
 }
 
 fn daemon_on(dir: &Path, module: &Path, ro: bool, port: u16) -> Daemon {
+    daemon_with(dir, module, ro, port, &[])
+}
+
+/// A daemon with more `tern serve` arguments; its log goes to `dir/log`.
+fn daemon_with(dir: &Path, module: &Path, ro: bool, port: u16, extra: &[String]) -> Daemon {
     let token = dir.join("token");
     let mut c = tern();
     c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--token-file"])
@@ -46,9 +51,12 @@ fn daemon_on(dir: &Path, module: &Path, ro: bool, port: u16) -> Daemon {
     if !ro {
         c.arg("--read-write");
     }
+    c.args(extra);
+    fs::create_dir_all(dir).expect("mkdir");
+    let log = fs::File::create(dir.join("log")).expect("log file");
     let mut child = c
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn");
@@ -404,4 +412,99 @@ fn kill_9_of_client_or_daemon_then_rerun_resumes_to_the_same_blake3() {
     assert!(j["bytes_resumed"].as_u64().unwrap_or(0) >= 4 << 20, "{out}");
     assert_eq!(b3(&src), b3(&module.join("big")));
     assert!(side_files(&module).is_empty());
+}
+
+/// The key fingerprint of the daemon whose state is in `dir/state`
+/// (created now, used by the daemon later).
+fn server_fingerprint(dir: &Path) -> String {
+    let out = ok(tern()
+        .args(["fingerprint", "--server", "--state-dir"])
+        .arg(dir.join("state")));
+    out.trim().to_string()
+}
+
+#[test]
+fn remote_to_remote_goes_daemon_to_daemon_when_both_allow_it() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    let (src, dst, other) = (root.join("src"), root.join("dst"), root.join("other"));
+    make_tree(&src);
+    fs::create_dir(&dst).expect("mkdir");
+    fs::create_dir(&other).expect("mkdir");
+    let client_fp = ok(client(root).arg("fingerprint")).trim().to_string();
+    let (b_fp, c_fp) = (server_fingerprint(&root.join("b")), server_fingerprint(&root.join("c")));
+    // A exports the source to the client and to daemon B (not to C).
+    let a = daemon_with(
+        &root.join("a"),
+        &src,
+        true,
+        0,
+        &["--allow-key".into(), client_fp, "--allow-key".into(), b_fp.clone()],
+    );
+    let allow_a = vec!["--pull-from".to_string(), format!("127.0.0.1:{}", a.port)];
+    // B may pull from A; C may too, but A does not know C's key; D may not
+    // pull at all.
+    let b = daemon_with(&root.join("b"), &dst, false, 0, &allow_a);
+    let c = daemon_with(&root.join("c"), &other, false, 0, &allow_a);
+    let d = daemon_with(&root.join("d"), &other, false, 0, &[]);
+    // The client knows every daemon's key and writes with each one's token.
+    let hosts: String = [&a, &b, &c, &d]
+        .iter()
+        .map(|x| format!("127.0.0.1:{} {}\n", x.port, x.fingerprint))
+        .collect();
+    write(&root.join("client/known_hosts"), hosts.as_bytes());
+    let to = |x: &Daemon, args: &[&str]| {
+        let mut cmd = client(root);
+        cmd.args(args).arg("--token-file").arg(&x.token);
+        cmd
+    };
+
+    for tr in ["tcp", "quic"] {
+        let run = format!("run-{tr}");
+        let out = ok(to(&b, &["copy", "--json", "--chunk-size", "256K", "--transport", tr])
+            .arg(a.url(""))
+            .arg(b.url(&run)));
+        let j = json(&out);
+        assert_eq!(j["direct"], true, "{out}");
+        assert_eq!(j["transport"], tr);
+        assert_eq!(j["errors"], 0);
+        same_tree(&src, &dst.join(&run));
+        assert!(side_files(&dst).is_empty());
+        // The data came from A to B on B's own session: A logged B's key.
+        let log = fs::read_to_string(root.join("a/log")).expect("log");
+        assert!(
+            log.lines().any(|l| l.contains("session opened") && l.contains(&b_fp)),
+            "A never saw B:\n{log}"
+        );
+
+        // check and sync run there too.
+        ok(to(&b, &["check", "--transport", tr]).arg(a.url("")).arg(b.url(&run)));
+        write(&dst.join(format!("{run}/small/f3")), b"changed");
+        write(&dst.join(format!("{run}/extra")), b"x");
+        let o = go(to(&b, &["check", "--transport", tr]).arg(a.url("")).arg(b.url(&run)));
+        let (code, stdout, stderr) = outcome(&o);
+        assert_eq!(code, 4, "{stderr}");
+        assert!(stdout.contains("small/f3") && stdout.contains("extra"), "{stdout}");
+        let out = ok(to(&b, &["sync", "--json", "--delete", "--transport", tr])
+            .arg(a.url(""))
+            .arg(b.url(&run)));
+        assert_eq!(json(&out)["direct"], true);
+        same_tree(&src, &dst.join(&run));
+    }
+
+    // Where either side does not allow it, the data goes through the
+    // client, which says so, and the copy still completes.
+    let c_refused = format!("refused this daemon: no token given, and this client's key ({c_fp})");
+    for (x, why) in [(&c, c_refused.as_str()), (&d, "pull_from does not list it")] {
+        let run = format!("relay-{}", x.port);
+        let o = go(to(x, &["copy", "--json"]).arg(a.url("")).arg(x.url(&run)));
+        let (code, stdout, stderr) = outcome(&o);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            stderr.contains("the data goes through this machine") && stderr.contains(why),
+            "{stderr}"
+        );
+        assert_eq!(json(&stdout)["direct"], false);
+        same_tree(&src, &other.join(&run));
+    }
 }

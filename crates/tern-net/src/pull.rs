@@ -1,0 +1,336 @@
+//! Remote to remote: on a client's request, a daemon runs the transfer from
+//! other daemons into one of its modules itself, so the data goes straight
+//! from daemon to daemon and never through the client.
+//!
+//! Both daemons must allow it: the destination lists the source in its
+//! `pull_from`, and the source grants the destination daemon's key (its
+//! `[[clients]]`). The client passes the source's fingerprint as it verified
+//! it, and the destination refuses a source that shows another key. No
+//! secret of the client is forwarded.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_core::engine::{Action, Mode, Observer, Options, Root, Summary};
+use tern_core::filter::{Filter, Rule};
+use tern_core::{Error, LocalEndpoint};
+use tern_proto::{ErrorCode, ErrorMsg, Msg, PullRequest, RunEvent, RunOptions};
+
+use crate::config::PullPeer;
+use crate::error::{NetError, Result};
+use crate::remote::{ConnectOptions, RemoteEndpoint, TransportChoice};
+use crate::stream::Stream;
+use crate::trust::TrustPolicy;
+use crate::url::RemoteSpec;
+use crate::wire;
+
+/// What a daemon may pull from, and the identity it pulls with.
+#[derive(Debug, Clone)]
+pub struct PullPolicy {
+    /// Allowed source daemons (empty: none).
+    pub allow: Vec<PullPeer>,
+    /// The daemon's state directory: its identity is the client key it
+    /// presents to sources.
+    pub state_dir: PathBuf,
+}
+
+/// The engine options of `o`, for a [`PullRequest`].
+pub fn run_options(o: &Options) -> RunOptions {
+    RunOptions {
+        check: o.mode == Mode::Check,
+        delete: o.delete,
+        dry_run: o.dry_run,
+        checksum: o.checksum,
+        rules: o
+            .filter
+            .rules()
+            .iter()
+            .map(|r| (r.pattern_bytes().to_vec(), r.is_include()))
+            .collect(),
+        jobs: o.jobs.min(64) as u32,
+        fsync: o.fsync,
+        verify: o.verify,
+        chunk_size: o.chunk_size,
+        hard_links: o.hard_links,
+        xattrs: o.xattrs,
+        bwlimit: o.bwlimit,
+    }
+}
+
+/// Engine options from a request; refused if out of range.
+fn options(r: &RunOptions, cancel: Arc<AtomicBool>) -> std::result::Result<Options, ErrorMsg> {
+    let bad = |m: String| ErrorMsg::new(ErrorCode::Protocol, m);
+    if !(1024..=crate::server::MAX_CHUNK).contains(&r.chunk_size) || !r.chunk_size.is_power_of_two() {
+        return Err(bad(format!("chunk size {} is not allowed", r.chunk_size)));
+    }
+    let mut filter = Filter::new();
+    for (p, include) in &r.rules {
+        let rule = Rule::from_bytes(p, *include)
+            .map_err(|e| bad(format!("bad pattern {:?}: {e}", String::from_utf8_lossy(p))))?;
+        filter.push(rule);
+    }
+    Ok(Options {
+        mode: if r.check { Mode::Check } else { Mode::Transfer },
+        delete: r.delete,
+        dry_run: r.dry_run,
+        checksum: r.checksum,
+        filter,
+        jobs: r.jobs.clamp(1, 64) as usize,
+        fsync: r.fsync,
+        verify: r.verify,
+        chunk_size: r.chunk_size,
+        hard_links: r.hard_links,
+        xattrs: r.xattrs,
+        bwlimit: r.bwlimit,
+        cancel,
+    })
+}
+
+/// Sends the engine's events down a channel.
+struct Forward {
+    tx: Mutex<Sender<RunEvent>>,
+    /// The module root: local paths are passed on relative to it, so the
+    /// client never learns where the module lives.
+    root: PathBuf,
+}
+
+impl Forward {
+    fn send(&self, e: RunEvent) {
+        if let Ok(tx) = self.tx.lock() {
+            let _ = tx.send(e);
+        }
+    }
+}
+
+impl Observer for Forward {
+    fn planned(&self, files: u64, bytes: u64) {
+        self.send(RunEvent::Planned { files, bytes });
+    }
+    fn scan_done(&self) {
+        self.send(RunEvent::ScanDone);
+    }
+    fn progress(&self, bytes: u64) {
+        self.send(RunEvent::Progress(bytes));
+    }
+    fn file_done(&self) {
+        self.send(RunEvent::FilesDone(1));
+    }
+    fn action(&self, action: Action, path: &std::path::Path, size: u64) {
+        let action = serde_json::to_string(&action).unwrap_or_default();
+        self.send(RunEvent::Action {
+            action,
+            path: wire::path_bytes(path),
+            size,
+        });
+    }
+    fn error(&self, e: &Error) {
+        // A path in the module goes relative to it; any other error (a
+        // source's) goes whole.
+        let rel = e.path().and_then(|p| p.strip_prefix(&self.root).ok());
+        self.send(match rel {
+            Some(rel) => RunEvent::Failed {
+                path: Some(wire::path_bytes(rel)),
+                message: e.detail(),
+            },
+            None => RunEvent::Failed {
+                path: None,
+                message: e.to_string(),
+            },
+        });
+    }
+}
+
+/// What the session serving a [`PullRequest`] provides.
+pub(crate) struct Target<'a> {
+    /// The module's confined endpoint.
+    pub ep: &'a LocalEndpoint,
+    /// The module's name, for logs.
+    pub module: &'a str,
+    /// The client may write.
+    pub writable: bool,
+    /// Checks a client path (plain, inside the module).
+    pub path: &'a dyn Fn(&[u8]) -> std::result::Result<PathBuf, ErrorMsg>,
+    /// Set when the daemon stops.
+    pub shutdown: &'a Arc<AtomicBool>,
+}
+
+/// Serves a [`PullRequest`] on `s`: runs the transfer, sending its events
+/// as it goes and its summary at the end, or an `Error` if it cannot start.
+pub(crate) fn serve(policy: &PullPolicy, t: &Target, req: PullRequest, s: &mut Stream) -> Result<()> {
+    match start(policy, t, &req) {
+        Ok((roots, opts, transport)) => run(t, roots, opts, transport, s),
+        Err(e) => {
+            tracing::warn!(module = %t.module, reason = %e.message, "pull refused");
+            s.send(&Msg::Error(e))?;
+            s.flush()
+        }
+    }
+}
+
+type Started = (Vec<Root>, Options, String);
+
+fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Result<Started, ErrorMsg> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let opts = options(&req.opts, cancel)?;
+    if opts.mode == Mode::Transfer && !opts.dry_run && !t.writable {
+        return Err(ErrorMsg::new(
+            ErrorCode::Forbidden,
+            format!("module `{}` is read-only for this client", t.module),
+        ));
+    }
+    if req.sources.is_empty() || req.sources.len() > 64 {
+        return Err(ErrorMsg::new(ErrorCode::Protocol, "a pull needs 1 to 64 sources"));
+    }
+    let transport = match req.transport {
+        1 => TransportChoice::Quic,
+        2 => TransportChoice::Tcp,
+        _ => TransportChoice::Auto,
+    };
+    let mut roots = Vec::new();
+    let mut used = None;
+    for src in &req.sources {
+        let authority = RemoteSpec {
+            host: src.host.clone(),
+            port: src.port,
+            module: String::new(),
+            path: PathBuf::new(),
+            trailing_slash: false,
+        }
+        .authority();
+        if !policy.allow.iter().any(|p| p.allows(&src.host, src.port)) {
+            return Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                format!("this daemon may not pull from {authority}: its configuration's pull_from does not list it"),
+            ));
+        }
+        let dst_rel = (t.path)(&src.dst_rel)?;
+        let spec = RemoteSpec {
+            host: src.host.clone(),
+            port: src.port,
+            module: src.module.clone(),
+            path: wire::bytes_path(&src.path),
+            trailing_slash: false,
+        };
+        let connect = ConnectOptions {
+            transport,
+            token: None,
+            trust: TrustPolicy {
+                fingerprint: Some(src.fingerprint.clone()),
+                accept_new: false,
+                known_hosts: policy.state_dir.join("known_hosts"),
+            },
+            identity_dir: Some(policy.state_dir.clone()),
+            timeout: Duration::from_secs(60),
+            write: false,
+        };
+        let ep = RemoteEndpoint::connect(&spec, &connect).map_err(|e| match e {
+            NetError::Remote(m) if m.code == ErrorCode::Unauthorized || m.code == ErrorCode::Forbidden => {
+                ErrorMsg::new(
+                    m.code,
+                    format!(
+                        "the source {} refused this daemon: {} (grant this daemon's key, `tern fingerprint --server`, in the source's [[clients]])",
+                        spec.display(),
+                        m.message
+                    ),
+                )
+            }
+            e => ErrorMsg::new(
+                ErrorCode::Unavailable,
+                format!("cannot reach the source {}: {e}", spec.display()),
+            ),
+        })?;
+        used.get_or_insert_with(|| ep.transport().name().to_string());
+        roots.push(Root {
+            src: Arc::new(ep),
+            dst_rel,
+        });
+    }
+    Ok((roots, opts, used.unwrap_or_default()))
+}
+
+/// How often progress is passed on, and the longest silence (a heartbeat
+/// keeps the client's wait from timing out during long steps).
+const TICK: Duration = Duration::from_millis(200);
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+fn run(t: &Target, roots: Vec<Root>, opts: Options, transport: String, s: &mut Stream) -> Result<()> {
+    let cancel = opts.cancel.clone();
+    let (tx, rx) = channel();
+    let obs = Arc::new(Forward {
+        tx: Mutex::new(tx),
+        root: t.ep.root().to_path_buf(),
+    });
+    let dest = Arc::new(t.ep.clone());
+    tracing::info!(module = %t.module, sources = roots.len(), transport = %transport, "pull started");
+    let engine = std::thread::spawn(move || tern_core::run(roots, dest, opts, obs));
+    let mut bytes = 0u64;
+    let mut files = 0u64;
+    let mut last = Instant::now();
+    let mut failed = None;
+    loop {
+        if t.shutdown.load(Ordering::Relaxed) {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        let mut out = Vec::new();
+        let mut ended = false;
+        let mut take = |e: RunEvent| match e {
+            RunEvent::Progress(n) => bytes += n,
+            RunEvent::FilesDone(n) => files += n,
+            e => out.push(e),
+        };
+        match rx.recv_timeout(TICK) {
+            Ok(e) => take(e),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => ended = true,
+        }
+        // Pass on everything waiting in one flush.
+        while !ended {
+            match rx.try_recv() {
+                Ok(e) => take(e),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => ended = true,
+            }
+        }
+        let due = ended || !out.is_empty() || last.elapsed() >= TICK;
+        if due && failed.is_none() {
+            if files > 0 {
+                out.insert(0, RunEvent::FilesDone(std::mem::take(&mut files)));
+            }
+            if bytes > 0 || last.elapsed() >= HEARTBEAT {
+                out.insert(0, RunEvent::Progress(std::mem::take(&mut bytes)));
+            }
+            if !out.is_empty() {
+                let sent = out
+                    .into_iter()
+                    .try_for_each(|e| s.send(&Msg::RunEvent(e)))
+                    .and_then(|()| s.flush());
+                if let Err(e) = sent {
+                    // The client is gone: stop, keeping partial files for a resume.
+                    tracing::info!(module = %t.module, error = %e, "client left; stopping the pull");
+                    cancel.store(true, Ordering::Relaxed);
+                    failed = Some(e);
+                }
+                last = Instant::now();
+            }
+        }
+        if ended {
+            break;
+        }
+    }
+    let summary: Summary = engine
+        .join()
+        .map_err(|_| NetError::Remote(ErrorMsg::new(ErrorCode::Server, "the transfer thread panicked")))?;
+    tracing::info!(module = %t.module, copied = summary.copied, errors = summary.errors, "pull ended");
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let summary_json = serde_json::to_string(&summary).map_err(|e| NetError::Config(e.to_string()))?;
+    s.send(&Msg::RunDone {
+        summary_json,
+        transport,
+    })?;
+    s.flush()
+}
