@@ -31,6 +31,8 @@ pub struct LocalEndpoint {
     follow_root: bool,
     /// One open directory on each file system written to, for `barrier`.
     devices: Arc<Mutex<Vec<(u64, File)>>>,
+    /// Barriers asked for while one runs share the next one.
+    group: Arc<GroupSync>,
     /// For an endpoint exported to remote clients: the open root directory,
     /// beneath which every path is resolved by the kernel.
     confine: Option<Arc<OwnedFd>>,
@@ -66,6 +68,7 @@ impl LocalEndpoint {
             root: root.into(),
             follow_root: false,
             devices: Arc::default(),
+            group: Arc::default(),
             confine: None,
         }
     }
@@ -78,6 +81,7 @@ impl LocalEndpoint {
             root: root.into(),
             follow_root: true,
             devices: Arc::default(),
+            group: Arc::default(),
             confine: None,
         }
     }
@@ -99,6 +103,7 @@ impl LocalEndpoint {
             root,
             follow_root: false,
             devices: Arc::default(),
+            group: Arc::default(),
             confine: Some(Arc::new(dir.into())),
         })
     }
@@ -648,6 +653,70 @@ impl Dest for LocalEndpoint {
     }
 
     fn barrier(&self) -> Result<()> {
+        self.group.run(&self.root, || self.sync_devices())
+    }
+
+    fn can_chown(&self) -> bool {
+        sys::is_root()
+    }
+}
+
+/// Group commit for barriers: a barrier asked for while a sync runs waits
+/// for the next sync, which serves every request made before it started.
+/// Several workers ending their batches at once then cost one `syncfs`
+/// instead of one each, one after the other.
+#[derive(Debug, Default)]
+struct GroupSync {
+    state: Mutex<SyncState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Requests so far.
+    requested: u64,
+    /// Every request up to this one is covered by a finished sync.
+    covered: u64,
+    running: bool,
+    /// The last sync's failure, and the requests it covered.
+    failed: Option<(u64, String)>,
+}
+
+impl GroupSync {
+    fn run(&self, shown: &Path, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        let poisoned = || Error::Internal("poisoned lock".into());
+        let mut st = self.state.lock().map_err(|_| poisoned())?;
+        st.requested += 1;
+        let ticket = st.requested;
+        loop {
+            if st.covered >= ticket {
+                return match &st.failed {
+                    Some((upto, message)) if *upto >= ticket => Err(Error::Other {
+                        path: shown.to_path_buf(),
+                        message: message.clone(),
+                    }),
+                    _ => Ok(()),
+                };
+            }
+            if !st.running {
+                st.running = true;
+                let upto = st.requested;
+                drop(st);
+                let r = sync();
+                let mut st = self.state.lock().map_err(|_| poisoned())?;
+                st.running = false;
+                st.covered = upto;
+                st.failed = r.as_ref().err().map(|e| (upto, e.detail()));
+                self.done.notify_all();
+                return r;
+            }
+            st = self.done.wait(st).map_err(|_| poisoned())?;
+        }
+    }
+}
+
+impl LocalEndpoint {
+    fn sync_devices(&self) -> Result<()> {
         let devs = self
             .devices
             .lock()
@@ -669,10 +738,6 @@ impl Dest for LocalEndpoint {
         }
         let f = File::open(&p).ctx(&p, "open")?;
         sys::syncfs(&f).ctx(&p, "sync file system")
-    }
-
-    fn can_chown(&self) -> bool {
-        sys::is_root()
     }
 }
 
@@ -884,5 +949,50 @@ mod tests {
         let (t, j) = side_paths(Path::new("/d/a"));
         assert_eq!(t, Path::new("/d/.a.tern.tmp"));
         assert_eq!(j, Path::new("/d/.a.tern.journal"));
+    }
+
+    #[test]
+    fn a_barrier_returns_only_after_a_sync_that_saw_its_writes() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let g = Arc::new(GroupSync::default());
+        // "Writes" are numbers added to `written`; a sync makes durable
+        // everything written when it starts.
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let durable = Arc::new(Mutex::new(Vec::new()));
+        let syncs = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                let (g, written, durable, syncs) = (g.clone(), written.clone(), durable.clone(), syncs.clone());
+                std::thread::spawn(move || {
+                    for k in 0..50 {
+                        let mark = i * 1000 + k;
+                        written.lock().expect("lock").push(mark);
+                        g.run(Path::new("/x"), || {
+                            syncs.fetch_add(1, Ordering::Relaxed);
+                            let now = written.lock().expect("lock").clone();
+                            durable.lock().expect("lock").extend(now);
+                            Ok(())
+                        })
+                        .expect("barrier");
+                        assert!(
+                            durable.lock().expect("lock").contains(&mark),
+                            "{mark} returned before durable"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert!(syncs.load(Ordering::Relaxed) <= 400);
+
+        // A failed sync fails every barrier it was meant to cover.
+        let g = GroupSync::default();
+        let e = g
+            .run(Path::new("/x"), || Err(Error::Internal("disk gone".into())))
+            .expect_err("failure");
+        assert!(e.to_string().contains("disk gone"));
+        g.run(Path::new("/x"), || Ok(())).expect("a later sync succeeds");
     }
 }
