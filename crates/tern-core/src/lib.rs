@@ -20,6 +20,8 @@ pub mod journal;
 pub mod local;
 mod sys;
 
+pub use sys::AlignedBuf;
+
 pub use endpoint::{Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
 pub use engine::{hash_file, run, Action, Mode, Observer, Options, Root, Summary};
 pub use entry::{Entry, Kind, Meta, Time};

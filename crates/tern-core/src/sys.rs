@@ -98,6 +98,86 @@ pub fn start_writeback(f: &File, offset: u64, len: u64) {
     }
 }
 
+/// Alignment of buffers, offsets and lengths for O_DIRECT (the largest
+/// logical block size in common use).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Opens the file `f` is open on again, for writing with O_DIRECT; `None`
+/// where the file system does not support it.
+pub fn reopen_direct(f: &File) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(fd_path(f))
+        .ok()
+}
+
+/// A heap buffer aligned to [`DIRECT_ALIGN`], grown as needed and reused.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+}
+
+// SAFETY: the buffer is plain bytes owned by this value.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads through `&self` (never done here).
+unsafe impl Sync for AlignedBuf {}
+
+impl Default for AlignedBuf {
+    fn default() -> Self {
+        AlignedBuf {
+            ptr: std::ptr::NonNull::dangling(),
+            cap: 0,
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.cap > 0 {
+            // SAFETY: allocated in `reserve` with exactly this layout.
+            unsafe {
+                std::alloc::dealloc(
+                    self.ptr.as_ptr(),
+                    std::alloc::Layout::from_size_align_unchecked(self.cap, DIRECT_ALIGN),
+                )
+            };
+        }
+    }
+}
+
+impl AlignedBuf {
+    /// The first `len` bytes, growing the buffer as needed. New bytes are
+    /// zero; bytes from earlier use are left as they were.
+    pub fn slice(&mut self, len: usize) -> io::Result<&mut [u8]> {
+        if len > self.cap {
+            let cap = len.next_multiple_of(DIRECT_ALIGN);
+            let layout = std::alloc::Layout::from_size_align(cap, DIRECT_ALIGN)
+                .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
+            // SAFETY: the layout has a non-zero size.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            let p = std::ptr::NonNull::new(p).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            *self = AlignedBuf { ptr: p, cap };
+        }
+        // SAFETY: `cap >= len` initialised bytes (zeroed at allocation,
+        // written since) owned by `self`, borrowed mutably once.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) })
+    }
+
+    /// Writes `data` (a whole number of blocks) at `offset` (block
+    /// aligned) through the O_DIRECT descriptor `f`, by way of this buffer.
+    /// Data that is already aligned is written as it is.
+    pub fn write_direct(&mut self, f: &File, data: &[u8], offset: u64) -> io::Result<()> {
+        if (data.as_ptr() as usize) % DIRECT_ALIGN == 0 {
+            return std::os::unix::fs::FileExt::write_all_at(f, data, offset);
+        }
+        let buf = self.slice(data.len())?;
+        buf.copy_from_slice(data);
+        std::os::unix::fs::FileExt::write_all_at(f, buf, offset)
+    }
+}
+
 /// Deallocates `[offset, offset+len)` of `f`, keeping its size.
 pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on an open descriptor.

@@ -281,7 +281,9 @@ impl RemoteEndpoint {
 
     fn shown(&self, rel: &Path) -> PathBuf {
         let mut spec = self.inner.spec.clone();
-        spec.path = spec.path.join(rel);
+        if !rel.as_os_str().is_empty() {
+            spec.path = spec.path.join(rel);
+        }
         PathBuf::from(spec.display())
     }
 
