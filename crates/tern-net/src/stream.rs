@@ -261,7 +261,22 @@ fn bounded<T>(rt: &Handle, t: Duration, f: impl std::future::Future<Output = std
     // The timer must be made inside the runtime: hence the async block.
     match rt.block_on(async move { tokio::time::timeout(t, f).await }) {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if closed_by_peer(&e) => Err(NetError::Closed),
         Ok(Err(e)) => Err(NetError::Io(e)),
         Err(_) => Err(NetError::Timeout(t.as_secs())),
+    }
+}
+
+/// A QUIC connection the peer closed normally (code 0, what a client sends
+/// when it is done): the end of the stream, not a failure.
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    use quinn::{ConnectionError, ReadError, WriteError};
+    let normal = |c: &ConnectionError| matches!(c, ConnectionError::ApplicationClosed(a) if a.error_code == quinn::VarInt::from_u32(0));
+    match e.get_ref() {
+        Some(inner) => match (inner.downcast_ref::<ReadError>(), inner.downcast_ref::<WriteError>()) {
+            (Some(ReadError::ConnectionLost(c)), _) | (_, Some(WriteError::ConnectionLost(c))) => normal(c),
+            _ => false,
+        },
+        None => false,
     }
 }
