@@ -207,6 +207,15 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
             ));
         }
         let dst_rel = (t.path)(&src.dst_rel)?;
+        if let Some(n) = dst_rel.file_name().filter(|n| tern_core::local::is_side_file(n)) {
+            return Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "`{}` is a name tern reserves for its temporary files",
+                    n.to_string_lossy()
+                ),
+            ));
+        }
         let spec = RemoteSpec {
             host: src.host.clone(),
             port: src.port,
