@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Crash-and-resume trials for local copies: start `tern copy`, SIGKILL it at a
-# random moment, check that no file at its final name has wrong content, and
-# rerun the same command until it succeeds; then compare the whole tree by
-# BLAKE3 (`tern check`) and require that no temporary or journal file is left.
+# Crash-and-resume trials: start a transfer, SIGKILL the client or the daemon
+# at a random moment, check that no file at its final name has wrong
+# content, and rerun the same command (restarting a killed daemon) until it
+# succeeds; then compare the whole tree by BLAKE3 (`tern check`) and require
+# that no temporary or journal file is left.
 #
 # Usage: tools/crash_resume.sh [TRIALS] [SEED]      (defaults: 25 trials, seed 1)
+#   MODE=local|push|pull    what is copied where (default local)
+#   TRANSPORT=tcp|quic      for push and pull (default tcp)
+# In push and pull mode each kill picks its victim at random: the client
+# (`tern copy`) or the daemon (`tern serve`, restarted on the same port with
+# the same identity).
 # The workload (two large files, 2,000 small ones) is generated under
 # ${TMPDIR:-/tmp}/tern-crash. Prints one line per trial and a summary; exits
 # non-zero on any failure.
@@ -12,7 +18,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TRIALS=${1:-25}
 RANDOM=${2:-1}
+MODE=${MODE:-local}
+TRANSPORT=${TRANSPORT:-tcp}
 WORK=${TMPDIR:-/tmp}/tern-crash
+PORT=${PORT:-17474}
 (cd "$ROOT" && cargo build --release -q -p tern)
 T=$ROOT/target/release/tern
 
@@ -26,26 +35,98 @@ if [ ! -f src/.ready ]; then
   touch src/.ready
 fi
 
-failures=0 kills=0
+DPID=
+stop_daemon() {
+  if [ -n "$DPID" ]; then
+    kill "$DPID" 2>/dev/null || true
+    wait "$DPID" 2>/dev/null || true
+    DPID=
+  fi
+}
+trap stop_daemon EXIT
+
+# The daemon exports this directory: it holds `dst` for a push and a link
+# to the source for a pull.
+MOD=$WORK/module
+export TERN_CONFIG_DIR=$WORK/client
+start_daemon() {
+  "$T" serve --listen "127.0.0.1:$PORT" --module "m=$MOD" --read-write \
+    --token-file "$WORK/token" --state-dir "$WORK/state" >"$WORK/daemon.out" 2>>"$WORK/daemon.log" &
+  DPID=$!
+  local i
+  for ((i = 0; i < 500; i++)); do
+    grep -q '^fingerprint:' "$WORK/daemon.out" 2>/dev/null && return 0
+    kill -0 "$DPID" 2>/dev/null || { echo "daemon did not start" >&2; cat "$WORK/daemon.log" >&2; exit 1; }
+    sleep 0.02
+  done
+  echo "daemon did not start" >&2
+  exit 1
+}
+
+case $MODE in
+  local) DST=$WORK/dst ;;
+  push) DST=$MOD/dst ;;
+  pull) DST=$WORK/dst ;;
+  *) echo "MODE must be local, push or pull" >&2; exit 2 ;;
+esac
+if [ "$MODE" != local ]; then
+  rm -rf "$MOD" && mkdir -p "$MOD"
+  [ "$MODE" = pull ] && cp -a src "$MOD/src"
+  start_daemon
+  FP=$(sed -n 's/^fingerprint: //p' "$WORK/daemon.out")
+  REMOTE=(--transport "$TRANSPORT" --fingerprint "$FP" --token-file "$WORK/token" --retries 1)
+fi
+
+copy_cmd() {
+  case $MODE in
+    local) echo "$T copy -q --chunk-size 1M --bwlimit 40M src/ $DST" ;;
+    push) echo "$T copy -q --chunk-size 1M --bwlimit 40M ${REMOTE[*]} src/ tern://127.0.0.1:$PORT/m/dst" ;;
+    pull) echo "$T copy -q --chunk-size 1M --bwlimit 40M ${REMOTE[*]} tern://127.0.0.1:$PORT/m/src/ $DST" ;;
+  esac
+}
+
+wrong_at_final_name() { # TRIAL
+  local f bad=0
+  for f in big1 big2; do
+    if [ -f "$DST/$f" ] && ! cmp -s "$DST/$f" "src/$f"; then
+      echo "trial $1: wrong content at final name $f"
+      bad=1
+    fi
+  done
+  # Small files are published whole or not at all.
+  if [ -d "$DST/small" ]; then
+    while IFS= read -r f; do
+      cmp -s "$DST/small/$f" "src/small/$f" || { echo "trial $1: wrong content at small/$f"; bad=1; }
+    done < <(cd "$DST/small" && find . -type f ! -name '*.tern.*')
+  fi
+  return $bad
+}
+
+failures=0 kills=0 daemon_kills=0
 for trial in $(seq 1 "$TRIALS"); do
-  rm -rf dst
+  rm -rf "$DST"
   attempts=0
   while :; do
     attempts=$((attempts + 1))
     # Throttled so that a kill lands mid-transfer; a resumed run continues.
-    "$T" copy -q --chunk-size 1M --bwlimit 40M src/ dst &
+    $(copy_cmd) &
     pid=$!
     sleep "0.$((RANDOM % 5))$((RANDOM % 10))"
     if kill -0 "$pid" 2>/dev/null; then
-      kill -9 "$pid"
-      wait "$pid" 2>/dev/null || true
+      if [ "$MODE" != local ] && [ $((RANDOM % 2)) = 0 ]; then
+        kill -9 "$DPID"
+        wait "$DPID" 2>/dev/null || true
+        DPID=
+        daemon_kills=$((daemon_kills + 1))
+        # The client notices, retries once, and gives up or resumes.
+        start_daemon
+        wait "$pid" 2>/dev/null || true
+      else
+        kill -9 "$pid"
+        wait "$pid" 2>/dev/null || true
+      fi
       kills=$((kills + 1))
-      for f in big1 big2; do
-        if [ -f "dst/$f" ] && ! cmp -s "dst/$f" "src/$f"; then
-          echo "trial $trial: wrong content at final name $f"
-          failures=$((failures + 1))
-        fi
-      done
+      wrong_at_final_name "$trial" || failures=$((failures + 1))
     else
       rc=0
       wait "$pid" || rc=$?
@@ -59,10 +140,10 @@ for trial in $(seq 1 "$TRIALS"); do
       break
     fi
   done
-  "$T" check -q src dst || { echo "trial $trial: check found differences"; failures=$((failures + 1)); }
-  left=$(find dst -name '*.tern.*' | wc -l)
+  "$T" check -q src "$DST" || { echo "trial $trial: check found differences"; failures=$((failures + 1)); }
+  left=$(find "$DST" -name '*.tern.*' | wc -l)
   [ "$left" = 0 ] || { echo "trial $trial: $left temporary files left"; failures=$((failures + 1)); }
   echo "trial $trial: done after $attempts runs"
 done
-echo "crash_resume: $TRIALS trials, $kills kills, $failures failures"
+echo "crash_resume ($MODE${REMOTE:+, $TRANSPORT}): $TRIALS trials, $kills kills ($daemon_kills of the daemon), $failures failures"
 [ "$failures" = 0 ]

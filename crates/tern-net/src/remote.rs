@@ -292,7 +292,14 @@ impl RemoteEndpoint {
         let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop());
         let mut s = match pooled {
             Some(s) => s,
-            None => self.open_stream().map_err(|e| self.err(rel, e))?,
+            None => self.open_stream().map_err(|e| {
+                if matches!(&e, NetError::Remote(m) if m.code == tern_proto::ErrorCode::Unauthorized) {
+                    // The daemon no longer knows the session (it restarted):
+                    // a retry with a new connection authenticates again.
+                    self.inner.lost.store(true, Ordering::Relaxed);
+                }
+                self.err(rel, e)
+            })?,
         };
         let r = f(&mut s);
         if !s.is_broken() {

@@ -156,8 +156,17 @@ impl Server {
                         s.send(&Msg::Welcome(sess.welcome()))?;
                         Ok(sess)
                     }
-                    _ => {
-                        self.note_failure(peer, "join with an unknown session");
+                    Some(_) => {
+                        self.note_failure(peer, "join with a wrong session secret");
+                        Err(refuse(ErrorCode::Unauthorized, "unknown or expired session"))
+                    }
+                    // Normal after a restart of the daemon or an expired
+                    // session: the client authenticates again. Not counted
+                    // as a failed login (guessing a 256-bit secret is not a
+                    // threat the rate limit addresses), else a client
+                    // reconnecting after a restart would lock itself out.
+                    None => {
+                        tracing::info!(peer = %peer.addr, session, "join with an unknown session");
                         Err(refuse(ErrorCode::Unauthorized, "unknown or expired session"))
                     }
                 }

@@ -231,6 +231,30 @@ fn failed_logins_are_rate_limited() {
     assert!(st.session("data", TOKEN, false).is_err());
 }
 
+/// What a client sees after the daemon restarted: its session ids are
+/// unknown. Refused, but not counted as failed logins, so the client can
+/// authenticate again at once (found by tools/crash_resume.sh: a restarted
+/// daemon locked its client out for a minute).
+#[test]
+fn joins_to_unknown_sessions_do_not_lock_a_client_out() {
+    let st = setup();
+    for id in 1000..1010u64 {
+        let mut s = st.stream(Transport::Tcp);
+        s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+        s.send(&Msg::Join {
+            session: id,
+            secret: [7; 32],
+        })
+        .expect("send");
+        assert!(matches!(s.recv().expect("hello"), Msg::Hello(_)));
+        match s.recv() {
+            Err(NetError::Remote(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+            other => panic!("join to an unknown session: {other:?}"),
+        }
+    }
+    st.session("data", TOKEN, false).expect("a fresh login still works");
+}
+
 #[test]
 fn an_older_client_is_met_and_an_unknown_version_refused() {
     let st = setup();
