@@ -38,7 +38,13 @@ impl Daemon {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut addrs = Vec::new();
         for a in listen {
-            let l = rt.block_on(Listener::bind(a, crate::tls::server_config(id)?, cfg.limits.clone()))?;
+            let reset = id.derive_secret("tern 2026-11-21 QUIC stateless reset key");
+            let l = rt.block_on(Listener::bind(
+                a,
+                crate::tls::server_config(id)?,
+                cfg.limits.clone(),
+                reset,
+            ))?;
             addrs.push(l.local_addr()?);
             let srv = server.clone();
             let handler: Handler = Arc::new(move |s, p| srv.handle(s, p));

@@ -98,6 +98,12 @@ impl Identity {
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert)
     }
+
+    /// A secret derived from the private key for `purpose`: the same for
+    /// as long as the identity is kept, unrelated to the key itself.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        blake3::derive_key(purpose, &self.key)
+    }
 }
 
 fn cfg_err(p: &Path, e: io::Error) -> NetError {

@@ -341,7 +341,16 @@ pub struct Listener {
 
 impl Listener {
     /// Binds TCP and UDP on `addr` (port 0: a free port, the same for both).
-    pub async fn bind(addr: SocketAddr, tls: rustls::ServerConfig, limits: Limits) -> Result<Listener> {
+    /// `reset_key` keys QUIC's stateless resets; derived from the daemon's
+    /// identity, it survives a restart, so clients of the previous process
+    /// learn at once that their connection is gone instead of waiting for
+    /// their idle timeout.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        limits: Limits,
+        reset_key: [u8; 32],
+    ) -> Result<Listener> {
         let tls = Arc::new(tls);
         let tcp = TcpListener::bind(addr)
             .await
@@ -350,15 +359,23 @@ impl Listener {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone()).map_err(quic_err)?;
         let mut qcfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         qcfg.transport_config(Arc::new(quic_transport(limits.streams_per_conn, limits.idle)?));
+        // The connection-ID check must survive the restart too: packets for
+        // an unknown connection are answered with a reset only if their
+        // connection ID is one this endpoint could have issued.
+        let mut ecfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key)));
+        let cid_key = u64::from_le_bytes([
+            reset_key[0],
+            reset_key[1],
+            reset_key[2],
+            reset_key[3],
+            reset_key[4],
+            reset_key[5],
+            reset_key[6],
+            reset_key[7],
+        ]);
+        ecfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
         let quic = udp_socket(local)
-            .and_then(|sock| {
-                quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    Some(qcfg),
-                    sock,
-                    Arc::new(quinn::TokioRuntime),
-                )
-            })
+            .and_then(|sock| quinn::Endpoint::new(ecfg, Some(qcfg), sock, Arc::new(quinn::TokioRuntime)))
             .map_err(|e| NetError::Config(format!("cannot listen on {local} (UDP): {e}")))?;
         Ok(Listener { tcp, quic, tls, limits })
     }
