@@ -482,6 +482,9 @@ impl ReadFile for RemoteReadFile {
     }
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> tern_core::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let len = buf.len() as u64;
         let handle = self.handle;
         let cv = self.ep.with(&self.rel, |s| {

@@ -255,6 +255,44 @@ fn joins_to_unknown_sessions_do_not_lock_a_client_out() {
     st.session("data", TOKEN, false).expect("a fresh login still works");
 }
 
+/// A zero-length read at a non-zero offset (found by
+/// tools/crash_resume.sh) once made the handler panic inside BLAKE3.
+#[test]
+fn a_zero_length_read_is_answered_not_a_panic() {
+    let st = setup();
+    fs::write(st.root.join("module/sub/f"), vec![7u8; 10_000]).expect("write");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    s.send(&Msg::Stat {
+        path: b"sub/f".to_vec(),
+    })
+    .expect("send");
+    let Msg::StatReply(Some(entry)) = s.recv().expect("stat") else {
+        panic!("no entry")
+    };
+    s.send(&Msg::OpenRead {
+        handle: 1,
+        path: b"sub/f".to_vec(),
+        expect: entry,
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("open"), Msg::Done));
+    s.send(&Msg::Read {
+        handle: 1,
+        offset: 4096,
+        len: 0,
+    })
+    .expect("send");
+    match s.recv().expect("reply") {
+        Msg::ReadReply { len: 0, .. } => {}
+        m => panic!("unexpected {m:?}"),
+    }
+    let mut empty = [0u8; 0];
+    s.recv_data(&mut empty).expect("no data");
+    // The stream still serves.
+    s.send(&Msg::Stat { path: b"sub".to_vec() }).expect("send");
+    assert!(matches!(s.recv().expect("stat"), Msg::StatReply(Some(_))));
+}
+
 #[test]
 fn an_older_client_is_met_and_an_unknown_version_refused() {
     let st = setup();
