@@ -27,6 +27,14 @@ fn world() -> &'static World {
         let module = dir.path().join("module");
         std::fs::create_dir_all(module.join("sub")).expect("mkdir");
         std::fs::write(module.join("sub/f"), b"hello").expect("write");
+        // A fixed mtime, so a seed can open the file for reading (the
+        // daemon checks size and mtime against what the client listed).
+        let f = std::fs::File::options()
+            .write(true)
+            .open(module.join("sub/f"))
+            .expect("open");
+        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+            .expect("set mtime");
         let mut cfg = ServerConfig::empty();
         cfg.state_dir = dir.path().join("state");
         cfg.add_module("data", &module, Access::ReadWrite, None)

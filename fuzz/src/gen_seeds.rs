@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use tern_proto::{data_header, encode_control, Auth, Hello, Msg, WireMeta, WireSpec, WriteChunk};
+use tern_proto::{data_header, encode_control, Auth, Hello, Msg, WireEntry, WireKind, WireMeta, WireSpec, WriteChunk};
 
 fn frames(msgs: &[Msg]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -58,7 +58,48 @@ fn main() {
     write.extend_from_slice(&data_header(5, true));
     write.extend_from_slice(b"hello");
     write.extend(frames(&[Msg::Publish { handle: 1, writes: 1 }]));
+    // sub/f as the fuzz target's module holds it (5 bytes, mtime fixed).
+    let entry = WireEntry {
+        name: b"f".to_vec(),
+        kind: WireKind::File,
+        size: 5,
+        meta: WireMeta {
+            mtime: (1_000_000_000, 0),
+            ..WireMeta::default()
+        },
+        target: None,
+        file_id: None,
+        nlink: 1,
+        allocated: 0,
+        changed: (0, 0),
+    };
+    let read = frames(&[
+        hello.clone(),
+        auth(false),
+        Msg::OpenRead {
+            handle: 1,
+            path: b"sub/f".to_vec(),
+            expect: entry,
+        },
+        Msg::Read {
+            handle: 1,
+            offset: 0,
+            len: 5,
+        },
+        Msg::Read {
+            handle: 1,
+            offset: 1024,
+            len: 3,
+        },
+        Msg::Ranges {
+            handle: 1,
+            offset: 0,
+            len: 5,
+        },
+        Msg::CloseRead { handle: 1 },
+    ]);
     let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("read", read),
         (
             "stat",
             frames(&[
