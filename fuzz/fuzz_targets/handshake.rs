@@ -39,6 +39,9 @@ fn world() -> &'static World {
         cfg.state_dir = dir.path().join("state");
         cfg.add_module("data", &module, Access::ReadWrite, None)
             .expect("module");
+        // Requests waiting for chunks that never come (a mutated write) wait
+        // this long: found as a 300 s hang when the wait ignored the setting.
+        cfg.limits.idle = Duration::from_millis(500);
         cfg.grants.push(Grant {
             token_hash: Some(blake3::hash(b"t")),
             client: None,

@@ -49,6 +49,9 @@ pub struct Server {
     next_session: AtomicU64,
     agent: String,
     pull: Arc<crate::pull::PullPolicy>,
+    /// How long a request may wait for chunks announced on other streams
+    /// (the configured idle timeout).
+    idle: Duration,
 }
 
 struct Module {
@@ -76,6 +79,7 @@ impl Server {
                 allow: cfg.pull_from.clone(),
                 state_dir: cfg.state_dir.clone(),
             }),
+            idle: cfg.limits.idle,
         })
     }
 
@@ -255,7 +259,7 @@ impl Server {
             writes: Mutex::default(),
             reads: Mutex::default(),
             cancel: self.shutdown.clone(),
-            idle: Duration::from_secs(300),
+            idle: self.idle,
             pull: self.pull.clone(),
         });
         if let Ok(mut m) = self.sessions.lock() {
