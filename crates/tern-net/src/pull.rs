@@ -192,18 +192,20 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
     let mut roots = Vec::new();
     let mut used = None;
     for src in &req.sources {
-        let authority = RemoteSpec {
+        let spec = RemoteSpec {
             host: src.host.clone(),
             port: src.port,
-            module: String::new(),
-            path: PathBuf::new(),
+            module: src.module.clone(),
+            path: wire::bytes_path(&src.path),
             trailing_slash: false,
-        }
-        .authority();
+        };
         if !policy.allow.iter().any(|p| p.allows(&src.host, src.port)) {
             return Err(ErrorMsg::new(
                 ErrorCode::Forbidden,
-                format!("this daemon may not pull from {authority}: its configuration's pull_from does not list it"),
+                format!(
+                    "this daemon may not pull from {}: its configuration's pull_from does not list it",
+                    spec.authority()
+                ),
             ));
         }
         let dst_rel = (t.path)(&src.dst_rel)?;
@@ -216,13 +218,6 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
                 ),
             ));
         }
-        let spec = RemoteSpec {
-            host: src.host.clone(),
-            port: src.port,
-            module: src.module.clone(),
-            path: wire::bytes_path(&src.path),
-            trailing_slash: false,
-        };
         let connect = ConnectOptions {
             transport,
             token: None,
