@@ -28,6 +28,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 WORK=${TERN_BENCH_DIR:-${TMPDIR:-/tmp}/tern-bench-remote}
 ROUNDS=${ROUNDS:-5}
 BIG=${BIG:-2G}
@@ -268,19 +269,5 @@ if [ "$HUGE_BYTES" != 0 ]; then
   done
 fi
 
-mkdir -p "$(dirname "$OUT_MD")"
-# Hand-written notes below the marker line survive a new run.
-MARK='<!-- notes below are kept when bench/remote.sh rewrites this file -->'
-NOTES=$WORK/notes.md
-if [ -f "$OUT_MD" ] && grep -qF "$MARK" "$OUT_MD"; then
-  awk -v m="$MARK" 'f || $0 == m { f = 1; print }' "$OUT_MD" >"$NOTES"
-else
-  printf '%s\n' "$MARK" >"$NOTES"
-fi
-{
-  python3 "$ROOT/bench/report_remote.py" "$RESULTS" "$BIG_BYTES" "$SMALL" "$(du -sb "$DATA/small" | cut -f1)" "$HUGE_BYTES" "$ROUNDS" "$TERN"
-  echo
-  cat "$NOTES"
-} >"$OUT_MD.new"
-mv "$OUT_MD.new" "$OUT_MD"
+write_report "$OUT_MD" bench/remote.sh python3 "$ROOT/bench/report_remote.py" "$RESULTS" "$BIG_BYTES" "$SMALL" "$(du -sb "$DATA/small" | cut -f1)" "$HUGE_BYTES" "$ROUNDS" "$TERN"
 cat "$OUT_MD"

@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod identity;
+pub mod path;
 pub mod pull;
 pub mod remote;
 pub mod server;

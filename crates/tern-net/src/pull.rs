@@ -21,7 +21,8 @@ use tern_proto::{ErrorCode, ErrorMsg, Msg, PullRequest, RunEvent, RunOptions};
 
 use crate::config::PullPeer;
 use crate::error::{NetError, Result};
-use crate::remote::{ConnectOptions, RemoteEndpoint, TransportChoice};
+use crate::path::PathReport;
+use crate::remote::{ConnectOptions, RemoteEndpoint, TransportChoice, PATHS_KEY};
 use crate::stream::Stream;
 use crate::trust::TrustPolicy;
 use crate::url::RemoteSpec;
@@ -161,7 +162,7 @@ pub(crate) struct Target<'a> {
 /// as it goes and its summary at the end, or an `Error` if it cannot start.
 pub(crate) fn serve(policy: &PullPolicy, t: &Target, req: PullRequest, s: &mut Stream) -> Result<()> {
     match start(policy, t, &req) {
-        Ok((roots, opts, transport)) => run(t, roots, opts, transport, s),
+        Ok((roots, opts, transport, endpoints)) => run(t, roots, opts, transport, &endpoints, s),
         Err(e) => {
             tracing::warn!(module = %t.module, reason = %e.message, "pull refused");
             s.send(&Msg::Error(e))?;
@@ -170,7 +171,8 @@ pub(crate) fn serve(policy: &PullPolicy, t: &Target, req: PullRequest, s: &mut S
     }
 }
 
-type Started = (Vec<Root>, Options, String);
+/// The roots, options, transport and source connections of a pull.
+type Started = (Vec<Root>, Options, String, Vec<Arc<RemoteEndpoint>>);
 
 fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Result<Started, ErrorMsg> {
     let cancel = Arc::new(AtomicBool::new(false));
@@ -190,6 +192,7 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
         _ => TransportChoice::Auto,
     };
     let mut roots = Vec::new();
+    let mut endpoints = Vec::new();
     let mut used = None;
     for src in &req.sources {
         let spec = RemoteSpec {
@@ -247,12 +250,11 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
             ),
         })?;
         used.get_or_insert_with(|| ep.transport().name().to_string());
-        roots.push(Root {
-            src: Arc::new(ep),
-            dst_rel,
-        });
+        let ep = Arc::new(ep);
+        endpoints.push(ep.clone());
+        roots.push(Root { src: ep, dst_rel });
     }
-    Ok((roots, opts, used.unwrap_or_default()))
+    Ok((roots, opts, used.unwrap_or_default(), endpoints))
 }
 
 /// How often progress is passed on, and the longest silence (a heartbeat
@@ -260,7 +262,14 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
 const TICK: Duration = Duration::from_millis(200);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
-fn run(t: &Target, roots: Vec<Root>, opts: Options, transport: String, s: &mut Stream) -> Result<()> {
+fn run(
+    t: &Target,
+    roots: Vec<Root>,
+    opts: Options,
+    transport: String,
+    sources: &[Arc<RemoteEndpoint>],
+    s: &mut Stream,
+) -> Result<()> {
     let cancel = opts.cancel.clone();
     let (tx, rx) = channel();
     let obs = Arc::new(Forward {
@@ -331,7 +340,15 @@ fn run(t: &Target, roots: Vec<Root>, opts: Options, transport: String, s: &mut S
     if let Some(e) = failed {
         return Err(e);
     }
-    let summary_json = serde_json::to_string(&summary).map_err(|e| NetError::Config(e.to_string()))?;
+    let mut summary_json = serde_json::to_value(&summary).map_err(|e| NetError::Config(e.to_string()))?;
+    let paths: Vec<PathReport> = sources.iter().map(|e| e.path_report()).collect();
+    if let Some(o) = summary_json.as_object_mut() {
+        o.insert(
+            PATHS_KEY.into(),
+            serde_json::to_value(paths).map_err(|e| NetError::Config(e.to_string()))?,
+        );
+    }
+    let summary_json = summary_json.to_string();
     s.send(&Msg::RunDone {
         summary_json,
         transport,

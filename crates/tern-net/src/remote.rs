@@ -20,6 +20,7 @@ use tern_proto::{negotiate, Auth, Hello, Msg, Welcome, WriteChunk};
 
 use crate::error::{NetError, Result};
 use crate::identity::{fingerprint, Identity};
+use crate::path::PathReport;
 use crate::server::pack_around_holes;
 use crate::stream::Stream;
 use crate::transport::{Connector, Transport};
@@ -53,6 +54,20 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// The client will write.
     pub write: bool,
+}
+
+/// The key of the daemon's path reports in a pull's summary JSON.
+pub const PATHS_KEY: &str = "paths";
+
+/// How a daemon-to-daemon run ended.
+#[derive(Debug)]
+pub struct PullOutcome {
+    /// The run's summary.
+    pub summary: tern_core::Summary,
+    /// The transport the daemon used to reach the sources.
+    pub transport: String,
+    /// The daemon's view of each path to a source.
+    pub paths: Vec<PathReport>,
 }
 
 /// Round trips below this look like a LAN, where parallel TCP streams are
@@ -189,6 +204,11 @@ impl RemoteEndpoint {
         self.inner.conn.kind()
     }
 
+    /// What the transport has seen of the path so far.
+    pub fn path_report(&self) -> PathReport {
+        self.inner.conn.path_report()
+    }
+
     /// True once a request failed because the connection broke (worth a
     /// retry on a new connection).
     pub fn connection_lost(&self) -> bool {
@@ -212,7 +232,8 @@ impl RemoteEndpoint {
 
     /// Asks the daemon to run `req` (sources on other daemons, destination
     /// in this session's module), passing its events to `obs` until it
-    /// ends. Returns the run's summary and the transport the daemon used.
+    /// ends. Returns the run's summary, the transport the daemon used and
+    /// its view of the paths to the sources.
     /// Setting `cancel` stops waiting and drops the stream, which stops the
     /// daemon's run (partial files stay for a resume).
     pub fn pull(
@@ -220,20 +241,21 @@ impl RemoteEndpoint {
         req: tern_proto::PullRequest,
         obs: &dyn tern_core::engine::Observer,
         cancel: &AtomicBool,
-    ) -> Result<(tern_core::Summary, String)> {
+    ) -> Result<PullOutcome> {
         use tern_proto::RunEvent;
         let mut s = self.open_stream()?;
         s.send(&Msg::Pull(Box::new(req)))?;
         s.flush()?;
         loop {
             if cancel.load(Ordering::Relaxed) {
-                return Ok((
-                    tern_core::Summary {
+                return Ok(PullOutcome {
+                    summary: tern_core::Summary {
                         interrupted: true,
                         ..Default::default()
                     },
-                    String::new(),
-                ));
+                    transport: String::new(),
+                    paths: Vec::new(),
+                });
             }
             match s.recv()? {
                 Msg::RunEvent(e) => match e {
@@ -261,9 +283,22 @@ impl RemoteEndpoint {
                     summary_json,
                     transport,
                 } => {
-                    let summary = serde_json::from_str(&summary_json)
-                        .map_err(|e| NetError::Proto(tern_proto::ProtoError::Malformed(format!("run summary: {e}"))))?;
-                    return Ok((summary, transport));
+                    let bad = |e: serde_json::Error| {
+                        NetError::Proto(tern_proto::ProtoError::Malformed(format!("run summary: {e}")))
+                    };
+                    let mut v: serde_json::Value = serde_json::from_str(&summary_json).map_err(bad)?;
+                    // The daemon's view of its paths to the sources rides in
+                    // the summary (older daemons send none).
+                    let paths = match v.as_object_mut().and_then(|o| o.remove(PATHS_KEY)) {
+                        Some(p) => serde_json::from_value(p).map_err(bad)?,
+                        None => Vec::new(),
+                    };
+                    let summary = serde_json::from_value(v).map_err(bad)?;
+                    return Ok(PullOutcome {
+                        summary,
+                        transport,
+                        paths,
+                    });
                 }
                 Msg::Error(e) => return Err(NetError::Remote(e)),
                 _ => {

@@ -7,6 +7,7 @@
 //! from the caller's buffer.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tern_proto::{data_header, decode_control, encode_control, FrameHeader, FrameKind, Msg, HEADER_LEN};
@@ -14,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::runtime::Handle;
 
 use crate::error::{NetError, Result};
+use crate::path::TcpConn;
 
 /// Largest frame payload either side sends or accepts.
 pub const MAX_PAYLOAD: u32 = (1 << 20) + 4096;
@@ -38,6 +40,16 @@ pub struct Stream {
     timeout: Duration,
     /// Set when the stream can no longer be trusted to be in step.
     broken: bool,
+    /// The TCP connection under a TCP stream, sampled before it closes.
+    tcp: Option<Arc<TcpConn>>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tcp {
+            t.closing();
+        }
+    }
 }
 
 impl Stream {
@@ -53,7 +65,14 @@ impl Stream {
             wbuf: Vec::with_capacity(64 << 10),
             timeout,
             broken: false,
+            tcp: None,
         }
+    }
+
+    /// Ties the stream to its TCP connection's counters.
+    pub fn with_tcp(mut self, conn: Arc<TcpConn>) -> Stream {
+        self.tcp = Some(conn);
+        self
     }
 
     /// Changes the bound on every wait.

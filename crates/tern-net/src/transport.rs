@@ -1,10 +1,13 @@
 //! The two transports behind one interface: QUIC (quinn, BBR, one stream per
-//! engine worker) and TCP with one TLS 1.3 connection per engine worker.
+//! engine worker) and TCP (BBR where the kernel has it) with one TLS 1.3
+//! connection per engine worker.
 //! Either way a client gets [`Stream`]s from a [`Connector`], and a server
 //! hands each accepted stream to a blocking handler.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -13,6 +16,7 @@ use tokio::runtime::Handle;
 
 use crate::error::{NetError, Result};
 use crate::identity::fingerprint;
+use crate::path::{tcp_report, tune_tcp, PathReport, TcpConn};
 use crate::stream::Stream;
 
 /// Which transport.
@@ -124,6 +128,12 @@ pub struct Connector {
     /// The server's certificate seen on the first connection; every later
     /// TCP connection must present the same one.
     cert: Vec<u8>,
+    /// Every TCP connection made, for the path report.
+    tcp_conns: Mutex<Vec<Arc<TcpConn>>>,
+    /// Congestion control of the TCP connections.
+    tcp_congestion: Mutex<String>,
+    /// Streams opened on the QUIC connection.
+    quic_streams: AtomicU64,
 }
 
 impl Connector {
@@ -139,7 +149,7 @@ impl Connector {
         let tls = Arc::new(tls);
         match kind {
             Transport::Tcp => {
-                let (stream, cert) = rt.block_on(tcp_connect(&rt, addr, tls.clone(), timeout))?;
+                let (stream, cert, tcp, cc) = rt.block_on(tcp_connect(&rt, addr, tls.clone(), timeout))?;
                 let c = Connector {
                     rt,
                     kind,
@@ -148,6 +158,9 @@ impl Connector {
                     tls,
                     quic: None,
                     cert,
+                    tcp_conns: Mutex::new(vec![tcp]),
+                    tcp_congestion: Mutex::new(cc),
+                    quic_streams: AtomicU64::new(0),
                 };
                 Ok((c, stream))
             }
@@ -184,6 +197,9 @@ impl Connector {
                     tls,
                     quic: Some(conn),
                     cert,
+                    tcp_conns: Mutex::new(Vec::new()),
+                    tcp_congestion: Mutex::new(String::new()),
+                    quic_streams: AtomicU64::new(0),
                 };
                 let s = c.open()?;
                 Ok((c, s))
@@ -216,6 +232,7 @@ impl Connector {
                     .block_on(async move { tokio::time::timeout(t, conn.open_bi()).await })
                     .map_err(|_| NetError::Timeout(self.timeout.as_secs()))?
                     .map_err(quic_err)?;
+                self.quic_streams.fetch_add(1, Ordering::Relaxed);
                 Ok(Stream::new(
                     self.rt.clone(),
                     Box::pin(recv),
@@ -224,9 +241,12 @@ impl Connector {
                 ))
             }
             None => {
-                let (s, cert) = self
-                    .rt
-                    .block_on(tcp_connect(&self.rt, self.addr, self.tls.clone(), self.timeout))?;
+                let (s, cert, tcp, _) =
+                    self.rt
+                        .block_on(tcp_connect(&self.rt, self.addr, self.tls.clone(), self.timeout))?;
+                if let Ok(mut c) = self.tcp_conns.lock() {
+                    c.push(tcp);
+                }
                 if cert != self.cert {
                     return Err(NetError::Trust(format!(
                         "{}: the server presented a different certificate on a second connection",
@@ -234,6 +254,30 @@ impl Connector {
                     )));
                 }
                 Ok(s)
+            }
+        }
+    }
+
+    /// What the transport has seen of the path so far.
+    pub fn path_report(&self) -> PathReport {
+        match &self.quic {
+            Some((_, conn)) => {
+                let st = conn.stats();
+                PathReport {
+                    transport: "quic".into(),
+                    streams: self.quic_streams.load(Ordering::Relaxed),
+                    rtt_ms: Some(st.path.rtt.as_secs_f64() * 1e3),
+                    congestion: "bbr".into(),
+                    packets_sent: st.path.sent_packets,
+                    packets_lost: st.path.lost_packets,
+                    wire_bytes_sent: st.udp_tx.bytes,
+                    wire_bytes_received: st.udp_rx.bytes,
+                }
+            }
+            None => {
+                let conns = self.tcp_conns.lock().map(|c| c.clone()).unwrap_or_default();
+                let cc = self.tcp_congestion.lock().map(|c| c.clone()).unwrap_or_default();
+                tcp_report(&conns, &cc)
             }
         }
     }
@@ -273,10 +317,13 @@ async fn tcp_connect(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
-) -> Result<(Stream, Vec<u8>)> {
+) -> Result<(Stream, Vec<u8>, Arc<TcpConn>, String)> {
+    let mut conn = None;
     let fut = async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        let cc = tune_tcp(tcp.as_raw_fd());
+        conn = Some((TcpConn::new(tcp.as_raw_fd()), cc));
         let name = ServerName::try_from("tern").map_err(|e| NetError::Tls(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
         Ok::<_, NetError>(tls)
@@ -291,8 +338,10 @@ async fn tcp_connect(
         .and_then(|c| c.first())
         .map(|c| c.to_vec())
         .ok_or_else(|| NetError::Tls("server sent no certificate".into()))?;
+    let (conn, cc) = conn.ok_or_else(|| NetError::Tls("no TCP connection".into()))?;
     let (r, w) = tokio::io::split(tls);
-    Ok((Stream::new(rt.clone(), Box::pin(r), Box::pin(w), timeout), cert))
+    let stream = Stream::new(rt.clone(), Box::pin(r), Box::pin(w), timeout).with_tcp(conn.clone());
+    Ok((stream, cert, conn, cc))
 }
 
 fn peer_cert(identity: Option<Box<dyn std::any::Any>>) -> Option<Vec<u8>> {
@@ -443,6 +492,7 @@ async fn tcp_conn(
     conn_id: u64,
 ) -> Result<()> {
     sock.set_nodelay(true)?;
+    tune_tcp(sock.as_raw_fd());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let s = tokio::time::timeout(limits.handshake, acceptor.accept(sock))
         .await

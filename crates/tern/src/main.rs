@@ -442,9 +442,15 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
                 },
             };
             match dr.pull(req, &*console, &cancel) {
-                Ok((summary, transport)) => {
-                    console.summary(verb, &summary, Some(&transport), true);
-                    return Ok(exit_for(&summary));
+                Ok(mut out) => {
+                    if out.paths.is_empty() && !out.transport.is_empty() {
+                        out.paths.push(tern_net::path::PathReport {
+                            transport: out.transport.clone(),
+                            ..Default::default()
+                        });
+                    }
+                    console.summary(verb, &out.summary, &out.paths, true);
+                    return Ok(exit_for(&out.summary));
                 }
                 Err(tern_net::NetError::Remote(e)) if direct_refusal(e.code) => {
                     console.note(&format!(
@@ -471,8 +477,8 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             retry_pause(attempt, remote.retries, &anyhow::anyhow!("the connection dropped"));
             continue;
         }
-        let transport = remotes.first().map(|r| r.transport().name());
-        console.summary(verb, &summary, transport, false);
+        let paths: Vec<_> = remotes.iter().map(|r| r.path_report()).collect();
+        console.summary(verb, &summary, &paths, false);
         return Ok(exit_for(&summary));
     }
 }

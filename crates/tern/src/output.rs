@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tern_core::{Action, Error, Observer, Summary};
+use tern_net::path::PathReport;
 
 use crate::cli::OutputArgs;
 
@@ -17,6 +18,8 @@ pub struct Console {
     quiet: bool,
     /// Change lines go to stderr when stdout carries JSON.
     json: bool,
+    /// -v: explain the network's part in every summary.
+    verbose: bool,
     files_planned: AtomicU64,
     files_done: AtomicU64,
 }
@@ -43,6 +46,7 @@ impl Console {
             list: !out.quiet && (list || out.verbose > 0),
             quiet: out.quiet,
             json: out.json,
+            verbose: out.verbose > 0,
             files_planned: AtomicU64::new(0),
             files_done: AtomicU64::new(0),
         }
@@ -71,16 +75,19 @@ impl Console {
     }
 
     /// Prints the closing summary (on stderr, or as JSON on stdout).
-    /// `direct`: the destination daemon fetched the data from the source
-    /// daemon itself, over `transport`.
-    pub fn summary(&self, verb: &str, s: &Summary, transport: Option<&str>, direct: bool) {
+    /// `paths`: what each network connection saw; `direct`: the
+    /// destination daemon fetched the data from the source daemon itself,
+    /// and `paths` are its connections to the sources.
+    pub fn summary(&self, verb: &str, s: &Summary, paths: &[PathReport], direct: bool) {
         self.finish();
+        let transport = paths.first().map(|p| p.transport.as_str());
         if self.json {
             let mut out = std::io::stdout().lock();
             let mut v = serde_json::to_value(s).unwrap_or_default();
             if let (Some(t), Some(o)) = (transport, v.as_object_mut()) {
                 o.insert("transport".into(), t.into());
                 o.insert("direct".into(), direct.into());
+                o.insert("paths".into(), serde_json::to_value(paths).unwrap_or_default());
             }
             let _ = serde_json::to_writer(&mut out, &v);
             let _ = writeln!(out);
@@ -148,7 +155,45 @@ impl Console {
             None => {}
         }
         eprintln!("{}", parts.join(", "));
+        let slow = s.bytes_total >= SLOW_BYTES && s.bytes_per_sec < SLOW_RATE;
+        if self.verbose || slow {
+            for p in paths.iter().filter(|p| p.packets_sent > 0) {
+                eprintln!("  {}", describe_path(p));
+            }
+        }
     }
+}
+
+/// A transfer this large moving slower than this gets the network's part
+/// explained even without -v.
+const SLOW_BYTES: u64 = 16 << 20;
+const SLOW_RATE: f64 = 50e6;
+
+/// One line on what a connection saw: enough to tell a long path, a lossy
+/// one and a slow one apart.
+pub fn describe_path(p: &PathReport) -> String {
+    let (streams, lost) = if p.transport == "tcp" {
+        ("TCP connections", "segments sent again")
+    } else {
+        ("streams", "packets lost")
+    };
+    let mut s = p.transport.clone();
+    if !p.congestion.is_empty() {
+        s.push_str(&format!(" ({})", p.congestion));
+    }
+    s.push_str(&format!(": {} {streams}", p.streams));
+    if let Some(rtt) = p.rtt_ms {
+        s.push_str(&format!(", RTT {rtt:.1} ms"));
+    }
+    s.push_str(&format!(
+        ", {:.2} % {lost} ({} of {}), on the wire {} sent, {} received",
+        p.loss_ratio() * 100.0,
+        p.packets_lost,
+        p.packets_sent,
+        HumanBytes(p.wire_bytes_sent),
+        HumanBytes(p.wire_bytes_received)
+    ));
+    s
 }
 
 fn print_line(to_stdout: bool, s: &str) {
