@@ -56,6 +56,30 @@ pub struct ConnectOptions {
     pub write: bool,
 }
 
+/// One stream's share of a bench transfer.
+fn bench_stream(s: &mut Stream, upload: bool, bytes: u64) -> Result<()> {
+    s.send(&Msg::Bench { upload, bytes })?;
+    s.flush()?;
+    let block = tern_proto::BENCH_BLOCK;
+    let mut buf = vec![0x5au8; block];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block as u64) as usize;
+        if upload {
+            s.send_data(&buf[..n])?;
+        } else {
+            s.recv_data(&mut buf[..n])?;
+        }
+        left -= n as u64;
+    }
+    match s.recv()? {
+        Msg::Done => Ok(()),
+        _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+            "unexpected reply to a bench request".into(),
+        ))),
+    }
+}
+
 /// The key of the daemon's path reports in a pull's summary JSON.
 pub const PATHS_KEY: &str = "paths";
 
@@ -70,9 +94,22 @@ pub struct PullOutcome {
     pub paths: Vec<PathReport>,
 }
 
+/// What `--transport auto` picks: TCP on a LAN-like path (connect time
+/// under [`LAN_RTT`]), where it costs half QUIC's CPU; TCP too when this
+/// machine sends (`sends`) and its TCP paces with BBR, which kept pace
+/// with or beat QUIC on every emulated long path (bench/wan.sh); QUIC
+/// otherwise, since a sender stuck with CUBIC collapses on a lossy path.
+pub fn auto_transport(lan_like: bool, sends: bool, tcp_bbr: bool) -> Transport {
+    if lan_like || (sends && tcp_bbr) {
+        Transport::Tcp
+    } else {
+        Transport::Quic
+    }
+}
+
 /// Round trips below this look like a LAN, where parallel TCP streams are
 /// the fastest; above it, QUIC with BBR copes better with distance and loss.
-const LAN_RTT: Duration = Duration::from_millis(2);
+pub const LAN_RTT: Duration = Duration::from_millis(2);
 
 struct Inner {
     // Dropped last: the connection and streams need it to close.
@@ -159,7 +196,12 @@ impl RemoteEndpoint {
                 let probe =
                     rt.block_on(async move { tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await });
                 match probe {
-                    Ok(Ok(_)) if start.elapsed() < LAN_RTT => Transport::Tcp,
+                    Ok(Ok(sock)) => {
+                        use std::os::fd::AsRawFd;
+                        let lan = start.elapsed() < LAN_RTT;
+                        let bbr = crate::path::tune_tcp(sock.as_raw_fd()) == "bbr";
+                        auto_transport(lan, opts.write, bbr)
+                    }
                     _ => Transport::Quic,
                 }
             }
@@ -223,6 +265,70 @@ impl RemoteEndpoint {
     /// The server's key fingerprint, as verified when connecting.
     pub fn server_fingerprint(&self) -> String {
         fingerprint(self.inner.conn.server_cert())
+    }
+
+    /// Whether the daemon answers bench requests (`tern bench`).
+    pub fn supports_bench(&self) -> bool {
+        self.inner.features & tern_proto::FEATURE_BENCH != 0
+    }
+
+    /// The round-trip time of a request, the least of `n` (each a stat of
+    /// the module's root on one stream).
+    pub fn ping(&self, n: usize) -> Result<Duration> {
+        let mut s = self.open_stream()?;
+        let mut best = Duration::MAX;
+        for _ in 0..n.max(1) {
+            let t = Instant::now();
+            s.send(&Msg::Stat { path: Vec::new() })?;
+            s.flush()?;
+            match s.recv()? {
+                Msg::StatReply(_) => {}
+                _ => {
+                    return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                        "unexpected reply to a stat".into(),
+                    )))
+                }
+            }
+            best = best.min(t.elapsed());
+        }
+        Ok(best)
+    }
+
+    /// Moves `bytes` of filler data to (`upload`) or from the daemon over
+    /// `streams` streams at once, as a transfer's workers would; returns
+    /// the time from the first byte to the last reply. Nothing is stored.
+    pub fn bench_transfer(&self, upload: bool, bytes: u64, streams: usize) -> Result<Duration> {
+        let streams = streams.clamp(1, 64);
+        let mut opened = Vec::with_capacity(streams);
+        for _ in 0..streams {
+            let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop());
+            opened.push(match pooled {
+                Some(s) => s,
+                None => self.open_stream()?,
+            });
+        }
+        let n = streams as u64;
+        let start = Instant::now();
+        let results: Vec<Result<()>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = opened
+                .iter_mut()
+                .zip(0..n)
+                .map(|(s, i)| {
+                    let share = bytes * (i + 1) / n - bytes * i / n;
+                    sc.spawn(move || bench_stream(s, upload, share))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(NetError::Closed)))
+                .collect()
+        });
+        let took = start.elapsed();
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        if let Ok(mut p) = self.inner.pool.lock() {
+            p.extend(opened.into_iter().filter(|s| !s.is_broken()));
+        }
+        Ok(took)
     }
 
     /// Whether the daemon can run a transfer from other daemons itself.

@@ -385,6 +385,35 @@ struct Session {
     pull: Arc<crate::pull::PullPolicy>,
 }
 
+/// Answers a [`Msg::Bench`]: filler data in blocks, then `Done`.
+fn bench(s: &mut Stream, upload: bool, bytes: u64, buf: &mut Vec<u8>) -> Result<()> {
+    if bytes > tern_proto::BENCH_MAX_BYTES {
+        s.send(&Msg::Error(ErrorMsg::new(
+            ErrorCode::Protocol,
+            format!(
+                "a bench request may move at most {} bytes, not {bytes}",
+                tern_proto::BENCH_MAX_BYTES
+            ),
+        )))?;
+        return s.flush();
+    }
+    let block = tern_proto::BENCH_BLOCK;
+    buf.clear();
+    buf.resize(block, 0x5a);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block as u64) as usize;
+        if upload {
+            s.recv_data(&mut buf[..n])?;
+        } else {
+            s.send_data(&buf[..n])?;
+        }
+        left -= n as u64;
+    }
+    s.send(&Msg::Done)?;
+    s.flush()
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         self.abort_all();
@@ -683,6 +712,7 @@ impl Session {
             Msg::Remove { path } => self
                 .new_path(&path)
                 .and_then(|p| self.ep.remove(&p).map(|()| Msg::Done).map_err(err)),
+            Msg::Bench { upload, bytes } => return bench(s, upload, bytes, buf),
             Msg::Barrier => self
                 .may_write()
                 .and_then(|()| self.ep.barrier().map(|()| Msg::Done).map_err(err)),

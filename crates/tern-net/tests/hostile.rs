@@ -439,3 +439,38 @@ fn pull_requests_outside_what_the_daemon_allows_are_refused() {
     assert!(!st.root.join("module/x").exists());
     st.outside_untouched();
 }
+
+#[test]
+fn bench_requests_are_bounded_and_store_nothing() {
+    let st = setup();
+    let mut s = st.session("data", RO_TOKEN, false).expect("session");
+    let too_much = Msg::Bench {
+        upload: false,
+        bytes: tern_proto::BENCH_MAX_BYTES + 1,
+    };
+    assert_eq!(refused(&mut s, too_much), ErrorCode::Protocol);
+    // A download in whole and partial blocks, then the stream still serves.
+    let bytes = tern_proto::BENCH_BLOCK as u64 + 5;
+    s.send(&Msg::Bench { upload: false, bytes }).expect("send");
+    let mut buf = vec![0u8; tern_proto::BENCH_BLOCK];
+    s.recv_data(&mut buf).expect("first block");
+    s.recv_data(&mut buf[..5]).expect("tail");
+    assert!(matches!(s.recv().expect("done"), Msg::Done));
+    // An upload is acknowledged once all its bytes have arrived.
+    s.send(&Msg::Bench {
+        upload: true,
+        bytes: 10,
+    })
+    .expect("send");
+    s.send_data(&[1u8; 10]).expect("data");
+    s.flush().expect("flush");
+    assert!(matches!(s.recv().expect("done"), Msg::Done));
+    s.send(&Msg::Stat { path: b"sub".to_vec() }).expect("send");
+    assert!(matches!(s.recv().expect("stat"), Msg::StatReply(Some(_))));
+    let names: Vec<_> = fs::read_dir(st.root.join("module"))
+        .expect("list")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "bench stored something: {names:?}");
+    st.outside_untouched();
+}

@@ -30,8 +30,8 @@ pub use frame::{
 };
 pub use msg::{
     negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, ErrorCode, ErrorMsg, Hello, Msg, PullRequest, PullSource,
-    RunEvent, RunOptions, Welcome, WireEntry, WireKind, WireMeta, WireSpec, WriteChunk, FEATURES, FEATURE_PULL, MAGIC,
-    VERSION_MAX, VERSION_MIN,
+    RunEvent, RunOptions, Welcome, WireEntry, WireKind, WireMeta, WireSpec, WriteChunk, BENCH_BLOCK, BENCH_MAX_BYTES,
+    FEATURES, FEATURE_BENCH, FEATURE_PULL, MAGIC, VERSION_MAX, VERSION_MIN,
 };
 
 /// A violation of the protocol by the peer (or a bug in the caller).

@@ -13,8 +13,15 @@ pub const VERSION_MAX: u16 = 1;
 /// Feature bit: the daemon runs transfers from another daemon itself
 /// ([`Msg::Pull`]).
 pub const FEATURE_PULL: u64 = 1;
+/// Feature bit: the daemon answers [`Msg::Bench`] (`tern bench`).
+pub const FEATURE_BENCH: u64 = 2;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
-pub const FEATURES: u64 = FEATURE_PULL;
+pub const FEATURES: u64 = FEATURE_PULL | FEATURE_BENCH;
+/// Most bytes one [`Msg::Bench`] may move.
+pub const BENCH_MAX_BYTES: u64 = 1 << 30;
+/// Bench data moves in blocks of this size (the last may be shorter), each
+/// one data frame.
+pub const BENCH_BLOCK: usize = 1 << 20;
 
 /// A control message.
 ///
@@ -253,6 +260,19 @@ pub enum Msg {
         summary_json: String,
         /// The transport the server used to reach the sources.
         transport: String,
+    },
+
+    // Measuring the path (feature [`FEATURE_BENCH`]).
+    /// Client: move `bytes` (at most [`BENCH_MAX_BYTES`]) of filler data
+    /// on this stream, in [`BENCH_BLOCK`]s: the server sends them then
+    /// `Done` (download), or the client sends them after this message and
+    /// the server answers `Done` once it has them all (upload). Nothing
+    /// touches the module.
+    Bench {
+        /// The client sends.
+        upload: bool,
+        /// How many bytes.
+        bytes: u64,
     },
 }
 

@@ -116,6 +116,11 @@ pub enum Command {
     /// clients authenticate. Nothing is writable unless configured so.
     /// SIGINT/SIGTERM stop it; files being written stay resumable.
     Serve(ServeArgs),
+    /// Measure what limits a transfer: disk write and read, BLAKE3 hashing
+    /// and, given a daemon (tern://HOST[:PORT]/MODULE), the round trip and
+    /// throughput of each transport; then say which transport and how many
+    /// workers a copy would use, and why.
+    Bench(BenchArgs),
     /// Print a key fingerprint: this client's (presented to daemons that
     /// authorize keys), or with --server / --state-dir a daemon's. The key
     /// is created if it does not exist yet.
@@ -127,6 +132,31 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+}
+
+/// `tern bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A daemon's module to measure the network to (tern://HOST[:PORT]/MODULE).
+    pub remote: Option<OsString>,
+    /// Directory whose disk is measured (a temporary file is written there
+    /// and removed).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub dir: PathBuf,
+    /// Bytes written and read back on the disk.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
+    pub disk_size: u64,
+    /// Bytes sent each way per transport (at most 1G).
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    pub net_size: u64,
+    /// Parallel streams for the throughput test [default: what a copy would use].
+    #[arg(short = 'j', long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Print one JSON object on stdout instead of the report.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub remote_args: RemoteArgs,
 }
 
 /// `tern serve` options.
@@ -168,7 +198,8 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct RemoteArgs {
     /// Transport to a daemon: auto picks TCP on a LAN-like path (RTT under
-    /// 2 ms) and QUIC otherwise.
+    /// 2 ms) or when this machine sends and its TCP has BBR, QUIC otherwise
+    /// (`tern bench` shows the choice and why).
     #[arg(long, value_name = "auto|quic|tcp", default_value = "auto", value_parser = ["auto", "quic", "tcp"])]
     pub transport: String,
     /// File holding the token for the daemon (else $TERN_TOKEN).

@@ -5,6 +5,7 @@
 //! flag, prints progress and the summary, and maps the outcome to an exit
 //! status.
 
+mod bench;
 mod cli;
 mod net;
 mod output;
@@ -77,6 +78,10 @@ fn init_logging_at(out: &OutputArgs, base: tracing::Level) {
         (_, 2, tracing::Level::WARN) => tracing::Level::INFO,
         _ => tracing::Level::DEBUG,
     };
+    init_log_level(level);
+}
+
+fn init_log_level(level: tracing::Level) {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
@@ -392,6 +397,10 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             return net::serve(a);
         }
         Command::Fingerprint { server, state_dir } => return net::fingerprint(*server, state_dir.as_deref()),
+        Command::Bench(a) => {
+            init_log_level(tracing::Level::WARN);
+            return bench::run(a);
+        }
         _ => {}
     }
     let cancel = cancel_flag()?;
@@ -412,7 +421,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             };
             (o, out, remote, "checked")
         }
-        Command::Serve(_) | Command::Fingerprint { .. } => unreachable!("handled above"),
+        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) => unreachable!("handled above"),
     };
     let jobs_given = match &cli.command {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => t.jobs.is_some(),
@@ -501,13 +510,21 @@ const LONG_PATH_JOBS: usize = 8;
 /// 512 MiB; 16 were no faster and lost 20 % of their packets.
 fn jobs_for_path(opts: &Options, jobs_given: bool, remotes: &[RemoteEndpoint]) -> Options {
     let mut o = opts.clone();
-    let long = remotes
-        .iter()
-        .any(|r| r.path_report().rtt_ms.is_some_and(|ms| ms >= LONG_PATH_RTT_MS));
-    if !jobs_given && long {
-        o.jobs = o.jobs.max(LONG_PATH_JOBS);
+    if !jobs_given {
+        for r in remotes {
+            o.jobs = jobs_for_rtt(o.jobs, r.path_report().rtt_ms.unwrap_or(0.0));
+        }
     }
     o
+}
+
+/// The default worker count for a daemon `rtt_ms` away.
+pub(crate) fn jobs_for_rtt(jobs: usize, rtt_ms: f64) -> usize {
+    if rtt_ms >= LONG_PATH_RTT_MS {
+        jobs.max(LONG_PATH_JOBS)
+    } else {
+        jobs
+    }
 }
 
 /// Refusals of a direct (daemon to daemon) run after which relaying the data
@@ -568,6 +585,6 @@ fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             };
             Ok(Plan::new(d, vec![(root, s.remote)]))
         }
-        Command::Serve(_) | Command::Fingerprint { .. } => bail!("not a transfer"),
+        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) => bail!("not a transfer"),
     }
 }

@@ -553,3 +553,67 @@ fn a_large_file_with_a_hole_and_an_odd_tail_arrives_intact_both_ways() {
     }
     assert!(side_files(&module).is_empty());
 }
+
+#[test]
+fn bench_measures_the_disk_hashing_and_both_transports_and_leaves_nothing_behind() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    let disk = t.path().join("disk");
+    fs::create_dir_all(&module).expect("mkdir");
+    fs::create_dir_all(&disk).expect("mkdir");
+    // A read-only grant is enough: nothing is stored.
+    let d = daemon(&t.path().join("d"), &module, true);
+    let mut c = client(t.path());
+    d.auth(c.arg("bench"))
+        .args([&d.url(""), "--json", "--disk-size", "4M", "--net-size", "3M", "-j", "3"]);
+    let v = json(&ok(c.arg("--dir").arg(&disk)));
+    assert_eq!(v["disk"]["bytes"], 4 << 20);
+    assert!(v["disk"]["write_mib_s"].as_f64() > Some(0.0), "{v}");
+    assert!(v["disk"]["read_mib_s"].as_f64() > Some(0.0), "{v}");
+    assert!(v["hash"]["one_core_mib_s"].as_f64() > Some(0.0), "{v}");
+    let remote = &v["remote"];
+    // Loopback is a LAN-like path.
+    assert_eq!(remote["push_picks"], "tcp", "{v}");
+    assert_eq!(remote["pull_picks"], "tcp", "{v}");
+    let transports = remote["transports"].as_array().cloned().unwrap_or_default();
+    let names: Vec<_> = transports
+        .iter()
+        .map(|t| t["transport"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["tcp", "quic"]);
+    for tr in &transports {
+        assert!(
+            tr["upload_mbit_s"].as_f64() > Some(0.0) && tr["download_mbit_s"].as_f64() > Some(0.0),
+            "{tr}"
+        );
+        assert_eq!(tr["streams"], 3);
+        // The data really crossed the wire, both ways.
+        let path = &tr["path"];
+        assert!(path["wire_bytes_sent"].as_u64() >= Some(3 << 20), "{tr}");
+        assert!(path["wire_bytes_received"].as_u64() >= Some(3 << 20), "{tr}");
+        assert!(path["rtt_ms"].as_f64().is_some(), "{tr}");
+    }
+    assert!(tree(&disk).is_empty(), "bench left files: {:?}", tree(&disk));
+    assert!(tree(&module).is_empty(), "bench wrote into the module");
+
+    // The human report says what a copy would do.
+    let mut c = client(t.path());
+    d.auth(c.arg("bench"))
+        .args([&d.url(""), "--disk-size", "1M", "--net-size", "1M"]);
+    let out = ok(c.arg("--dir").arg(&disk));
+    assert!(out.contains("a push would use tcp, a pull tcp"), "{out}");
+    assert!(out.contains("quic"), "{out}");
+
+    // Bad input is refused with what was wrong.
+    let mut c = client(t.path());
+    fails(c.args(["bench", "--net-size", "2G"]), 2, "--net-size");
+    let mut c = client(t.path());
+    fails(c.args(["bench", "some/dir"]), 2, "not a daemon location");
+    let mut c = client(t.path());
+    fails(
+        c.args(["bench", "--disk-size", "1M", "--dir"])
+            .arg(t.path().join("nope")),
+        1,
+        "--dir",
+    );
+}
