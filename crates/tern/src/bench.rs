@@ -56,8 +56,10 @@ struct Remote {
     push_picks: String,
     /// What `--transport auto` picks to pull from it.
     pull_picks: String,
-    /// Workers (streams) a copy would use by default.
-    jobs: usize,
+    /// Workers (streams) a push would use by default.
+    push_jobs: usize,
+    /// Workers (streams) a pull would use by default.
+    pull_jobs: usize,
     advice: String,
 }
 
@@ -128,8 +130,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<Exit> {
     };
     if let Some(r) = &remote {
         say(format!(
-            "a push would use {}, a pull {}, with {} workers: {}",
-            r.push_picks, r.pull_picks, r.jobs, r.advice
+            "a push would use {} with {} workers, a pull {} with {}: {}",
+            r.push_picks, r.push_jobs, r.pull_picks, r.pull_jobs, r.advice
         ));
     }
     if a.json {
@@ -240,7 +242,7 @@ fn with_transport(r: &RemoteArgs, t: &str) -> RemoteArgs {
 fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Result<Remote> {
     say(format!("{}:", spec.display()));
     let mut results = Vec::new();
-    let mut streams = a.jobs.unwrap_or_else(tern_core::engine::default_jobs);
+    let default_jobs = tern_core::engine::default_jobs();
     for t in ["tcp", "quic"] {
         let start = Instant::now();
         let ep = match net::connect(spec, &with_transport(&a.remote_args, t), false) {
@@ -255,9 +257,9 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
             bail!("{}: the daemon is too old to answer bench requests", spec.display());
         }
         let rtt = ep.ping(5).with_context(|| format!("{} over {t}", spec.display()))?;
-        if results.is_empty() && a.jobs.is_none() {
-            streams = crate::jobs_for_rtt(streams, rtt.as_secs_f64() * 1e3);
-        }
+        let streams = a
+            .jobs
+            .unwrap_or_else(|| crate::jobs_for(default_jobs, rtt.as_secs_f64() * 1e3, t));
         let up = ep
             .bench_transfer(true, a.net_size, streams)
             .with_context(|| format!("upload to {} over {t}", spec.display()))?;
@@ -290,13 +292,16 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
         .any(|r| r.transport == "tcp" && r.path.congestion == "bbr");
     let push = auto_transport(lan, true, bbr).name().to_string();
     let pull = auto_transport(lan, false, bbr).name().to_string();
+    let workers = |t: &str| a.jobs.unwrap_or_else(|| crate::jobs_for(default_jobs, rtt_ms, t));
+    let (push_jobs, pull_jobs) = (workers(&push), workers(&pull));
     let advice = advice(&push, &pull, rtt_ms, bbr, &results);
     Ok(Remote {
         location: spec.display(),
         transports: results,
         push_picks: push,
         pull_picks: pull,
-        jobs: streams,
+        push_jobs,
+        pull_jobs,
         advice,
     })
 }

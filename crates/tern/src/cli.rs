@@ -235,7 +235,7 @@ pub struct TransferArgs {
     #[command(flatten)]
     pub out: OutputArgs,
     /// Number of parallel workers [default: twice the CPUs, 4 to 16; at least
-    /// 8 when a daemon is 10 ms or more away].
+    /// 8 over QUIC to a daemon 10 ms or more away].
     #[arg(short = 'j', long, value_name = "N")]
     pub jobs: Option<usize>,
     /// Do not fsync written data before renaming it into place: faster, but

@@ -498,29 +498,32 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     }
 }
 
-/// Round trips from which one more worker (one more stream) pays off.
+/// Round trips from which more QUIC streams pay off.
 const LONG_PATH_RTT_MS: f64 = 10.0;
-/// Workers on a long path unless `--jobs` says otherwise.
+/// Workers on a long QUIC path unless `--jobs` says otherwise.
 const LONG_PATH_JOBS: usize = 8;
 
-/// On a long path each stream's window, not the link, limits its rate (a
-/// QUIC stream's is 2 MiB, see tern-net's transport), so the default
-/// worker count is raised to keep more streams going. bench/wan.sh, 1 Gbit/s
-/// at 50 ms with 1 % loss: 4 QUIC streams 8.5 s, 8 streams 5.9 s for
-/// 512 MiB; 16 were no faster and lost 20 % of their packets.
+/// On a long path each QUIC stream's window (2 MiB, see tern-net's
+/// transport), not the link, limits its rate, so the default worker count
+/// is raised to keep more streams going. bench/wan.sh, 1 Gbit/s at 50 ms
+/// with 1 % loss: 4 QUIC streams 8.5 s, 8 streams 5.9 s for 512 MiB; 16
+/// were no faster and lost 20 % of their packets. TCP windows grow with the
+/// kernel's autotuning, and more connections only overshoot more: 4 took
+/// 5.85-5.97 s with 10 % of segments resent, 8 took 6.01-6.18 s with 15 %.
 fn jobs_for_path(opts: &Options, jobs_given: bool, remotes: &[RemoteEndpoint]) -> Options {
     let mut o = opts.clone();
     if !jobs_given {
         for r in remotes {
-            o.jobs = jobs_for_rtt(o.jobs, r.path_report().rtt_ms.unwrap_or(0.0));
+            let p = r.path_report();
+            o.jobs = jobs_for(o.jobs, p.rtt_ms.unwrap_or(0.0), &p.transport);
         }
     }
     o
 }
 
-/// The default worker count for a daemon `rtt_ms` away.
-pub(crate) fn jobs_for_rtt(jobs: usize, rtt_ms: f64) -> usize {
-    if rtt_ms >= LONG_PATH_RTT_MS {
+/// The default worker count for a daemon `rtt_ms` away over `transport`.
+pub(crate) fn jobs_for(jobs: usize, rtt_ms: f64, transport: &str) -> usize {
+    if transport == "quic" && rtt_ms >= LONG_PATH_RTT_MS {
         jobs.max(LONG_PATH_JOBS)
     } else {
         jobs

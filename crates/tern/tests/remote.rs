@@ -601,7 +601,10 @@ fn bench_measures_the_disk_hashing_and_both_transports_and_leaves_nothing_behind
     d.auth(c.arg("bench"))
         .args([&d.url(""), "--disk-size", "1M", "--net-size", "1M"]);
     let out = ok(c.arg("--dir").arg(&disk));
-    assert!(out.contains("a push would use tcp, a pull tcp"), "{out}");
+    assert!(
+        out.contains("a push would use tcp with") && out.contains("a pull tcp with"),
+        "{out}"
+    );
     assert!(out.contains("quic"), "{out}");
 
     // Bad input is refused with what was wrong.
