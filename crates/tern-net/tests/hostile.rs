@@ -474,3 +474,35 @@ fn bench_requests_are_bounded_and_store_nothing() {
     assert_eq!(names.len(), 2, "bench stored something: {names:?}");
     st.outside_untouched();
 }
+
+#[test]
+fn a_chunk_whose_bytes_do_not_match_its_hash_is_not_written_or_published() {
+    let st = setup();
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    s.send(&Msg::Create {
+        handle: 1,
+        path: b"f".to_vec(),
+        spec: spec(),
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("create"), Msg::Created { .. }));
+    // The hash announces "abc"; one bit of the bytes flipped on the way.
+    s.send(&Msg::Write(tern_proto::WriteChunk {
+        handle: 1,
+        index: 0,
+        offset: 0,
+        len: 3,
+        holes: Vec::new(),
+        cv: *blake3::hash(b"abc").as_bytes(),
+    }))
+    .expect("send");
+    s.send_data(b"abb").expect("data");
+    let publish = Msg::Publish { handle: 1, writes: 1 };
+    s.send(&publish).expect("send");
+    match s.recv() {
+        Err(NetError::Remote(e)) => assert!(e.message.contains("corrupted"), "{}", e.message),
+        other => panic!("a corrupted chunk was published: {other:?}"),
+    }
+    assert!(!st.root.join("module/f").exists(), "corrupted file at its final name");
+    st.outside_untouched();
+}

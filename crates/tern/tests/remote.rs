@@ -620,3 +620,110 @@ fn bench_measures_the_disk_hashing_and_both_transports_and_leaves_nothing_behind
         "--dir",
     );
 }
+
+/// A TCP proxy to `port` that flips one bit in the byte stream of each of
+/// its first `damaged` connections, `after` bytes in: client to server when
+/// `upstream`, else server to client. Returns its port and how many bits it
+/// has flipped.
+fn flipping_proxy(
+    port: u16,
+    after: u64,
+    damaged: usize,
+    upstream: bool,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let proxy_port = l.local_addr().expect("addr").port();
+    let flips = Arc::new(AtomicUsize::new(0));
+    let f = flips.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().enumerate() {
+            let Ok(down) = conn else { return };
+            let Ok(up) = TcpStream::connect(("127.0.0.1", port)) else {
+                return;
+            };
+            let pipe = move |mut from: TcpStream, mut to: TcpStream, flip: Option<Arc<AtomicUsize>>| {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = 0u64;
+                loop {
+                    let k = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => k,
+                    };
+                    if let Some(c) = &flip {
+                        if seen <= after && after < seen + k as u64 {
+                            buf[(after - seen) as usize] ^= 0x10;
+                            c.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    seen += k as u64;
+                    if to.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            };
+            let bad = (n < damaged).then(|| f.clone());
+            let (d2, u2) = (down.try_clone().expect("clone"), up.try_clone().expect("clone"));
+            let (a, b) = if upstream { (bad, None) } else { (None, bad) };
+            std::thread::spawn(move || pipe(down, up, a));
+            std::thread::spawn(move || pipe(u2, d2, b));
+        }
+    });
+    (proxy_port, flips)
+}
+
+#[test]
+fn bits_flipped_in_transit_are_caught_and_the_copy_still_lands_intact() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    let local = t.path().join("local");
+    write(&module.join("down.bin"), &data(6 << 20, 31));
+    write(&local.join("up.bin"), &data(6 << 20, 32));
+    let d = daemon(&t.path().join("d"), &module, false);
+    for push in [true, false] {
+        // The first two TCP connections each get one bit flipped, 100 kB in
+        // (if they carry that much: the first carries only the login).
+        let (port, flips) = flipping_proxy(d.port, 100_000, 2, push);
+        let (src, dst) = if push {
+            (
+                local.join("up.bin").display().to_string(),
+                format!("tern://127.0.0.1:{port}/data/pushed/"),
+            )
+        } else {
+            (
+                format!("tern://127.0.0.1:{port}/data/down.bin"),
+                local.join("pulled").display().to_string() + "/",
+            )
+        };
+        let mut c = client(t.path());
+        d.auth(c.args([
+            "copy",
+            "--json",
+            "--transport",
+            "tcp",
+            "--retries",
+            "5",
+            "--chunk-size",
+            "256K",
+        ]));
+        let out = ok(c.args([&src, &dst]));
+        assert!(
+            flips.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+            "the proxy damaged nothing"
+        );
+        let s = json(&out);
+        assert_eq!(s["errors"], 0, "{out}");
+        // TLS refused the damaged records: nothing damaged was written.
+        let (a, b) = if push {
+            (local.join("up.bin"), module.join("pushed/up.bin"))
+        } else {
+            (module.join("down.bin"), local.join("pulled/down.bin"))
+        };
+        assert_eq!(b3(&a), b3(&b), "push={push}");
+    }
+    assert!(side_files(&module).is_empty() && side_files(&local).is_empty());
+}
