@@ -506,3 +506,82 @@ fn a_chunk_whose_bytes_do_not_match_its_hash_is_not_written_or_published() {
     assert!(!st.root.join("module/f").exists(), "corrupted file at its final name");
     st.outside_untouched();
 }
+
+#[test]
+fn replayed_and_truncated_handshakes_are_refused() {
+    use std::io::{Read, Write};
+    let st = setup();
+    let addr = st.daemon.as_ref().expect("daemon").addrs()[0];
+    // Half a TLS ClientHello, then silence on the write side: the daemon
+    // hangs up rather than wait for the rest.
+    let mut raw = std::net::TcpStream::connect(addr).expect("connect");
+    raw.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03])
+        .expect("write");
+    raw.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    raw.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut rest = Vec::new();
+    if let Err(e) = raw.read_to_end(&mut rest) {
+        assert!(
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "the daemon kept a truncated handshake open"
+        );
+    }
+
+    // A Hello and then the end of the stream: answered, then closed.
+    let mut s = st.stream(Transport::Tcp);
+    s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    s.finish().expect("finish");
+    assert!(matches!(s.recv(), Ok(Msg::Hello(_))));
+    assert!(s.recv().is_err(), "a stream without Auth or Join was served");
+
+    // An Auth replayed on a stream already logged in ends that stream.
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let again = Msg::Auth(Auth {
+        module: "data".into(),
+        token: Some(TOKEN.into()),
+        write: true,
+    });
+    s.send(&again).expect("send");
+    assert!(s.recv().is_err(), "a second Auth was accepted");
+
+    // Joining a live session needs its secret: the id alone is refused.
+    let mut s = st.stream(Transport::Tcp);
+    s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    s.send(&Msg::Auth(Auth {
+        module: "data".into(),
+        token: Some(TOKEN.into()),
+        write: false,
+    }))
+    .expect("send");
+    assert!(matches!(s.recv(), Ok(Msg::Hello(_))));
+    let Ok(Msg::Welcome(w)) = s.recv() else {
+        panic!("no welcome")
+    };
+    let mut forged = w.secret;
+    forged[0] ^= 1;
+    let mut j = st.stream(Transport::Tcp);
+    j.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    j.send(&Msg::Join {
+        session: w.session,
+        secret: forged,
+    })
+    .expect("send");
+    assert!(matches!(j.recv(), Ok(Msg::Hello(_))));
+    match j.recv() {
+        Err(NetError::Remote(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        other => panic!("a join with a wrong secret: {other:?}"),
+    }
+    // The real secret still joins, and the session still serves.
+    let mut j = st.stream(Transport::Tcp);
+    j.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    j.send(&Msg::Join {
+        session: w.session,
+        secret: w.secret,
+    })
+    .expect("send");
+    assert!(matches!(j.recv(), Ok(Msg::Hello(_))));
+    assert!(matches!(j.recv(), Ok(Msg::Welcome(_))), "the real secret was refused");
+    j.send(&Msg::Stat { path: b"sub".to_vec() }).expect("send");
+    assert!(matches!(j.recv(), Ok(Msg::StatReply(Some(_)))));
+    st.outside_untouched();
+}

@@ -231,11 +231,7 @@ fn hashing() -> Hash {
 fn with_transport(r: &RemoteArgs, t: &str) -> RemoteArgs {
     RemoteArgs {
         transport: t.to_string(),
-        token_file: r.token_file.clone(),
-        fingerprint: r.fingerprint.clone(),
-        accept_new_host: r.accept_new_host,
-        retries: r.retries,
-        timeout: r.timeout,
+        ..r.clone()
     }
 }
 

@@ -195,7 +195,7 @@ pub struct ServeArgs {
 }
 
 /// How to reach tern daemons.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
     /// Transport to a daemon: auto picks TCP on a LAN-like path (RTT under
     /// 2 ms) or when this machine sends and its TCP has BBR, QUIC otherwise
