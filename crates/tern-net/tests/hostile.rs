@@ -585,3 +585,83 @@ fn replayed_and_truncated_handshakes_are_refused() {
     assert!(matches!(j.recv(), Ok(Msg::StatReply(Some(_)))));
     st.outside_untouched();
 }
+
+#[test]
+fn a_directory_swapped_for_a_symlink_mid_transfer_leads_nowhere_outside() {
+    let st = setup();
+    let module = st.root.join("module");
+    fs::write(module.join("sub/f"), b"inside").expect("write");
+    fs::write(st.root.join("outside/f"), b"outside").expect("write");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    // The client looks at sub/f and starts a write in sub, as a transfer
+    // would ...
+    s.send(&Msg::Stat {
+        path: b"sub/f".to_vec(),
+    })
+    .expect("send");
+    let Msg::StatReply(Some(entry)) = s.recv().expect("stat") else {
+        panic!("no entry")
+    };
+    s.send(&Msg::Create {
+        handle: 1,
+        path: b"sub/new".to_vec(),
+        spec: spec(),
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("create"), Msg::Created { .. }));
+    // ... then `sub` becomes a symlink to the outside directory, which has
+    // an `f` too.
+    fs::rename(module.join("sub"), module.join("sub-moved")).expect("rename");
+    symlink(st.root.join("outside"), module.join("sub")).expect("symlink");
+
+    // Reads, listings, new files, links and removals through it are refused.
+    s.send(&Msg::OpenRead {
+        handle: 2,
+        path: b"sub/f".to_vec(),
+        expect: entry,
+    })
+    .expect("send");
+    assert!(s.recv().is_err(), "a file was opened through the swapped symlink");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    refused(&mut s, Msg::ReadDir { path: b"sub".to_vec() });
+    refused(
+        &mut s,
+        Msg::Stat {
+            path: b"sub/f".to_vec(),
+        },
+    );
+    refused(
+        &mut s,
+        Msg::Create {
+            handle: 3,
+            path: b"sub/planted".to_vec(),
+            spec: spec(),
+        },
+    );
+    refused(
+        &mut s,
+        Msg::MakeDir {
+            path: b"sub/d".to_vec(),
+        },
+    );
+    refused(
+        &mut s,
+        Msg::Remove {
+            path: b"sub/f".to_vec(),
+        },
+    );
+    refused(
+        &mut s,
+        Msg::HardLink {
+            existing: b"sub/f".to_vec(),
+            path: b"stolen".to_vec(),
+        },
+    );
+    assert!(!module.join("stolen").exists());
+    assert_eq!(fs::read(st.root.join("outside/f")).expect("read"), b"outside");
+    let names: Vec<_> = fs::read_dir(st.root.join("outside"))
+        .expect("list")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "something was planted outside: {names:?}");
+}
