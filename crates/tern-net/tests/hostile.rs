@@ -119,6 +119,15 @@ fn refused(s: &mut Stream, req: Msg) -> ErrorCode {
     }
 }
 
+/// The entry the daemon reports for `path`, which must exist.
+fn stat_entry(s: &mut Stream, path: &[u8]) -> tern_proto::WireEntry {
+    s.send(&Msg::Stat { path: path.to_vec() }).expect("send");
+    match s.recv().expect("stat") {
+        Msg::StatReply(Some(entry)) => entry,
+        m => panic!("no entry for {path:?}: {m:?}"),
+    }
+}
+
 fn spec() -> WireSpec {
     WireSpec {
         size: 3,
@@ -262,13 +271,7 @@ fn a_zero_length_read_is_answered_not_a_panic() {
     let st = setup();
     fs::write(st.root.join("module/sub/f"), vec![7u8; 10_000]).expect("write");
     let mut s = st.session("data", TOKEN, true).expect("session");
-    s.send(&Msg::Stat {
-        path: b"sub/f".to_vec(),
-    })
-    .expect("send");
-    let Msg::StatReply(Some(entry)) = s.recv().expect("stat") else {
-        panic!("no entry")
-    };
+    let entry = stat_entry(&mut s, b"sub/f");
     s.send(&Msg::OpenRead {
         handle: 1,
         path: b"sub/f".to_vec(),
@@ -595,13 +598,7 @@ fn a_directory_swapped_for_a_symlink_mid_transfer_leads_nowhere_outside() {
     let mut s = st.session("data", TOKEN, true).expect("session");
     // The client looks at sub/f and starts a write in sub, as a transfer
     // would ...
-    s.send(&Msg::Stat {
-        path: b"sub/f".to_vec(),
-    })
-    .expect("send");
-    let Msg::StatReply(Some(entry)) = s.recv().expect("stat") else {
-        panic!("no entry")
-    };
+    let entry = stat_entry(&mut s, b"sub/f");
     s.send(&Msg::Create {
         handle: 1,
         path: b"sub/new".to_vec(),
