@@ -94,6 +94,40 @@ pub struct PullOutcome {
     pub paths: Vec<PathReport>,
 }
 
+/// What a TCP connection to the daemon shows before anything is sent.
+#[derive(Debug, Clone, Copy)]
+pub struct PathProbe {
+    /// The quicker of up to two TCP connects: about one round trip.
+    pub connect: Duration,
+    /// This machine's TCP got BBR on that connection.
+    pub tcp_bbr: bool,
+}
+
+/// Times a TCP connect to `addr`, and a second one when the first did not
+/// look like a LAN (a busy machine can be slow to schedule the first), so
+/// a LAN is not taken for a long path. `None` when TCP does not connect.
+pub fn probe_path(addr: SocketAddr, timeout: Duration) -> Option<PathProbe> {
+    use std::os::fd::AsRawFd;
+    let mut best: Option<PathProbe> = None;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let Ok(sock) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+            break;
+        };
+        let p = PathProbe {
+            connect: start.elapsed(),
+            tcp_bbr: crate::path::tune_tcp(sock.as_raw_fd()) == "bbr",
+        };
+        if best.is_none_or(|b| p.connect < b.connect) {
+            best = Some(p);
+        }
+        if p.connect < LAN_RTT {
+            break;
+        }
+    }
+    best
+}
+
 /// What `--transport auto` picks: TCP on a LAN-like path (connect time
 /// under [`LAN_RTT`]), where it costs half QUIC's CPU; TCP too when this
 /// machine sends (`sends`) and its TCP paces with BBR, which kept pace
@@ -144,7 +178,8 @@ pub struct RemoteEndpoint {
     inner: Arc<Inner>,
 }
 
-fn resolve(spec: &RemoteSpec) -> Result<SocketAddr> {
+/// The daemon's address.
+pub fn resolve(spec: &RemoteSpec) -> Result<SocketAddr> {
     (spec.host.as_str(), spec.port)
         .to_socket_addrs()
         .map_err(|e| NetError::Config(format!("{}: cannot resolve host: {e}", spec.host)))?
@@ -190,21 +225,10 @@ impl RemoteEndpoint {
         let kind = match opts.transport {
             TransportChoice::Quic => Transport::Quic,
             TransportChoice::Tcp => Transport::Tcp,
-            TransportChoice::Auto => {
-                let start = Instant::now();
-                let t = opts.timeout;
-                let probe =
-                    rt.block_on(async move { tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await });
-                match probe {
-                    Ok(Ok(sock)) => {
-                        use std::os::fd::AsRawFd;
-                        let lan = start.elapsed() < LAN_RTT;
-                        let bbr = crate::path::tune_tcp(sock.as_raw_fd()) == "bbr";
-                        auto_transport(lan, opts.write, bbr)
-                    }
-                    _ => Transport::Quic,
-                }
-            }
+            TransportChoice::Auto => match probe_path(addr, opts.timeout) {
+                Some(p) => auto_transport(p.connect < LAN_RTT, opts.write, p.tcp_bbr),
+                None => Transport::Quic,
+            },
         };
         let connected = Connector::connect(rt.handle().clone(), kind, addr, tls.clone(), opts.timeout);
         let (conn, mut first) = match (connected, opts.transport) {

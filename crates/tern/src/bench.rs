@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use indicatif::HumanBytes;
 use serde::Serialize;
 use tern_net::path::PathReport;
-use tern_net::remote::{auto_transport, LAN_RTT};
+use tern_net::remote::{auto_transport, probe_path, resolve, LAN_RTT};
 use tern_net::url::RemoteSpec;
 
 use crate::cli::{BenchArgs, Exit, RemoteArgs};
@@ -51,6 +51,8 @@ struct Hash {
 #[derive(Debug, Serialize)]
 struct Remote {
     location: String,
+    /// The TCP connect time `--transport auto` decides by.
+    probe_connect_ms: f64,
     transports: Vec<TransportResult>,
     /// What `--transport auto` picks to push to this daemon.
     push_picks: String,
@@ -253,9 +255,8 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
             bail!("{}: the daemon is too old to answer bench requests", spec.display());
         }
         let rtt = ep.ping(5).with_context(|| format!("{} over {t}", spec.display()))?;
-        let streams = a
-            .jobs
-            .unwrap_or_else(|| crate::jobs_for(default_jobs, rtt.as_secs_f64() * 1e3, t));
+        let est = ep.path_report().rtt_ms.unwrap_or(0.0);
+        let streams = a.jobs.unwrap_or_else(|| crate::jobs_for(default_jobs, est, t));
         let up = ep
             .bench_transfer(true, a.net_size, streams)
             .with_context(|| format!("upload to {} over {t}", spec.display()))?;
@@ -278,21 +279,32 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
         say(format!("    {}", describe_path(&r.path)));
         results.push(r);
     }
-    let Some(first) = results.first() else {
+    if results.is_empty() {
         bail!("{}: no transport could connect", spec.display());
-    };
-    let rtt_ms = first.request_rtt_ms;
-    let lan = rtt_ms < LAN_RTT.as_secs_f64() * 1e3;
-    let bbr = results
-        .iter()
-        .any(|r| r.transport == "tcp" && r.path.congestion == "bbr");
+    }
+    // The same probe `--transport auto` makes.
+    let addr = resolve(spec).with_context(|| spec.display())?;
+    let probe = probe_path(addr, Duration::from_secs(a.remote_args.timeout.max(1)))
+        .with_context(|| format!("{}: TCP does not connect", spec.display()))?;
+    let rtt_ms = probe.connect.as_secs_f64() * 1e3;
+    let lan = probe.connect < LAN_RTT;
+    let bbr = probe.tcp_bbr;
     let push = auto_transport(lan, true, bbr).name().to_string();
     let pull = auto_transport(lan, false, bbr).name().to_string();
-    let workers = |t: &str| a.jobs.unwrap_or_else(|| crate::jobs_for(default_jobs, rtt_ms, t));
+    // Workers follow the transport's own round-trip estimate, as in a copy.
+    let est = |t: &str| {
+        results
+            .iter()
+            .find(|r| r.transport == t)
+            .and_then(|r| r.path.rtt_ms)
+            .unwrap_or(rtt_ms)
+    };
+    let workers = |t: &str| a.jobs.unwrap_or_else(|| crate::jobs_for(default_jobs, est(t), t));
     let (push_jobs, pull_jobs) = (workers(&push), workers(&pull));
     let advice = advice(&push, &pull, rtt_ms, bbr, &results);
     Ok(Remote {
         location: spec.display(),
+        probe_connect_ms: rtt_ms,
         transports: results,
         push_picks: push,
         pull_picks: pull,
@@ -305,15 +317,15 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
 /// Why auto picks what it picks, and whether the figures disagree.
 fn advice(push: &str, pull: &str, rtt_ms: f64, bbr: bool, results: &[TransportResult]) -> String {
     let mut s = if rtt_ms < LAN_RTT.as_secs_f64() * 1e3 {
-        format!("the path looks like a LAN (round trip {rtt_ms:.2} ms, under 2 ms), where TCP costs least CPU")
+        format!("the path looks like a LAN (TCP connect {rtt_ms:.2} ms, under 2 ms), where TCP costs least CPU")
     } else if bbr {
         format!(
-            "the path is long (round trip {rtt_ms:.1} ms); this machine's TCP paces with BBR, so pushes use TCP, \
+            "the path is long (TCP connect {rtt_ms:.1} ms); this machine's TCP paces with BBR, so pushes use TCP, \
              and pulls, where the daemon sends, QUIC with BBR"
         )
     } else {
         format!(
-            "the path is long (round trip {rtt_ms:.1} ms) and this machine's TCP has no BBR (CUBIC collapses \
+            "the path is long (TCP connect {rtt_ms:.1} ms) and this machine's TCP has no BBR (CUBIC collapses \
              with loss), so QUIC with BBR"
         )
     };

@@ -572,9 +572,15 @@ fn bench_measures_the_disk_hashing_and_both_transports_and_leaves_nothing_behind
     assert!(v["disk"]["read_mib_s"].as_f64() > Some(0.0), "{v}");
     assert!(v["hash"]["one_core_mib_s"].as_f64() > Some(0.0), "{v}");
     let remote = &v["remote"];
-    // Loopback is a LAN-like path.
-    assert_eq!(remote["push_picks"], "tcp", "{v}");
-    assert_eq!(remote["pull_picks"], "tcp", "{v}");
+    // Loopback is a LAN-like path, unless this machine was too busy to
+    // answer a TCP connect within 2 ms twice: then the rule for long paths
+    // applies, a pull going over QUIC.
+    if remote["probe_connect_ms"].as_f64() < Some(2.0) {
+        assert_eq!(remote["push_picks"], "tcp", "{v}");
+        assert_eq!(remote["pull_picks"], "tcp", "{v}");
+    } else {
+        assert_eq!(remote["pull_picks"], "quic", "{v}");
+    }
     let transports = remote["transports"].as_array().cloned().unwrap_or_default();
     let names: Vec<_> = transports
         .iter()
@@ -601,10 +607,7 @@ fn bench_measures_the_disk_hashing_and_both_transports_and_leaves_nothing_behind
     d.auth(c.arg("bench"))
         .args([&d.url(""), "--disk-size", "1M", "--net-size", "1M"]);
     let out = ok(c.arg("--dir").arg(&disk));
-    assert!(
-        out.contains("a push would use tcp with") && out.contains("a pull tcp with"),
-        "{out}"
-    );
+    assert!(out.contains("a push would use ") && out.contains(", a pull "), "{out}");
     assert!(out.contains("quic"), "{out}");
 
     // Bad input is refused with what was wrong.
