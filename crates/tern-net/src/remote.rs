@@ -713,14 +713,25 @@ impl Dest for RemoteEndpoint {
 
     fn create(&self, rel: &Path, spec: &FileSpec) -> tern_core::Result<Box<dyn WriteFile>> {
         let handle = self.handle();
-        let r = self.call(
-            rel,
-            Msg::Create {
-                handle,
-                path: self.full(rel),
-                spec: wire::spec(spec),
-            },
-        )?;
+        let req = Msg::Create {
+            handle,
+            path: self.full(rel),
+            spec: wire::spec(spec),
+        };
+        // A daemon keeps a file locked for a connection it has not yet seen
+        // die: a client killed mid-transfer over QUIC sends no close, so
+        // the daemon learns of it only at the idle timeout. A rerun waits
+        // that long rather than fail (found by tools/crash_resume.sh).
+        let deadline = Instant::now() + crate::transport::QUIC_IDLE + Duration::from_secs(5);
+        let r = loop {
+            match self.call(rel, req.clone()) {
+                Err(Error::Busy(_)) if Instant::now() < deadline => {
+                    tracing::info!(path = %rel.display(), "the daemon still holds this file for an earlier connection; waiting");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                r => break r?,
+            }
+        };
         let Msg::Created { resumed } = r else {
             return Err(self.unexpected(rel));
         };

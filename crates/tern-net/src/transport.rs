@@ -48,6 +48,11 @@ impl Transport {
 /// (2 MiB per stream is 112 Mbit/s at 150 ms of RTT).
 const QUIC_STREAM_WINDOW: u32 = 2 << 20;
 
+/// A QUIC peer silent this long is gone: three missed keep-alives (sent
+/// every 5 s). A client killed without a close (SIGKILL, a lost link) sends
+/// none, and until then the daemon keeps its files locked.
+pub const QUIC_IDLE: Duration = Duration::from_secs(15);
+
 /// QUIC settings: BBR, per-stream windows quinn can reassemble (above), and
 /// a connection window big enough for a fast, long path (64 MiB covers
 /// 1 Gbit/s at 500 ms of RTT).
@@ -178,7 +183,7 @@ impl Connector {
             Transport::Quic => {
                 let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.clone()).map_err(quic_err)?;
                 let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-                cfg.transport_config(Arc::new(quic_transport(256, timeout.max(Duration::from_secs(30)))?));
+                cfg.transport_config(Arc::new(quic_transport(256, QUIC_IDLE)?));
                 let bind: SocketAddr = if addr.is_ipv6() {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 } else {
@@ -418,7 +423,10 @@ impl Listener {
         let local = tcp.local_addr()?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone()).map_err(quic_err)?;
         let mut qcfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        qcfg.transport_config(Arc::new(quic_transport(limits.streams_per_conn, limits.idle)?));
+        qcfg.transport_config(Arc::new(quic_transport(
+            limits.streams_per_conn,
+            QUIC_IDLE.min(limits.idle),
+        )?));
         // The connection-ID check must survive the restart too: packets for
         // an unknown connection are answered with a reset only if their
         // connection ID is one this endpoint could have issued.
