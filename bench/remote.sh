@@ -104,11 +104,7 @@ mkdir -p "$BASE/src" "$BASE/push" "$BASE/pull"
 cp "$DATA/big.bin" "$BASE/src/" && cp -a "$DATA/small" "$BASE/src/"
 
 # One identity, token and pinned key for all tern daemons and clients.
-export TERN_STATE_DIR=$WORK/state TERN_CONFIG_DIR=$WORK/config
-mkdir -p "$TERN_STATE_DIR" "$TERN_CONFIG_DIR"
-FP=$("$TERN" fingerprint --server)
-TOKEN=$WORK/token
-[ -f "$TOKEN" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN"
+tern_credentials "$WORK" "$TERN"
 
 cat >"$WORK/rsyncd.conf" <<EOF
 port = $RSYNC_PORT

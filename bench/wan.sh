@@ -94,11 +94,7 @@ mount -t tmpfs -o "size=$((BYTES * 3 / 1048576 + 256))M" tmpfs "$RAM"
 mkdir -p "$RAM/src" "$RAM/push"
 head -c "$BYTES" /dev/urandom >"$RAM/src/file.bin"
 
-export TERN_STATE_DIR=$WORK/state TERN_CONFIG_DIR=$WORK/config
-mkdir -p "$TERN_STATE_DIR" "$TERN_CONFIG_DIR"
-FP=$("$TERN" fingerprint --server)
-TOKEN=$WORK/token
-[ -f "$TOKEN" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN"
+tern_credentials "$WORK" "$TERN"
 cat >"$WORK/rsyncd.conf" <<CONF
 port = $RSYNC_PORT
 address = $ADDR

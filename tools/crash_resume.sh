@@ -16,6 +16,7 @@
 # non-zero on any failure.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/tools/lib.sh"
 TRIALS=${1:-25}
 RANDOM=${2:-1}
 MODE=${MODE:-local}
@@ -53,14 +54,11 @@ start_daemon() {
   "$T" serve --listen "127.0.0.1:$PORT" --module "m=$MOD" --read-write \
     --token-file "$WORK/token" --state-dir "$WORK/state" >"$WORK/daemon.out" 2>>"$WORK/daemon.log" &
   DPID=$!
-  local i
-  for ((i = 0; i < 500; i++)); do
-    grep -q '^fingerprint:' "$WORK/daemon.out" 2>/dev/null && return 0
-    kill -0 "$DPID" 2>/dev/null || { echo "daemon did not start" >&2; cat "$WORK/daemon.log" >&2; exit 1; }
-    sleep 0.02
-  done
-  echo "daemon did not start" >&2
-  exit 1
+  FP=$(daemon_fingerprint "$WORK/daemon.out" "$DPID") || {
+    echo "daemon did not start" >&2
+    cat "$WORK/daemon.log" >&2
+    exit 1
+  }
 }
 
 case $MODE in
@@ -73,7 +71,6 @@ if [ "$MODE" != local ]; then
   rm -rf "$MOD" && mkdir -p "$MOD"
   [ "$MODE" = pull ] && cp -a src "$MOD/src"
   start_daemon
-  FP=$(sed -n 's/^fingerprint: //p' "$WORK/daemon.out")
   REMOTE=(--transport "$TRANSPORT" --fingerprint "$FP" --token-file "$WORK/token" --retries 1)
 fi
 

@@ -13,6 +13,7 @@
 # completed an operation, or on leaked descriptors.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/tools/lib.sh"
 CLIENTS=${1:-64}
 SECONDS_=${2:-120}
 TRANSPORT=${TRANSPORT:-tcp}
@@ -42,12 +43,7 @@ trap cleanup EXIT
 "$T" serve --listen "127.0.0.1:$PORT" --module "m=$WORK/module" --read-write \
   --token-file token --state-dir state >daemon.out 2>daemon.log &
 DPID=$!
-for ((i = 0; i < 500; i++)); do
-  grep -q '^fingerprint:' daemon.out 2>/dev/null && break
-  sleep 0.02
-done
-FP=$(sed -n 's/^fingerprint: //p' daemon.out)
-[ -n "$FP" ] || { echo "daemon did not start" >&2; cat daemon.log >&2; exit 1; }
+FP=$(daemon_fingerprint daemon.out "$DPID") || { echo "daemon did not start" >&2; cat daemon.log >&2; exit 1; }
 fds() { ls "/proc/$DPID/fd" | wc -l; }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$DPID/status"; }
 FD0=$(fds)

@@ -7,6 +7,7 @@
 # Needs root (tern-wan); prints why and exits 0 without it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/tools/lib.sh"
 if [ "$(id -u)" != 0 ] || [ ! -e /dev/net/tun ]; then
   echo "wan_smoke: skipped (needs root and /dev/net/tun)"
   exit 0
@@ -38,9 +39,7 @@ export TERN_STATE_DIR=$WORK/state TERN_CONFIG_DIR=$WORK/config
 ip netns exec "$NS-b" "$T" serve --listen 10.99.0.2:17676 --module "m=$WORK/module" --read-write \
   --token-file "$WORK/token" >"$WORK/daemon.out" 2>"$WORK/daemon.err" &
 DPID=$!
-for ((i = 0; i < 500; i++)); do grep -q '^fingerprint:' "$WORK/daemon.out" 2>/dev/null && break; sleep 0.02; done
-FP=$(sed -n 's/^fingerprint: //p' "$WORK/daemon.out")
-[ -n "$FP" ] || { cat "$WORK/daemon.err" >&2; exit 1; }
+FP=$(daemon_fingerprint "$WORK/daemon.out" "$DPID") || { cat "$WORK/daemon.err" >&2; exit 1; }
 
 fail=0
 for tr in tcp quic; do

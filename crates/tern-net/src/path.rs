@@ -196,14 +196,22 @@ pub fn tcp_sample(fd: RawFd) -> Option<TcpSample> {
 /// before it closes the descriptor.
 pub struct TcpConn {
     state: Mutex<(RawFd, Option<TcpSample>)>,
+    congestion: String,
 }
 
 impl TcpConn {
-    /// Tracks the socket `fd` (owned elsewhere).
+    /// Tracks the socket `fd` (owned elsewhere), after asking for BBR on it
+    /// ([`tune_tcp`]).
     pub fn new(fd: RawFd) -> Arc<TcpConn> {
         Arc::new(TcpConn {
+            congestion: tune_tcp(fd),
             state: Mutex::new((fd, None)),
         })
+    }
+
+    /// The congestion control the connection got.
+    pub fn congestion(&self) -> &str {
+        &self.congestion
     }
 
     /// Takes the final sample; the descriptor is not touched afterwards.
@@ -225,11 +233,11 @@ impl TcpConn {
 }
 
 /// Sums the connections of a TCP session into a report.
-pub fn tcp_report(conns: &[Arc<TcpConn>], congestion: &str) -> PathReport {
+pub fn tcp_report(conns: &[Arc<TcpConn>]) -> PathReport {
     let mut r = PathReport {
         transport: "tcp".into(),
         streams: conns.len() as u64,
-        congestion: congestion.to_string(),
+        congestion: conns.first().map(|c| c.congestion().to_string()).unwrap_or_default(),
         ..Default::default()
     };
     let mut rtt_sum = Duration::ZERO;
@@ -268,9 +276,8 @@ mod tests {
             got.len()
         });
         let mut c = std::net::TcpStream::connect(addr).expect("connect");
-        let cc = tune_tcp(c.as_raw_fd());
-        assert!(!cc.is_empty(), "no congestion control reported");
         let conn = TcpConn::new(c.as_raw_fd());
+        assert!(!conn.congestion().is_empty(), "no congestion control reported");
         c.write_all(&vec![7u8; 3 << 20]).expect("write");
         c.shutdown(std::net::Shutdown::Write).expect("shutdown");
         // Once the peer has read it all, all of it has been sent.
@@ -280,7 +287,7 @@ mod tests {
         let s = conn.sample();
         assert!(s.bytes_sent >= 3 << 20, "{s:?}");
         assert!(s.segs_out > 0);
-        let r = tcp_report(&[conn], &cc);
+        let r = tcp_report(&[conn]);
         assert_eq!(r.streams, 1);
         assert_eq!(r.wire_bytes_sent, s.bytes_sent);
         assert!(r.rtt_ms.is_some());

@@ -146,8 +146,6 @@ pub struct Connector {
     cert: Vec<u8>,
     /// Every TCP connection made, for the path report.
     tcp_conns: Mutex<Vec<Arc<TcpConn>>>,
-    /// Congestion control of the TCP connections.
-    tcp_congestion: Mutex<String>,
     /// Streams opened on the QUIC connection.
     quic_streams: AtomicU64,
 }
@@ -165,7 +163,7 @@ impl Connector {
         let tls = Arc::new(tls);
         match kind {
             Transport::Tcp => {
-                let (stream, cert, tcp, cc) = rt.block_on(tcp_connect(&rt, addr, tls.clone(), timeout))?;
+                let (stream, cert, tcp) = rt.block_on(tcp_connect(&rt, addr, tls.clone(), timeout))?;
                 let c = Connector {
                     rt,
                     kind,
@@ -175,7 +173,6 @@ impl Connector {
                     quic: None,
                     cert,
                     tcp_conns: Mutex::new(vec![tcp]),
-                    tcp_congestion: Mutex::new(cc),
                     quic_streams: AtomicU64::new(0),
                 };
                 Ok((c, stream))
@@ -214,7 +211,6 @@ impl Connector {
                     quic: Some(conn),
                     cert,
                     tcp_conns: Mutex::new(Vec::new()),
-                    tcp_congestion: Mutex::new(String::new()),
                     quic_streams: AtomicU64::new(0),
                 };
                 let s = c.open()?;
@@ -257,7 +253,7 @@ impl Connector {
                 ))
             }
             None => {
-                let (s, cert, tcp, _) =
+                let (s, cert, tcp) =
                     self.rt
                         .block_on(tcp_connect(&self.rt, self.addr, self.tls.clone(), self.timeout))?;
                 if let Ok(mut c) = self.tcp_conns.lock() {
@@ -292,8 +288,7 @@ impl Connector {
             }
             None => {
                 let conns = self.tcp_conns.lock().map(|c| c.clone()).unwrap_or_default();
-                let cc = self.tcp_congestion.lock().map(|c| c.clone()).unwrap_or_default();
-                tcp_report(&conns, &cc)
+                tcp_report(&conns)
             }
         }
     }
@@ -333,13 +328,12 @@ async fn tcp_connect(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
-) -> Result<(Stream, Vec<u8>, Arc<TcpConn>, String)> {
+) -> Result<(Stream, Vec<u8>, Arc<TcpConn>)> {
     let mut conn = None;
     let fut = async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let cc = tune_tcp(tcp.as_raw_fd());
-        conn = Some((TcpConn::new(tcp.as_raw_fd()), cc));
+        conn = Some(TcpConn::new(tcp.as_raw_fd()));
         let name = ServerName::try_from("tern").map_err(|e| NetError::Tls(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
         Ok::<_, NetError>(tls)
@@ -354,10 +348,10 @@ async fn tcp_connect(
         .and_then(|c| c.first())
         .map(|c| c.to_vec())
         .ok_or_else(|| NetError::Tls("server sent no certificate".into()))?;
-    let (conn, cc) = conn.ok_or_else(|| NetError::Tls("no TCP connection".into()))?;
+    let conn = conn.ok_or_else(|| NetError::Tls("no TCP connection".into()))?;
     let (r, w) = tokio::io::split(tls);
     let stream = Stream::new(rt.clone(), Box::pin(r), Box::pin(w), timeout).with_tcp(conn.clone());
-    Ok((stream, cert, conn, cc))
+    Ok((stream, cert, conn))
 }
 
 fn peer_cert(identity: Option<Box<dyn std::any::Any>>) -> Option<Vec<u8>> {

@@ -119,6 +119,20 @@ fn refused(s: &mut Stream, req: Msg) -> ErrorCode {
     }
 }
 
+/// Starts writing `path` as `handle`; the daemon must accept.
+fn create(s: &mut Stream, handle: u64, path: &[u8]) {
+    s.send(&Msg::Create {
+        handle,
+        path: path.to_vec(),
+        spec: spec(),
+    })
+    .expect("send");
+    assert!(
+        matches!(s.recv().expect("create"), Msg::Created { .. }),
+        "{path:?} not created"
+    );
+}
+
 /// The entry the daemon reports for `path`, which must exist.
 fn stat_entry(s: &mut Stream, path: &[u8]) -> tern_proto::WireEntry {
     s.send(&Msg::Stat { path: path.to_vec() }).expect("send");
@@ -482,13 +496,7 @@ fn bench_requests_are_bounded_and_store_nothing() {
 fn a_chunk_whose_bytes_do_not_match_its_hash_is_not_written_or_published() {
     let st = setup();
     let mut s = st.session("data", TOKEN, true).expect("session");
-    s.send(&Msg::Create {
-        handle: 1,
-        path: b"f".to_vec(),
-        spec: spec(),
-    })
-    .expect("send");
-    assert!(matches!(s.recv().expect("create"), Msg::Created { .. }));
+    create(&mut s, 1, b"f");
     // The hash announces "abc"; one bit of the bytes flipped on the way.
     s.send(&Msg::Write(tern_proto::WriteChunk {
         handle: 1,
@@ -599,13 +607,7 @@ fn a_directory_swapped_for_a_symlink_mid_transfer_leads_nowhere_outside() {
     // The client looks at sub/f and starts a write in sub, as a transfer
     // would ...
     let entry = stat_entry(&mut s, b"sub/f");
-    s.send(&Msg::Create {
-        handle: 1,
-        path: b"sub/new".to_vec(),
-        spec: spec(),
-    })
-    .expect("send");
-    assert!(matches!(s.recv().expect("create"), Msg::Created { .. }));
+    create(&mut s, 1, b"sub/new");
     // ... then `sub` becomes a symlink to the outside directory, which has
     // an `f` too.
     fs::rename(module.join("sub"), module.join("sub-moved")).expect("rename");

@@ -3,7 +3,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -177,8 +176,7 @@ fn disk(dir: &Path, bytes: u64) -> anyhow::Result<Disk> {
     let write = t.elapsed();
     drop(f);
     let mut f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: plain syscall on an open descriptor; clean pages only, after the fsync.
-    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    tern_core::drop_cache(&f);
     let t = Instant::now();
     let mut read = 0u64;
     loop {

@@ -1,0 +1,17 @@
+# Shared by the tools scripts (sourced).
+
+# daemon_fingerprint OUT PID: waits (up to 10 s) for the daemon whose
+# stdout goes to OUT to print its banner, and prints its key fingerprint.
+# Fails if the daemon exits first or never gets there.
+daemon_fingerprint() {
+  local i
+  for ((i = 0; i < 500; i++)); do
+    if grep -q '^fingerprint:' "$1" 2>/dev/null; then
+      sed -n 's/^fingerprint: //p' "$1"
+      return 0
+    fi
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.02
+  done
+  return 1
+}
