@@ -8,12 +8,16 @@
 # Usage: tools/crash_resume.sh [TRIALS] [SEED]      (defaults: 25 trials, seed 1)
 #   MODE=local|push|pull    what is copied where (default local)
 #   TRANSPORT=tcp|quic      for push and pull (default tcp)
+#   WORKLOAD=large|small|mixed   one workload for every trial (default: the
+#                           three in turn)
+#   TERN=path               a tern binary to use instead of building one
 # In push and pull mode each kill picks its victim at random: the client
 # (`tern copy`) or the daemon (`tern serve`, restarted on the same port with
 # the same identity).
-# The workload (two large files, 2,000 small ones) is generated under
-# ${TMPDIR:-/tmp}/tern-crash. Prints one line per trial and a summary; exits
-# non-zero on any failure.
+# Workloads, generated under ${TMPDIR:-/tmp}/tern-crash: `large` (40 MiB and
+# 9 MiB files), `small` (2,000 files of 1-16 KiB in 20 directories) and
+# `mixed` (a tree with one large file and 100 small ones). Prints one line per
+# trial and a summary; exits non-zero on any failure.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/tools/lib.sh"
@@ -23,18 +27,29 @@ MODE=${MODE:-local}
 TRANSPORT=${TRANSPORT:-tcp}
 WORK=${TMPDIR:-/tmp}/tern-crash
 PORT=${PORT:-17474}
-(cd "$ROOT" && cargo build --release -q -p tern)
-T=$ROOT/target/release/tern
+if [ -n "${TERN:-}" ]; then
+  T=$TERN
+else
+  (cd "$ROOT" && cargo build --release -q -p tern)
+  T=$ROOT/target/release/tern
+fi
 
 mkdir -p "$WORK"
 cd "$WORK"
-if [ ! -f src/.ready ]; then
-  rm -rf src && mkdir src
-  head -c 40M /dev/urandom >src/big1
-  head -c 9M /dev/urandom >src/big2
+if [ ! -f src/.ready-workloads ]; then
+  rm -rf src && mkdir -p src/large src/mixed/docs
+  head -c 40M /dev/urandom >src/large/big1
+  head -c 9M /dev/urandom >src/large/big2
   python3 "$ROOT/bench/gen_small.py" src/small 2000
-  touch src/.ready
+  ln src/large/big2 src/mixed/big2
+  cp -al src/small/d000/s0 src/mixed/docs/s0
+  touch src/.ready-workloads
 fi
+case ${WORKLOAD:-} in
+  '') WORKLOADS=(large small mixed) ;;
+  large | small | mixed) WORKLOADS=("$WORKLOAD") ;;
+  *) echo "WORKLOAD must be large, small or mixed" >&2; exit 2 ;;
+esac
 
 DPID=
 stop_daemon() {
@@ -74,39 +89,34 @@ if [ "$MODE" != local ]; then
   REMOTE=(--transport "$TRANSPORT" --fingerprint "$FP" --token-file "$WORK/token" --retries 1)
 fi
 
-copy_cmd() {
+copy_cmd() { # WORKLOAD
   case $MODE in
-    local) echo "$T copy -q --chunk-size 1M --bwlimit 40M src/ $DST" ;;
-    push) echo "$T copy -q --chunk-size 1M --bwlimit 40M ${REMOTE[*]} src/ tern://127.0.0.1:$PORT/m/dst" ;;
-    pull) echo "$T copy -q --chunk-size 1M --bwlimit 40M ${REMOTE[*]} tern://127.0.0.1:$PORT/m/src/ $DST" ;;
+    local) echo "$T copy -q --chunk-size 1M --bwlimit 40M src/$1/ $DST" ;;
+    push) echo "$T copy -q --chunk-size 1M --bwlimit 40M ${REMOTE[*]} src/$1/ tern://127.0.0.1:$PORT/m/dst" ;;
+    pull) echo "$T copy -q --chunk-size 1M --bwlimit 40M ${REMOTE[*]} tern://127.0.0.1:$PORT/m/src/$1/ $DST" ;;
   esac
 }
 
-wrong_at_final_name() { # TRIAL
+# Every file at its final name must be whole: large files are published
+# only once verified, small ones whole or not at all.
+wrong_at_final_name() { # TRIAL WORKLOAD
   local f bad=0
-  for f in big1 big2; do
-    if [ -f "$DST/$f" ] && ! cmp -s "$DST/$f" "src/$f"; then
-      echo "trial $1: wrong content at final name $f"
-      bad=1
-    fi
-  done
-  # Small files are published whole or not at all.
-  if [ -d "$DST/small" ]; then
-    while IFS= read -r f; do
-      cmp -s "$DST/small/$f" "src/small/$f" || { echo "trial $1: wrong content at small/$f"; bad=1; }
-    done < <(cd "$DST/small" && find . -type f ! -name '*.tern.*')
-  fi
+  [ -d "$DST" ] || return 0
+  while IFS= read -r f; do
+    cmp -s "$DST/$f" "src/$2/$f" || { echo "trial $1: wrong content at final name $f"; bad=1; }
+  done < <(cd "$DST" && find . -type f ! -name '*.tern.*')
   return $bad
 }
 
 failures=0 kills=0 daemon_kills=0
 for trial in $(seq 1 "$TRIALS"); do
+  W=${WORKLOADS[$(((trial - 1) % ${#WORKLOADS[@]}))]}
   rm -rf "$DST"
   attempts=0
   while :; do
     attempts=$((attempts + 1))
     # Throttled so that a kill lands mid-transfer; a resumed run continues.
-    $(copy_cmd) &
+    $(copy_cmd "$W") &
     pid=$!
     sleep "0.$((RANDOM % 5))$((RANDOM % 10))"
     if kill -0 "$pid" 2>/dev/null; then
@@ -123,7 +133,7 @@ for trial in $(seq 1 "$TRIALS"); do
         wait "$pid" 2>/dev/null || true
       fi
       kills=$((kills + 1))
-      wrong_at_final_name "$trial" || failures=$((failures + 1))
+      wrong_at_final_name "$trial" "$W" || failures=$((failures + 1))
     else
       rc=0
       wait "$pid" || rc=$?
@@ -137,10 +147,10 @@ for trial in $(seq 1 "$TRIALS"); do
       break
     fi
   done
-  "$T" check -q src "$DST" || { echo "trial $trial: check found differences"; failures=$((failures + 1)); }
+  "$T" check -q "src/$W" "$DST" || { echo "trial $trial: check found differences"; failures=$((failures + 1)); }
   left=$(find "$DST" -name '*.tern.*' | wc -l)
   [ "$left" = 0 ] || { echo "trial $trial: $left temporary files left"; failures=$((failures + 1)); }
-  echo "trial $trial: done after $attempts runs"
+  echo "trial $trial ($W): done after $attempts runs"
 done
 echo "crash_resume ($MODE${REMOTE:+, $TRANSPORT}): $TRIALS trials, $kills kills ($daemon_kills of the daemon), $failures failures"
 [ "$failures" = 0 ]
