@@ -944,8 +944,16 @@ impl WriteFile for LocalWriteFile {
         if !self.unnamed {
             // Rename only what we wrote: the name must still be our inode.
             let ours = self.file.metadata().ctx(&self.shown, "stat")?;
-            if !fs::symlink_metadata(&self.tmp).is_ok_and(|m| m.ino() == ours.ino() && m.dev() == ours.dev()) {
-                return Err(Error::Busy(self.shown.clone()));
+            match fs::symlink_metadata(&self.tmp) {
+                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(Error::Other {
+                        path: self.shown.clone(),
+                        message: "its temporary file was removed while being written (was the destination directory deleted?); not committed"
+                            .into(),
+                    });
+                }
+                _ => return Err(Error::Busy(self.shown.clone())),
             }
         }
         fs::rename(&self.tmp, &self.final_path).ctx(&self.shown, "rename into place")?;
