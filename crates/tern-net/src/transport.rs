@@ -507,9 +507,20 @@ async fn tcp_conn(
     sock.set_nodelay(true)?;
     tune_tcp(sock.as_raw_fd());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let s = tokio::time::timeout(limits.handshake, acceptor.accept(sock))
-        .await
-        .map_err(|_| NetError::Timeout(limits.handshake.as_secs()))??;
+    let s = tokio::time::timeout(limits.handshake, async {
+        // A client choosing its transport connects and closes without a
+        // byte (`remote::probe_path`): not a failure worth a log line.
+        if sock.peek(&mut [0u8]).await? == 0 {
+            return Ok(None);
+        }
+        acceptor.accept(sock).await.map(Some)
+    })
+    .await
+    .map_err(|_| NetError::Timeout(limits.handshake.as_secs()))??;
+    let Some(s) = s else {
+        tracing::debug!(peer = %addr, "closed before sending a byte (a path probe)");
+        return Ok(());
+    };
     let client = s
         .get_ref()
         .1
