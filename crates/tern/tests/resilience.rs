@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::server::{is_root, tern_as_nobody};
 use common::*;
 
 const MIB: usize = 1 << 20;
@@ -128,24 +129,6 @@ fn a_source_changed_during_copy_is_reported_not_mixed() {
     assert_eq!(b3(&dst), b3(&src));
 }
 
-/// Mounts a tmpfs of `size` at `dir`; false where mounting is not allowed.
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
-    fs::create_dir_all(dir).expect("mkdir");
-    Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-struct Unmount<'a>(&'a Path);
-impl Drop for Unmount<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_is_a_clear_error_and_the_old_file_survives() {
     let t = tempfile::tempdir().expect("tempdir");
@@ -193,23 +176,20 @@ fn unreadable_files_fail_alone() {
     let dst = out.join("dst");
 
     // Root reads anything: run as nobody where we are root.
-    let mut c = if unsafe { libc::geteuid() } == 0 {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_tern"));
-        c
-    } else {
-        tern()
+    let mut c = match tern_as_nobody() {
+        Some(c) => c,
+        None if !is_root() => tern(),
+        None => {
+            eprintln!("skipping: setpriv not available");
+            return;
+        }
     };
     let o = c
         .args(["copy", "--no-progress"])
         .arg(format!("{}/", src.display()))
         .arg(&dst)
-        .output();
-    let Ok(o) = o else {
-        eprintln!("skipping: setpriv not available");
-        return;
-    };
+        .output()
+        .expect("run tern");
     let (code, _, err) = outcome(&o);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("secret.txt") && err.contains("Permission denied"), "{err}");

@@ -1,6 +1,8 @@
 //! Helpers for tests that drive the real `tern` binary.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -131,4 +133,23 @@ pub fn kill9(child: &mut Child) {
 /// Bytes allocated on disk for a file.
 pub fn allocated(path: &Path) -> u64 {
     fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Mounts a tmpfs of `size` at `dir`; false where mounting is not allowed.
+pub fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+    fs::create_dir_all(dir).expect("mkdir");
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Unmounts its path when dropped.
+pub struct Unmount<'a>(pub &'a Path);
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0).status();
+    }
 }
