@@ -20,7 +20,7 @@ pub mod journal;
 pub mod local;
 mod sys;
 
-pub use sys::{drop_cache, AlignedBuf};
+pub use sys::{drop_cache, open_file_budget, AlignedBuf};
 
 pub use endpoint::{Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
 pub use engine::{hash_file, run, Action, Mode, Observer, Options, Root, Summary};

@@ -29,6 +29,7 @@
 //! streams_per_connection = 64
 //! handshake_timeout_secs = 10
 //! idle_timeout_secs = 300
+//! # max_open_files = 4096   # default: half the open-file limit, less 64
 //! ```
 
 use std::collections::BTreeMap;
@@ -110,6 +111,7 @@ struct LimitsCfg {
     streams_per_connection: u32,
     handshake_timeout_secs: u64,
     idle_timeout_secs: u64,
+    max_open_files: Option<usize>,
 }
 
 impl Default for LimitsCfg {
@@ -119,6 +121,7 @@ impl Default for LimitsCfg {
             streams_per_connection: 64,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 300,
+            max_open_files: None,
         }
     }
 }
@@ -318,6 +321,7 @@ impl ServerConfig {
             idle: Duration::from_secs(l.idle_timeout_secs.max(1)),
             streams_per_conn: l.streams_per_connection.max(1),
             max_conns: l.max_connections.max(1),
+            open_files: l.max_open_files.map(|n| n.max(1)),
         };
         Ok(cfg)
     }
@@ -335,6 +339,7 @@ impl ServerConfig {
                 idle: Duration::from_secs(300),
                 streams_per_conn: 64,
                 max_conns: 256,
+                open_files: None,
             },
         }
     }

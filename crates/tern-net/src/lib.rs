@@ -1,6 +1,7 @@
 //! tern over the network: identities and trust, the QUIC and TCP+TLS
 //! transports, the remote endpoint a client uses, and the daemon.
 
+pub mod budget;
 pub mod config;
 pub mod daemon;
 pub mod error;

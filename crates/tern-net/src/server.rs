@@ -22,6 +22,7 @@ use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
 use tern_core::{hash, Dest, Error, LocalEndpoint, ReadFile, Source, WriteFile};
 use tern_proto::{negotiate, Auth, Batch, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WriteChunk};
 
+use crate::budget::{FdBudget, FdPermit};
 use crate::config::{Access, ModuleConfig, ServerConfig};
 use crate::error::{NetError, Result};
 use crate::stream::Stream;
@@ -37,6 +38,11 @@ const MAX_FAILURES: u32 = 5;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Entries per `Entries` reply, at most.
 const LIST_BATCH: usize = 512;
+/// How long a request waits for a file descriptor other clients hold,
+/// well inside a client's request timeout.
+const FD_WAIT: Duration = Duration::from_secs(20);
+/// Files of a batch written and committed together, at most.
+const BATCH_GROUP: usize = 256;
 
 /// The daemon's shared state.
 pub struct Server {
@@ -52,6 +58,8 @@ pub struct Server {
     /// How long a request may wait for chunks announced on other streams
     /// (the configured idle timeout).
     idle: Duration,
+    /// Descriptors all clients' transfers may hold at once.
+    fds: Arc<FdBudget>,
 }
 
 struct Module {
@@ -80,7 +88,13 @@ impl Server {
                 state_dir: cfg.state_dir.clone(),
             }),
             idle: cfg.limits.idle,
+            fds: FdBudget::new(cfg.limits.open_files.unwrap_or_else(tern_core::open_file_budget)),
         })
+    }
+
+    /// How many descriptors clients' transfers may hold open at once.
+    pub fn open_file_budget(&self) -> usize {
+        self.fds.total()
     }
 
     /// Number of sessions alive.
@@ -261,6 +275,7 @@ impl Server {
             cancel: self.shutdown.clone(),
             idle: self.idle,
             pull: self.pull.clone(),
+            fds: self.fds.clone(),
         });
         if let Ok(mut m) = self.sessions.lock() {
             m.retain(|_, w| w.strong_count() > 0);
@@ -324,6 +339,7 @@ struct WHandle {
     changed: Condvar,
     size: u64,
     path: PathBuf,
+    _fd: FdPermit,
 }
 
 #[derive(Default)]
@@ -371,6 +387,9 @@ impl WHandle {
     }
 }
 
+/// A file open for reading, and the descriptor it takes from the budget.
+type RHandle = (Arc<dyn ReadFile>, FdPermit);
+
 /// An authenticated client's use of one module.
 struct Session {
     id: u64,
@@ -379,10 +398,11 @@ struct Session {
     ep: LocalEndpoint,
     writable: bool,
     writes: Mutex<HashMap<u64, Arc<WHandle>>>,
-    reads: Mutex<HashMap<u64, Arc<dyn ReadFile>>>,
+    reads: Mutex<HashMap<u64, RHandle>>,
     cancel: Arc<AtomicBool>,
     idle: Duration,
     pull: Arc<crate::pull::PullPolicy>,
+    fds: Arc<FdBudget>,
 }
 
 /// Answers a [`Msg::Bench`]: filler data in blocks, then `Done`.
@@ -508,8 +528,55 @@ impl Session {
         self.reads
             .lock()
             .ok()
-            .and_then(|r| r.get(&h).cloned())
+            .and_then(|r| r.get(&h).map(|(f, _)| f.clone()))
             .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, format!("no file open for reading as handle {h}")))
+    }
+
+    /// The most files one session may hold open: half the daemon's budget,
+    /// so that one client cannot starve the others.
+    fn max_handles(&self) -> usize {
+        (self.fds.total() / 2).max(4)
+    }
+
+    /// A descriptor for a file this session will hold open as `handle`.
+    fn open_permit(&self, handle: u64) -> std::result::Result<FdPermit, ErrorMsg> {
+        let held = |m: Option<usize>| m.unwrap_or(0);
+        let reads = held(
+            self.reads
+                .lock()
+                .ok()
+                .map(|r| r.len() - r.contains_key(&handle) as usize),
+        );
+        let writes = held(
+            self.writes
+                .lock()
+                .ok()
+                .map(|w| w.len() - w.contains_key(&handle) as usize),
+        );
+        if reads + writes >= self.max_handles() {
+            return Err(ErrorMsg::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "this client already has {} files open on the daemon, the most it allows one client",
+                    reads + writes
+                ),
+            ));
+        }
+        self.fd_permit(1)
+    }
+
+    /// `n` descriptors from the daemon's budget, waiting for other clients
+    /// to give some back.
+    fn fd_permit(&self, n: usize) -> std::result::Result<FdPermit, ErrorMsg> {
+        self.fds.acquire(n, FD_WAIT).ok_or_else(|| {
+            ErrorMsg::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the daemon has no file descriptor free (all {} it allows for transfers are in use); retry later",
+                    self.fds.total()
+                ),
+            )
+        })
     }
 
     /// Handles one request, replying on `s` where the request has a reply.
@@ -556,9 +623,10 @@ impl Session {
             }),
             Msg::OpenRead { handle, path, expect } => self.path(&path).and_then(|p| {
                 let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
+                let fd = self.open_permit(handle)?;
                 let f = self.ep.open(&p, &e).map_err(err)?;
                 if let Ok(mut r) = self.reads.lock() {
-                    r.insert(handle, Arc::from(f));
+                    r.insert(handle, (Arc::from(f), fd));
                 }
                 Ok(Msg::Done)
             }),
@@ -597,6 +665,7 @@ impl Session {
             }
             Msg::Hash { path, expect } => self.path(&path).and_then(|p| {
                 let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
+                let _fd = self.fd_permit(1)?;
                 let f = self.ep.open(&p, &e).map_err(err)?;
                 let h = tern_core::hash_file(&*f, e.size, tern_core::engine::DEFAULT_CHUNK_SIZE, buf, &self.cancel)
                     .map_err(err)?;
@@ -607,6 +676,7 @@ impl Session {
                 if !hash::valid_chunk_size(spec.chunk_size) || spec.chunk_size > MAX_CHUNK {
                     return Err(ErrorMsg::new(ErrorCode::Protocol, "bad chunk size"));
                 }
+                let fd = self.open_permit(handle)?;
                 let f = self.ep.create(&p, &spec).map_err(err)?;
                 let resumed = f.resumed().into_iter().collect();
                 let h = WHandle {
@@ -615,6 +685,7 @@ impl Session {
                     changed: Condvar::new(),
                     size: spec.size,
                     path: p,
+                    _fd: fd,
                 };
                 if let Ok(mut w) = self.writes.lock() {
                     if let Some(old) = w.insert(handle, Arc::new(h)) {
@@ -858,9 +929,28 @@ impl Session {
             verify: b.verify,
             cancel: self.cancel.clone(),
         };
-        let results = self.ep.write_batch(ok_items, &opts);
+        // Each group's files stay open until it commits: groups take their
+        // descriptors from the daemon's budget.
+        let mut results: Vec<Option<ErrorMsg>> = Vec::with_capacity(ok_items.len());
+        let mut left = ok_items.into_iter().peekable();
+        while left.peek().is_some() {
+            let group: Vec<BatchItem> = left.by_ref().take(BATCH_GROUP.min(self.fds.total())).collect();
+            let files = group
+                .iter()
+                .filter(|i| matches!(i.body, BatchBody::File { .. }))
+                .count();
+            match self.fd_permit(files) {
+                Ok(_fd) => results.extend(
+                    self.ep
+                        .write_batch(group, &opts)
+                        .into_iter()
+                        .map(|r| r.err().map(|e| wire::error_msg(&e))),
+                ),
+                Err(e) => results.extend(std::iter::repeat_n(Some(e), group.len())),
+            }
+        }
         for (i, r) in ok_idx.into_iter().zip(results) {
-            early[i] = r.err().map(|e| wire::error_msg(&e));
+            early[i] = r;
         }
         s.send(&Msg::BatchReply(early))
     }

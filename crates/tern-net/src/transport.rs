@@ -385,6 +385,9 @@ pub struct Limits {
     pub streams_per_conn: u32,
     /// Concurrent connections (TCP connections and QUIC connections).
     pub max_conns: usize,
+    /// Files all clients' transfers may hold open at once; None for half
+    /// the process's open-file limit (see `tern_core::open_file_budget`).
+    pub open_files: Option<usize>,
 }
 
 /// What the server does with each accepted stream (on a blocking thread).

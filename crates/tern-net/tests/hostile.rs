@@ -13,7 +13,9 @@ use tern_net::identity::Identity;
 use tern_net::stream::Stream;
 use tern_net::transport::{Connector, Transport};
 use tern_net::NetError;
-use tern_proto::{Auth, ErrorCode, Hello, Msg, PullRequest, PullSource, RunOptions, WireMeta, WireSpec};
+use tern_proto::{
+    Auth, Batch, BatchBody, BatchItem, ErrorCode, Hello, Msg, PullRequest, PullSource, RunOptions, WireMeta, WireSpec,
+};
 
 struct Setup {
     _t: tempfile::TempDir,
@@ -35,6 +37,11 @@ const TOKEN: &str = "good-token";
 const RO_TOKEN: &str = "read-token";
 
 fn setup() -> Setup {
+    setup_with(|_| {})
+}
+
+/// [`setup`] with changes to the daemon's configuration.
+fn setup_with(change: impl FnOnce(&mut ServerConfig)) -> Setup {
     let t = tempfile::tempdir().expect("tempdir");
     let root = t.path().to_path_buf();
     fs::create_dir_all(root.join("module/sub")).expect("mkdir");
@@ -58,6 +65,7 @@ fn setup() -> Setup {
         });
     }
     cfg.pull_from.push(PullPeer::Host("127.0.0.1".into(), None));
+    change(&mut cfg);
     let id = Identity::load_or_create(&cfg.state_dir).expect("identity");
     let daemon = Daemon::start(&cfg, &id).expect("start");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -663,4 +671,76 @@ fn a_directory_swapped_for_a_symlink_mid_transfer_leads_nowhere_outside() {
         .map(|e| e.expect("e").file_name())
         .collect();
     assert_eq!(names.len(), 2, "something was planted outside: {names:?}");
+}
+
+#[test]
+fn open_files_are_bounded_per_client_and_for_the_whole_daemon() {
+    let st = setup_with(|c| c.limits.open_files = Some(8));
+    let mut a = st.session("data", TOKEN, true).expect("session");
+
+    // Thirty small files in one batch, with eight descriptors for the
+    // whole daemon: written in groups, every one of them lands.
+    let items = (0..30)
+        .map(|i| BatchItem {
+            path: format!("batch-{i}").into_bytes(),
+            meta: WireMeta {
+                mode: 0o644,
+                ..WireMeta::default()
+            },
+            body: BatchBody::File {
+                size: 3,
+                holes: Vec::new(),
+                hash: *blake3::hash(b"abc").as_bytes(),
+                xattrs: Vec::new(),
+                changed: (0, 0),
+            },
+        })
+        .collect();
+    a.send(&Msg::Batch(Batch {
+        items,
+        owner: false,
+        sync: true,
+        verify: false,
+    }))
+    .expect("send");
+    for _ in 0..30 {
+        a.send_data(b"abc").expect("data");
+    }
+    match a.recv().expect("reply") {
+        Msg::BatchReply(r) => assert!(r.len() == 30 && r.iter().all(Option::is_none), "{r:?}"),
+        m => panic!("unexpected {m:?}"),
+    }
+    for i in 0..30 {
+        assert_eq!(
+            fs::read(st.root.join(format!("module/batch-{i}"))).expect("read"),
+            b"abc"
+        );
+    }
+
+    // One client may hold half the budget open; the next is refused with
+    // a reason, and a file given back makes room.
+    for h in 1..=4 {
+        create(&mut a, h, format!("open-{h}").as_bytes());
+    }
+    let over = Msg::Create {
+        handle: 5,
+        path: b"open-5".to_vec(),
+        spec: spec(),
+    };
+    a.send(&over).expect("send");
+    match a.recv() {
+        Err(NetError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert!(e.message.contains("already has 4 files open"), "{}", e.message);
+        }
+        other => panic!("a fifth open file was not refused: {other:?}"),
+    }
+    a.send(&Msg::Abort { handle: 1, keep: false }).expect("send");
+    create(&mut a, 5, b"open-5");
+    // Another client gets the other half.
+    let mut b = st.session("data", TOKEN, true).expect("session");
+    for h in 1..=4 {
+        create(&mut b, h, format!("b-open-{h}").as_bytes());
+    }
+    st.outside_untouched();
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::server::*;
@@ -200,6 +200,48 @@ fn sixteen_clients_at_once() {
         );
     }
     for i in 0..16 {
+        same_tree(&src, &module.join(format!("c{i}")));
+    }
+}
+
+/// A daemon limited to 200 open files, and six clients pushing 600 small
+/// files each over eight connections: every file lands, because batches
+/// wait for descriptors from the daemon's budget instead of failing with
+/// "too many open files" (which they did before the budget).
+#[test]
+fn many_clients_under_a_low_open_file_limit_all_land() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    for i in 0..600 {
+        write(&src.join(format!("d{}/f{i}", i % 6)), &data(200 + i, i as u64));
+    }
+    fs::create_dir(&module).expect("mkdir");
+    let mut limited = Command::new("prlimit");
+    limited.arg("--nofile=200:200").arg(env!("CARGO_BIN_EXE_tern"));
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipping: prlimit not available");
+        return;
+    }
+    let d = spawn_daemon(limited, t.path(), &module, false, 0, &[]);
+    let children: Vec<Child> = (0..6)
+        .map(|i| {
+            d.auth(client(t.path()).args(["copy", "-q", "-j", "8", "--transport", "tcp"]))
+                .stderr(Stdio::piped())
+                .arg(format!("{}/", src.display()))
+                .arg(d.url(&format!("c{i}")))
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().expect("wait");
+        assert!(
+            o.status.success(),
+            "client {i} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for i in 0..6 {
         same_tree(&src, &module.join(format!("c{i}")));
     }
 }

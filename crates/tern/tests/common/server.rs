@@ -73,7 +73,8 @@ pub fn daemon_as_nobody(dir: &Path, module: &Path) -> Option<Daemon> {
     Some(spawn_daemon(c, dir, module, false, 0, &[]))
 }
 
-fn spawn_daemon(mut c: Command, dir: &Path, module: &Path, ro: bool, port: u16, extra: &[String]) -> Daemon {
+/// Starts `c` (a `tern` binary, perhaps behind a wrapper) as `tern serve`.
+pub fn spawn_daemon(mut c: Command, dir: &Path, module: &Path, ro: bool, port: u16, extra: &[String]) -> Daemon {
     let token = dir.join("token");
     c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--token-file"])
         .arg(&token)
