@@ -191,6 +191,12 @@ fn sixteen_clients_at_once() {
                 .expect("spawn")
         })
         .collect();
+    each_pushed_whole(children, &src, &module);
+}
+
+/// Waits for clients `i` that push `src` to `module/c{i}`; each must
+/// succeed and its copy equal `src`.
+fn each_pushed_whole(children: Vec<Child>, src: &Path, module: &Path) {
     for (i, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().expect("wait");
         assert!(
@@ -198,9 +204,7 @@ fn sixteen_clients_at_once() {
             "client {i} failed: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-    }
-    for i in 0..16 {
-        same_tree(&src, &module.join(format!("c{i}")));
+        same_tree(src, &module.join(format!("c{i}")));
     }
 }
 
@@ -233,17 +237,7 @@ fn many_clients_under_a_low_open_file_limit_all_land() {
                 .expect("spawn")
         })
         .collect();
-    for (i, c) in children.into_iter().enumerate() {
-        let o = c.wait_with_output().expect("wait");
-        assert!(
-            o.status.success(),
-            "client {i} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    for i in 0..6 {
-        same_tree(&src, &module.join(format!("c{i}")));
-    }
+    each_pushed_whole(children, &src, &module);
 }
 
 /// Starts a slow push of a 48 MiB file and waits until the daemon has
