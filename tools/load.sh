@@ -9,6 +9,8 @@
 #
 # Usage: tools/load.sh [CLIENTS] [SECONDS]     (defaults: 64 clients, 120 s)
 #   TRANSPORT=tcp|quic (default tcp)
+#   NOFILE=N             run the daemon with an open-file limit of N
+#   TERN=path            a tern binary to use instead of building one
 # Prints one summary; exits non-zero on any failure, on a client that never
 # completed an operation, or on leaked descriptors.
 set -euo pipefail
@@ -19,8 +21,14 @@ SECONDS_=${2:-120}
 TRANSPORT=${TRANSPORT:-tcp}
 WORK=${TMPDIR:-/tmp}/tern-load
 PORT=${PORT:-17575}
-(cd "$ROOT" && cargo build --release -q -p tern)
-T=$ROOT/target/release/tern
+if [ -n "${TERN:-}" ]; then
+  T=$TERN
+else
+  (cd "$ROOT" && cargo build --release -q -p tern)
+  T=$ROOT/target/release/tern
+fi
+LIMIT=()
+[ -n "${NOFILE:-}" ] && LIMIT=(prlimit "--nofile=$NOFILE:$NOFILE")
 
 rm -rf "$WORK" && mkdir -p "$WORK"/{module/pull,module/push,client,state,out}
 cd "$WORK"
@@ -40,7 +48,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$T" serve --listen "127.0.0.1:$PORT" --module "m=$WORK/module" --read-write \
+"${LIMIT[@]}" "$T" serve --listen "127.0.0.1:$PORT" --module "m=$WORK/module" --read-write \
   --token-file token --state-dir state >daemon.out 2>daemon.log &
 DPID=$!
 FP=$(daemon_fingerprint daemon.out "$DPID") || { echo "daemon did not start" >&2; cat daemon.log >&2; exit 1; }

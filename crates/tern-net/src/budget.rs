@@ -25,9 +25,13 @@ pub struct FdPermit {
 }
 
 impl FdBudget {
-    /// A budget of `total` descriptors (at least one).
+    /// The smallest budget: room for a client's open files and a batch
+    /// beside them.
+    pub const MIN: usize = 8;
+
+    /// A budget of `total` descriptors (at least [`FdBudget::MIN`]).
     pub fn new(total: usize) -> Arc<FdBudget> {
-        let total = total.max(1);
+        let total = total.max(Self::MIN);
         Arc::new(FdBudget {
             total,
             free: Mutex::new(total),
@@ -81,14 +85,14 @@ mod tests {
 
     #[test]
     fn permits_are_counted_given_back_and_waited_for() {
-        let b = FdBudget::new(3);
-        let two = b.acquire(2, Duration::ZERO).expect("two of three");
+        let b = FdBudget::new(FdBudget::MIN);
+        let most = b.acquire(FdBudget::MIN - 1, Duration::ZERO).expect("all but one");
         assert_eq!(b.free(), 1);
         assert!(b.acquire(2, Duration::from_millis(20)).is_none(), "only one left");
         // A request larger than the budget takes all of it rather than
         // waiting forever.
-        drop(two);
-        let all = b.acquire(10, Duration::ZERO).expect("clamped to the total");
+        drop(most);
+        let all = b.acquire(100, Duration::ZERO).expect("clamped to the total");
         assert_eq!(b.free(), 0);
         let waiter = {
             let b = b.clone();
@@ -96,6 +100,6 @@ mod tests {
         };
         drop(all);
         assert_eq!(waiter.join().expect("thread"), Some(1));
-        assert_eq!(b.free(), 3);
+        assert_eq!(b.free(), FdBudget::MIN);
     }
 }

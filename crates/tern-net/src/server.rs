@@ -532,10 +532,12 @@ impl Session {
             .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, format!("no file open for reading as handle {h}")))
     }
 
-    /// The most files one session may hold open: half the daemon's budget,
-    /// so that one client cannot starve the others.
-    fn max_handles(&self) -> usize {
-        (self.fds.total() / 2).max(4)
+    /// The most files one session may hold open, and the most files of a
+    /// batch written together: half the daemon's budget each, so that one
+    /// client cannot starve the others, nor wait for itself when its batch
+    /// needs descriptors while it holds files open.
+    fn half_budget(&self) -> usize {
+        (self.fds.total() / 2).max(1)
     }
 
     /// A descriptor for a file this session will hold open as `handle`.
@@ -553,7 +555,7 @@ impl Session {
                 .ok()
                 .map(|w| w.len() - w.contains_key(&handle) as usize),
         );
-        if reads + writes >= self.max_handles() {
+        if reads + writes >= self.half_budget() {
             return Err(ErrorMsg::new(
                 ErrorCode::Unavailable,
                 format!(
@@ -934,7 +936,7 @@ impl Session {
         let mut results: Vec<Option<ErrorMsg>> = Vec::with_capacity(ok_items.len());
         let mut left = ok_items.into_iter().peekable();
         while left.peek().is_some() {
-            let group: Vec<BatchItem> = left.by_ref().take(BATCH_GROUP.min(self.fds.total())).collect();
+            let group: Vec<BatchItem> = left.by_ref().take(BATCH_GROUP.min(self.half_budget())).collect();
             let files = group
                 .iter()
                 .filter(|i| matches!(i.body, BatchBody::File { .. }))

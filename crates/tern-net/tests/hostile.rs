@@ -678,8 +678,29 @@ fn open_files_are_bounded_per_client_and_for_the_whole_daemon() {
     let st = setup_with(|c| c.limits.open_files = Some(8));
     let mut a = st.session("data", TOKEN, true).expect("session");
 
-    // Thirty small files in one batch, with eight descriptors for the
-    // whole daemon: written in groups, every one of them lands.
+    // One client may hold half the budget open; the next is refused with
+    // a reason.
+    for h in 1..=4 {
+        create(&mut a, h, format!("open-{h}").as_bytes());
+    }
+    let over = Msg::Create {
+        handle: 5,
+        path: b"open-5".to_vec(),
+        spec: spec(),
+    };
+    a.send(&over).expect("send");
+    match a.recv() {
+        Err(NetError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert!(e.message.contains("already has 4 files open"), "{}", e.message);
+        }
+        other => panic!("a fifth open file was not refused: {other:?}"),
+    }
+
+    // Thirty small files in one batch from that same client, with the
+    // other half of the budget free: written in groups that fit, every one
+    // lands (a group as large as the budget would wait for the client's
+    // own open files and fail).
     let items = (0..30)
         .map(|i| BatchItem {
             path: format!("batch-{i}").into_bytes(),
@@ -717,27 +738,9 @@ fn open_files_are_bounded_per_client_and_for_the_whole_daemon() {
         );
     }
 
-    // One client may hold half the budget open; the next is refused with
-    // a reason, and a file given back makes room.
-    for h in 1..=4 {
-        create(&mut a, h, format!("open-{h}").as_bytes());
-    }
-    let over = Msg::Create {
-        handle: 5,
-        path: b"open-5".to_vec(),
-        spec: spec(),
-    };
-    a.send(&over).expect("send");
-    match a.recv() {
-        Err(NetError::Remote(e)) => {
-            assert_eq!(e.code, ErrorCode::Unavailable);
-            assert!(e.message.contains("already has 4 files open"), "{}", e.message);
-        }
-        other => panic!("a fifth open file was not refused: {other:?}"),
-    }
+    // A file given back makes room; another client gets the other half.
     a.send(&Msg::Abort { handle: 1, keep: false }).expect("send");
     create(&mut a, 5, b"open-5");
-    // Another client gets the other half.
     let mut b = st.session("data", TOKEN, true).expect("session");
     for h in 1..=4 {
         create(&mut b, h, format!("b-open-{h}").as_bytes());
