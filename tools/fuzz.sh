@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs tern's cargo-fuzz targets (fuzz/): decoder, handshake, config, filter.
+# Runs tern's cargo-fuzz targets (fuzz/): decoder, handshake, requests,
+# config, filter.
 #
 # Usage: tools/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #   tools/fuzz.sh 15                 # CI smoke run: 15 s each
@@ -16,13 +17,13 @@ cd "$(dirname "$0")/.."
 SECS=${1:-15}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(decoder handshake config filter)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(decoder handshake requests config filter)
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 status=0
 for t in "${TARGETS[@]}"; do
-  mkdir -p "fuzz/corpus/$t"
+  mkdir -p "fuzz/corpus/$t" "fuzz/seeds/$t"
   log=$(mktemp)
   # -timeout: one input taking over 10 s is a hang; -rss_limit_mb: an
   # unbounded allocation shows as an out-of-memory crash.

@@ -1,0 +1,536 @@
+//! Structure-aware: an authenticated client sending well-framed sequences
+//! of requests built from the input (paths from a vocabulary of traps:
+//! `..`, absolute paths, NUL bytes, tern's temporary names, a symlink to
+//! outside; handles that exist or not; chunks whose hash is right or
+//! wrong), against a real daemon whose open-file budget is small. Nothing
+//! may panic or hang, nothing outside the module may change, and every
+//! request must be answered or end the stream.
+#![no_main]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use libfuzzer_sys::arbitrary::{self, Arbitrary};
+use libfuzzer_sys::fuzz_target;
+use tern_net::config::{Access, Grant, ServerConfig};
+use tern_net::server::Server;
+use tern_net::stream::Stream;
+use tern_net::transport::{Peer, Transport};
+use tern_proto::{
+    data_header, encode_control, Auth, Batch, BatchBody, BatchItem, Hello, Msg, WireEntry, WireKind, WireMeta,
+    WireSpec, WriteChunk,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One component of a path.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Part {
+    Sub,
+    F,
+    New,
+    Dir,
+    DotDot,
+    Dot,
+    Empty,
+    Out,
+    Tmp,
+    Journal,
+    Nul,
+    Long,
+    Abs,
+    Name(u8),
+}
+
+#[derive(Arbitrary, Debug)]
+struct P(Vec<Part>);
+
+impl P {
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, p) in self.0.iter().take(6).enumerate() {
+            if i > 0 {
+                out.push(b'/');
+            }
+            match p {
+                Part::Sub => out.extend_from_slice(b"sub"),
+                Part::F => out.extend_from_slice(b"f"),
+                Part::New => out.extend_from_slice(b"new"),
+                Part::Dir => out.extend_from_slice(b"dir"),
+                Part::DotDot => out.extend_from_slice(b".."),
+                Part::Dot => out.extend_from_slice(b"."),
+                Part::Empty => {}
+                Part::Out => out.extend_from_slice(b"out"),
+                Part::Tmp => out.extend_from_slice(b".new.tern.tmp"),
+                Part::Journal => out.extend_from_slice(b".new.tern.journal"),
+                Part::Nul => out.extend_from_slice(b"a\0b"),
+                Part::Long => out.extend(std::iter::repeat_n(b'x', 300)),
+                Part::Abs => out.extend_from_slice(b"/tmp"),
+                Part::Name(n) => out.extend_from_slice(format!("n{}", n % 8).as_bytes()),
+            }
+        }
+        out
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Stat(P),
+    ReadDir(P),
+    MakeDir(P),
+    Remove(P),
+    Create {
+        h: u8,
+        p: P,
+        size: u16,
+        chunk_shift: u8,
+        resumable: bool,
+    },
+    Write {
+        h: u8,
+        index: u8,
+        chunk_shift: u8,
+        len: u16,
+        fill: u8,
+        hole: bool,
+        good: bool,
+    },
+    FileMeta {
+        h: u8,
+        writes: u8,
+        mode: u16,
+    },
+    Sync(u8),
+    Verify {
+        h: u8,
+        hash: [u8; 4],
+    },
+    Publish {
+        h: u8,
+        writes: u8,
+    },
+    Abort {
+        h: u8,
+        keep: bool,
+    },
+    Symlink {
+        p: P,
+        target: P,
+    },
+    HardLink {
+        from: P,
+        to: P,
+    },
+    SetMeta {
+        p: P,
+        dir: bool,
+        mode: u16,
+    },
+    Barrier,
+    Batch(Vec<(P, u8, bool, bool)>),
+    OpenRead {
+        h: u8,
+        p: P,
+        size: u16,
+        real_mtime: bool,
+    },
+    Read {
+        h: u8,
+        offset: u16,
+        len: u16,
+    },
+    Ranges {
+        h: u8,
+        offset: u16,
+        len: u16,
+    },
+    CheckUnchanged(u8),
+    CloseRead(u8),
+    Hash(P),
+}
+
+/// The fixture's `sub/f`: 5 bytes, with a fixed mtime.
+const FIXTURE_MTIME: i64 = 1_000_000_000;
+
+fn entry(name: &[u8], size: u64, real_mtime: bool) -> WireEntry {
+    WireEntry {
+        name: name.to_vec(),
+        kind: WireKind::File,
+        size,
+        meta: WireMeta {
+            mtime: (if real_mtime { FIXTURE_MTIME } else { 7 }, 0),
+            ..WireMeta::default()
+        },
+        target: None,
+        file_id: None,
+        nlink: 1,
+        allocated: 0,
+        changed: (0, 0),
+    }
+}
+
+fn chunk_size(shift: u8) -> u64 {
+    tern_core::hash::MIN_CHUNK_SIZE << (shift % 4)
+}
+
+/// The input as the bytes a client would send.
+fn encode(ops: &[Op]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let msg = |m: Msg, out: &mut Vec<u8>| {
+        let _ = encode_control(0, &m, out);
+    };
+    let data = |d: &[u8], out: &mut Vec<u8>| {
+        out.extend_from_slice(&data_header(d.len() as u32, true));
+        out.extend_from_slice(d);
+    };
+    msg(Msg::Hello(Hello::ours("fuzz")), &mut out);
+    msg(
+        Msg::Auth(Auth {
+            module: "data".into(),
+            token: Some("t".into()),
+            write: true,
+        }),
+        &mut out,
+    );
+    for op in ops.iter().take(64) {
+        let m = match op {
+            Op::Stat(p) => Msg::Stat { path: p.bytes() },
+            Op::ReadDir(p) => Msg::ReadDir { path: p.bytes() },
+            Op::MakeDir(p) => Msg::MakeDir { path: p.bytes() },
+            Op::Remove(p) => Msg::Remove { path: p.bytes() },
+            Op::Create {
+                h,
+                p,
+                size,
+                chunk_shift,
+                resumable,
+            } => Msg::Create {
+                handle: u64::from(*h % 8),
+                path: p.bytes(),
+                spec: WireSpec {
+                    size: u64::from(*size),
+                    chunk_size: chunk_size(*chunk_shift),
+                    resumable: *resumable,
+                    durable: false,
+                    source_meta: WireMeta {
+                        mode: 0o644,
+                        ..WireMeta::default()
+                    },
+                    source_changed: (0, 0),
+                },
+            },
+            Op::Write {
+                h,
+                index,
+                chunk_shift,
+                len,
+                fill,
+                hole,
+                good,
+            } => {
+                let cs = chunk_size(*chunk_shift);
+                let offset = u64::from(*index % 16) * cs;
+                let len = u64::from(*len).min(cs);
+                let mut bytes = vec![*fill; len as usize];
+                // A hole in the middle: zeros, not sent.
+                let holes = if *hole && len >= 8 {
+                    let (s, l) = (len / 4, len / 2);
+                    bytes[s as usize..(s + l) as usize].fill(0);
+                    vec![(offset + s, l)]
+                } else {
+                    Vec::new()
+                };
+                let mut cv = tern_core::hash::cv_at(offset, &bytes);
+                if !*good {
+                    cv[0] ^= 1;
+                }
+                msg(
+                    Msg::Write(WriteChunk {
+                        handle: u64::from(*h % 8),
+                        index: u64::from(*index % 16),
+                        offset,
+                        len,
+                        holes: holes.clone(),
+                        cv,
+                    }),
+                    &mut out,
+                );
+                let sent: Vec<u8> = match holes.first() {
+                    Some(&(s, l)) => {
+                        let (s, l) = ((s - offset) as usize, l as usize);
+                        [&bytes[..s], &bytes[s + l..]].concat()
+                    }
+                    None => bytes,
+                };
+                data(&sent, &mut out);
+                continue;
+            }
+            Op::FileMeta { h, writes, mode } => Msg::FileMeta {
+                handle: u64::from(*h % 8),
+                writes: u64::from(*writes % 8),
+                meta: WireMeta {
+                    mode: u32::from(*mode),
+                    ..WireMeta::default()
+                },
+                owner: false,
+                xattrs: Vec::new(),
+            },
+            Op::Sync(h) => Msg::Sync {
+                handle: u64::from(*h % 8),
+            },
+            Op::Verify { h, hash } => {
+                let mut full = [0u8; 32];
+                full[..4].copy_from_slice(hash);
+                Msg::Verify {
+                    handle: u64::from(*h % 8),
+                    hash: full,
+                }
+            }
+            Op::Publish { h, writes } => Msg::Publish {
+                handle: u64::from(*h % 8),
+                writes: u64::from(*writes % 8),
+            },
+            Op::Abort { h, keep } => Msg::Abort {
+                handle: u64::from(*h % 8),
+                keep: *keep,
+            },
+            Op::Symlink { p, target } => Msg::Symlink {
+                path: p.bytes(),
+                target: target.bytes(),
+                meta: WireMeta::default(),
+                owner: false,
+            },
+            Op::HardLink { from, to } => Msg::HardLink {
+                existing: from.bytes(),
+                path: to.bytes(),
+            },
+            Op::SetMeta { p, dir, mode } => Msg::SetMeta {
+                path: p.bytes(),
+                kind: if *dir { WireKind::Dir } else { WireKind::File },
+                meta: WireMeta {
+                    mode: u32::from(*mode),
+                    ..WireMeta::default()
+                },
+                owner: false,
+                xattrs: None,
+            },
+            Op::Barrier => Msg::Barrier,
+            Op::Batch(items) => {
+                let items: Vec<_> = items.iter().take(40).collect();
+                let bodies: Vec<Vec<u8>> = items
+                    .iter()
+                    .map(|(_, len, _, _)| vec![len.wrapping_mul(7); usize::from(*len)])
+                    .collect();
+                let batch = Batch {
+                    items: items
+                        .iter()
+                        .zip(&bodies)
+                        .map(|((p, _, good, link), body)| BatchItem {
+                            path: p.bytes(),
+                            meta: WireMeta {
+                                mode: 0o644,
+                                ..WireMeta::default()
+                            },
+                            body: if *link {
+                                BatchBody::Symlink {
+                                    target: b"../../outside".to_vec(),
+                                }
+                            } else {
+                                let mut hash = *blake3::hash(body).as_bytes();
+                                if !*good {
+                                    hash[31] ^= 0x80;
+                                }
+                                BatchBody::File {
+                                    size: body.len() as u64,
+                                    holes: Vec::new(),
+                                    hash,
+                                    xattrs: Vec::new(),
+                                    changed: (0, 0),
+                                }
+                            },
+                        })
+                        .collect(),
+                    owner: false,
+                    sync: true,
+                    verify: true,
+                };
+                msg(Msg::Batch(batch), &mut out);
+                for ((_, _, _, link), body) in items.iter().zip(&bodies) {
+                    if !*link {
+                        data(body, &mut out);
+                    }
+                }
+                continue;
+            }
+            Op::OpenRead { h, p, size, real_mtime } => Msg::OpenRead {
+                handle: u64::from(*h % 8),
+                path: p.bytes(),
+                expect: entry(b"f", u64::from(*size % 8), *real_mtime),
+            },
+            Op::Read { h, offset, len } => Msg::Read {
+                handle: u64::from(*h % 8),
+                offset: u64::from(*offset % 16),
+                len: u64::from(*len % 16),
+            },
+            Op::Ranges { h, offset, len } => Msg::Ranges {
+                handle: u64::from(*h % 8),
+                offset: u64::from(*offset),
+                len: u64::from(*len),
+            },
+            Op::CheckUnchanged(h) => Msg::CheckUnchanged {
+                handle: u64::from(*h % 8),
+            },
+            Op::CloseRead(h) => Msg::CloseRead {
+                handle: u64::from(*h % 8),
+            },
+            Op::Hash(p) => Msg::Hash {
+                path: p.bytes(),
+                expect: entry(b"f", 5, true),
+            },
+        };
+        msg(m, &mut out);
+    }
+    out
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    server: Arc<Server>,
+}
+
+impl World {
+    fn module(&self) -> PathBuf {
+        self.dir.path().join("module")
+    }
+
+    /// Puts the module back as the fixture has it: `sub/f` and the
+    /// symlink `out` to the directory beside the module.
+    fn reset(&self) {
+        let module = self.module();
+        if let Ok(rd) = std::fs::read_dir(&module) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let _ = make_writable(&p);
+                let _ = match e.file_type() {
+                    Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                    _ => std::fs::remove_file(&p),
+                };
+            }
+        }
+        let _ = make_writable(&module);
+        std::fs::create_dir_all(module.join("sub")).expect("mkdir");
+        std::fs::write(module.join("sub/f"), b"hello").expect("write");
+        let f = std::fs::File::options()
+            .write(true)
+            .open(module.join("sub/f"))
+            .expect("open");
+        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(FIXTURE_MTIME as u64))
+            .expect("set mtime");
+        std::os::unix::fs::symlink(self.dir.path().join("outside"), module.join("out")).expect("symlink");
+    }
+
+    /// The directory beside the module must hold exactly what it was given.
+    fn outside_untouched(&self) {
+        let outside = self.dir.path().join("outside");
+        let names: Vec<_> = std::fs::read_dir(&outside)
+            .expect("list outside")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec!["secret"], "something was written outside the module");
+        assert_eq!(std::fs::read(outside.join("secret")).expect("read"), b"secret");
+        let mode = std::fs::metadata(&outside).expect("stat").permissions();
+        assert!(!mode.readonly(), "outside's mode changed");
+    }
+}
+
+/// Makes `p` and, for a directory, everything in it writable by us, so a
+/// mode the input set does not stop the reset.
+fn make_writable(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::symlink_metadata(p)?;
+    if md.file_type().is_symlink() {
+        return Ok(());
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
+    if md.is_dir() {
+        for e in std::fs::read_dir(p)?.flatten() {
+            let _ = make_writable(&e.path());
+        }
+    }
+    Ok(())
+}
+
+fn world() -> &'static World {
+    static W: OnceLock<World> = OnceLock::new();
+    W.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let module = dir.path().join("module");
+        std::fs::create_dir_all(&module).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("outside")).expect("mkdir");
+        std::fs::write(dir.path().join("outside/secret"), b"secret").expect("write");
+        let mut cfg = ServerConfig::empty();
+        cfg.state_dir = dir.path().join("state");
+        cfg.add_module("data", &module, Access::ReadWrite, None)
+            .expect("module");
+        // Requests waiting for chunks that never come give up quickly.
+        cfg.limits.idle = Duration::from_millis(50);
+        // A small budget, so that limits on open files are reached.
+        cfg.limits.open_files = Some(8);
+        cfg.grants.push(Grant {
+            token_hash: Some(blake3::hash(b"t")),
+            client: None,
+            modules: vec!["*".into()],
+            access: Access::ReadWrite,
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let server = Arc::new(Server::new(&cfg, "fuzz").expect("server"));
+        let w = World { dir, rt, server };
+        w.reset();
+        w
+    })
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let w = world();
+    w.reset();
+    let input = encode(&ops);
+    let (client, server_side) = tokio::io::duplex(1 << 16);
+    let (srd, swr) = tokio::io::split(server_side);
+    let (mut crd, mut cwr) = tokio::io::split(client);
+    // The client sends everything, then closes; its replies are drained.
+    let writer = w.rt.spawn(async move {
+        let _ = cwr.write_all(&input).await;
+        let _ = cwr.shutdown().await;
+    });
+    let drain = w.rt.spawn(async move {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = crd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let s = Stream::new(
+        w.rt.handle().clone(),
+        Box::pin(srd),
+        Box::pin(swr),
+        Duration::from_millis(200),
+    );
+    let peer = Peer {
+        addr: "127.0.0.1:9".parse().expect("addr"),
+        client: None,
+        transport: Transport::Tcp,
+        conn_id: 0,
+    };
+    w.server.handle(s, peer);
+    // Both ends are done once the handler has dropped its stream: wait for
+    // them, so that nothing of this input outlives it.
+    let _ = w.rt.block_on(writer);
+    let _ = w.rt.block_on(drain);
+    w.outside_untouched();
+});
