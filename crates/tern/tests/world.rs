@@ -1,8 +1,9 @@
 //! The world changing underneath a transfer, for a local copy, a push to a
 //! daemon and a pull from one: a source file growing, shrinking or being
 //! rewritten; the destination directory removed; a full disk; permission
-//! denied. Each must give the right error naming the file, complete
-//! everything else, and leave what was stored before undamaged.
+//! denied; a partial file damaged before its resume. Each must give the
+//! right error naming the file, complete everything else, and leave what
+//! was stored before undamaged.
 
 mod common;
 
@@ -203,6 +204,51 @@ fn a_source_file_changing_during_a_push() {
 #[test]
 fn a_source_file_changing_during_a_pull() {
     source_changing(Way::Pull("quic"));
+}
+
+/// A transfer killed part way, then bytes of a chunk its journal records
+/// as written damaged in the temporary file: the rerun keeps the other
+/// chunks, finds the damaged one by its hash and writes it again.
+fn damaged_temporary_file(way: Way) {
+    let s = Setup::new(way);
+    write(&s.src.join("big"), &data(16 * MIB, 6));
+    let mut child = s.slow_copy("big");
+    kill9(&mut child);
+    let (tmp, journal) = (s.dst.join(".big.tern.tmp"), s.dst.join(".big.tern.journal"));
+    // The first chunk the journal records is complete on disk; a daemon
+    // still finishing the chunk in flight does not touch it.
+    let records = fs::read(&journal).expect("journal");
+    let first = u64::from_le_bytes(records[64..72].try_into().expect("8 bytes"));
+    let f = fs::OpenOptions::new().write(true).open(&tmp).expect("open tmp");
+    std::os::unix::fs::FileExt::write_all_at(&f, b"garbage", first * MIB as u64 + 100).expect("write");
+    drop(f);
+
+    let o = s.copy(&["--json", "--chunk-size", "1M"]).output().expect("run");
+    let (code, out, err) = outcome(&o);
+    assert_eq!(code, 0, "{way:?}: {err}");
+    let resumed = json(&out)["bytes_resumed"].as_u64().expect("number");
+    assert!(resumed >= MIB as u64, "{way:?}: the undamaged chunks are kept: {out}");
+    assert!(
+        resumed < 16 * MIB as u64,
+        "{way:?}: the damaged chunk was not kept: {out}"
+    );
+    assert_eq!(b3(&s.dst.join("big")), b3(&s.src.join("big")), "{way:?}");
+    assert!(side_files(&s.dst).is_empty());
+}
+
+#[test]
+fn a_damaged_temporary_file_is_found_on_resume_locally() {
+    damaged_temporary_file(Way::Local);
+}
+
+#[test]
+fn a_damaged_temporary_file_is_found_on_resume_behind_a_daemon() {
+    damaged_temporary_file(Way::Push("tcp"));
+}
+
+#[test]
+fn a_damaged_temporary_file_is_found_on_resume_of_a_pull() {
+    damaged_temporary_file(Way::Pull("quic"));
 }
 
 /// The destination directory `a` holding the file in flight is removed:
