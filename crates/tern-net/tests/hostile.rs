@@ -747,3 +747,89 @@ fn open_files_are_bounded_per_client_and_for_the_whole_daemon() {
     }
     st.outside_untouched();
 }
+
+/// Writes `bytes` as file `path` through Create, one Write and Publish.
+fn push_file(s: &mut Stream, handle: u64, path: &[u8], bytes: &[u8]) -> Result<Msg, NetError> {
+    s.send(&Msg::Create {
+        handle,
+        path: path.to_vec(),
+        spec: WireSpec {
+            size: bytes.len() as u64,
+            ..spec()
+        },
+    })?;
+    s.recv()?;
+    s.send(&Msg::Write(tern_proto::WriteChunk {
+        handle,
+        index: 0,
+        offset: 0,
+        len: bytes.len() as u64,
+        holes: Vec::new(),
+        cv: *blake3::hash(bytes).as_bytes(),
+    }))?;
+    s.send_data(bytes)?;
+    s.send(&Msg::Publish { handle, writes: 1 })?;
+    s.recv()
+}
+
+#[test]
+fn fifos_devices_and_planted_hard_links_are_never_read_or_written_through() {
+    use std::os::unix::fs::MetadataExt;
+    let st = setup();
+    let module = st.root.join("module");
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: valid C strings.
+    assert_eq!(
+        unsafe { libc::mkfifo(c(&module.join("pipe")).as_ptr(), 0o666) },
+        0,
+        "mkfifo"
+    );
+    // A character device (the kernel's null device) where root may make one.
+    // SAFETY: as above.
+    let dev = unsafe {
+        libc::mknod(
+            c(&module.join("null")).as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(1, 3),
+        )
+    } == 0;
+    // A hard link planted (by someone with access to both) to a file
+    // outside the module.
+    fs::hard_link(st.root.join("outside/secret"), module.join("victim")).expect("link");
+
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let mut specials = vec![&b"pipe"[..]];
+    if dev {
+        specials.push(b"null");
+    }
+    for name in specials {
+        let e = stat_entry(&mut s, name);
+        assert_eq!(e.kind, tern_proto::WireKind::Special, "{name:?}");
+        // Looked at before being opened: a FIFO would block on its writer,
+        // a device would be read for real. Not a file as listed, so
+        // "changed".
+        let open = Msg::OpenRead {
+            handle: 1,
+            path: name.to_vec(),
+            expect: e.clone(),
+        };
+        assert_eq!(refused(&mut s, open), ErrorCode::Changed, "{name:?}");
+        let hash = Msg::Hash {
+            path: name.to_vec(),
+            expect: e,
+        };
+        assert_eq!(refused(&mut s, hash), ErrorCode::Changed, "{name:?}");
+        // A client allowed to write the name replaces the entry; nothing is
+        // written into the FIFO or the device.
+        assert!(matches!(push_file(&mut s, 2, name, b"data"), Ok(Msg::Done)), "{name:?}");
+        let path = module.join(String::from_utf8_lossy(name).as_ref());
+        assert!(fs::symlink_metadata(&path).expect("stat").is_file(), "{name:?}");
+        assert_eq!(fs::read(&path).expect("read"), b"data");
+    }
+    // Writing the planted name replaces the link with a new file: the
+    // file outside keeps its bytes, and loses the link.
+    assert!(matches!(push_file(&mut s, 3, b"victim", b"replaced"), Ok(Msg::Done)));
+    assert_eq!(fs::read(module.join("victim")).expect("read"), b"replaced");
+    assert_eq!(fs::metadata(st.root.join("outside/secret")).expect("stat").nlink(), 1);
+    st.outside_untouched();
+}
