@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Crash-and-resume trials: start a transfer, SIGKILL the client or the daemon
-# at a random moment, check that no file at its final name has wrong
-# content, and rerun the same command (restarting a killed daemon) until it
-# succeeds; then compare the whole tree by BLAKE3 (`tern check`) and require
-# that no temporary or journal file is left.
+# at a random moment, and rerun the same command (restarting a killed
+# daemon) until it succeeds; meanwhile a watcher (tools/watch_final.py)
+# checks that no file ever appears at its final name with wrong content;
+# then compare the whole tree by BLAKE3 (`tern check`) and require that no
+# temporary or journal file is left.
 #
 # Usage: tools/crash_resume.sh [TRIALS] [SEED]      (defaults: 25 trials, seed 1)
 #   MODE=local|push|pull    what is copied where (default local)
@@ -59,7 +60,11 @@ stop_daemon() {
     DPID=
   fi
 }
-trap stop_daemon EXIT
+cleanup() {
+  stop_daemon
+  if [ -n "${WPID:-}" ]; then kill "$WPID" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
 
 # The daemon exports this directory: it holds `dst` for a push and a link
 # to the source for a pull.
@@ -97,28 +102,26 @@ copy_cmd() { # WORKLOAD
   esac
 }
 
-# Every file at its final name must be whole: large files are published
-# only once verified, small ones whole or not at all.
-wrong_at_final_name() { # TRIAL WORKLOAD
-  local f bad=0
-  [ -d "$DST" ] || return 0
-  while IFS= read -r f; do
-    cmp -s "$DST/$f" "src/$2/$f" || { echo "trial $1: wrong content at final name $f"; bad=1; }
-  done < <(cd "$DST" && find . -type f ! -name '*.tern.*')
-  return $bad
-}
-
 failures=0 kills=0 daemon_kills=0
 for trial in $(seq 1 "$TRIALS"); do
   W=${WORKLOADS[$(((trial - 1) % ${#WORKLOADS[@]}))]}
-  rm -rf "$DST"
+  rm -rf "$DST" "$WORK/watch.stop"
+  # Every file at its final name must be whole at every moment it is seen,
+  # not only at the end: large files are published only once verified,
+  # small ones whole or not at all.
+  python3 "$ROOT/tools/watch_final.py" "src/$W" "$DST" "$WORK/watch.stop" >"$WORK/watch.out" &
+  WPID=$!
   attempts=0
   while :; do
     attempts=$((attempts + 1))
     # Throttled so that a kill lands mid-transfer; a resumed run continues.
     $(copy_cmd "$W") &
     pid=$!
-    sleep "0.$((RANDOM % 5))$((RANDOM % 10))"
+    # Killed within the first 0.5 s, a window that widens by 0.05 s an
+    # attempt: on a loaded machine a run may need longer than 0.5 s to
+    # commit its first batch of small files, and then could never finish.
+    cs=$((RANDOM % (50 + 5 * attempts)))
+    sleep "$((cs / 100)).$((cs % 100 / 10))$((cs % 10))"
     if kill -0 "$pid" 2>/dev/null; then
       if [ "$MODE" != local ] && [ $((RANDOM % 2)) = 0 ]; then
         kill -9 "$DPID"
@@ -133,7 +136,6 @@ for trial in $(seq 1 "$TRIALS"); do
         wait "$pid" 2>/dev/null || true
       fi
       kills=$((kills + 1))
-      wrong_at_final_name "$trial" "$W" || failures=$((failures + 1))
     else
       rc=0
       wait "$pid" || rc=$?
@@ -147,6 +149,8 @@ for trial in $(seq 1 "$TRIALS"); do
       break
     fi
   done
+  touch "$WORK/watch.stop"
+  wait "$WPID" || { sed "s/^/trial $trial: /" "$WORK/watch.out"; failures=$((failures + 1)); }
   "$T" check -q "src/$W" "$DST" || { echo "trial $trial: check found differences"; failures=$((failures + 1)); }
   left=$(find "$DST" -name '*.tern.*' | wc -l)
   [ "$left" = 0 ] || { echo "trial $trial: $left temporary files left"; failures=$((failures + 1)); }
