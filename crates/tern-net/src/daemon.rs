@@ -30,6 +30,20 @@ impl Daemon {
             .thread_name("tern-serve")
             .build()?;
         let server = Arc::new(Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?);
+        let files = server.open_file_budget();
+        tracing::info!(
+            open_files = files,
+            max_connections = cfg.limits.max_conns,
+            "descriptors for transfers"
+        );
+        // The budget is half the limit less 64; sockets use the other half.
+        if cfg.limits.open_files.is_none() && cfg.limits.max_conns > files {
+            tracing::warn!(
+                "the open-file limit leaves room for about {files} connections, fewer than max_connections = {}; \
+                 raise `ulimit -n` or lower max_connections",
+                cfg.limits.max_conns
+            );
+        }
         let listen = if cfg.listen.is_empty() {
             vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))]
         } else {
