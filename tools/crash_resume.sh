@@ -29,7 +29,7 @@ TRANSPORT=${TRANSPORT:-tcp}
 WORK=${TMPDIR:-/tmp}/tern-crash
 PORT=${PORT:-17474}
 if [ -n "${TERN:-}" ]; then
-  T=$TERN
+  T=$(realpath "$TERN")
 else
   (cd "$ROOT" && cargo build --release -q -p tern)
   T=$ROOT/target/release/tern

@@ -22,7 +22,7 @@ TRANSPORT=${TRANSPORT:-tcp}
 WORK=${TMPDIR:-/tmp}/tern-load
 PORT=${PORT:-17575}
 if [ -n "${TERN:-}" ]; then
-  T=$TERN
+  T=$(realpath "$TERN")
 else
   (cd "$ROOT" && cargo build --release -q -p tern)
   T=$ROOT/target/release/tern
@@ -48,7 +48,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"${LIMIT[@]}" "$T" serve --listen "127.0.0.1:$PORT" --module "m=$WORK/module" --read-write \
+${LIMIT[@]+"${LIMIT[@]}"} "$T" serve --listen "127.0.0.1:$PORT" --module "m=$WORK/module" --read-write \
   --token-file token --state-dir state >daemon.out 2>daemon.log &
 DPID=$!
 FP=$(daemon_fingerprint daemon.out "$DPID") || { echo "daemon did not start" >&2; cat daemon.log >&2; exit 1; }

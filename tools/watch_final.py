@@ -44,7 +44,9 @@ def main():
                     st = os.lstat(path)
                     if not os.path.isfile(path) or os.path.islink(path):
                         continue
-                    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+                    # ctime: tern sets the source's mtime, so a rewrite in
+                    # place would keep it.
+                    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                     if seen.get(rel) == key:
                         continue
                     # Opened once: what is read is the inode that was at the
@@ -53,7 +55,10 @@ def main():
                 except FileNotFoundError:
                     continue
                 if rel not in want:
-                    want[rel] = digest(os.path.join(src, rel))
+                    try:
+                        want[rel] = digest(os.path.join(src, rel))
+                    except OSError:
+                        want[rel] = None  # not in the source at all
                 checked += 1
                 if got == want[rel]:
                     seen[rel] = key

@@ -86,6 +86,14 @@ impl LocalEndpoint {
         }
     }
 
+    /// The most descriptors a file being written to `spec` holds open
+    /// until it is published or aborted: the file, its directory (when
+    /// confined), the resume journal, and a second, O_DIRECT descriptor
+    /// for a large file.
+    pub fn descriptors_for(spec: &FileSpec) -> usize {
+        2 + usize::from(spec.resumable) + usize::from(spec.size >= DIRECT_MIN)
+    }
+
     /// An endpoint for a directory exported to untrusted clients. Every path
     /// is resolved beneath `root` by the kernel (`openat2` with
     /// `RESOLVE_BENEATH`), so `..`, absolute paths and symlinks, also ones

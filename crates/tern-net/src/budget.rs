@@ -1,20 +1,32 @@
 //! The daemon's budget of file descriptors for transfers.
 //!
-//! Every client's open files, and the files of each batch of small files
-//! while it is written, come out of one daemon-wide count, so that many
-//! clients at once slow each other down instead of failing with "too many
-//! open files". Sockets, directories and short-lived opens use the
-//! headroom left beside the budget.
+//! Every client's open files, and the files of each group of a batch of
+//! small files while it is written, come out of one daemon-wide count, so
+//! that many clients at once slow each other down instead of failing with
+//! "too many open files". Sockets, directories and short-lived opens use
+//! the headroom left beside the budget.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// A daemon-wide count of descriptors that transfers may hold.
+/// A count of descriptors, handed out first come, first served.
 #[derive(Debug)]
 pub struct FdBudget {
     total: usize,
-    free: Mutex<usize>,
-    returned: Condvar,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    free: usize,
+    /// Tickets of the requests waiting, oldest first: only the oldest may
+    /// take descriptors, so a request for many is not starved by a stream
+    /// of requests for one.
+    queue: VecDeque<u64>,
+    next: u64,
 }
 
 /// Descriptors taken from an [`FdBudget`], given back when dropped.
@@ -24,18 +36,21 @@ pub struct FdPermit {
     n: usize,
 }
 
-impl FdBudget {
-    /// The smallest budget: room for a client's open files and a batch
-    /// beside them.
-    pub const MIN: usize = 8;
+/// How often a waiting request looks at the stop flag.
+const CANCEL_POLL: Duration = Duration::from_millis(250);
 
-    /// A budget of `total` descriptors (at least [`FdBudget::MIN`]).
+impl FdBudget {
+    /// A budget of `total` descriptors (at least one).
     pub fn new(total: usize) -> Arc<FdBudget> {
-        let total = total.max(Self::MIN);
+        let total = total.max(1);
         Arc::new(FdBudget {
             total,
-            free: Mutex::new(total),
-            returned: Condvar::new(),
+            state: Mutex::new(State {
+                free: total,
+                queue: VecDeque::new(),
+                next: 0,
+            }),
+            changed: Condvar::new(),
         })
     }
 
@@ -46,24 +61,46 @@ impl FdBudget {
 
     /// Descriptors not held now.
     pub fn free(&self) -> usize {
-        self.free.lock().map(|f| *f).unwrap_or(0)
+        self.state.lock().map(|s| s.free).unwrap_or(0)
     }
 
-    /// Takes `n` descriptors (at most the whole budget), waiting up to
-    /// `wait` for others to give them back. None when they did not.
-    pub fn acquire(self: &Arc<Self>, n: usize, wait: Duration) -> Option<FdPermit> {
+    /// Takes `n` descriptors (at most the whole budget) once the requests
+    /// before it are served and that many are free. None at `deadline`, or
+    /// when `cancel` turns true.
+    pub fn acquire(self: &Arc<Self>, n: usize, deadline: Instant, cancel: &AtomicBool) -> Option<FdPermit> {
         let n = n.min(self.total);
-        let deadline = Instant::now() + wait;
-        let mut free = self.free.lock().ok()?;
-        while *free < n {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            free = self.returned.wait_timeout(free, left).ok()?.0;
+        let mut st = self.state.lock().ok()?;
+        let ticket = st.next;
+        st.next += 1;
+        st.queue.push_back(ticket);
+        loop {
+            if st.queue.front() == Some(&ticket) && st.free >= n {
+                st.queue.pop_front();
+                st.free -= n;
+                drop(st);
+                // The next in line may fit in what is left.
+                self.changed.notify_all();
+                return Some(FdPermit {
+                    budget: self.clone(),
+                    n,
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || cancel.load(Ordering::Relaxed) {
+                st.queue.retain(|&t| t != ticket);
+                drop(st);
+                self.changed.notify_all();
+                return None;
+            }
+            st = self.changed.wait_timeout(st, left.min(CANCEL_POLL)).ok()?.0;
         }
-        *free -= n;
-        Some(FdPermit {
-            budget: self.clone(),
-            n,
-        })
+    }
+}
+
+impl FdPermit {
+    /// How many descriptors this permit holds.
+    pub fn count(&self) -> usize {
+        self.n
     }
 }
 
@@ -72,10 +109,10 @@ impl Drop for FdPermit {
         if self.n == 0 {
             return;
         }
-        if let Ok(mut free) = self.budget.free.lock() {
-            *free += self.n;
+        if let Ok(mut st) = self.budget.state.lock() {
+            st.free += self.n;
         }
-        self.budget.returned.notify_all();
+        self.budget.changed.notify_all();
     }
 }
 
@@ -83,23 +120,68 @@ impl Drop for FdPermit {
 mod tests {
     use super::*;
 
+    fn soon(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
     #[test]
     fn permits_are_counted_given_back_and_waited_for() {
-        let b = FdBudget::new(FdBudget::MIN);
-        let most = b.acquire(FdBudget::MIN - 1, Duration::ZERO).expect("all but one");
+        let no = AtomicBool::new(false);
+        let b = FdBudget::new(8);
+        let most = b.acquire(7, soon(0), &no).expect("all but one");
         assert_eq!(b.free(), 1);
-        assert!(b.acquire(2, Duration::from_millis(20)).is_none(), "only one left");
+        assert!(b.acquire(2, soon(20), &no).is_none(), "only one left");
         // A request larger than the budget takes all of it rather than
         // waiting forever.
         drop(most);
-        let all = b.acquire(100, Duration::ZERO).expect("clamped to the total");
-        assert_eq!(b.free(), 0);
+        let all = b.acquire(100, soon(0), &no).expect("clamped to the total");
+        assert_eq!((all.count(), b.free()), (8, 0));
         let waiter = {
             let b = b.clone();
-            std::thread::spawn(move || b.acquire(1, Duration::from_secs(30)).map(|p| p.n))
+            std::thread::spawn(move || b.acquire(1, soon(30_000), &AtomicBool::new(false)).map(|p| p.count()))
         };
         drop(all);
         assert_eq!(waiter.join().expect("thread"), Some(1));
-        assert_eq!(b.free(), FdBudget::MIN);
+        assert_eq!(b.free(), 8);
+    }
+
+    #[test]
+    fn a_large_request_is_served_before_later_small_ones() {
+        let no = Arc::new(AtomicBool::new(false));
+        let b = FdBudget::new(4);
+        let held = b.acquire(3, soon(0), &no).expect("three");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The large request queues first (it cannot be served while three
+        // are held); then a small one, which would fit at once, must wait
+        // behind it.
+        let big = {
+            let (b, no, tx) = (b.clone(), no.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let p = b.acquire(4, soon(30_000), &no);
+                tx.send("big").expect("send");
+                p.map(|p| p.count())
+            })
+        };
+        while b.state.lock().expect("lock").queue.is_empty() {
+            std::thread::yield_now();
+        }
+        assert!(b.acquire(1, soon(50), &no).is_none(), "the small one waits its turn");
+        drop(held);
+        assert_eq!(rx.recv().expect("recv"), "big");
+        assert_eq!(big.join().expect("thread"), Some(4));
+    }
+
+    #[test]
+    fn a_waiting_request_gives_up_when_cancelled() {
+        let b = FdBudget::new(1);
+        let _held = b.acquire(1, soon(0), &AtomicBool::new(false)).expect("one");
+        let cancel = AtomicBool::new(true);
+        let start = Instant::now();
+        assert!(b.acquire(1, soon(60_000), &cancel).is_none());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "did not wait for the deadline"
+        );
+        assert!(b.state.lock().expect("lock").queue.is_empty(), "left the queue");
     }
 }

@@ -44,6 +44,24 @@ const FD_WAIT: Duration = Duration::from_secs(20);
 /// Files of a batch written and committed together, at most.
 const BATCH_GROUP: usize = 256;
 
+/// The descriptors transfers may hold: `configured`, or by default half
+/// the open-file limit less 64 (the soft limit raised to the hard one
+/// first, either way), never more than that.
+fn descriptor_budget(configured: Option<usize>) -> usize {
+    let room = tern_core::open_file_budget();
+    match configured {
+        Some(n) if n > room => {
+            tracing::warn!(
+                "max_open_files = {n} is more than the open-file limit leaves for transfers; using {room} \
+                 (raise `ulimit -n` to allow more)"
+            );
+            room
+        }
+        Some(n) => n,
+        None => room,
+    }
+}
+
 /// The daemon's shared state.
 pub struct Server {
     modules: HashMap<String, Module>,
@@ -88,7 +106,7 @@ impl Server {
                 state_dir: cfg.state_dir.clone(),
             }),
             idle: cfg.limits.idle,
-            fds: FdBudget::new(cfg.limits.open_files.unwrap_or_else(tern_core::open_file_budget)),
+            fds: FdBudget::new(descriptor_budget(cfg.limits.open_files)),
         })
     }
 
@@ -275,6 +293,7 @@ impl Server {
             cancel: self.shutdown.clone(),
             idle: self.idle,
             pull: self.pull.clone(),
+            own_fds: FdBudget::new(half(&self.fds)),
             fds: self.fds.clone(),
         });
         if let Ok(mut m) = self.sessions.lock() {
@@ -339,7 +358,7 @@ struct WHandle {
     changed: Condvar,
     size: u64,
     path: PathBuf,
-    _fd: FdPermit,
+    _fds: HandleFds,
 }
 
 #[derive(Default)]
@@ -388,7 +407,7 @@ impl WHandle {
 }
 
 /// A file open for reading, and the descriptor it takes from the budget.
-type RHandle = (Arc<dyn ReadFile>, FdPermit);
+type RHandle = (Arc<dyn ReadFile>, HandleFds);
 
 /// An authenticated client's use of one module.
 struct Session {
@@ -402,7 +421,25 @@ struct Session {
     cancel: Arc<AtomicBool>,
     idle: Duration,
     pull: Arc<crate::pull::PullPolicy>,
+    /// The daemon's descriptors for transfers.
     fds: Arc<FdBudget>,
+    /// The most of them this session's open files may hold: half.
+    own_fds: Arc<FdBudget>,
+}
+
+/// Descriptors held by a file a session keeps open: from the session's
+/// own share and from the daemon's budget.
+#[derive(Debug)]
+struct HandleFds {
+    _own: FdPermit,
+    _all: FdPermit,
+}
+
+/// Half of `fds`: what one session's open files may hold, and the most a
+/// group of a batch takes, so that a session whose files hold their share
+/// still finds room for its batch.
+fn half(fds: &FdBudget) -> usize {
+    (fds.total() / 2).max(1)
 }
 
 /// Answers a [`Msg::Bench`]: filler data in blocks, then `Done`.
@@ -532,45 +569,37 @@ impl Session {
             .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, format!("no file open for reading as handle {h}")))
     }
 
-    /// The most files one session may hold open, and the most files of a
-    /// batch written together: half the daemon's budget each, so that one
-    /// client cannot starve the others, nor wait for itself when its batch
-    /// needs descriptors while it holds files open.
-    fn half_budget(&self) -> usize {
-        (self.fds.total() / 2).max(1)
+    /// How long a request waits for descriptors: well inside the idle
+    /// timeout, so that the other streams of a client still holding files
+    /// while it waits are not dropped as idle meanwhile.
+    fn fd_wait(&self) -> Duration {
+        FD_WAIT.min(self.idle / 4)
     }
 
-    /// A descriptor for a file this session will hold open as `handle`.
-    fn open_permit(&self, handle: u64) -> std::result::Result<FdPermit, ErrorMsg> {
-        let held = |m: Option<usize>| m.unwrap_or(0);
-        let reads = held(
-            self.reads
-                .lock()
-                .ok()
-                .map(|r| r.len() - r.contains_key(&handle) as usize),
-        );
-        let writes = held(
-            self.writes
-                .lock()
-                .ok()
-                .map(|w| w.len() - w.contains_key(&handle) as usize),
-        );
-        if reads + writes >= self.half_budget() {
-            return Err(ErrorMsg::new(
+    /// `n` descriptors for a file this session will keep open: from its
+    /// own share (waiting for its other files to close), then from the
+    /// daemon's budget (waiting for other clients).
+    fn handle_fds(&self, n: usize) -> std::result::Result<HandleFds, ErrorMsg> {
+        let deadline = Instant::now() + self.fd_wait();
+        let own = self.own_fds.acquire(n, deadline, &self.cancel).ok_or_else(|| {
+            ErrorMsg::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "this client already has {} files open on the daemon, the most it allows one client",
-                    reads + writes
+                    "this client's open files hold {} descriptors on the daemon, the most it allows one client, \
+                     and none was given back within {} s",
+                    self.own_fds.total(),
+                    self.fd_wait().as_secs()
                 ),
-            ));
-        }
-        self.fd_permit(1)
+            )
+        })?;
+        let all = self.fd_permit(n, deadline)?;
+        Ok(HandleFds { _own: own, _all: all })
     }
 
-    /// `n` descriptors from the daemon's budget, waiting for other clients
-    /// to give some back.
-    fn fd_permit(&self, n: usize) -> std::result::Result<FdPermit, ErrorMsg> {
-        self.fds.acquire(n, FD_WAIT).ok_or_else(|| {
+    /// `n` descriptors from the daemon's budget, waiting until `deadline`
+    /// for other clients to give some back.
+    fn fd_permit(&self, n: usize, deadline: Instant) -> std::result::Result<FdPermit, ErrorMsg> {
+        self.fds.acquire(n, deadline, &self.cancel).ok_or_else(|| {
             ErrorMsg::new(
                 ErrorCode::Unavailable,
                 format!(
@@ -625,10 +654,14 @@ impl Session {
             }),
             Msg::OpenRead { handle, path, expect } => self.path(&path).and_then(|p| {
                 let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
-                let fd = self.open_permit(handle)?;
+                // A handle opened again gives back what it held first.
+                if let Ok(mut r) = self.reads.lock() {
+                    r.remove(&handle);
+                }
+                let fds = self.handle_fds(1)?;
                 let f = self.ep.open(&p, &e).map_err(err)?;
                 if let Ok(mut r) = self.reads.lock() {
-                    r.insert(handle, (Arc::from(f), fd));
+                    r.insert(handle, (Arc::from(f), fds));
                 }
                 Ok(Msg::Done)
             }),
@@ -667,7 +700,7 @@ impl Session {
             }
             Msg::Hash { path, expect } => self.path(&path).and_then(|p| {
                 let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
-                let _fd = self.fd_permit(1)?;
+                let _fd = self.fd_permit(1, Instant::now() + self.fd_wait())?;
                 let f = self.ep.open(&p, &e).map_err(err)?;
                 let h = tern_core::hash_file(&*f, e.size, tern_core::engine::DEFAULT_CHUNK_SIZE, buf, &self.cancel)
                     .map_err(err)?;
@@ -678,7 +711,12 @@ impl Session {
                 if !hash::valid_chunk_size(spec.chunk_size) || spec.chunk_size > MAX_CHUNK {
                     return Err(ErrorMsg::new(ErrorCode::Protocol, "bad chunk size"));
                 }
-                let fd = self.open_permit(handle)?;
+                // A handle created again gives back what it held first.
+                let old = self.writes.lock().ok().and_then(|mut w| w.remove(&handle));
+                if let Some(f) = old.and_then(|h| h.file.write().ok().and_then(|mut f| f.take())) {
+                    f.abort(true);
+                }
+                let fds = self.handle_fds(LocalEndpoint::descriptors_for(&spec))?;
                 let f = self.ep.create(&p, &spec).map_err(err)?;
                 let resumed = f.resumed().into_iter().collect();
                 let h = WHandle {
@@ -687,7 +725,7 @@ impl Session {
                     changed: Condvar::new(),
                     size: spec.size,
                     path: p,
-                    _fd: fd,
+                    _fds: fds,
                 };
                 if let Ok(mut w) = self.writes.lock() {
                     if let Some(old) = w.insert(handle, Arc::new(h)) {
@@ -931,24 +969,51 @@ impl Session {
             verify: b.verify,
             cancel: self.cancel.clone(),
         };
-        // Each group's files stay open until it commits: groups take their
-        // descriptors from the daemon's budget.
+        // Each group's files stay open until it commits: a group takes
+        // their descriptors from the daemon's budget, at most half of it,
+        // all groups of the batch within one wait.
+        let deadline = Instant::now() + self.fd_wait();
+        let most = half(&self.fds);
+        let cost = |it: &BatchItem| match &it.body {
+            BatchBody::File { spec, .. } => LocalEndpoint::descriptors_for(spec),
+            BatchBody::Symlink { .. } => 0,
+        };
         let mut results: Vec<Option<ErrorMsg>> = Vec::with_capacity(ok_items.len());
         let mut left = ok_items.into_iter().peekable();
         while left.peek().is_some() {
-            let group: Vec<BatchItem> = left.by_ref().take(BATCH_GROUP.min(self.half_budget())).collect();
-            let files = group
-                .iter()
-                .filter(|i| matches!(i.body, BatchBody::File { .. }))
-                .count();
-            match self.fd_permit(files) {
-                Ok(_fd) => results.extend(
+            let (mut group, mut fds) = (Vec::new(), 0);
+            while let Some(it) =
+                left.next_if(|it| group.is_empty() || (fds + cost(it) <= most && group.len() < BATCH_GROUP))
+            {
+                fds += cost(&it);
+                group.push(it);
+            }
+            match self.fd_permit(fds, deadline) {
+                Ok(_fds) => results.extend(
                     self.ep
                         .write_batch(group, &opts)
                         .into_iter()
                         .map(|r| r.err().map(|e| wire::error_msg(&e))),
                 ),
-                Err(e) => results.extend(std::iter::repeat_n(Some(e), group.len())),
+                // The files wait for another run; symlinks need no
+                // descriptor and are made now.
+                Err(e) => {
+                    let start = results.len();
+                    let mut links = Vec::new();
+                    for (i, it) in group.into_iter().enumerate() {
+                        match it.body {
+                            BatchBody::Symlink { .. } => {
+                                results.push(None);
+                                links.push((start + i, it));
+                            }
+                            BatchBody::File { .. } => results.push(Some(e.clone())),
+                        }
+                    }
+                    let (at, links): (Vec<_>, Vec<_>) = links.into_iter().unzip();
+                    for (i, r) in at.into_iter().zip(self.ep.write_batch(links, &opts)) {
+                        results[i] = r.err().map(|e| wire::error_msg(&e));
+                    }
+                }
             }
         }
         for (i, r) in ok_idx.into_iter().zip(results) {

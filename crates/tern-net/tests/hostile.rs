@@ -673,50 +673,72 @@ fn a_directory_swapped_for_a_symlink_mid_transfer_leads_nowhere_outside() {
     assert_eq!(names.len(), 2, "something was planted outside: {names:?}");
 }
 
+/// The error a request got, which must be a refusal.
+fn refusal(s: &mut Stream, req: &Msg) -> tern_proto::ErrorMsg {
+    s.send(req).expect("send");
+    match s.recv() {
+        Err(NetError::Remote(e)) => e,
+        other => panic!("{req:?} was not refused: {other:?}"),
+    }
+}
+
 #[test]
 fn open_files_are_bounded_per_client_and_for_the_whole_daemon() {
-    let st = setup_with(|c| c.limits.open_files = Some(8));
+    // 16 descriptors for transfers; a resumable file being written holds
+    // 3 (file, directory, journal), a small file of a batch 2. Requests
+    // wait a quarter of the idle timeout for descriptors.
+    let st = setup_with(|c| {
+        c.limits.open_files = Some(16);
+        c.limits.idle = Duration::from_secs(4);
+    });
     let mut a = st.session("data", TOKEN, true).expect("session");
 
-    // One client may hold half the budget open; the next is refused with
-    // a reason.
-    for h in 1..=4 {
+    // One client's open files may hold half the budget: two files, and
+    // a third waits, then is refused with the reason.
+    for h in 1..=2 {
         create(&mut a, h, format!("open-{h}").as_bytes());
     }
-    let over = Msg::Create {
-        handle: 5,
-        path: b"open-5".to_vec(),
+    let third = Msg::Create {
+        handle: 3,
+        path: b"open-3".to_vec(),
         spec: spec(),
     };
-    a.send(&over).expect("send");
-    match a.recv() {
-        Err(NetError::Remote(e)) => {
-            assert_eq!(e.code, ErrorCode::Unavailable);
-            assert!(e.message.contains("already has 4 files open"), "{}", e.message);
-        }
-        other => panic!("a fifth open file was not refused: {other:?}"),
-    }
+    let e = refusal(&mut a, &third);
+    assert_eq!(e.code, ErrorCode::Unavailable);
+    assert!(
+        e.message.contains("this client's open files hold 8 descriptors"),
+        "{}",
+        e.message
+    );
 
-    // Thirty small files in one batch from that same client, with the
-    // other half of the budget free: written in groups that fit, every one
-    // lands (a group as large as the budget would wait for the client's
-    // own open files and fail).
-    let items = (0..30)
-        .map(|i| BatchItem {
-            path: format!("batch-{i}").into_bytes(),
-            meta: WireMeta {
-                mode: 0o644,
-                ..WireMeta::default()
+    // Thirty small files in one batch from that same client, while its
+    // open files hold their share: written in groups of at most half the
+    // budget, every one lands, and a symlink among them too.
+    let file = |i: usize| BatchItem {
+        path: format!("batch-{i}").into_bytes(),
+        meta: WireMeta {
+            mode: 0o644,
+            ..WireMeta::default()
+        },
+        body: BatchBody::File {
+            size: 3,
+            holes: Vec::new(),
+            hash: *blake3::hash(b"abc").as_bytes(),
+            xattrs: Vec::new(),
+            changed: (0, 0),
+        },
+    };
+    let mut items: Vec<BatchItem> = (0..30).map(file).collect();
+    items.insert(
+        10,
+        BatchItem {
+            path: b"batch-link".to_vec(),
+            meta: WireMeta::default(),
+            body: BatchBody::Symlink {
+                target: b"batch-0".to_vec(),
             },
-            body: BatchBody::File {
-                size: 3,
-                holes: Vec::new(),
-                hash: *blake3::hash(b"abc").as_bytes(),
-                xattrs: Vec::new(),
-                changed: (0, 0),
-            },
-        })
-        .collect();
+        },
+    );
     a.send(&Msg::Batch(Batch {
         items,
         owner: false,
@@ -728,7 +750,7 @@ fn open_files_are_bounded_per_client_and_for_the_whole_daemon() {
         a.send_data(b"abc").expect("data");
     }
     match a.recv().expect("reply") {
-        Msg::BatchReply(r) => assert!(r.len() == 30 && r.iter().all(Option::is_none), "{r:?}"),
+        Msg::BatchReply(r) => assert!(r.len() == 31 && r.iter().all(Option::is_none), "{r:?}"),
         m => panic!("unexpected {m:?}"),
     }
     for i in 0..30 {
@@ -737,13 +759,51 @@ fn open_files_are_bounded_per_client_and_for_the_whole_daemon() {
             b"abc"
         );
     }
+    assert_eq!(
+        fs::read_link(st.root.join("module/batch-link")).expect("link"),
+        std::path::Path::new("batch-0")
+    );
 
-    // A file given back makes room; another client gets the other half.
+    // A file given back makes room for the client's next one.
     a.send(&Msg::Abort { handle: 1, keep: false }).expect("send");
-    create(&mut a, 5, b"open-5");
+    create(&mut a, 3, b"open-3");
+    // Two more clients: the second finds the daemon's budget spent (a
+    // and b hold 6 each, c takes 3 of the 4 left), waits, and is refused.
     let mut b = st.session("data", TOKEN, true).expect("session");
-    for h in 1..=4 {
+    for h in 1..=2 {
         create(&mut b, h, format!("b-open-{h}").as_bytes());
+    }
+    let mut c = st.session("data", TOKEN, true).expect("session");
+    create(&mut c, 1, b"c-open-1");
+    let e = refusal(
+        &mut c,
+        &Msg::Create {
+            handle: 2,
+            path: b"c-open-2".to_vec(),
+            spec: spec(),
+        },
+    );
+    assert_eq!(e.code, ErrorCode::Unavailable);
+    assert!(
+        e.message.contains("the daemon has no file descriptor free"),
+        "{}",
+        e.message
+    );
+    // Once b is gone, its descriptors serve c (each try waits up to 1 s
+    // for the daemon to see b's connection close).
+    drop(b);
+    let again = Msg::Create {
+        handle: 2,
+        path: b"c-open-2".to_vec(),
+        spec: spec(),
+    };
+    for attempt in 1.. {
+        c.send(&again).expect("send");
+        match c.recv() {
+            Ok(Msg::Created { .. }) => break,
+            Err(NetError::Remote(e)) if e.code == ErrorCode::Unavailable && attempt < 30 => {}
+            other => panic!("b's descriptors never came back: {other:?}"),
+        }
     }
     st.outside_untouched();
 }
