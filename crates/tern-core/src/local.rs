@@ -954,7 +954,9 @@ impl WriteFile for LocalWriteFile {
             let ours = self.file.metadata().ctx(&self.shown, "stat")?;
             match fs::symlink_metadata(&self.tmp) {
                 Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {
+                // Gone with its directory, or a directory on its path
+                // replaced by a file.
+                Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
                     return Err(Error::Other {
                         path: self.shown.clone(),
                         message: "its temporary file was removed while being written (was the destination directory deleted?); not committed"
