@@ -12,15 +12,11 @@ use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use tern_net::config::{Access, Grant, ServerConfig};
 use tern_net::server::Server;
-use tern_net::stream::Stream;
-use tern_net::transport::{Peer, Transport};
 use tern_proto::{
     data_header, encode_control, Auth, Batch, BatchBody, BatchItem, Hello, Msg, WireEntry, WireKind, WireMeta,
     WireSpec, WriteChunk,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One component of a path.
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -148,24 +144,8 @@ enum Op {
     Hash(P),
 }
 
-/// The fixture's `sub/f`: 5 bytes, with a fixed mtime.
-const FIXTURE_MTIME: i64 = 1_000_000_000;
-
 fn entry(name: &[u8], size: u64, real_mtime: bool) -> WireEntry {
-    WireEntry {
-        name: name.to_vec(),
-        kind: WireKind::File,
-        size,
-        meta: WireMeta {
-            mtime: (if real_mtime { FIXTURE_MTIME } else { 7 }, 0),
-            ..WireMeta::default()
-        },
-        target: None,
-        file_id: None,
-        nlink: 1,
-        allocated: 0,
-        changed: (0, 0),
-    }
+    tern_fuzz::file_entry(name, size, if real_mtime { tern_fuzz::FIXTURE_MTIME } else { 7 })
 }
 
 fn chunk_size(shift: u8) -> u64 {
@@ -419,14 +399,7 @@ impl World {
                 };
             }
         }
-        std::fs::create_dir_all(module.join("sub")).expect("mkdir");
-        std::fs::write(module.join("sub/f"), b"hello").expect("write");
-        let f = std::fs::File::options()
-            .write(true)
-            .open(module.join("sub/f"))
-            .expect("open");
-        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(FIXTURE_MTIME as u64))
-            .expect("set mtime");
+        tern_fuzz::write_fixture(&module);
         std::os::unix::fs::symlink(self.dir.path().join("outside"), module.join("out")).expect("symlink");
     }
 
@@ -469,26 +442,11 @@ fn world() -> &'static World {
         std::fs::create_dir_all(&module).expect("mkdir");
         std::fs::create_dir_all(dir.path().join("outside")).expect("mkdir");
         std::fs::write(dir.path().join("outside/secret"), b"secret").expect("write");
-        let mut cfg = ServerConfig::empty();
-        cfg.state_dir = dir.path().join("state");
-        cfg.add_module("data", &module, Access::ReadWrite, None)
-            .expect("module");
         // Requests waiting for chunks that never come give up quickly.
-        cfg.limits.idle = Duration::from_millis(50);
+        let mut cfg = tern_fuzz::config(&module, &dir.path().join("state"), Duration::from_millis(50));
         // A small budget, so that limits on open files are reached.
         cfg.limits.open_files = Some(8);
-        cfg.grants.push(Grant {
-            token_hash: Some(blake3::hash(b"t")),
-            client: None,
-            modules: vec!["*".into()],
-            access: Access::ReadWrite,
-        });
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = Arc::new(Server::new(&cfg, "fuzz").expect("server"));
+        let (rt, server) = tern_fuzz::start(&cfg);
         let w = World { dir, rt, server };
         w.reset();
         w
@@ -498,39 +456,6 @@ fn world() -> &'static World {
 fuzz_target!(|ops: Vec<Op>| {
     let w = world();
     w.reset();
-    let input = encode(&ops);
-    let (client, server_side) = tokio::io::duplex(1 << 16);
-    let (srd, swr) = tokio::io::split(server_side);
-    let (mut crd, mut cwr) = tokio::io::split(client);
-    // The client sends everything, then closes; its replies are drained.
-    let writer = w.rt.spawn(async move {
-        let _ = cwr.write_all(&input).await;
-        let _ = cwr.shutdown().await;
-    });
-    let drain = w.rt.spawn(async move {
-        let mut buf = vec![0u8; 1 << 16];
-        while let Ok(n) = crd.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    });
-    let s = Stream::new(
-        w.rt.handle().clone(),
-        Box::pin(srd),
-        Box::pin(swr),
-        Duration::from_millis(200),
-    );
-    let peer = Peer {
-        addr: "127.0.0.1:9".parse().expect("addr"),
-        client: None,
-        transport: Transport::Tcp,
-        conn_id: 0,
-    };
-    w.server.handle(s, peer);
-    // Both ends are done once the handler has dropped its stream: wait for
-    // them, so that nothing of this input outlives it.
-    let _ = w.rt.block_on(writer);
-    let _ = w.rt.block_on(drain);
+    tern_fuzz::serve(&w.rt, &w.server, encode(&ops));
     w.outside_untouched();
 });

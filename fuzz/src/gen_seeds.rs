@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use tern_proto::{data_header, encode_control, Auth, Hello, Msg, WireEntry, WireKind, WireMeta, WireSpec, WriteChunk};
+use tern_proto::{data_header, encode_control, Auth, Hello, Msg, WireMeta, WireSpec, WriteChunk};
 
 fn frames(msgs: &[Msg]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -59,20 +59,7 @@ fn main() {
     write.extend_from_slice(b"hello");
     write.extend(frames(&[Msg::Publish { handle: 1, writes: 1 }]));
     // sub/f as the fuzz target's module holds it (5 bytes, mtime fixed).
-    let entry = WireEntry {
-        name: b"f".to_vec(),
-        kind: WireKind::File,
-        size: 5,
-        meta: WireMeta {
-            mtime: (1_000_000_000, 0),
-            ..WireMeta::default()
-        },
-        target: None,
-        file_id: None,
-        nlink: 1,
-        allocated: 0,
-        changed: (0, 0),
-    };
+    let entry = tern_fuzz::file_entry(b"f", 5, tern_fuzz::FIXTURE_MTIME);
     let read = frames(&[
         hello.clone(),
         auth(false),
