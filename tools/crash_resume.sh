@@ -28,12 +28,7 @@ MODE=${MODE:-local}
 TRANSPORT=${TRANSPORT:-tcp}
 WORK=${TMPDIR:-/tmp}/tern-crash
 PORT=${PORT:-17474}
-if [ -n "${TERN:-}" ]; then
-  T=$(realpath "$TERN")
-else
-  (cd "$ROOT" && cargo build --release -q -p tern)
-  T=$ROOT/target/release/tern
-fi
+T=$(tern_binary "$ROOT")
 
 mkdir -p "$WORK"
 cd "$WORK"

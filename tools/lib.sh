@@ -15,3 +15,14 @@ daemon_fingerprint() {
   done
   return 1
 }
+
+# tern_binary ROOT: prints the tern to run, $TERN if set (made absolute, as
+# the scripts change directory) or a release build made now.
+tern_binary() {
+  if [ -n "${TERN:-}" ]; then
+    realpath "$TERN"
+  else
+    (cd "$1" && cargo build --release -q -p tern) >&2
+    echo "$1/target/release/tern"
+  fi
+}

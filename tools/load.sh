@@ -21,12 +21,7 @@ SECONDS_=${2:-120}
 TRANSPORT=${TRANSPORT:-tcp}
 WORK=${TMPDIR:-/tmp}/tern-load
 PORT=${PORT:-17575}
-if [ -n "${TERN:-}" ]; then
-  T=$(realpath "$TERN")
-else
-  (cd "$ROOT" && cargo build --release -q -p tern)
-  T=$ROOT/target/release/tern
-fi
+T=$(tern_binary "$ROOT")
 LIMIT=()
 [ -n "${NOFILE:-}" ] && LIMIT=(prlimit "--nofile=$NOFILE:$NOFILE")
 
