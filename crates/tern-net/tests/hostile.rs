@@ -120,9 +120,14 @@ impl Setup {
 }
 
 fn refused(s: &mut Stream, req: Msg) -> ErrorCode {
-    s.send(&req).expect("send");
+    refusal(s, &req).code
+}
+
+/// The error a request got, which must be a refusal.
+fn refusal(s: &mut Stream, req: &Msg) -> tern_proto::ErrorMsg {
+    s.send(req).expect("send");
     match s.recv() {
-        Err(NetError::Remote(e)) => e.code,
+        Err(NetError::Remote(e)) => e,
         other => panic!("{req:?} was not refused: {other:?}"),
     }
 }
@@ -671,15 +676,6 @@ fn a_directory_swapped_for_a_symlink_mid_transfer_leads_nowhere_outside() {
         .map(|e| e.expect("e").file_name())
         .collect();
     assert_eq!(names.len(), 2, "something was planted outside: {names:?}");
-}
-
-/// The error a request got, which must be a refusal.
-fn refusal(s: &mut Stream, req: &Msg) -> tern_proto::ErrorMsg {
-    s.send(req).expect("send");
-    match s.recv() {
-        Err(NetError::Remote(e)) => e,
-        other => panic!("{req:?} was not refused: {other:?}"),
-    }
 }
 
 #[test]

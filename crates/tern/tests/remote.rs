@@ -180,10 +180,30 @@ fn sixteen_clients_at_once() {
     make_tree(&src);
     fs::create_dir(&module).expect("mkdir");
     let d = daemon(t.path(), &module, false);
-    let children: Vec<Child> = (0..16)
+    push_at_once(t.path(), &d, &src, &module, 16, "2", |i| {
+        if i % 2 == 0 {
+            "tcp"
+        } else {
+            "quic"
+        }
+    });
+}
+
+/// Starts `n` clients at once, client `i` pushing `src` to `c{i}` with
+/// `jobs` workers over `transport(i)`, and waits for them: each must
+/// succeed and its copy in `module` equal `src`.
+fn push_at_once(
+    t: &Path,
+    d: &Daemon,
+    src: &Path,
+    module: &Path,
+    n: usize,
+    jobs: &str,
+    transport: impl Fn(usize) -> &'static str,
+) {
+    let children: Vec<Child> = (0..n)
         .map(|i| {
-            let tr = if i % 2 == 0 { "tcp" } else { "quic" };
-            d.auth(client(t.path()).args(["copy", "-q", "-j", "2", "--transport", tr]))
+            d.auth(client(t).args(["copy", "-q", "-j", jobs, "--transport", transport(i)]))
                 .stderr(Stdio::piped())
                 .arg(format!("{}/", src.display()))
                 .arg(d.url(&format!("c{i}")))
@@ -191,12 +211,6 @@ fn sixteen_clients_at_once() {
                 .expect("spawn")
         })
         .collect();
-    each_pushed_whole(children, &src, &module);
-}
-
-/// Waits for clients `i` that push `src` to `module/c{i}`; each must
-/// succeed and its copy equal `src`.
-fn each_pushed_whole(children: Vec<Child>, src: &Path, module: &Path) {
     for (i, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().expect("wait");
         assert!(
@@ -227,17 +241,7 @@ fn many_clients_under_a_low_open_file_limit_all_land() {
         return;
     }
     let d = spawn_daemon(limited, t.path(), &module, false, 0, &[]);
-    let children: Vec<Child> = (0..6)
-        .map(|i| {
-            d.auth(client(t.path()).args(["copy", "-q", "-j", "8", "--transport", "tcp"]))
-                .stderr(Stdio::piped())
-                .arg(format!("{}/", src.display()))
-                .arg(d.url(&format!("c{i}")))
-                .spawn()
-                .expect("spawn")
-        })
-        .collect();
-    each_pushed_whole(children, &src, &module);
+    push_at_once(t.path(), &d, &src, &module, 6, "8", |_| "tcp");
 }
 
 /// Starts a slow push of a 48 MiB file and waits until the daemon has
