@@ -42,6 +42,53 @@ pub trait Source: Send + Sync {
     fn file_hash(&self, _rel: &Path, _expect: &Entry) -> Option<Result<Hash>> {
         None
     }
+    /// Several files' BLAKE3 at once, computed where they live, one result
+    /// per item in order; `None` where that is not cheaper than reading
+    /// them here. A remote endpoint asks for all of them in one request.
+    fn file_hashes(&self, _items: &[(&Path, &Entry)]) -> Option<Vec<Result<Hash>>> {
+        None
+    }
+    /// Reads several small files (at most one chunk each) whole, with
+    /// their extended attributes if `xattrs`; one result per item, in
+    /// order. Each file must still match its entry, before and after it is
+    /// read. A remote endpoint asks for all of them in one request and
+    /// receives them as one stream.
+    fn read_files(&self, items: &[(&Path, &Entry)], xattrs: bool) -> Vec<Result<SmallFile>> {
+        items
+            .iter()
+            .map(|(rel, e)| read_file_whole(self, rel, e, xattrs))
+            .collect()
+    }
+    /// Tells the endpoint that the tree under `rel` is about to be listed
+    /// with [`Source::read_dir`] depth-first, each directory's children in
+    /// name order, leaving out the directories `filter` excludes (an entry
+    /// `x` under `rel` is matched as `as_path/x`). A remote endpoint starts
+    /// streaming the whole listing at once, so those calls wait on no
+    /// round trip; other endpoints ignore it. Listings come out as they
+    /// would without it.
+    fn walk_ahead(&self, _rel: &Path, _filter: &crate::filter::Filter, _as_path: &Path) {}
+}
+
+/// A small file read whole, for a batch.
+#[derive(Debug, Clone)]
+pub struct SmallFile {
+    /// Its bytes, holes zero-filled.
+    pub data: Vec<u8>,
+    /// Zero ranges that need not be written.
+    pub holes: Vec<(u64, u64)>,
+    /// Its extended attributes, if asked for.
+    pub xattrs: Xattrs,
+}
+
+/// Reads the small file `rel` of `src` whole through the single-file calls:
+/// what [`Source::read_files`] does for each item by default.
+pub fn read_file_whole(src: &(impl Source + ?Sized), rel: &Path, e: &Entry, xattrs: bool) -> Result<SmallFile> {
+    let rf = src.open(rel, e)?;
+    let mut data = Vec::new();
+    let holes = crate::engine::read_whole(&*rf, e.size, &mut data)?;
+    rf.check_unchanged()?;
+    let xattrs = if xattrs { src.xattrs(rel)? } else { Vec::new() };
+    Ok(SmallFile { data, holes, xattrs })
 }
 
 /// An open source file.
@@ -291,5 +338,11 @@ pub trait Dest: Source {
     /// item, in order. A remote endpoint sends them as one request.
     fn write_batch(&self, items: Vec<BatchItem>, opts: &BatchOptions) -> Vec<Result<()>> {
         write_batch_each(self, items, opts)
+    }
+    /// Waits until every change the endpoint accepted without waiting for
+    /// its outcome (a remote endpoint queues `make_dir`, `set_meta` and
+    /// `remove`) has been applied, and returns those that failed.
+    fn settle(&self) -> Vec<Error> {
+        Vec::new()
     }
 }

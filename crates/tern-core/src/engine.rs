@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 
-use crate::endpoint::{BatchBody, BatchItem, BatchOptions, Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
+use crate::endpoint::{
+    BatchBody, BatchItem, BatchOptions, Dest, FileSpec, ReadFile, SmallFile, Source, WriteFile, Xattrs,
+};
 use crate::entry::{Entry, Kind, Meta};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
@@ -255,10 +257,23 @@ struct Task {
 enum Work {
     Batch(Vec<Task>),
     Large(Arc<Large>),
-    /// Compare by content, then copy if different.
-    Compare(Task),
-    /// `check`: compare a pair.
-    Check(Task),
+    /// Compare by content, then copy those that differ.
+    Compare(Vec<Task>),
+    /// `check`: compare pairs.
+    Check(Vec<Task>),
+}
+
+/// The tasks of `tasks` that `want` picks, grouped by source endpoint (by
+/// identity), as indexes in order.
+fn by_source(tasks: &[Task], want: impl Fn(&Task) -> bool) -> Vec<(Arc<dyn Source>, Vec<usize>)> {
+    let mut groups: Vec<(Arc<dyn Source>, Vec<usize>)> = Vec::new();
+    for (i, t) in tasks.iter().enumerate().filter(|(_, t)| want(t)) {
+        match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &t.src)) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((t.src.clone(), vec![i])),
+        }
+    }
+    groups
 }
 
 /// Paces writes to a byte rate shared by all workers.
@@ -326,6 +341,8 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         deferred_links: Vec::new(),
         batch_files: BATCH_FILES.min(crate::sys::open_file_budget() / jobs).max(1),
         jobs,
+        hashed: Vec::new(),
+        hashed_bytes: 0,
     };
     for root in &roots {
         if ctx.cancelled() {
@@ -462,6 +479,9 @@ impl Ctx {
                 Err(e) => self.fail(e),
             }
         }
+        // Changes the destination queued during the scan must have landed
+        // (or failed) before deleting is decided.
+        self.settle();
         let safe_to_delete = self.stats.errors.load(Ordering::Relaxed) == 0 && !self.cancelled();
         if safe_to_delete {
             for rel in deletions {
@@ -500,6 +520,14 @@ impl Ctx {
                 self.fail(e);
             }
         }
+        self.settle();
+    }
+
+    /// Reports the queued changes of the destination that failed.
+    fn settle(&self) {
+        for e in self.dest.settle() {
+            self.fail(e);
+        }
     }
 }
 
@@ -519,6 +547,9 @@ struct Scanner<'a> {
     /// first name then holds this entry's version.
     deferred_links: Vec<(PathBuf, PathBuf, Entry)>,
     jobs: usize,
+    /// Small files to compare by content, gathered like a batch.
+    hashed: Vec<Task>,
+    hashed_bytes: u64,
 }
 
 impl Scanner<'_> {
@@ -532,6 +563,36 @@ impl Scanner<'_> {
             let b = std::mem::take(&mut self.batch);
             self.batch_bytes = 0;
             self.send(Work::Batch(b));
+        }
+        self.flush_hashed();
+    }
+
+    fn flush_hashed(&mut self) {
+        if !self.hashed.is_empty() {
+            let b = std::mem::take(&mut self.hashed);
+            self.hashed_bytes = 0;
+            self.send(match self.ctx.opts.mode {
+                Mode::Check => Work::Check(b),
+                Mode::Transfer => Work::Compare(b),
+            });
+        }
+    }
+
+    /// Queues a file to compare by content (`check`, `--checksum`): small
+    /// ones gathered so that a remote endpoint hashes a batch per request,
+    /// large ones alone so that workers hash them in parallel.
+    fn push_hashed(&mut self, t: Task) {
+        if t.entry.size > self.ctx.opts.chunk_size {
+            let w = match self.ctx.opts.mode {
+                Mode::Check => Work::Check(vec![t]),
+                Mode::Transfer => Work::Compare(vec![t]),
+            };
+            return self.send(w);
+        }
+        self.hashed_bytes += t.entry.size;
+        self.hashed.push(t);
+        if self.hashed.len() >= BATCH_FILES || self.hashed_bytes >= BATCH_BYTES {
+            self.flush_hashed();
         }
     }
 
@@ -573,6 +634,15 @@ impl Scanner<'_> {
             && !self.ctx.opts.filter.included(&root.dst_rel, entry.kind == Kind::Dir)
         {
             return;
+        }
+        if entry.kind == Kind::Dir {
+            // Both listings stream from here on, so a far endpoint costs
+            // no round trip per directory.
+            let filter = &self.ctx.opts.filter;
+            root.src.walk_ahead(Path::new(""), filter, &root.dst_rel);
+            if existing.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
+                self.ctx.dest.walk_ahead(&root.dst_rel, filter, &root.dst_rel);
+            }
         }
         self.entry(&root.src, Path::new(""), &root.dst_rel, entry, existing);
     }
@@ -655,7 +725,7 @@ impl Scanner<'_> {
                     if d.kind == Kind::File && d.size == se.size {
                         if ctx.opts.checksum {
                             ctx.obs.planned(1, se.size);
-                            return self.send(Work::Compare(task(src, src_rel, dst_rel, se, de)));
+                            return self.push_hashed(task(src, src_rel, dst_rel, se, de));
                         }
                         if se.same_size_and_mtime(d) {
                             return self.unchanged(src, src_rel, dst_rel, se, d.clone());
@@ -803,7 +873,7 @@ impl Scanner<'_> {
                     return differ(Action::Differ);
                 }
                 ctx.obs.planned(1, se.size);
-                self.send(Work::Check(task(src, src_rel, dst_rel, se, Some(de))));
+                self.push_hashed(task(src, src_rel, dst_rel, se, Some(de)));
             }
             (Kind::Symlink, Kind::Symlink) if se.target == de.target => {}
             (Kind::Special, Kind::Special) => {}
@@ -992,6 +1062,14 @@ fn read_chunk(f: &dyn ReadFile, offset: u64, len: usize, buf: &mut Vec<u8>) -> R
     Ok(holes)
 }
 
+/// Reads a file of at most one chunk whole into `buf`, checked against
+/// what the sender computed where it crossed a network. Returns its holes.
+pub(crate) fn read_whole(f: &dyn ReadFile, size: u64, buf: &mut Vec<u8>) -> Result<Vec<(u64, u64)>> {
+    let holes = read_chunk(f, 0, size as usize, buf)?;
+    check_chunk(f, 0, buf, None, &holes)?;
+    Ok(holes)
+}
+
 /// Fails when bytes that crossed a network do not hash to what the sender
 /// computed from what it read.
 fn check_sent(f: &dyn ReadFile, offset: u64, sent: &ChainingValue, got: &ChainingValue) -> Result<()> {
@@ -1061,24 +1139,41 @@ impl Ctx {
     }
 
     fn batch(&self, tasks: Vec<Task>) {
+        if self.cancelled() {
+            return;
+        }
+        // The files of each source are read with one call: one request,
+        // its answer one stream, when the source is remote.
+        let mut read: Vec<Option<Result<BatchBody>>> = tasks.iter().map(|_| None).collect();
+        for (src, idx) in by_source(&tasks, |t| t.entry.kind != Kind::Symlink) {
+            let items: Vec<(&Path, &Entry)> = idx
+                .iter()
+                .map(|&i| (tasks[i].src_rel.as_path(), &tasks[i].entry))
+                .collect();
+            let mut files = src.read_files(&items, self.opts.xattrs).into_iter();
+            for &i in &idx {
+                let t = &tasks[i];
+                read[i] = Some(match files.next() {
+                    Some(f) => f.map(|f| self.small_body(t, f)),
+                    None => Err(Error::Internal(format!("{}: not read", t.src.describe(&t.src_rel)))),
+                });
+            }
+        }
         let mut items = Vec::with_capacity(tasks.len());
         let mut kept = Vec::with_capacity(tasks.len());
-        for t in tasks {
+        for (t, r) in tasks.into_iter().zip(read) {
             if self.cancelled() {
                 break;
             }
-            let body = if t.entry.kind == Kind::Symlink {
-                BatchBody::Symlink {
+            let body = match r {
+                None => BatchBody::Symlink {
                     target: t.entry.target.clone().unwrap_or_default(),
-                }
-            } else {
-                match self.read_small(&t) {
-                    Ok(body) => body,
-                    Err(e) => {
-                        self.fail(e);
-                        self.obs.file_done();
-                        continue;
-                    }
+                },
+                Some(Ok(body)) => body,
+                Some(Err(e)) => {
+                    self.fail(e);
+                    self.obs.file_done();
+                    continue;
                 }
             };
             items.push(BatchItem {
@@ -1137,26 +1232,19 @@ impl Ctx {
         self.obs.file_done();
     }
 
-    /// Reads and hashes a file of at most one chunk, checking it did not
-    /// change while read.
-    fn read_small(&self, t: &Task) -> Result<BatchBody> {
-        let rf = t.src.open(&t.src_rel, &t.entry)?;
-        let mut data = Vec::new();
-        let holes = read_chunk(&*rf, 0, t.entry.size as usize, &mut data)?;
-        check_chunk(&*rf, 0, &data, None, &holes)?;
-        let hash = hash::hash_bytes(&data);
-        rf.check_unchanged()?;
-        let xattrs = self.xattrs_of(&*t.src, &t.src_rel)?;
+    /// A small file read whole, hashed, as a batch item's body.
+    fn small_body(&self, t: &Task, f: SmallFile) -> BatchBody {
+        let hash = hash::hash_bytes(&f.data);
         if let Some(th) = &self.throttle {
             th.take(t.entry.size);
         }
-        Ok(BatchBody::File {
-            data,
-            holes,
+        BatchBody::File {
+            data: f.data,
+            holes: f.holes,
             hash,
-            xattrs,
+            xattrs: f.xattrs,
             spec: self.spec(&t.entry, false),
-        })
+        }
     }
 
     fn large(&self, l: &Large, buf: &mut Vec<u8>) {
@@ -1340,13 +1428,41 @@ impl Ctx {
         }
     }
 
-    /// Whether the source file and its destination counterpart `de` hash
-    /// the same.
-    fn same_content(&self, t: &Task, de: &Entry, buf: &mut Vec<u8>) -> Result<bool> {
+    /// Whether each source file and its destination counterpart (every
+    /// task has one) hash the same. Each side's hashes are asked for in
+    /// one call, computed where the files live when that is cheaper.
+    fn same_contents(&self, tasks: &[Task], buf: &mut Vec<u8>) -> Vec<Result<bool>> {
+        let mut src: Vec<Option<Result<Hash>>> = tasks.iter().map(|_| None).collect();
+        for (ep, idx) in by_source(tasks, |_| true) {
+            let items: Vec<(&Path, &Entry)> = idx
+                .iter()
+                .map(|&i| (tasks[i].src_rel.as_path(), &tasks[i].entry))
+                .collect();
+            for (&i, h) in idx.iter().zip(self.hashes_of(&*ep, &items, buf)) {
+                src[i] = Some(h);
+            }
+        }
+        let items: Vec<(&Path, &Entry)> = tasks
+            .iter()
+            .map(|t| (t.dst_rel.as_path(), t.existing.as_ref().unwrap_or(&t.entry)))
+            .collect();
         let dest: &dyn Source = &*self.dest;
-        let ha = self.content_hash(&*t.src, &t.src_rel, &t.entry, buf)?;
-        let hb = self.content_hash(dest, &t.dst_rel, de, buf)?;
-        Ok(ha == hb)
+        let dst = self.hashes_of(dest, &items, buf);
+        src.into_iter()
+            .zip(dst)
+            .map(|(a, b)| Ok(a.ok_or_else(|| Error::Internal("not hashed".into()))?? == b?))
+            .collect()
+    }
+
+    /// The BLAKE3 of each file of `ep`, one result per item.
+    fn hashes_of(&self, ep: &dyn Source, items: &[(&Path, &Entry)], buf: &mut Vec<u8>) -> Vec<Result<Hash>> {
+        if let Some(v) = ep.file_hashes(items).filter(|v| v.len() == items.len()) {
+            return v;
+        }
+        items
+            .iter()
+            .map(|(rel, e)| self.content_hash(ep, rel, e, buf))
+            .collect()
     }
 
     /// The BLAKE3 of a file: computed by the endpoint where it lives if it
@@ -1359,66 +1475,79 @@ impl Ctx {
         hash_file(&*f, e.size, self.opts.chunk_size, buf, &self.opts.cancel)
     }
 
-    /// `--checksum`: copy only if the content differs.
-    fn compare(&self, t: Task, buf: &mut Vec<u8>) {
-        let Some(de) = t.existing.clone() else { return };
-        match self.same_content(&t, &de, buf) {
-            Ok(true) => {
-                add(&self.stats.unchanged, 1);
-                self.obs.progress(t.entry.size);
-                self.obs.file_done();
-                if self.meta_differs(&de.meta, &t.entry.meta, Kind::File) || self.opts.xattrs {
-                    self.act(Action::Meta, &t.dst_rel, 0);
-                    add(&self.stats.meta_updated, 1);
-                    if !self.opts.dry_run {
-                        let r = self.xattrs_of(&*t.src, &t.src_rel).and_then(|x| {
-                            self.dest.set_meta(
-                                &t.dst_rel,
-                                Kind::File,
-                                &t.entry.meta,
-                                self.owner,
-                                self.opts.xattrs.then_some(&x),
-                            )
-                        });
-                        if let Err(e) = r {
-                            self.fail(e);
-                        }
+    /// `--checksum`: copy only those whose content differs.
+    fn compare(&self, tasks: Vec<Task>, buf: &mut Vec<u8>) {
+        let tasks: Vec<Task> = tasks.into_iter().filter(|t| t.existing.is_some()).collect();
+        let same = self.same_contents(&tasks, buf);
+        let mut small = Vec::new();
+        for (t, r) in tasks.into_iter().zip(same) {
+            match r {
+                Ok(true) => self.compared_equal(&t),
+                Ok(false) => {
+                    self.act(Action::Update, &t.dst_rel, t.entry.size);
+                    if self.opts.dry_run {
+                        add(&self.stats.copied, 1);
+                        add(&self.stats.bytes_total, t.entry.size);
+                        continue;
+                    }
+                    if t.entry.size > self.opts.chunk_size {
+                        let l = Large::new(t, self.opts.chunk_size, 1);
+                        self.large(&l, buf);
+                    } else {
+                        small.push(t);
                     }
                 }
-            }
-            Ok(false) => {
-                self.act(Action::Update, &t.dst_rel, t.entry.size);
-                if self.opts.dry_run {
-                    add(&self.stats.copied, 1);
-                    add(&self.stats.bytes_total, t.entry.size);
-                    return;
-                }
-                if t.entry.size > self.opts.chunk_size {
-                    let l = Large::new(t, self.opts.chunk_size, 1);
-                    self.large(&l, buf);
-                } else {
-                    self.batch(vec![t]);
+                Err(e) => {
+                    self.fail(e);
+                    self.obs.file_done();
                 }
             }
-            Err(e) => {
-                self.fail(e);
-                self.obs.file_done();
+        }
+        if !small.is_empty() {
+            self.batch(small);
+        }
+    }
+
+    /// A file found equal by content: only its metadata may need fixing.
+    fn compared_equal(&self, t: &Task) {
+        let Some(de) = &t.existing else { return };
+        add(&self.stats.unchanged, 1);
+        self.obs.progress(t.entry.size);
+        self.obs.file_done();
+        if self.meta_differs(&de.meta, &t.entry.meta, Kind::File) || self.opts.xattrs {
+            self.act(Action::Meta, &t.dst_rel, 0);
+            add(&self.stats.meta_updated, 1);
+            if !self.opts.dry_run {
+                let r = self.xattrs_of(&*t.src, &t.src_rel).and_then(|x| {
+                    self.dest.set_meta(
+                        &t.dst_rel,
+                        Kind::File,
+                        &t.entry.meta,
+                        self.owner,
+                        self.opts.xattrs.then_some(&x),
+                    )
+                });
+                if let Err(e) = r {
+                    self.fail(e);
+                }
             }
         }
     }
 
-    fn check(&self, t: Task, buf: &mut Vec<u8>) {
-        let Some(de) = &t.existing else { return };
-        let r = self.same_content(&t, de, buf);
-        self.obs.progress(t.entry.size);
-        self.obs.file_done();
-        match r {
-            Ok(true) => add(&self.stats.unchanged, 1),
-            Ok(false) => {
-                add(&self.stats.differences, 1);
-                self.act(Action::Differ, &t.dst_rel, t.entry.size);
+    fn check(&self, tasks: Vec<Task>, buf: &mut Vec<u8>) {
+        let tasks: Vec<Task> = tasks.into_iter().filter(|t| t.existing.is_some()).collect();
+        let same = self.same_contents(&tasks, buf);
+        for (t, r) in tasks.iter().zip(same) {
+            self.obs.progress(t.entry.size);
+            self.obs.file_done();
+            match r {
+                Ok(true) => add(&self.stats.unchanged, 1),
+                Ok(false) => {
+                    add(&self.stats.differences, 1);
+                    self.act(Action::Differ, &t.dst_rel, t.entry.size);
+                }
+                Err(e) => self.fail(e),
             }
-            Err(e) => self.fail(e),
         }
     }
 }

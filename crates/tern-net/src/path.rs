@@ -29,6 +29,14 @@ pub struct PathReport {
     pub wire_bytes_sent: u64,
     /// Bytes received on the wire, counted the same way.
     pub wire_bytes_received: u64,
+    /// Requests sent to the daemon: each that waits for a reply, each
+    /// queued change, each chunk written.
+    #[serde(default)]
+    pub requests: u64,
+    /// Times a reply was waited for with no other request in flight: the
+    /// round trips the run could not overlap with anything.
+    #[serde(default)]
+    pub waits: u64,
 }
 
 impl PathReport {

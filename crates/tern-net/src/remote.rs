@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
-use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
+use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions, SmallFile};
 use tern_core::{Dest, Entry, Error, FileSpec, Kind, Meta, ReadFile, Source, WriteFile, Xattrs};
 use tern_proto::{negotiate, Auth, Hello, Msg, Welcome, WriteChunk};
 
@@ -145,6 +145,84 @@ pub fn auto_transport(lan_like: bool, sends: bool, tcp_bbr: bool) -> Transport {
 /// the fastest; above it, QUIC with BBR copes better with distance and loss.
 pub const LAN_RTT: Duration = Duration::from_millis(2);
 
+/// Requests sent and the waits that nothing else overlapped.
+#[derive(Default)]
+struct Counts {
+    requests: AtomicU64,
+    waits: AtomicU64,
+    /// Requests sent whose replies are still due.
+    in_flight: AtomicU64,
+}
+
+/// One request whose reply is due; the count drops when it is dropped.
+struct InFlight(Arc<Counts>);
+
+impl Counts {
+    /// A request that waits for its reply starts: counted, and counted as
+    /// a wait when it is the only one in flight.
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlight(self.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The stream that carries queued changes (`MakeDir`, `SetMeta`, `Remove`):
+/// sent without waiting, applied by the daemon in order, their failures
+/// collected by `Settle`. Requests that depend on them (`Create`, `Batch`,
+/// `HardLink`) are preceded by `After`, so the daemon applies them only
+/// once the changes sent before have landed.
+#[derive(Default)]
+struct Ops {
+    stream: Option<Stream>,
+    /// Changes queued so far.
+    sent: u64,
+    /// Of those, how many have been flushed to the transport.
+    flushed: u64,
+    /// `sent` at the last `Settle`.
+    settled: u64,
+}
+
+/// A listing streaming ahead of the scan (`Walk`).
+struct WalkAhead {
+    /// Where the walk starts, relative to the endpoint's path.
+    top: PathBuf,
+    req: tern_proto::Walk,
+    stream: Option<Stream>,
+    /// The next directory's listing, read but not yet asked for.
+    next: Option<(
+        PathBuf,
+        std::result::Result<Vec<tern_proto::WireEntry>, tern_proto::ErrorMsg>,
+    )>,
+    /// The walk is over (or given up): later listings are asked for one
+    /// by one.
+    done: bool,
+    /// Times the walk was started again after its stream failed.
+    restarts: u32,
+    _in_flight: Option<InFlight>,
+}
+
+/// A walk's stream that fails (the daemon gave up on a scan that stalled
+/// behind a long transfer, say) is started again from where the scan is,
+/// at most this many times.
+const WALK_RESTARTS: u32 = 8;
+
+/// Deferred steps of a file being committed with one `Commit` request.
+#[derive(Default)]
+struct PendingCommit {
+    meta: Option<(Meta, bool, Xattrs)>,
+    sync: bool,
+    verify: Option<[u8; 32]>,
+}
+
 struct Inner {
     // Dropped last: the connection and streams need it to close.
     conn: Connector,
@@ -152,6 +230,13 @@ struct Inner {
     welcome: Welcome,
     /// Protocol features both sides offer.
     features: u64,
+    /// Both sides speak the pipelined requests (version 2).
+    pipelined: bool,
+    counts: Arc<Counts>,
+    /// The stream of queued changes, once one was queued.
+    ops: Mutex<Ops>,
+    /// Listings streaming ahead of the scan.
+    walks: Mutex<Vec<WalkAhead>>,
     next_handle: AtomicU64,
     spec: RemoteSpec,
     lost: AtomicBool,
@@ -160,6 +245,14 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if let Ok(mut w) = self.walks.lock() {
+            w.clear();
+        }
+        if let Ok(mut o) = self.ops.lock() {
+            if let Some(mut s) = o.stream.take() {
+                let _ = s.finish();
+            }
+        }
         if let Ok(mut p) = self.pool.lock() {
             for mut s in p.drain(..) {
                 let _ = s.finish();
@@ -187,8 +280,21 @@ pub fn resolve(spec: &RemoteSpec) -> Result<SocketAddr> {
         .ok_or_else(|| NetError::Config(format!("{}: host has no address", spec.host)))
 }
 
-fn handshake(s: &mut Stream, second: Msg) -> Result<(Welcome, u64)> {
-    let ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
+/// The highest protocol version this client offers: [`tern_proto::VERSION_MAX`],
+/// or lower when `TERN_PROTOCOL_MAX` says so (to check that a daemon still
+/// serves older clients).
+fn version_max() -> u16 {
+    std::env::var("TERN_PROTOCOL_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(tern_proto::VERSION_MAX, |v: u16| {
+            v.clamp(tern_proto::VERSION_MIN, tern_proto::VERSION_MAX)
+        })
+}
+
+fn handshake(s: &mut Stream, second: Msg) -> Result<(Welcome, tern_proto::Agreed)> {
+    let mut ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
+    ours.version_max = version_max();
     s.send(&Msg::Hello(ours.clone()))?;
     s.send(&second)?;
     let theirs = match s.recv()? {
@@ -201,7 +307,7 @@ fn handshake(s: &mut Stream, second: Msg) -> Result<(Welcome, u64)> {
     };
     let agreed = negotiate(&ours, &theirs)?;
     match s.recv()? {
-        Msg::Welcome(w) => Ok((w, agreed.features)),
+        Msg::Welcome(w) => Ok((w, agreed)),
         _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
             "expected Welcome".into(),
         ))),
@@ -242,7 +348,7 @@ impl RemoteEndpoint {
         };
         let fp = fingerprint(conn.server_cert());
         crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
-        let (welcome, features) = handshake(
+        let (welcome, agreed) = handshake(
             &mut first,
             Msg::Auth(Auth {
                 module: spec.module.clone(),
@@ -250,13 +356,26 @@ impl RemoteEndpoint {
                 write: opts.write,
             }),
         )?;
-        tracing::debug!(transport = conn.kind().name(), session = welcome.session, "connected");
+        tracing::debug!(
+            transport = conn.kind().name(),
+            session = welcome.session,
+            version = agreed.version,
+            "connected"
+        );
+        let counts = Arc::new(Counts::default());
+        // The Hello and Auth exchange: one request, waited for alone.
+        counts.requests.fetch_add(1, Ordering::Relaxed);
+        counts.waits.fetch_add(1, Ordering::Relaxed);
         Ok(RemoteEndpoint {
             inner: Arc::new(Inner {
                 conn,
                 pool: Mutex::new(vec![first]),
                 welcome,
-                features,
+                features: agreed.features,
+                pipelined: agreed.version >= tern_proto::VERSION_PIPELINE,
+                counts,
+                ops: Mutex::default(),
+                walks: Mutex::default(),
                 next_handle: AtomicU64::new(1),
                 spec: spec.clone(),
                 lost: AtomicBool::new(false),
@@ -270,9 +389,21 @@ impl RemoteEndpoint {
         self.inner.conn.kind()
     }
 
-    /// What the transport has seen of the path so far.
+    /// What the transport has seen of the path so far, with the requests
+    /// sent and the waits with nothing else in flight.
     pub fn path_report(&self) -> PathReport {
-        self.inner.conn.path_report()
+        let mut r = self.inner.conn.path_report();
+        r.requests = self.inner.counts.requests.load(Ordering::Relaxed);
+        r.waits = self.inner.counts.waits.load(Ordering::Relaxed);
+        r
+    }
+
+    /// Requests sent so far (each queued change and chunk counts as one),
+    /// and the times the client waited for a reply with nothing else in
+    /// flight: the round trips a run could not hide.
+    pub fn request_counts(&self) -> (u64, u64) {
+        let c = &self.inner.counts;
+        (c.requests.load(Ordering::Relaxed), c.waits.load(Ordering::Relaxed))
     }
 
     /// True once a request failed because the connection broke (worth a
@@ -440,6 +571,207 @@ impl RemoteEndpoint {
         }
     }
 
+    /// Queues a change on the operations stream (opened on first use); it
+    /// is applied in order without a reply, its failure reported by
+    /// [`Dest::settle`].
+    fn queue(&self, rel: &Path, msg: Msg) -> tern_core::Result<()> {
+        let mut ops = self
+            .inner
+            .ops
+            .lock()
+            .map_err(|_| Error::Internal("poisoned lock".into()))?;
+        if ops.stream.is_none() {
+            let mut s = self.open_stream().map_err(|e| self.err(rel, e))?;
+            s.send(&Msg::OpsStream).map_err(|e| self.err(rel, e))?;
+            ops.stream = Some(s);
+        }
+        let Some(s) = ops.stream.as_mut() else {
+            return Err(Error::Internal("operations stream missing".into()));
+        };
+        s.send(&msg).map_err(|e| self.err(rel, e))?;
+        ops.sent += 1;
+        self.sent();
+        Ok(())
+    }
+
+    /// Makes the daemon apply what follows on `s` only after every change
+    /// queued so far, flushing them first.
+    fn after_ops(&self, s: &mut Stream) -> Result<()> {
+        let sent = {
+            let Ok(mut ops) = self.inner.ops.lock() else {
+                return Err(NetError::Closed);
+            };
+            if ops.flushed < ops.sent {
+                if let Some(o) = ops.stream.as_mut() {
+                    o.flush()?;
+                }
+                ops.flushed = ops.sent;
+            }
+            ops.sent
+        };
+        if sent > 0 {
+            s.send(&Msg::After { ops: sent })?;
+        }
+        Ok(())
+    }
+
+    /// The listing of `rel` from a walk streaming ahead, if one covers it
+    /// and has it; `None`: ask for it alone.
+    fn walked_listing(&self, rel: &Path) -> Option<tern_core::Result<Vec<Entry>>> {
+        let mut walks = self.inner.walks.lock().ok()?;
+        let w = walks.iter_mut().find(|w| !w.done && rel.starts_with(&w.top))?;
+        let want = rel.strip_prefix(&w.top).ok()?.to_path_buf();
+        loop {
+            if w.next.is_none() {
+                match self.walk_next(w, &want) {
+                    Some(n) => w.next = Some(n),
+                    None => return None,
+                }
+            }
+            let dir = w.next.as_ref().map(|n| n.0.clone())?;
+            match dir.cmp(&want) {
+                // Listed ahead but never asked for (filtered out, or not
+                // entered on this side): passed over.
+                std::cmp::Ordering::Less => w.next = None,
+                std::cmp::Ordering::Equal => {
+                    let (_, listed) = w.next.take()?;
+                    return Some(match listed {
+                        Ok(entries) => self.entries(rel, entries),
+                        Err(m) => Err(wire::unerror(m, self.shown(rel))),
+                    });
+                }
+                // Not in the walk (made since it was listed): ask alone.
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+    }
+
+    /// Reads the walk's next directory; `None` at its end. A failed stream
+    /// is started again from `want`, which the scan asks for now.
+    fn walk_next(
+        &self,
+        w: &mut WalkAhead,
+        want: &Path,
+    ) -> Option<(
+        PathBuf,
+        std::result::Result<Vec<tern_proto::WireEntry>, tern_proto::ErrorMsg>,
+    )> {
+        loop {
+            let Some(s) = w.stream.as_mut() else {
+                if w.restarts >= WALK_RESTARTS {
+                    w.done = true;
+                    return None;
+                }
+                w.restarts += 1;
+                let mut req = w.req.clone();
+                req.from = wire::path_bytes(want);
+                tracing::debug!(from = %want.display(), "walk started again");
+                match self.start_walk(&req) {
+                    Ok((s, f)) => {
+                        w.stream = Some(s);
+                        w._in_flight = Some(f);
+                    }
+                    Err(_) => {
+                        w.done = true;
+                        return None;
+                    }
+                }
+                continue;
+            };
+            match read_listing(s) {
+                Ok(Some(n)) => return Some(n),
+                Ok(None) => {
+                    if let Some(s) = w.stream.take() {
+                        if let Ok(mut p) = self.inner.pool.lock() {
+                            p.push(s);
+                        }
+                    }
+                    w._in_flight = None;
+                    w.done = true;
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "walk stream failed");
+                    w.stream = None;
+                    w._in_flight = None;
+                    if matches!(e, NetError::Remote(_)) {
+                        // The daemon refused the walk itself.
+                        w.done = true;
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_walk(&self, req: &tern_proto::Walk) -> Result<(Stream, InFlight)> {
+        let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop());
+        let mut s = match pooled {
+            Some(s) => s,
+            None => self.open_stream()?,
+        };
+        let f = self.inner.counts.begin();
+        s.send(&Msg::Walk(req.clone()))?;
+        s.flush()?;
+        Ok((s, f))
+    }
+
+    /// Entries as the engine takes them: valid names, in name order.
+    fn entries(&self, rel: &Path, r: Vec<tern_proto::WireEntry>) -> tern_core::Result<Vec<Entry>> {
+        let mut out = Vec::with_capacity(r.len());
+        for w in r {
+            out.push(wire::unentry(w).ok_or_else(|| self.unexpected(rel))?);
+        }
+        // The engine merges listings by name: the order must be right.
+        if out
+            .windows(2)
+            .any(|w| w[0].name.as_encoded_bytes() >= w[1].name.as_encoded_bytes())
+        {
+            return Err(self.unexpected(rel));
+        }
+        Ok(out)
+    }
+
+    /// A file of a `ReadFiles` answer: `FileData` and its bytes.
+    fn recv_small(&self, s: &mut Stream, rel: &Path, e: &Entry) -> Result<tern_core::Result<SmallFile>> {
+        let (size, holes, hash, xattrs) = match s.recv_opt()? {
+            Some(Msg::FileData {
+                size,
+                holes,
+                hash,
+                xattrs,
+            }) => (size, holes, hash, xattrs),
+            Some(Msg::FileFailed(m)) => return Ok(Err(wire::unerror(m, self.shown(rel)))),
+            Some(Msg::Error(m)) => return Err(NetError::Remote(m)),
+            _ => {
+                return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                    "expected FileData".into(),
+                )))
+            }
+        };
+        if size != e.size || size > crate::server::MAX_CHUNK {
+            return Err(NetError::Proto(tern_proto::ProtoError::Malformed(format!(
+                "file of {size} bytes where {} were listed",
+                e.size
+            ))));
+        }
+        let holes = crate::server::check_holes(&holes, 0, size)
+            .ok_or_else(|| NetError::Proto(tern_proto::ProtoError::Malformed("bad hole list".into())))?;
+        let mut data = vec![0u8; size as usize];
+        crate::server::recv_around_holes(s, &mut data, 0, &holes)?;
+        if *blake3::hash(&data).as_bytes() != hash {
+            return Ok(Err(Error::Other {
+                path: self.shown(rel),
+                message: "arrived corrupted (BLAKE3 mismatch); not written".into(),
+            }));
+        }
+        Ok(Ok(SmallFile {
+            data,
+            holes,
+            xattrs: wire::unxattrs(xattrs),
+        }))
+    }
+
     fn full(&self, rel: &Path) -> Vec<u8> {
         wire::path_bytes(&self.inner.spec.path.join(rel))
     }
@@ -506,10 +838,23 @@ impl RemoteEndpoint {
     }
 
     fn call(&self, rel: &Path, req: Msg) -> tern_core::Result<Msg> {
-        self.with(rel, |s| {
+        self.request(rel, |s| {
             s.send(&req)?;
             s.recv()
         })
+    }
+
+    /// Runs `f`, a request that waits for its reply, on a pooled stream,
+    /// counted as one request (and as a wait when nothing else is in
+    /// flight).
+    fn request<T>(&self, rel: &Path, f: impl FnOnce(&mut Stream) -> Result<T>) -> tern_core::Result<T> {
+        let _in_flight = self.inner.counts.begin();
+        self.with(rel, f)
+    }
+
+    /// Counts a message that asks for no reply.
+    fn sent(&self) {
+        self.inner.counts.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     fn done(&self, rel: &Path, req: Msg) -> tern_core::Result<()> {
@@ -532,6 +877,47 @@ impl RemoteEndpoint {
     }
 }
 
+/// Reads one directory of a walk, all its parts; `None` at `WalkDone`.
+#[allow(clippy::type_complexity)]
+fn read_listing(
+    s: &mut Stream,
+) -> Result<
+    Option<(
+        PathBuf,
+        std::result::Result<Vec<tern_proto::WireEntry>, tern_proto::ErrorMsg>,
+    )>,
+> {
+    let mut got: Option<(Vec<u8>, Vec<tern_proto::WireEntry>)> = None;
+    loop {
+        match s.recv()? {
+            Msg::Listing { dir, entries, more } => {
+                let all = match &mut got {
+                    Some((d, all)) if *d == dir => all,
+                    Some(_) => {
+                        return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                            "a listing ended early".into(),
+                        )))
+                    }
+                    None => &mut got.insert((dir, Vec::new())).1,
+                };
+                all.extend(entries);
+                if !more {
+                    return Ok(got.map(|(d, all)| (wire::bytes_path(&d), Ok(all))));
+                }
+            }
+            Msg::ListingFailed { dir, error } if got.is_none() => {
+                return Ok(Some((wire::bytes_path(&dir), Err(error))))
+            }
+            Msg::WalkDone if got.is_none() => return Ok(None),
+            _ => {
+                return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                    "unexpected message in a walk".into(),
+                )))
+            }
+        }
+    }
+}
+
 impl Source for RemoteEndpoint {
     fn describe(&self, rel: &Path) -> String {
         self.shown(rel).display().to_string()
@@ -546,8 +932,11 @@ impl Source for RemoteEndpoint {
     }
 
     fn read_dir(&self, rel: &Path) -> tern_core::Result<Vec<Entry>> {
+        if let Some(listed) = self.walked_listing(rel) {
+            return listed;
+        }
         let path = self.full(rel);
-        let r = self.with(rel, |s| {
+        let r = self.request(rel, |s| {
             s.send(&Msg::ReadDir { path })?;
             let mut out = Vec::new();
             loop {
@@ -566,18 +955,7 @@ impl Source for RemoteEndpoint {
                 }
             }
         })?;
-        let mut out = Vec::with_capacity(r.len());
-        for w in r {
-            out.push(wire::unentry(w).ok_or_else(|| self.unexpected(rel))?);
-        }
-        // The engine merges listings by name: the order must be right.
-        if out
-            .windows(2)
-            .any(|w| w[0].name.as_encoded_bytes() >= w[1].name.as_encoded_bytes())
-        {
-            return Err(self.unexpected(rel));
-        }
-        Ok(out)
+        self.entries(rel, r)
     }
 
     fn open(&self, rel: &Path, expect: &Entry) -> tern_core::Result<Box<dyn ReadFile>> {
@@ -620,6 +998,108 @@ impl Source for RemoteEndpoint {
             Err(e) => Err(e),
         })
     }
+
+    fn file_hashes(&self, items: &[(&Path, &Entry)]) -> Option<Vec<tern_core::Result<tern_core::hash::Hash>>> {
+        if !self.inner.pipelined {
+            return None;
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for part in items.chunks(tern_proto::MAX_BATCH_FILES) {
+            let req = Msg::HashFiles {
+                items: part.iter().map(|(rel, e)| (self.full(rel), wire::entry(e))).collect(),
+            };
+            let first = part.first().map_or(Path::new(""), |(rel, _)| *rel);
+            match self.call(first, req) {
+                Ok(Msg::Hashes(v)) if v.len() == part.len() => {
+                    out.extend(v.into_iter().zip(part).map(|(h, (rel, _))| match h {
+                        tern_proto::HashOutcome::Hash(h) => Ok(blake3::Hash::from_bytes(h)),
+                        tern_proto::HashOutcome::Failed(m) => Err(wire::unerror(m, self.shown(rel))),
+                    }))
+                }
+                Ok(_) => out.extend(part.iter().map(|(rel, _)| Err(self.unexpected(rel)))),
+                Err(e) => {
+                    let msg = e.to_string();
+                    out.extend(part.iter().map(|(rel, _)| {
+                        Err(Error::Other {
+                            path: self.shown(rel),
+                            message: format!("not hashed: {msg}"),
+                        })
+                    }))
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn read_files(&self, items: &[(&Path, &Entry)], xattrs: bool) -> Vec<tern_core::Result<SmallFile>> {
+        if !self.inner.pipelined {
+            return items
+                .iter()
+                .map(|(rel, e)| tern_core::endpoint::read_file_whole(self, rel, e, xattrs))
+                .collect();
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for part in items.chunks(tern_proto::MAX_BATCH_FILES) {
+            let req = Msg::ReadFiles {
+                items: part.iter().map(|(rel, e)| (self.full(rel), wire::entry(e))).collect(),
+                xattrs,
+            };
+            let mut got = Vec::with_capacity(part.len());
+            let r = self.request(Path::new(""), |s| {
+                s.send(&req)?;
+                s.flush()?;
+                for (rel, e) in part {
+                    got.push(self.recv_small(s, rel, e)?);
+                }
+                Ok(())
+            });
+            let failed = r.err().map(|e| e.to_string());
+            let mut got = got.into_iter();
+            for (rel, _) in part {
+                out.push(match (got.next(), &failed) {
+                    (Some(r), _) => r,
+                    (None, Some(m)) => Err(Error::Other {
+                        path: self.shown(rel),
+                        message: format!("not read: {m}"),
+                    }),
+                    (None, None) => Err(self.unexpected(rel)),
+                });
+            }
+        }
+        out
+    }
+
+    fn walk_ahead(&self, rel: &Path, filter: &tern_core::filter::Filter, as_path: &Path) {
+        if !self.inner.pipelined {
+            return;
+        }
+        let req = tern_proto::Walk {
+            path: self.full(rel),
+            rules: filter
+                .rules()
+                .iter()
+                .map(|r| (r.pattern_bytes().to_vec(), r.is_include()))
+                .collect(),
+            prefix: wire::path_bytes(as_path),
+            from: Vec::new(),
+        };
+        let started = self.start_walk(&req);
+        let Ok(mut walks) = self.inner.walks.lock() else { return };
+        // An earlier walk of the same tree is over: the scan moved on.
+        walks.retain(|w| !w.done && w.top != rel);
+        match started {
+            Ok((s, f)) => walks.push(WalkAhead {
+                top: rel.to_path_buf(),
+                req,
+                stream: Some(s),
+                next: None,
+                done: false,
+                restarts: 0,
+                _in_flight: Some(f),
+            }),
+            Err(e) => tracing::debug!(error = %e, "walk not started; listing directory by directory"),
+        }
+    }
 }
 
 struct RemoteReadFile {
@@ -634,6 +1114,7 @@ struct RemoteReadFile {
 impl Drop for RemoteReadFile {
     fn drop(&mut self) {
         let handle = self.handle;
+        self.ep.sent();
         let _ = self.ep.with(&self.rel, |s| {
             s.send(&Msg::CloseRead { handle })?;
             s.flush()
@@ -652,7 +1133,7 @@ impl ReadFile for RemoteReadFile {
         }
         let len = buf.len() as u64;
         let handle = self.handle;
-        let cv = self.ep.with(&self.rel, |s| {
+        let cv = self.ep.request(&self.rel, |s| {
             s.send(&Msg::Read { handle, offset, len })?;
             match s.recv()? {
                 Msg::ReadReply { len: n, cv } if n == len => {
@@ -708,7 +1189,11 @@ impl ReadFile for RemoteReadFile {
 
 impl Dest for RemoteEndpoint {
     fn make_dir(&self, rel: &Path) -> tern_core::Result<()> {
-        self.done(rel, Msg::MakeDir { path: self.full(rel) })
+        let req = Msg::MakeDir { path: self.full(rel) };
+        if self.inner.pipelined {
+            return self.queue(rel, req);
+        }
+        self.done(rel, req)
     }
 
     fn create(&self, rel: &Path, spec: &FileSpec) -> tern_core::Result<Box<dyn WriteFile>> {
@@ -724,7 +1209,12 @@ impl Dest for RemoteEndpoint {
         // that long rather than fail (found by tools/crash_resume.sh).
         let deadline = Instant::now() + crate::transport::QUIC_IDLE + Duration::from_secs(5);
         let r = loop {
-            match self.call(rel, req.clone()) {
+            let r = self.request(rel, |s| {
+                self.after_ops(s)?;
+                s.send(&req)?;
+                s.recv()
+            });
+            match r {
                 Err(Error::Busy(_)) if Instant::now() < deadline => {
                     tracing::info!(path = %rel.display(), "the daemon still holds this file for an earlier connection; waiting");
                     std::thread::sleep(Duration::from_secs(1));
@@ -742,6 +1232,7 @@ impl Dest for RemoteEndpoint {
             size: spec.size,
             writes: AtomicU64::new(0),
             resumed,
+            pending: Mutex::default(),
         }))
     }
 
@@ -758,13 +1249,16 @@ impl Dest for RemoteEndpoint {
     }
 
     fn hard_link(&self, existing: &Path, rel: &Path) -> tern_core::Result<bool> {
-        match self.call(
-            rel,
-            Msg::HardLink {
-                existing: self.full(existing),
-                path: self.full(rel),
-            },
-        )? {
+        let req = Msg::HardLink {
+            existing: self.full(existing),
+            path: self.full(rel),
+        };
+        let r = self.request(rel, |s| {
+            self.after_ops(s)?;
+            s.send(&req)?;
+            s.recv()
+        })?;
+        match r {
             Msg::Linked(b) => Ok(b),
             _ => Err(self.unexpected(rel)),
         }
@@ -778,24 +1272,86 @@ impl Dest for RemoteEndpoint {
         owner: bool,
         xattrs: Option<&Xattrs>,
     ) -> tern_core::Result<()> {
-        self.done(
-            rel,
-            Msg::SetMeta {
-                path: self.full(rel),
-                kind: wire::kind(kind),
-                meta: wire::meta(meta),
-                owner,
-                xattrs: xattrs.map(wire::xattrs),
-            },
-        )
+        let req = Msg::SetMeta {
+            path: self.full(rel),
+            kind: wire::kind(kind),
+            meta: wire::meta(meta),
+            owner,
+            xattrs: xattrs.map(wire::xattrs),
+        };
+        if self.inner.pipelined {
+            return self.queue(rel, req);
+        }
+        self.done(rel, req)
     }
 
     fn remove(&self, rel: &Path) -> tern_core::Result<()> {
-        self.done(rel, Msg::Remove { path: self.full(rel) })
+        let req = Msg::Remove { path: self.full(rel) };
+        if self.inner.pipelined {
+            return self.queue(rel, req);
+        }
+        self.done(rel, req)
     }
 
     fn barrier(&self) -> tern_core::Result<()> {
+        // After the queued changes, on their stream: what it makes durable
+        // includes them.
+        if let Ok(mut ops) = self.inner.ops.lock() {
+            if let Some(s) = ops.stream.as_mut() {
+                let _f = self.inner.counts.begin();
+                let r = s.send(&Msg::Barrier).and_then(|()| s.recv());
+                ops.flushed = ops.sent;
+                return match r {
+                    Ok(Msg::Done) => Ok(()),
+                    Ok(_) => Err(self.unexpected(Path::new(""))),
+                    Err(e) => {
+                        ops.stream = None;
+                        Err(self.err(Path::new(""), e))
+                    }
+                };
+            }
+        }
         self.done(Path::new(""), Msg::Barrier)
+    }
+
+    fn settle(&self) -> Vec<Error> {
+        let Ok(mut ops) = self.inner.ops.lock() else {
+            return vec![Error::Internal("poisoned lock".into())];
+        };
+        if ops.settled == ops.sent {
+            return Vec::new();
+        }
+        let Some(s) = ops.stream.as_mut() else {
+            return Vec::new();
+        };
+        let _f = self.inner.counts.begin();
+        let r = s.send(&Msg::Settle).and_then(|()| s.recv());
+        ops.flushed = ops.sent;
+        ops.settled = ops.sent;
+        match r {
+            Ok(Msg::Settled { failed, more }) => {
+                let mut errs: Vec<Error> = failed
+                    .into_iter()
+                    .map(|(path, m)| {
+                        let p = wire::bytes_path(&path);
+                        let rel = p.strip_prefix(&self.inner.spec.path).unwrap_or(&p);
+                        wire::unerror(m, self.shown(rel))
+                    })
+                    .collect();
+                if more > 0 {
+                    errs.push(Error::Other {
+                        path: self.shown(Path::new("")),
+                        message: format!("{more} more changes failed"),
+                    });
+                }
+                errs
+            }
+            Ok(_) => vec![self.unexpected(Path::new(""))],
+            Err(e) => {
+                ops.stream = None;
+                vec![self.err(Path::new(""), e)]
+            }
+        }
     }
 
     fn can_chown(&self) -> bool {
@@ -838,7 +1394,8 @@ impl Dest for RemoteEndpoint {
             sync: opts.sync,
             verify: opts.verify,
         };
-        let r = self.with(Path::new(""), |s| {
+        let r = self.request(Path::new(""), |s| {
+            self.after_ops(s)?;
             s.send(&Msg::Batch(batch))?;
             for it in &items {
                 if let BatchBody::File { data, holes, .. } = &it.body {
@@ -879,6 +1436,20 @@ struct RemoteWriteFile {
     size: u64,
     writes: AtomicU64,
     resumed: Vec<(u64, [u8; 32])>,
+    /// With the pipelined protocol, metadata, sync and verify wait for
+    /// `publish`, which sends them as one `Commit`.
+    pending: Mutex<PendingCommit>,
+}
+
+impl RemoteWriteFile {
+    fn defer(&self, f: impl FnOnce(&mut PendingCommit)) -> tern_core::Result<()> {
+        let mut p = self
+            .pending
+            .lock()
+            .map_err(|_| Error::Internal("poisoned lock".into()))?;
+        f(&mut p);
+        Ok(())
+    }
 }
 
 impl WriteFile for RemoteWriteFile {
@@ -907,6 +1478,7 @@ impl WriteFile for RemoteWriteFile {
             holes: holes.to_vec(),
             cv,
         };
+        self.ep.sent();
         self.ep.with(&self.rel, |s| {
             s.send(&Msg::Write(wc))?;
             s.send_data(&pack_around_holes(data, offset, holes))?;
@@ -917,6 +1489,9 @@ impl WriteFile for RemoteWriteFile {
     }
 
     fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> tern_core::Result<()> {
+        if self.ep.inner.pipelined {
+            return self.defer(|p| p.meta = Some((meta.clone(), owner, xattrs.clone())));
+        }
         self.ep.done(
             &self.rel,
             Msg::FileMeta {
@@ -930,10 +1505,16 @@ impl WriteFile for RemoteWriteFile {
     }
 
     fn sync(&self) -> tern_core::Result<()> {
+        if self.ep.inner.pipelined {
+            return self.defer(|p| p.sync = true);
+        }
         self.ep.done(&self.rel, Msg::Sync { handle: self.handle })
     }
 
     fn verify(&self, expected: &tern_core::hash::Hash) -> tern_core::Result<()> {
+        if self.ep.inner.pipelined {
+            return self.defer(|p| p.verify = Some(*expected.as_bytes()));
+        }
         self.ep.done(
             &self.rel,
             Msg::Verify {
@@ -944,6 +1525,32 @@ impl WriteFile for RemoteWriteFile {
     }
 
     fn publish(self: Box<Self>) -> tern_core::Result<()> {
+        if self.ep.inner.pipelined {
+            let p = std::mem::take(
+                &mut *self
+                    .pending
+                    .lock()
+                    .map_err(|_| Error::Internal("poisoned lock".into()))?,
+            );
+            let Some((meta, owner, xattrs)) = p.meta else {
+                return Err(Error::Internal(format!(
+                    "{}: published without metadata",
+                    self.rel.display()
+                )));
+            };
+            return self.ep.done(
+                &self.rel,
+                Msg::Commit(tern_proto::Commit {
+                    handle: self.handle,
+                    writes: self.writes.load(Ordering::Acquire),
+                    meta: wire::meta(&meta),
+                    owner,
+                    xattrs: wire::xattrs(&xattrs),
+                    sync: p.sync,
+                    verify: p.verify,
+                }),
+            );
+        }
         self.ep.done(
             &self.rel,
             Msg::Publish {
@@ -955,6 +1562,7 @@ impl WriteFile for RemoteWriteFile {
 
     fn abort(self: Box<Self>, keep: bool) {
         let handle = self.handle;
+        self.ep.sent();
         let _ = self.ep.with(&self.rel, |s| {
             s.send(&Msg::Abort { handle, keep })?;
             s.flush()

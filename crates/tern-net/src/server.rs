@@ -295,6 +295,8 @@ impl Server {
             pull: self.pull.clone(),
             own_fds: FdBudget::new(half(&self.fds)),
             fds: self.fds.clone(),
+            ops: Mutex::default(),
+            ops_changed: Condvar::new(),
         });
         if let Ok(mut m) = self.sessions.lock() {
             m.retain(|_, w| w.strong_count() > 0);
@@ -314,12 +316,22 @@ impl Server {
     fn serve_requests(&self, s: &mut Stream, sess: &Session) -> Result<()> {
         let mut buf = Vec::new();
         let mut chunk = tern_core::AlignedBuf::default();
+        // Set by `OpsStream`: changes on this stream are queued.
+        let mut queued = false;
         while !self.shutdown.load(Ordering::Relaxed) {
             let Some(msg) = s.recv_opt()? else { return Ok(()) };
-            if let Msg::Error(e) = msg {
-                return Err(NetError::Remote(e));
+            match msg {
+                Msg::Error(e) => return Err(NetError::Remote(e)),
+                Msg::OpsStream => queued = true,
+                Msg::After { ops } => sess.wait_ops(ops)?,
+                Msg::Settle if queued => sess.settle(s)?,
+                m @ (Msg::MakeDir { .. } | Msg::Symlink { .. } | Msg::SetMeta { .. } | Msg::Remove { .. })
+                    if queued =>
+                {
+                    sess.queued_change(&m)
+                }
+                m => sess.request(s, m, &mut buf, &mut chunk)?,
             }
-            sess.request(s, msg, &mut buf, &mut chunk)?;
         }
         Ok(())
     }
@@ -425,7 +437,24 @@ struct Session {
     fds: Arc<FdBudget>,
     /// The most of them this session's open files may hold: half.
     own_fds: Arc<FdBudget>,
+    /// Queued changes applied so far, and the failures not yet reported.
+    ops: Mutex<OpsDone>,
+    ops_changed: Condvar,
 }
+
+/// What a session's queued changes came to.
+#[derive(Default)]
+struct OpsDone {
+    applied: u64,
+    failed: Vec<(Vec<u8>, ErrorMsg)>,
+    more: u64,
+}
+
+/// Failures of queued changes kept for the next `Settle`; past this only
+/// counted, so a client that never settles cannot grow the daemon's memory.
+const MAX_OP_FAILURES: usize = 1000;
+/// Directory listings streamed per `Listing` part.
+const WALK_PART: usize = LIST_BATCH;
 
 /// Descriptors held by a file a session keeps open: from the session's
 /// own share and from the daemon's budget.
@@ -785,44 +814,20 @@ impl Session {
                 }
                 return Ok(());
             }
-            Msg::MakeDir { path } => self.may_write().and_then(|()| {
-                let p = self.path(&path)?;
-                self.ep.make_dir(&p).map(|()| Msg::Done).map_err(err)
-            }),
-            Msg::Symlink {
-                path,
-                target,
-                meta,
-                owner,
-            } => self.new_path(&path).and_then(|p| {
-                let owner = owner && self.ep.can_chown();
-                self.ep
-                    .symlink(&p, &wire::bytes_path(&target), &wire::unmeta(&meta), owner)
-                    .map(|()| Msg::Done)
-                    .map_err(err)
-            }),
             Msg::HardLink { existing, path } => self.new_path(&path).and_then(|p| {
                 let from = self.path(&existing)?;
                 self.ep.hard_link(&from, &p).map(Msg::Linked).map_err(err)
             }),
-            Msg::SetMeta {
-                path,
-                kind,
-                meta,
-                owner,
-                xattrs,
-            } => self.may_write().and_then(|()| {
-                let p = self.path(&path)?;
-                let x = xattrs.map(wire::unxattrs);
-                let owner = owner && self.ep.can_chown();
-                self.ep
-                    .set_meta(&p, wire::unkind(kind), &wire::unmeta(&meta), owner, x.as_ref())
-                    .map(|()| Msg::Done)
-                    .map_err(err)
-            }),
-            Msg::Remove { path } => self
-                .new_path(&path)
-                .and_then(|p| self.ep.remove(&p).map(|()| Msg::Done).map_err(err)),
+            m @ (Msg::MakeDir { .. } | Msg::Symlink { .. } | Msg::SetMeta { .. } | Msg::Remove { .. }) => self
+                .change(&m)
+                .unwrap_or_else(|| Err(ErrorMsg::new(ErrorCode::Protocol, "not a change"))),
+            Msg::Walk(w) => return self.walk(s, w),
+            Msg::ReadFiles { items, xattrs } => return self.read_files(s, items, xattrs, buf),
+            Msg::HashFiles { items } => self.hash_files(items, buf),
+            Msg::Commit(c) => self.commit(c),
+            Msg::OpsStream | Msg::After { .. } | Msg::Settle => {
+                return Err(proto("queued operations outside their stream's loop"))
+            }
             Msg::Bench { upload, bytes } => return bench(s, upload, bytes, buf),
             Msg::Barrier => self
                 .may_write()
@@ -836,6 +841,278 @@ impl Session {
         match reply {
             Ok(m) => s.send(&m),
             Err(e) => s.send(&Msg::Error(e)),
+        }
+    }
+
+    /// Applies a change to the module named by `msg` (`MakeDir`, `Symlink`,
+    /// `SetMeta`, `Remove`); `None` for any other message. Shared by
+    /// requests answered one by one and by the queued operations stream.
+    fn change(&self, msg: &Msg) -> Option<Reply> {
+        let err = |e: Error| wire::error_msg(&e);
+        Some(match msg {
+            Msg::MakeDir { path } => self.may_write().and_then(|()| {
+                let p = self.path(path)?;
+                self.ep.make_dir(&p).map(|()| Msg::Done).map_err(err)
+            }),
+            Msg::Symlink {
+                path,
+                target,
+                meta,
+                owner,
+            } => self.new_path(path).and_then(|p| {
+                let owner = *owner && self.ep.can_chown();
+                self.ep
+                    .symlink(&p, &wire::bytes_path(target), &wire::unmeta(meta), owner)
+                    .map(|()| Msg::Done)
+                    .map_err(err)
+            }),
+            Msg::SetMeta {
+                path,
+                kind,
+                meta,
+                owner,
+                xattrs,
+            } => self.may_write().and_then(|()| {
+                let p = self.path(path)?;
+                let x = xattrs.clone().map(wire::unxattrs);
+                let owner = *owner && self.ep.can_chown();
+                self.ep
+                    .set_meta(&p, wire::unkind(*kind), &wire::unmeta(meta), owner, x.as_ref())
+                    .map(|()| Msg::Done)
+                    .map_err(err)
+            }),
+            Msg::Remove { path } => self
+                .new_path(path)
+                .and_then(|p| self.ep.remove(&p).map(|()| Msg::Done).map_err(err)),
+            _ => return None,
+        })
+    }
+
+    /// Applies one queued change; its failure, if any, waits for `Settle`.
+    fn queued_change(&self, m: &Msg) {
+        let failed = match self.change(m) {
+            Some(Ok(_)) => None,
+            Some(Err(e)) => Some(e),
+            None => Some(ErrorMsg::new(ErrorCode::Protocol, "not a change")),
+        };
+        let path = match m {
+            Msg::MakeDir { path } | Msg::Symlink { path, .. } | Msg::SetMeta { path, .. } | Msg::Remove { path } => {
+                path.clone()
+            }
+            _ => Vec::new(),
+        };
+        if let Ok(mut o) = self.ops.lock() {
+            o.applied += 1;
+            if let Some(e) = failed {
+                tracing::debug!(module = %self.module, path = %String::from_utf8_lossy(&path), error = %e.message, "queued change failed");
+                if o.failed.len() < MAX_OP_FAILURES {
+                    o.failed.push((path, e));
+                } else {
+                    o.more += 1;
+                }
+            }
+        }
+        self.ops_changed.notify_all();
+    }
+
+    /// Waits until `ops` queued changes are applied (they come on another
+    /// stream, sent before the request that follows on this one).
+    fn wait_ops(&self, ops: u64) -> Result<()> {
+        let deadline = Instant::now() + self.idle;
+        let mut o = self.ops.lock().map_err(|_| proto("poisoned lock"))?;
+        while o.applied < ops {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.cancel.load(Ordering::Relaxed) {
+                return Err(proto("queued changes announced but never received"));
+            }
+            o = self
+                .ops_changed
+                .wait_timeout(o, left.min(Duration::from_secs(1)))
+                .map_err(|_| proto("poisoned lock"))?
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Answers `Settle`: the queued changes that failed since the last one.
+    fn settle(&self, s: &mut Stream) -> Result<()> {
+        let (failed, more) = match self.ops.lock() {
+            Ok(mut o) => (std::mem::take(&mut o.failed), std::mem::take(&mut o.more)),
+            Err(_) => return Err(proto("poisoned lock")),
+        };
+        s.send(&Msg::Settled { failed, more })
+    }
+
+    /// Answers `Walk`: every directory under the walk's top, depth-first,
+    /// children in name order, as `Listing` parts, then `WalkDone`. The
+    /// client reads them as its scan gets there; the transport's flow
+    /// control keeps this thread at most a window ahead.
+    fn walk(&self, s: &mut Stream, w: tern_proto::Walk) -> Result<()> {
+        let top = match self.path(&w.path) {
+            Ok(p) => p,
+            Err(e) => return s.send(&Msg::Error(e)),
+        };
+        let mut filter = tern_core::filter::Filter::new();
+        for (p, include) in &w.rules {
+            match tern_core::filter::Rule::from_bytes(p, *include) {
+                Ok(r) => filter.push(r),
+                Err(e) => {
+                    let m = format!("bad pattern {:?}: {e}", String::from_utf8_lossy(p));
+                    return s.send(&Msg::Error(ErrorMsg::new(ErrorCode::Protocol, m)));
+                }
+            }
+        }
+        let prefix = wire::bytes_path(&w.prefix);
+        let from = wire::bytes_path(&w.from);
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            if self.cancel.load(Ordering::Relaxed) {
+                return s.send(&Msg::Error(ErrorMsg::new(
+                    ErrorCode::Unavailable,
+                    "the server is shutting down",
+                )));
+            }
+            let dir = wire::path_bytes(&rel);
+            // Ancestors of `from` are listed to find it, not sent.
+            let wanted = rel >= from;
+            match self.ep.read_dir(&top.join(&rel)) {
+                Err(e) if wanted => s.send(&Msg::ListingFailed {
+                    dir,
+                    error: wire::error_msg(&e),
+                })?,
+                Err(_) => {}
+                Ok(entries) => {
+                    let subdirs: Vec<PathBuf> = entries
+                        .iter()
+                        .filter(|e| e.kind == tern_core::Kind::Dir)
+                        .map(|e| rel.join(&e.name))
+                        .filter(|c| (*c >= from || from.starts_with(c)) && filter.included(&prefix.join(c), true))
+                        .collect();
+                    if wanted {
+                        let mut parts = entries.chunks(WALK_PART).peekable();
+                        if parts.peek().is_none() {
+                            s.send(&Msg::Listing {
+                                dir: dir.clone(),
+                                entries: Vec::new(),
+                                more: false,
+                            })?;
+                        }
+                        while let Some(part) = parts.next() {
+                            s.send(&Msg::Listing {
+                                dir: dir.clone(),
+                                entries: part.iter().map(wire::entry).collect(),
+                                more: parts.peek().is_some(),
+                            })?;
+                        }
+                    }
+                    stack.extend(subdirs.into_iter().rev());
+                }
+            }
+        }
+        s.send(&Msg::WalkDone)?;
+        s.flush()
+    }
+
+    /// Answers `ReadFiles`: each file read whole, checked unchanged, sent
+    /// as `FileData` and its bytes, or `FileFailed`; one stream, no wait
+    /// between files.
+    fn read_files(
+        &self,
+        s: &mut Stream,
+        items: Vec<(Vec<u8>, tern_proto::WireEntry)>,
+        xattrs: bool,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        if items.len() > tern_proto::MAX_BATCH_FILES {
+            return Err(proto("too many files in one request"));
+        }
+        // One file is open at a time.
+        let fds = self.fd_permit(1, Instant::now() + self.fd_wait());
+        for (path, expect) in items {
+            let read = fds.as_ref().map_err(Clone::clone).and_then(|_| {
+                let p = self.path(&path)?;
+                let e =
+                    wire::unentry_any_name(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
+                if e.size > MAX_CHUNK {
+                    return Err(ErrorMsg::new(
+                        ErrorCode::Protocol,
+                        format!("a file of {} bytes is not small", e.size),
+                    ));
+                }
+                tern_core::endpoint::read_file_whole(&self.ep, &p, &e, xattrs).map_err(|e| wire::error_msg(&e))
+            });
+            match read {
+                Ok(f) => {
+                    s.send(&Msg::FileData {
+                        size: f.data.len() as u64,
+                        hash: *blake3::hash(&f.data).as_bytes(),
+                        xattrs: wire::xattrs(&f.xattrs),
+                        holes: f.holes.clone(),
+                    })?;
+                    s.send_data(&pack_around_holes(&f.data, 0, &f.holes))?;
+                    // Keep the larger buffer for the next file.
+                    if f.data.capacity() > buf.capacity() {
+                        *buf = f.data;
+                    }
+                }
+                Err(e) => s.send(&Msg::FileFailed(e))?,
+            }
+        }
+        s.flush()
+    }
+
+    /// Answers `HashFiles`: each file's BLAKE3, computed here.
+    fn hash_files(&self, items: Vec<(Vec<u8>, tern_proto::WireEntry)>, buf: &mut Vec<u8>) -> Reply {
+        if items.len() > tern_proto::MAX_BATCH_FILES {
+            return Err(ErrorMsg::new(ErrorCode::Protocol, "too many files in one request"));
+        }
+        let _fd = self.fd_permit(1, Instant::now() + self.fd_wait())?;
+        let mut out = Vec::with_capacity(items.len());
+        for (path, expect) in items {
+            let h = self.path(&path).and_then(|p| {
+                let e =
+                    wire::unentry_any_name(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
+                let f = self.ep.open(&p, &e).map_err(|e| wire::error_msg(&e))?;
+                tern_core::hash_file(&*f, e.size, tern_core::engine::DEFAULT_CHUNK_SIZE, buf, &self.cancel)
+                    .map_err(|e| wire::error_msg(&e))
+            });
+            out.push(match h {
+                Ok(h) => tern_proto::HashOutcome::Hash(*h.as_bytes()),
+                Err(e) => tern_proto::HashOutcome::Failed(e),
+            });
+        }
+        Ok(Msg::Hashes(out))
+    }
+
+    /// Answers `Commit`: metadata, sync, verify and publish in one request.
+    /// On failure the file is given up (its data removed).
+    fn commit(&self, c: tern_proto::Commit) -> Reply {
+        let h = self.whandle(c.handle)?;
+        let waited = h.wait(c.writes, self.idle);
+        if let Ok(mut w) = self.writes.lock() {
+            w.remove(&c.handle);
+        }
+        let f = h.file.write().ok().and_then(|mut f| f.take());
+        let f = f.ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "file already closed"))?;
+        let owner = c.owner && self.ep.can_chown();
+        let ready = waited.and_then(|()| {
+            let err = |e: Error| wire::error_msg(&e);
+            f.set_meta(&wire::unmeta(&c.meta), owner, &wire::unxattrs(c.xattrs))
+                .map_err(err)?;
+            if c.sync {
+                f.sync().map_err(err)?;
+            }
+            if let Some(hash) = c.verify {
+                f.verify(&blake3::Hash::from_bytes(hash)).map_err(err)?;
+            }
+            Ok(())
+        });
+        match ready {
+            Ok(()) => f.publish().map(|()| Msg::Done).map_err(|e| wire::error_msg(&e)),
+            Err(e) => {
+                f.abort(false);
+                Err(e)
+            }
         }
     }
 
@@ -1025,7 +1302,7 @@ impl Session {
 
 /// Holes as absolute ranges inside `[offset, offset+len)`, sorted and
 /// disjoint; `None` if the list is not that.
-fn check_holes(holes: &[(u64, u64)], offset: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+pub(crate) fn check_holes(holes: &[(u64, u64)], offset: u64, len: u64) -> Option<Vec<(u64, u64)>> {
     let mut pos = offset;
     for &(s, l) in holes {
         if s < pos || l == 0 || s.checked_add(l)? > offset + len {
@@ -1038,7 +1315,7 @@ fn check_holes(holes: &[(u64, u64)], offset: u64, len: u64) -> Option<Vec<(u64, 
 
 /// Receives the bytes of `buf` (at `offset` in the file) that are not in
 /// `holes`, as one run of data frames, and zeroes the holes.
-fn recv_around_holes(s: &mut Stream, buf: &mut [u8], offset: u64, holes: &[(u64, u64)]) -> Result<()> {
+pub(crate) fn recv_around_holes(s: &mut Stream, buf: &mut [u8], offset: u64, holes: &[(u64, u64)]) -> Result<()> {
     if holes.is_empty() {
         return s.recv_data(buf);
     }

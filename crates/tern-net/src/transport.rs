@@ -284,6 +284,7 @@ impl Connector {
                     packets_lost: st.path.lost_packets,
                     wire_bytes_sent: st.udp_tx.bytes,
                     wire_bytes_received: st.udp_rx.bytes,
+                    ..Default::default()
                 }
             }
             None => {

@@ -8,8 +8,15 @@ use crate::ProtoError;
 pub const MAGIC: [u8; 4] = *b"TERN";
 /// Lowest protocol version this build speaks.
 pub const VERSION_MIN: u16 = 1;
-/// Highest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 1;
+/// Highest protocol version this build speaks. Version 2 adds the
+/// pipelined requests: [`Msg::Walk`], [`Msg::ReadFiles`], [`Msg::HashFiles`],
+/// the queued-operations stream ([`Msg::OpsStream`], [`Msg::After`],
+/// [`Msg::Settle`]) and [`Msg::Commit`]. A version-1 peer never sees them.
+pub const VERSION_MAX: u16 = 2;
+/// The first version with the pipelined requests.
+pub const VERSION_PIPELINE: u16 = 2;
+/// Most files one [`Msg::ReadFiles`] or [`Msg::HashFiles`] may name.
+pub const MAX_BATCH_FILES: usize = 1024;
 /// Feature bit: the daemon runs transfers from another daemon itself
 /// ([`Msg::Pull`]).
 pub const FEATURE_PULL: u64 = 1;
@@ -274,6 +281,134 @@ pub enum Msg {
         /// How many bytes.
         bytes: u64,
     },
+
+    // Pipelined requests (version 2, [`VERSION_PIPELINE`]).
+    /// Client: list the whole tree under `path`, depth-first, children in
+    /// name order (each directory before what it holds). The server
+    /// answers with one [`Msg::Listing`] (in parts) or
+    /// [`Msg::ListingFailed`] per directory, then [`Msg::WalkDone`].
+    /// A directory the filter excludes is not entered.
+    Walk(Walk),
+    /// Server: (part of) the listing of `dir`, relative to the walk's path.
+    Listing {
+        /// The directory, relative to the walk's path (empty: that path).
+        dir: Vec<u8>,
+        /// Entries, sorted by name.
+        entries: Vec<WireEntry>,
+        /// More parts of this directory's listing follow.
+        more: bool,
+    },
+    /// Server: the directory `dir` of a walk could not be listed.
+    ListingFailed {
+        /// The directory, relative to the walk's path.
+        dir: Vec<u8>,
+        /// Why.
+        error: ErrorMsg,
+    },
+    /// Server: the walk is complete.
+    WalkDone,
+    /// Client: read these files (each at most one chunk) whole. The server
+    /// answers each in order with [`Msg::FileData`] and its bytes (holes
+    /// left out) as data frames, or [`Msg::FileFailed`].
+    ReadFiles {
+        /// (module-relative path, the entry as listed) of each file.
+        items: Vec<(Vec<u8>, WireEntry)>,
+        /// Also send each file's extended attributes.
+        xattrs: bool,
+    },
+    /// Server: one file of a [`Msg::ReadFiles`]; `size` bytes less `holes`
+    /// follow as data frames.
+    FileData {
+        /// Length of the file.
+        size: u64,
+        /// Zero ranges, not sent.
+        holes: Vec<(u64, u64)>,
+        /// BLAKE3 of the file as the server read it.
+        hash: [u8; 32],
+        /// Extended attributes, if asked for.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Server: one file of a [`Msg::ReadFiles`] could not be read.
+    FileFailed(ErrorMsg),
+    /// Client: the BLAKE3 of each of these files, computed where they live.
+    HashFiles {
+        /// (module-relative path, the entry as listed) of each file.
+        items: Vec<(Vec<u8>, WireEntry)>,
+    },
+    /// Server: reply to [`Msg::HashFiles`], one outcome per file in order.
+    Hashes(Vec<HashOutcome>),
+    /// Client: the requests that follow on this stream which change the
+    /// module (`MakeDir`, `SetMeta`, `Remove`, `Symlink`) are queued: applied
+    /// in order without a reply, failures kept until a [`Msg::Settle`].
+    /// They are numbered from 1 for [`Msg::After`].
+    OpsStream,
+    /// Client: apply the next request on this stream only once the
+    /// session's queued operations numbered up to `ops` are applied (they
+    /// travel on another stream). No reply.
+    After {
+        /// Number of queued operations sent before this.
+        ops: u64,
+    },
+    /// Client, on the operations stream: report the queued operations that
+    /// failed since the last `Settle` ([`Msg::Settled`]).
+    Settle,
+    /// Server: reply to [`Msg::Settle`].
+    Settled {
+        /// (module-relative path, error) of each failed operation, the first
+        /// ones if many failed.
+        failed: Vec<(Vec<u8>, ErrorMsg)>,
+        /// How many more failed than are listed.
+        more: u64,
+    },
+    /// Client: finish a file being written in one request, once `writes`
+    /// chunks are applied: set its metadata, make it durable if `sync`,
+    /// check it reads back as `verify` if given, and rename it into place.
+    /// The handle is gone afterwards, whatever the outcome.
+    Commit(Commit),
+}
+
+/// A [`Msg::Walk`] request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Walk {
+    /// Module-relative path of the tree's top.
+    pub path: Vec<u8>,
+    /// Filter rules in order: (pattern, include); excluded directories are
+    /// not entered.
+    pub rules: Vec<(Vec<u8>, bool)>,
+    /// What the filter sees for the walk's top: the entry `a/b` under it
+    /// is matched as `PREFIX/a/b`.
+    pub prefix: Vec<u8>,
+    /// Resume a walk: leave out every directory that sorts before this one
+    /// (relative to `path`; empty: nothing left out).
+    pub from: Vec<u8>,
+}
+
+/// One file's outcome in a [`Msg::Hashes`] reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HashOutcome {
+    /// The file's BLAKE3.
+    Hash([u8; 32]),
+    /// Why it could not be hashed.
+    Failed(ErrorMsg),
+}
+
+/// A [`Msg::Commit`] request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// Handle from `Create`.
+    pub handle: u64,
+    /// Number of `Write`s the client sent for the handle.
+    pub writes: u64,
+    /// Final metadata.
+    pub meta: WireMeta,
+    /// Also set owner and group.
+    pub owner: bool,
+    /// Extended attributes.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Make the file durable first.
+    pub sync: bool,
+    /// Read it back and check this whole-file BLAKE3 first.
+    pub verify: Option<[u8; 32]>,
 }
 
 /// A transfer for a daemon to run from other daemons into its module.

@@ -88,6 +88,8 @@ impl Console {
                 o.insert("transport".into(), t.into());
                 o.insert("direct".into(), direct.into());
                 o.insert("paths".into(), serde_json::to_value(paths).unwrap_or_default());
+                o.insert("requests".into(), paths.iter().map(|p| p.requests).sum::<u64>().into());
+                o.insert("waits".into(), paths.iter().map(|p| p.waits).sum::<u64>().into());
             }
             let _ = serde_json::to_writer(&mut out, &v);
             let _ = writeln!(out);
@@ -169,6 +171,14 @@ impl Console {
 const SLOW_BYTES: u64 = 16 << 20;
 const SLOW_RATE: f64 = 50e6;
 
+fn plural<'a>(n: u64, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
 /// One line on what a connection saw: enough to tell a long path, a lossy
 /// one and a slow one apart.
 pub fn describe_path(p: &PathReport) -> String {
@@ -193,6 +203,15 @@ pub fn describe_path(p: &PathReport) -> String {
         HumanBytes(p.wire_bytes_sent),
         HumanBytes(p.wire_bytes_received)
     ));
+    if p.requests > 0 {
+        s.push_str(&format!(
+            ", {} {}, {} {} with nothing else in flight",
+            p.requests,
+            plural(p.requests, "request", "requests"),
+            p.waits,
+            plural(p.waits, "wait", "waits")
+        ));
+    }
     s
 }
 

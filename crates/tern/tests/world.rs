@@ -362,22 +362,6 @@ fn a_full_disk_under_a_pull() {
     disk_full(Way::Pull("quic"));
 }
 
-/// A daemon run as `nobody`, for permission bits to apply; its module is
-/// `t/module`. None (the test skips) without root.
-fn nobody_daemon(t: &Path) -> Option<(Daemon, PathBuf)> {
-    fs::set_permissions(t, fs::Permissions::from_mode(0o755)).expect("chmod");
-    let (home, module) = (t.join("daemon"), t.join("module"));
-    for d in [&home, &module] {
-        fs::create_dir_all(d).expect("mkdir");
-        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).expect("chmod");
-    }
-    let d = daemon_as_nobody(&home, &module);
-    if d.is_none() {
-        eprintln!("skipping: needs root and setpriv to run the daemon as nobody");
-    }
-    d.map(|d| (d, module))
-}
-
 #[test]
 fn files_the_daemon_may_not_read_fail_alone_in_a_pull() {
     let t = tempfile::tempdir().expect("tempdir");

@@ -4,6 +4,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -188,4 +189,20 @@ impl Daemon {
             .arg("--token-file")
             .arg(&self.token)
     }
+}
+
+/// A daemon run as `nobody`, for permission bits to apply; its module is
+/// `t/module`. None (the test skips) without root.
+pub fn nobody_daemon(t: &Path) -> Option<(Daemon, PathBuf)> {
+    fs::set_permissions(t, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (home, module) = (t.join("daemon"), t.join("module"));
+    for d in [&home, &module] {
+        fs::create_dir_all(d).expect("mkdir");
+        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let d = daemon_as_nobody(&home, &module);
+    if d.is_none() {
+        eprintln!("skipping: needs root and setpriv to run the daemon as nobody");
+    }
+    d.map(|d| (d, module))
 }
