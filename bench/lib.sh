@@ -27,3 +27,31 @@ write_report() {
   rm -f "$notes"
   mv "$out.new" "$out"
 }
+
+# For the scripts that run daemons across a tern-wan link. They set
+# WAN_PID (the link's process), DAEMON_PIDS (daemons started) and B (the
+# daemons' namespace).
+stop_daemons() {
+  local p
+  for p in "${DAEMON_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  DAEMON_PIDS=()
+}
+stop_link() {
+  if [ -n "$WAN_PID" ]; then
+    kill -TERM "$WAN_PID" 2>/dev/null || true
+    wait "$WAN_PID" 2>/dev/null || true
+    WAN_PID=
+  fi
+}
+# wait_for CMD...: retries a readiness check for up to 10 s.
+wait_for() {
+  local i
+  for ((i = 0; i < 500; i++)); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.02
+  done
+  echo "timed out waiting for: $*" >&2
+  exit 1
+}
+# listening PORT: something listens on PORT in namespace B.
+listening() { ip netns exec "$B" ss -Hln "sport = :$1" | grep -q .; }

@@ -61,18 +61,6 @@ mkdir -p "$WORK"
 RAM=$WORK/ram
 mkdir -p "$RAM"
 WAN_PID= DAEMON_PIDS=()
-stop_daemons() {
-  local p
-  for p in "${DAEMON_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  DAEMON_PIDS=()
-}
-stop_link() {
-  if [ -n "$WAN_PID" ]; then
-    kill -TERM "$WAN_PID" 2>/dev/null || true
-    wait "$WAN_PID" 2>/dev/null || true
-    WAN_PID=
-  fi
-}
 ALLOWED_CC=$(sysctl -n net.ipv4.tcp_allowed_congestion_control)
 cleanup() {
   stop_daemons
@@ -106,17 +94,6 @@ path = $RAM/push
 read only = false
 CONF
 
-# wait_for CMD...: retries a readiness check for up to 10 s.
-wait_for() {
-  local i
-  for ((i = 0; i < 500; i++)); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.02
-  done
-  echo "timed out waiting for: $*" >&2
-  exit 1
-}
-listening() { ip netns exec "$B" ss -Hln "sport = :$1" | grep -q .; }
 
 start_link() { # PROFILE
   "$WAN" --name "$NS" --replace --profile "$1" >"$WORK/wan.out" 2>"$WORK/wan.err" &

@@ -142,10 +142,41 @@ enum Op {
     CheckUnchanged(u8),
     CloseRead(u8),
     Hash(P),
+    // The pipelined requests of protocol version 2.
+    Walk {
+        p: P,
+        rule: Option<(P, bool)>,
+        prefix: P,
+        from: P,
+    },
+    ReadFiles {
+        items: Vec<(P, u16, bool)>,
+        xattrs: bool,
+    },
+    HashFiles(Vec<(P, u16)>),
+    /// From here on this stream's changes are queued.
+    OpsStream,
+    After(u8),
+    Settle,
+    Commit {
+        h: u8,
+        writes: u8,
+        mode: u16,
+        sync: bool,
+        verify: Option<[u8; 4]>,
+    },
 }
 
 fn entry(name: &[u8], size: u64, real_mtime: bool) -> WireEntry {
     tern_fuzz::file_entry(name, size, if real_mtime { tern_fuzz::FIXTURE_MTIME } else { 7 })
+}
+
+/// Metadata with only the permission bits set.
+fn mode_only(mode: u16) -> WireMeta {
+    WireMeta {
+        mode: u32::from(mode),
+        ..WireMeta::default()
+    }
 }
 
 fn chunk_size(shift: u8) -> u64 {
@@ -247,10 +278,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             Op::FileMeta { h, writes, mode } => Msg::FileMeta {
                 handle: u64::from(*h % 8),
                 writes: u64::from(*writes % 8),
-                meta: WireMeta {
-                    mode: u32::from(*mode),
-                    ..WireMeta::default()
-                },
+                meta: mode_only(*mode),
                 owner: false,
                 xattrs: Vec::new(),
             },
@@ -286,10 +314,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             Op::SetMeta { p, dir, mode } => Msg::SetMeta {
                 path: p.bytes(),
                 kind: if *dir { WireKind::Dir } else { WireKind::File },
-                meta: WireMeta {
-                    mode: u32::from(*mode),
-                    ..WireMeta::default()
-                },
+                meta: mode_only(*mode),
                 owner: false,
                 xattrs: None,
             },
@@ -366,6 +391,49 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 path: p.bytes(),
                 expect: entry(b"f", 5, true),
             },
+            Op::Walk { p, rule, prefix, from } => Msg::Walk(tern_proto::Walk {
+                path: p.bytes(),
+                rules: rule.iter().map(|(r, inc)| (r.bytes(), *inc)).collect(),
+                prefix: prefix.bytes(),
+                from: from.bytes(),
+            }),
+            Op::ReadFiles { items, xattrs } => Msg::ReadFiles {
+                items: items
+                    .iter()
+                    .take(40)
+                    .map(|(p, size, real)| (p.bytes(), entry(b"f", u64::from(*size % 8), *real)))
+                    .collect(),
+                xattrs: *xattrs,
+            },
+            Op::HashFiles(items) => Msg::HashFiles {
+                items: items
+                    .iter()
+                    .take(40)
+                    .map(|(p, size)| (p.bytes(), entry(b"f", u64::from(*size % 8), true)))
+                    .collect(),
+            },
+            Op::OpsStream => Msg::OpsStream,
+            Op::After(n) => Msg::After { ops: u64::from(*n % 8) },
+            Op::Settle => Msg::Settle,
+            Op::Commit {
+                h,
+                writes,
+                mode,
+                sync,
+                verify,
+            } => Msg::Commit(tern_proto::Commit {
+                handle: u64::from(*h % 8),
+                writes: u64::from(*writes % 8),
+                meta: mode_only(*mode),
+                owner: false,
+                xattrs: Vec::new(),
+                sync: *sync,
+                verify: verify.map(|v| {
+                    let mut full = [0u8; 32];
+                    full[..4].copy_from_slice(&v);
+                    full
+                }),
+            }),
         };
         msg(m, &mut out);
     }

@@ -481,7 +481,9 @@ impl Ctx {
         }
         // Changes the destination queued during the scan must have landed
         // (or failed) before deleting is decided.
-        self.settle();
+        if !deletions.is_empty() {
+            self.settle();
+        }
         let safe_to_delete = self.stats.errors.load(Ordering::Relaxed) == 0 && !self.cancelled();
         if safe_to_delete {
             for rel in deletions {

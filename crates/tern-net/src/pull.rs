@@ -250,6 +250,8 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
             ),
         })?;
         used.get_or_insert_with(|| ep.transport().name().to_string());
+        // Each worker reads on a stream of its own; one more for the walk.
+        ep.open_streams_ahead(opts.jobs + 1);
         let ep = Arc::new(ep);
         endpoints.push(ep.clone());
         roots.push(Root { src: ep, dst_rel });

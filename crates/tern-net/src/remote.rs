@@ -107,8 +107,16 @@ pub struct PathProbe {
 /// look like a LAN (a busy machine can be slow to schedule the first), so
 /// a LAN is not taken for a long path. `None` when TCP does not connect.
 pub fn probe_path(addr: SocketAddr, timeout: Duration) -> Option<PathProbe> {
+    probe_keeping(addr, timeout).map(|(p, _)| p)
+}
+
+/// [`probe_path`], keeping the quicker connection: a copy over TCP runs its
+/// first TLS session on it rather than pay another round trip to connect.
+/// A first connect of ten LAN round trips or more is taken as it is (a
+/// stall that long is rarer than a long path), except on loopback.
+fn probe_keeping(addr: SocketAddr, timeout: Duration) -> Option<(PathProbe, std::net::TcpStream)> {
     use std::os::fd::AsRawFd;
-    let mut best: Option<PathProbe> = None;
+    let mut best: Option<(PathProbe, std::net::TcpStream)> = None;
     for _ in 0..2 {
         let start = Instant::now();
         let Ok(sock) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
@@ -118,10 +126,11 @@ pub fn probe_path(addr: SocketAddr, timeout: Duration) -> Option<PathProbe> {
             connect: start.elapsed(),
             tcp_bbr: crate::path::tune_tcp(sock.as_raw_fd()) == "bbr",
         };
-        if best.is_none_or(|b| p.connect < b.connect) {
-            best = Some(p);
+        let again = p.connect >= LAN_RTT && (p.connect < 10 * LAN_RTT || addr.ip().is_loopback());
+        if best.as_ref().is_none_or(|(b, _)| p.connect < b.connect) {
+            best = Some((p, sock));
         }
-        if p.connect < LAN_RTT {
+        if !again {
             break;
         }
     }
@@ -144,6 +153,13 @@ pub fn auto_transport(lan_like: bool, sends: bool, tcp_bbr: bool) -> Transport {
 /// Round trips below this look like a LAN, where parallel TCP streams are
 /// the fastest; above it, QUIC with BBR copes better with distance and loss.
 pub const LAN_RTT: Duration = Duration::from_millis(2);
+
+/// Streams not in use, and how many more are being opened for the pool.
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Stream>,
+    opening: usize,
+}
 
 /// Requests sent and the waits that nothing else overlapped.
 #[derive(Default)]
@@ -189,6 +205,10 @@ struct Ops {
     flushed: u64,
     /// `sent` at the last `Settle`.
     settled: u64,
+    /// Failures a `Settle` sent with the last `Barrier` brought back, for
+    /// the next [`Dest::settle`].
+    reported: Vec<(Vec<u8>, tern_proto::ErrorMsg)>,
+    reported_more: u64,
 }
 
 /// A listing streaming ahead of the scan (`Walk`).
@@ -215,6 +235,11 @@ struct WalkAhead {
 /// at most this many times.
 const WALK_RESTARTS: u32 = 8;
 
+/// How long the root's entry from [`RemoteEndpoint::stat_root`] stands in
+/// for the engine's first stat of it: the few moments between resolving
+/// the command line and planning.
+const ROOT_SEEN_FOR: Duration = Duration::from_secs(2);
+
 /// Deferred steps of a file being committed with one `Commit` request.
 #[derive(Default)]
 struct PendingCommit {
@@ -226,7 +251,10 @@ struct PendingCommit {
 struct Inner {
     // Dropped last: the connection and streams need it to close.
     conn: Connector,
-    pool: Mutex<Vec<Stream>>,
+    pool: Mutex<Pool>,
+    pool_changed: std::sync::Condvar,
+    /// Bound on waiting for the daemon.
+    timeout: Duration,
     welcome: Welcome,
     /// Protocol features both sides offer.
     features: u64,
@@ -237,6 +265,9 @@ struct Inner {
     ops: Mutex<Ops>,
     /// Listings streaming ahead of the scan.
     walks: Mutex<Vec<WalkAhead>>,
+    /// The root's entry as [`RemoteEndpoint::stat_root`] found it, for the
+    /// engine's own look at the root that follows.
+    root_seen: Mutex<Option<(Instant, Option<Entry>)>>,
     next_handle: AtomicU64,
     spec: RemoteSpec,
     lost: AtomicBool,
@@ -254,7 +285,7 @@ impl Drop for Inner {
             }
         }
         if let Ok(mut p) = self.pool.lock() {
-            for mut s in p.drain(..) {
+            for mut s in p.idle.drain(..) {
                 let _ = s.finish();
             }
         }
@@ -292,11 +323,21 @@ fn version_max() -> u16 {
         })
 }
 
-fn handshake(s: &mut Stream, second: Msg) -> Result<(Welcome, tern_proto::Agreed)> {
+fn our_hello() -> Hello {
     let mut ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
     ours.version_max = version_max();
-    s.send(&Msg::Hello(ours.clone()))?;
+    ours
+}
+
+fn handshake(s: &mut Stream, second: Msg) -> Result<(Welcome, tern_proto::Agreed)> {
+    s.send(&Msg::Hello(our_hello()))?;
     s.send(&second)?;
+    handshake_reply(s)
+}
+
+/// Reads the daemon's Hello and Welcome.
+fn handshake_reply(s: &mut Stream) -> Result<(Welcome, tern_proto::Agreed)> {
+    let ours = our_hello();
     let theirs = match s.recv()? {
         Msg::Hello(h) => h,
         _ => {
@@ -328,15 +369,16 @@ impl RemoteEndpoint {
             None => None,
         };
         let tls = crate::tls::client_config(identity.as_ref())?;
-        let kind = match opts.transport {
-            TransportChoice::Quic => Transport::Quic,
-            TransportChoice::Tcp => Transport::Tcp,
-            TransportChoice::Auto => match probe_path(addr, opts.timeout) {
-                Some(p) => auto_transport(p.connect < LAN_RTT, opts.write, p.tcp_bbr),
-                None => Transport::Quic,
+        let (kind, probed) = match opts.transport {
+            TransportChoice::Quic => (Transport::Quic, None),
+            TransportChoice::Tcp => (Transport::Tcp, None),
+            TransportChoice::Auto => match probe_keeping(addr, opts.timeout) {
+                Some((p, sock)) => (auto_transport(p.connect < LAN_RTT, opts.write, p.tcp_bbr), Some(sock)),
+                None => (Transport::Quic, None),
             },
         };
-        let connected = Connector::connect(rt.handle().clone(), kind, addr, tls.clone(), opts.timeout);
+        let probed = probed.filter(|_| kind == Transport::Tcp);
+        let connected = Connector::connect_over(rt.handle().clone(), kind, addr, tls.clone(), opts.timeout, probed);
         let (conn, mut first) = match (connected, opts.transport) {
             (Ok(c), _) => c,
             // Auto falls back to TCP where UDP does not get through.
@@ -348,14 +390,28 @@ impl RemoteEndpoint {
         };
         let fp = fingerprint(conn.server_cert());
         crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
-        let (welcome, agreed) = handshake(
-            &mut first,
-            Msg::Auth(Auth {
-                module: spec.module.clone(),
-                token: opts.token.clone(),
-                write: opts.write,
-            }),
-        )?;
+        // The root's entry is asked for with the login, not a round trip
+        // after it; a daemon that refuses the login never reads it.
+        first.send(&Msg::Hello(our_hello()))?;
+        first.send(&Msg::Auth(Auth {
+            module: spec.module.clone(),
+            token: opts.token.clone(),
+            write: opts.write,
+        }))?;
+        first.send(&Msg::Stat {
+            path: wire::path_bytes(&spec.path),
+        })?;
+        let (welcome, agreed) = handshake_reply(&mut first)?;
+        let root_seen = match first.recv() {
+            Ok(Msg::StatReply(e)) => match e.map(wire::unentry_any_name) {
+                None => Some((Instant::now(), None)),
+                Some(Some(e)) => Some((Instant::now(), Some(e))),
+                Some(None) => None,
+            },
+            // Asked again, and reported, when the run looks at the root.
+            Ok(_) | Err(NetError::Remote(_)) => None,
+            Err(e) => return Err(e),
+        };
         tracing::debug!(
             transport = conn.kind().name(),
             session = welcome.session,
@@ -364,24 +420,42 @@ impl RemoteEndpoint {
         );
         let counts = Arc::new(Counts::default());
         // The Hello and Auth exchange: one request, waited for alone.
-        counts.requests.fetch_add(1, Ordering::Relaxed);
+        counts.requests.fetch_add(2, Ordering::Relaxed);
         counts.waits.fetch_add(1, Ordering::Relaxed);
         Ok(RemoteEndpoint {
             inner: Arc::new(Inner {
                 conn,
-                pool: Mutex::new(vec![first]),
+                pool: Mutex::new(Pool {
+                    idle: vec![first],
+                    opening: 0,
+                }),
+                pool_changed: std::sync::Condvar::new(),
+                timeout: opts.timeout,
                 welcome,
                 features: agreed.features,
                 pipelined: agreed.version >= tern_proto::VERSION_PIPELINE,
                 counts,
                 ops: Mutex::default(),
                 walks: Mutex::default(),
+                root_seen: Mutex::new(root_seen),
                 next_handle: AtomicU64::new(1),
                 spec: spec.clone(),
                 lost: AtomicBool::new(false),
                 rt: Some(rt),
             }),
         })
+    }
+
+    /// The entry at the endpoint's root. The engine's first stat of the
+    /// root, made right after to plan the run, is answered with this one
+    /// rather than ask the same question again a round trip later.
+    pub fn stat_root(&self) -> tern_core::Result<Option<Entry>> {
+        // The answer that came with the login, if it came.
+        let e = self.stat(Path::new(""))?;
+        if let Ok(mut r) = self.inner.root_seen.lock() {
+            *r = Some((Instant::now(), e.clone()));
+        }
+        Ok(e)
     }
 
     /// The transport in use.
@@ -456,11 +530,7 @@ impl RemoteEndpoint {
         let streams = streams.clamp(1, 64);
         let mut opened = Vec::with_capacity(streams);
         for _ in 0..streams {
-            let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop());
-            opened.push(match pooled {
-                Some(s) => s,
-                None => self.open_stream()?,
-            });
+            opened.push(self.take_stream()?);
         }
         let n = streams as u64;
         let start = Instant::now();
@@ -480,8 +550,8 @@ impl RemoteEndpoint {
         });
         let took = start.elapsed();
         results.into_iter().collect::<Result<Vec<()>>>()?;
-        if let Ok(mut p) = self.inner.pool.lock() {
-            p.extend(opened.into_iter().filter(|s| !s.is_broken()));
+        for s in opened {
+            self.put_stream(s);
         }
         Ok(took)
     }
@@ -581,7 +651,7 @@ impl RemoteEndpoint {
             .lock()
             .map_err(|_| Error::Internal("poisoned lock".into()))?;
         if ops.stream.is_none() {
-            let mut s = self.open_stream().map_err(|e| self.err(rel, e))?;
+            let mut s = self.take_stream().map_err(|e| self.err(rel, e))?;
             s.send(&Msg::OpsStream).map_err(|e| self.err(rel, e))?;
             ops.stream = Some(s);
         }
@@ -682,9 +752,7 @@ impl RemoteEndpoint {
                 Ok(Some(n)) => return Some(n),
                 Ok(None) => {
                     if let Some(s) = w.stream.take() {
-                        if let Ok(mut p) = self.inner.pool.lock() {
-                            p.push(s);
-                        }
+                        self.put_stream(s);
                     }
                     w._in_flight = None;
                     w.done = true;
@@ -705,11 +773,7 @@ impl RemoteEndpoint {
     }
 
     fn start_walk(&self, req: &tern_proto::Walk) -> Result<(Stream, InFlight)> {
-        let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop());
-        let mut s = match pooled {
-            Some(s) => s,
-            None => self.open_stream()?,
-        };
+        let mut s = self.take_stream()?;
         let f = self.inner.counts.begin();
         s.send(&Msg::Walk(req.clone()))?;
         s.flush()?;
@@ -786,25 +850,85 @@ impl RemoteEndpoint {
 
     /// Runs `f` on a pooled stream (opening one if none is free).
     fn with<T>(&self, rel: &Path, f: impl FnOnce(&mut Stream) -> Result<T>) -> tern_core::Result<T> {
-        let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop());
-        let mut s = match pooled {
-            Some(s) => s,
-            None => self.open_stream().map_err(|e| {
-                if matches!(&e, NetError::Remote(m) if m.code == tern_proto::ErrorCode::Unauthorized) {
-                    // The daemon no longer knows the session (it restarted):
-                    // a retry with a new connection authenticates again.
-                    self.inner.lost.store(true, Ordering::Relaxed);
-                }
-                self.err(rel, e)
-            })?,
-        };
+        let mut s = self.take_stream().map_err(|e| {
+            if matches!(&e, NetError::Remote(m) if m.code == tern_proto::ErrorCode::Unauthorized) {
+                // The daemon no longer knows the session (it restarted):
+                // a retry with a new connection authenticates again.
+                self.inner.lost.store(true, Ordering::Relaxed);
+            }
+            self.err(rel, e)
+        })?;
         let r = f(&mut s);
-        if !s.is_broken() {
-            if let Ok(mut p) = self.inner.pool.lock() {
-                p.push(s);
+        self.put_stream(s);
+        r.map_err(|e| self.err(rel, e))
+    }
+
+    /// An idle stream from the pool; one being opened for it if there is
+    /// none (rather than open yet another); else a new one.
+    fn take_stream(&self) -> Result<Stream> {
+        let deadline = Instant::now() + self.inner.timeout;
+        if let Ok(mut p) = self.inner.pool.lock() {
+            loop {
+                if let Some(s) = p.idle.pop() {
+                    return Ok(s);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if p.opening == 0 || left.is_zero() {
+                    break;
+                }
+                p = match self.inner.pool_changed.wait_timeout(p, left) {
+                    Ok((p, _)) => p,
+                    Err(_) => break,
+                };
             }
         }
-        r.map_err(|e| self.err(rel, e))
+        self.open_stream()
+    }
+
+    /// Gives a stream back to the pool, unless an error left it out of step.
+    fn put_stream(&self, s: Stream) {
+        if s.is_broken() {
+            return;
+        }
+        if let Ok(mut p) = self.inner.pool.lock() {
+            p.idle.push(s);
+        }
+        self.inner.pool_changed.notify_one();
+    }
+
+    /// Opens streams in the background, all at once, until the pool has
+    /// `n` (idle or being opened), so that a run's workers, its walks and
+    /// its queued changes find one ready instead of each paying the round
+    /// trips of opening it (over TCP, a TCP and a TLS handshake, then the
+    /// join) when it first needs it.
+    pub fn open_streams_ahead(&self, n: usize) {
+        let add = match self.inner.pool.lock() {
+            Ok(mut p) => {
+                let add = n.saturating_sub(p.idle.len() + p.opening);
+                p.opening += add;
+                add
+            }
+            Err(_) => return,
+        };
+        for _ in 0..add {
+            let ep = self.clone();
+            let spawned = std::thread::Builder::new().name("tern-open".into()).spawn(move || {
+                let opened = ep.open_stream();
+                if let Ok(mut p) = ep.inner.pool.lock() {
+                    p.opening -= 1;
+                    match opened {
+                        Ok(s) => p.idle.push(s),
+                        Err(e) => tracing::debug!(error = %e, "stream opened ahead failed"),
+                    }
+                }
+                ep.inner.pool_changed.notify_all();
+            });
+            if spawned.is_err() {
+                if let Ok(mut p) = self.inner.pool.lock() {
+                    p.opening -= 1;
+                }
+            }
+        }
     }
 
     fn open_stream(&self) -> Result<Stream> {
@@ -924,6 +1048,13 @@ impl Source for RemoteEndpoint {
     }
 
     fn stat(&self, rel: &Path) -> tern_core::Result<Option<Entry>> {
+        if rel.as_os_str().is_empty() {
+            let seen = self.inner.root_seen.lock().ok().and_then(|mut r| r.take());
+            if let Some((at, e)) = seen.filter(|(at, _)| at.elapsed() < ROOT_SEEN_FOR) {
+                tracing::trace!(age = ?at.elapsed(), "root entry as seen when resolving");
+                return Ok(e);
+            }
+        }
         match self.call(rel, Msg::Stat { path: self.full(rel) })? {
             Msg::StatReply(None) => Ok(None),
             Msg::StatReply(Some(e)) => wire::unentry_any_name(e).map(Some).ok_or_else(|| self.unexpected(rel)),
@@ -1045,6 +1176,7 @@ impl Source for RemoteEndpoint {
                 xattrs,
             };
             let mut got = Vec::with_capacity(part.len());
+            tracing::debug!(files = part.len(), "reading a batch");
             let r = self.request(Path::new(""), |s| {
                 s.send(&req)?;
                 s.flush()?;
@@ -1053,6 +1185,7 @@ impl Source for RemoteEndpoint {
                 }
                 Ok(())
             });
+            tracing::debug!(files = part.len(), "batch read");
             let failed = r.err().map(|e| e.to_string());
             let mut got = got.into_iter();
             for (rel, _) in part {
@@ -1297,12 +1430,24 @@ impl Dest for RemoteEndpoint {
         // After the queued changes, on their stream: what it makes durable
         // includes them.
         if let Ok(mut ops) = self.inner.ops.lock() {
+            let ops = &mut *ops;
             if let Some(s) = ops.stream.as_mut() {
+                // The settle that follows the barrier travels with it.
                 let _f = self.inner.counts.begin();
-                let r = s.send(&Msg::Barrier).and_then(|()| s.recv());
+                let r = (|| {
+                    s.send(&Msg::Barrier)?;
+                    s.send(&Msg::Settle)?;
+                    let done = s.recv()?;
+                    Ok::<_, NetError>((done, s.recv()?))
+                })();
                 ops.flushed = ops.sent;
                 return match r {
-                    Ok(Msg::Done) => Ok(()),
+                    Ok((Msg::Done, Msg::Settled { failed, more })) => {
+                        ops.settled = ops.sent;
+                        ops.reported.extend(failed);
+                        ops.reported_more += more;
+                        Ok(())
+                    }
                     Ok(_) => Err(self.unexpected(Path::new(""))),
                     Err(e) => {
                         ops.stream = None;
@@ -1318,18 +1463,24 @@ impl Dest for RemoteEndpoint {
         let Ok(mut ops) = self.inner.ops.lock() else {
             return vec![Error::Internal("poisoned lock".into())];
         };
-        if ops.settled == ops.sent {
-            return Vec::new();
-        }
-        let Some(s) = ops.stream.as_mut() else {
-            return Vec::new();
+        let ops = &mut *ops;
+        let r = match ops.stream.as_mut() {
+            Some(s) if ops.settled != ops.sent => {
+                let _f = self.inner.counts.begin();
+                let r = s.send(&Msg::Settle).and_then(|()| s.recv());
+                ops.flushed = ops.sent;
+                ops.settled = ops.sent;
+                r
+            }
+            _ => Ok(Msg::Settled {
+                failed: Vec::new(),
+                more: 0,
+            }),
         };
-        let _f = self.inner.counts.begin();
-        let r = s.send(&Msg::Settle).and_then(|()| s.recv());
-        ops.flushed = ops.sent;
-        ops.settled = ops.sent;
         match r {
-            Ok(Msg::Settled { failed, more }) => {
+            Ok(Msg::Settled { mut failed, mut more }) => {
+                failed.splice(0..0, std::mem::take(&mut ops.reported));
+                more += std::mem::take(&mut ops.reported_more);
                 let mut errs: Vec<Error> = failed
                     .into_iter()
                     .map(|(path, m)| {

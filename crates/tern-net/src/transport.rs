@@ -160,10 +160,24 @@ impl Connector {
         tls: rustls::ClientConfig,
         timeout: Duration,
     ) -> Result<(Connector, Stream)> {
+        Connector::connect_over(rt, kind, addr, tls, timeout, None)
+    }
+
+    /// Like [`Connector::connect`]; over TCP, the first TLS session runs on
+    /// `tcp` when given (a connection already made to `addr`, as the path
+    /// probe leaves one), which saves its round trip.
+    pub fn connect_over(
+        rt: Handle,
+        kind: Transport,
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+        tcp: Option<std::net::TcpStream>,
+    ) -> Result<(Connector, Stream)> {
         let tls = Arc::new(tls);
         match kind {
             Transport::Tcp => {
-                let (stream, cert, tcp) = rt.block_on(tcp_connect(&rt, addr, tls.clone(), timeout))?;
+                let (stream, cert, tcp) = rt.block_on(tcp_connect(&rt, addr, tls.clone(), timeout, tcp))?;
                 let c = Connector {
                     rt,
                     kind,
@@ -255,7 +269,7 @@ impl Connector {
             None => {
                 let (s, cert, tcp) =
                     self.rt
-                        .block_on(tcp_connect(&self.rt, self.addr, self.tls.clone(), self.timeout))?;
+                        .block_on(tcp_connect(&self.rt, self.addr, self.tls.clone(), self.timeout, None))?;
                 if let Ok(mut c) = self.tcp_conns.lock() {
                     c.push(tcp);
                 }
@@ -329,10 +343,17 @@ async fn tcp_connect(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
+    made: Option<std::net::TcpStream>,
 ) -> Result<(Stream, Vec<u8>, Arc<TcpConn>)> {
     let mut conn = None;
     let fut = async {
-        let tcp = TcpStream::connect(addr).await?;
+        let tcp = match made {
+            Some(t) => {
+                t.set_nonblocking(true)?;
+                TcpStream::from_std(t)?
+            }
+            None => TcpStream::connect(addr).await?,
+        };
         tcp.set_nodelay(true)?;
         conn = Some(TcpConn::new(tcp.as_raw_fd()));
         let name = ServerName::try_from("tern").map_err(|e| NetError::Tls(e.to_string()))?;

@@ -216,7 +216,7 @@ fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -
         }
         Loc::Remote(spec) => {
             let ep = net::connect(&spec, r, false)?;
-            let root = ep.stat(Path::new(""))?;
+            let root = ep.stat_root()?;
             let Some(root) = root else {
                 bail!("source {}: no such file or directory", spec.display());
             };
@@ -264,7 +264,7 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
         }
         Loc::Remote(spec) => {
             let ep = net::connect(&spec, r, write)?;
-            let root = ep.stat(Path::new(""))?;
+            let root = ep.stat_root()?;
             remotes.push(ep.clone());
             Ok(Dst {
                 ep: Arc::new(ep.clone()),
@@ -451,6 +451,12 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             Err(e) => return Err(e),
         };
         let opts = jobs_for_path(&opts, jobs_given, &remotes);
+        for r in &remotes {
+            // A stream per worker, one per listing and one for queued
+            // changes, opened while the run starts rather than each when
+            // first needed.
+            r.open_streams_ahead(opts.jobs + 2);
+        }
         if let Some((dr, sources)) = plan.direct {
             let req = PullRequest {
                 sources,

@@ -64,7 +64,12 @@ pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, write: bool) -> anyhow::Result
         timeout: Duration::from_secs(r.timeout.max(1)),
         write,
     };
-    RemoteEndpoint::connect(spec, &opts).with_context(|| spec.display())
+    let ep = RemoteEndpoint::connect(spec, &opts).with_context(|| spec.display())?;
+    // Streams for a listing, the queued changes and a first worker start
+    // opening now, while the roots are looked at; the run tops them up to
+    // its worker count.
+    ep.open_streams_ahead(3);
+    Ok(ep)
 }
 
 /// `tern fingerprint`.

@@ -598,9 +598,10 @@ fn bits_flipped_in_transit_are_caught_and_the_copy_still_lands_intact() {
     write(&local.join("up.bin"), &data(6 << 20, 32));
     let d = daemon(&t.path().join("d"), &module, false);
     for push in [true, false] {
-        // The first two TCP connections each get one bit flipped, 100 kB in
-        // (if they carry that much: the first carries only the login).
-        let (port, flips) = flipping_proxy(d.port, 100_000, 2, push);
+        // The first eight TCP connections (all the first attempt opens: the
+        // login's and those opened ahead for the workers) each get one bit
+        // flipped, 100 kB in, if they carry that much.
+        let (port, flips) = flipping_proxy(d.port, 100_000, 8, push);
         let (src, dst) = if push {
             (
                 local.join("up.bin").display().to_string(),
