@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Turns bench/latency.sh's raw figures into docs/benchmarks/latency.md.
 
-Usage: report_latency.py RESULTS.tsv TERN_BINARY
+Usage: report_latency.py RESULTS.tsv TERN_BINARY [TREE_DIR]
 RESULTS.tsv rows: profile, case, tool, round, seconds, requests, waits, transport.
+TREE_DIR holds the trees t1k and t20k (default: ram/a beside RESULTS.tsv), for
+the time the link alone needs to carry their bytes.
 """
 import os
 import statistics
@@ -12,10 +14,19 @@ from collections import defaultdict
 from datetime import datetime, timezone
 
 PROFILES = {
-    # name: (round trip in ms, description)
-    "wan100": (50, "100 Mbit/s, 50 ms RTT, no loss"),
-    "lan1g": (10, "1 Gbit/s, 10 ms RTT, no loss"),
+    # name: (round trip in ms, link Mbit/s, description)
+    "wan100": (50, 100, "100 Mbit/s, 50 ms RTT, no loss"),
+    "lan1g": (10, 1000, "1 Gbit/s, 10 ms RTT, no loss"),
 }
+# The tree each case moves across the link (none: only listings or hashes).
+MOVES = {"push-1k": "t1k", "pull-1k": "t1k", "push-20k": "t20k", "pull-20k": "t20k"}
+
+
+def tree_bytes(d):
+    total = 0
+    for root, _, files in os.walk(d):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
 CASES = {
     "one": "push one 1-byte file (the fixed cost of a run)",
     "push-1k": "push 1,000 files of 1-16 KiB in 100 directories",
@@ -29,6 +40,8 @@ CASES = {
 
 def main():
     results, tern = sys.argv[1:3]
+    trees = sys.argv[3] if len(sys.argv) > 3 else os.path.join(os.path.dirname(results), "ram", "a")
+    sizes = {t: tree_bytes(os.path.join(trees, t)) for t in set(MOVES.values())}
     runs = defaultdict(list)
     with open(results) as f:
         for line in f:
@@ -50,14 +63,16 @@ def main():
         f"medians of {rounds} rounds, tools alternating in a seeded order, a fresh destination name for "
         "every run. Time is the whole command, connecting included. *requests* and *waits* are tern's own "
         "counts from `--json`: requests sent to the daemon, and the times it waited for a reply with "
-        "nothing else in flight (each costs at least one round trip).\n"
+        "nothing else in flight (each costs at least one round trip). *link alone* is the time the link's "
+        "rate needs for the files' bytes, before any protocol, connection set-up or slow start: no tool "
+        "that sends them can be quicker.\n"
     )
-    for prof, (rtt, desc) in PROFILES.items():
+    for prof, (rtt, mbit, desc) in PROFILES.items():
         if not any(k[0] == prof for k in runs):
             continue
         print(f"## {prof}: {desc}\n")
-        print("| case | tern | rsync | tern / rsync | tern in round trips | requests | waits | transport |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        print("| case | tern | rsync | tern / rsync | link alone | tern in round trips | requests | waits | transport |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         medians = {}
         for case, what in CASES.items():
             t, r = runs.get((prof, case, "tern")), runs.get((prof, case, "rsync"))
@@ -68,8 +83,10 @@ def main():
             req = "/".join(sorted({x[1] for x in t}, key=lambda v: int(v) if v.isdigit() else 0))
             waits = "/".join(sorted({x[2] for x in t}, key=lambda v: int(v) if v.isdigit() else 0))
             tr = "/".join(sorted({x[3] for x in t}))
+            moved = sizes.get(MOVES.get(case, ""), 0)
+            floor = f"{moved * 8 / (mbit * 1e6):.2f} s" if moved else "-"
             print(
-                f"| {case}: {what} | {ts:.2f} s | {rs:.2f} s | {ts / rs:.2f} | {ts * 1000 / rtt:.1f} "
+                f"| {case}: {what} | {ts:.2f} s | {rs:.2f} s | {ts / rs:.2f} | {floor} | {ts * 1000 / rtt:.1f} "
                 f"| {req} | {waits} | {tr} |"
             )
         for size in ("1k", "20k"):

@@ -892,3 +892,157 @@ fn fifos_devices_and_planted_hard_links_are_never_read_or_written_through() {
     assert_eq!(fs::metadata(st.root.join("outside/secret")).expect("stat").nlink(), 1);
     st.outside_untouched();
 }
+
+/// Reads a walk's answer to its end: each directory listed (or failed)
+/// and every name seen.
+fn walk_answer(s: &mut Stream) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let (mut dirs, mut failed, mut names) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        match s.recv().expect("walk reply") {
+            Msg::Listing { dir, entries, more } => {
+                names.extend(entries.into_iter().map(|e| e.name));
+                if !more {
+                    dirs.push(dir);
+                }
+            }
+            Msg::ListingFailed { dir, .. } => failed.push(dir),
+            Msg::WalkDone => return (dirs, failed, names),
+            m => panic!("unexpected in a walk: {m:?}"),
+        }
+    }
+}
+
+fn walk(path: &[u8], from: &[u8]) -> Msg {
+    Msg::Walk(tern_proto::Walk {
+        path: path.to_vec(),
+        rules: Vec::new(),
+        prefix: Vec::new(),
+        from: from.to_vec(),
+    })
+}
+
+#[test]
+fn pipelined_requests_stay_inside_the_module() {
+    let st = setup();
+    fs::write(st.root.join("module/sub/f"), b"abc").expect("write");
+    let mut session = st.session("data", TOKEN, true).expect("session");
+    let s = &mut session;
+    // A walk lists the module and never follows the symlink out of it.
+    s.send(&walk(b"", b"")).expect("send");
+    let (dirs, failed, names) = walk_answer(s);
+    assert_eq!(dirs, vec![b"".to_vec(), b"sub".to_vec()]);
+    assert!(failed.is_empty());
+    assert!(
+        names.contains(&b"out".to_vec()) && !names.contains(&b"secret".to_vec()),
+        "{names:?}"
+    );
+    // Resumed from `sub`: the root is passed over, `sub` still listed.
+    s.send(&walk(b"", b"sub")).expect("send");
+    assert_eq!(walk_answer(s).0, vec![b"sub".to_vec()]);
+    // A walk through the symlink lists nothing; one above the root is refused.
+    s.send(&walk(b"out", b"")).expect("send");
+    let (dirs, failed, names) = walk_answer(s);
+    assert!(dirs.is_empty() && failed == vec![b"".to_vec()] && names.is_empty());
+    assert_eq!(refused(s, walk(b"..", b"")), ErrorCode::Forbidden);
+
+    // Batched reads and hashes: each escaping path fails alone, the real
+    // file is answered, and the stream stays in step.
+    let f = stat_entry(s, b"sub/f");
+    let items: Vec<_> = [&b"out/secret"[..], b"../outside/secret", b"sub/f"]
+        .iter()
+        .map(|p| {
+            let mut e = f.clone();
+            e.name = b"x".to_vec();
+            (p.to_vec(), e)
+        })
+        .collect();
+    s.send(&Msg::ReadFiles {
+        items: items.clone(),
+        xattrs: false,
+    })
+    .expect("send");
+    for _ in 0..2 {
+        assert!(matches!(s.recv().expect("reply"), Msg::FileFailed(_)));
+    }
+    match s.recv().expect("reply") {
+        Msg::FileData { size, hash, .. } => {
+            assert_eq!(size, 3);
+            assert_eq!(hash, *blake3::hash(b"abc").as_bytes());
+            let mut got = [0u8; 3];
+            s.recv_data(&mut got).expect("data");
+            assert_eq!(&got, b"abc");
+        }
+        m => panic!("sub/f not read: {m:?}"),
+    }
+    s.send(&Msg::HashFiles { items }).expect("send");
+    match s.recv().expect("reply") {
+        Msg::Hashes(h) => {
+            assert!(matches!(h[0], tern_proto::HashOutcome::Failed(_)));
+            assert!(matches!(h[1], tern_proto::HashOutcome::Failed(_)));
+            assert_eq!(h[2], tern_proto::HashOutcome::Hash(*blake3::hash(b"abc").as_bytes()));
+        }
+        m => panic!("unexpected {m:?}"),
+    }
+    // Committing a handle that was never created is refused.
+    let commit = Msg::Commit(tern_proto::Commit {
+        handle: 99,
+        writes: 0,
+        meta: WireMeta::default(),
+        owner: false,
+        xattrs: Vec::new(),
+        sync: false,
+        verify: None,
+    });
+    assert_eq!(refused(s, commit), ErrorCode::Protocol);
+    st.outside_untouched();
+}
+
+#[test]
+fn queued_changes_keep_the_grant_and_their_failures_and_wait_boundedly() {
+    let st = setup_with(|c| c.limits.idle = Duration::from_secs(1));
+    // Read-only: queued changes are refused, each failure kept with its
+    // path for the settle, nothing made.
+    let mut ro = st.session("data", RO_TOKEN, false).expect("session");
+    ro.send(&Msg::OpsStream).expect("send");
+    ro.send(&Msg::MakeDir { path: b"made".to_vec() }).expect("send");
+    ro.send(&Msg::Remove { path: b"sub".to_vec() }).expect("send");
+    ro.send(&Msg::MakeDir {
+        path: b"../outside/x".to_vec(),
+    })
+    .expect("send");
+    ro.send(&Msg::Settle).expect("send");
+    match ro.recv().expect("settled") {
+        Msg::Settled { failed, more } => {
+            let paths: Vec<_> = failed.iter().map(|(p, _)| p.clone()).collect();
+            assert_eq!(paths, vec![b"made".to_vec(), b"sub".to_vec(), b"../outside/x".to_vec()]);
+            assert!(failed.iter().all(|(_, e)| e.code == ErrorCode::Forbidden));
+            assert_eq!(more, 0);
+        }
+        m => panic!("unexpected {m:?}"),
+    }
+    assert!(!st.root.join("module/made").exists() && st.root.join("module/sub").is_dir());
+    // Read-write: queued changes apply; one escaping the module fails.
+    let mut rw = st.session("data", TOKEN, true).expect("session");
+    rw.send(&Msg::OpsStream).expect("send");
+    rw.send(&Msg::MakeDir { path: b"made".to_vec() }).expect("send");
+    rw.send(&Msg::MakeDir {
+        path: b"out/x".to_vec(),
+    })
+    .expect("send");
+    rw.send(&Msg::Settle).expect("send");
+    match rw.recv().expect("settled") {
+        Msg::Settled { failed, .. } => assert_eq!(failed.len(), 1, "{failed:?}"),
+        m => panic!("unexpected {m:?}"),
+    }
+    assert!(st.root.join("module/made").is_dir());
+    // Waiting for queued changes that never come ends at the idle timeout,
+    // with an error, not a hang.
+    let mut other = st.session("data", TOKEN, true).expect("session");
+    other.send(&Msg::After { ops: 1_000 }).expect("send");
+    other.send(&Msg::Stat { path: Vec::new() }).expect("send");
+    match other.recv() {
+        Err(NetError::Remote(e)) => assert!(e.message.contains("never received"), "{e:?}"),
+        r => panic!("a wait for changes never sent ended with {r:?}"),
+    }
+    st.outside_untouched();
+}
