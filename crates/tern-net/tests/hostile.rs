@@ -893,9 +893,12 @@ fn fifos_devices_and_planted_hard_links_are_never_read_or_written_through() {
     st.outside_untouched();
 }
 
-/// Reads a walk's answer to its end: each directory listed (or failed)
-/// and every name seen.
-fn walk_answer(s: &mut Stream) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+/// Paths or names, as bytes.
+type Names = Vec<Vec<u8>>;
+
+/// Reads a walk's answer to its end: the directories listed, those that
+/// failed, and every name seen.
+fn walk_answer(s: &mut Stream) -> (Names, Names, Names) {
     let (mut dirs, mut failed, mut names) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         match s.recv().expect("walk reply") {
