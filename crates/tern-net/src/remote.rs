@@ -138,12 +138,13 @@ fn probe_keeping(addr: SocketAddr, timeout: Duration) -> Option<(PathProbe, std:
 }
 
 /// What `--transport auto` picks: TCP on a LAN-like path (connect time
-/// under [`LAN_RTT`]), where it costs half QUIC's CPU; TCP too when this
-/// machine sends (`sends`) and its TCP paces with BBR, which kept pace
-/// with or beat QUIC on every emulated long path (bench/wan.sh); QUIC
-/// otherwise, since a sender stuck with CUBIC collapses on a lossy path.
-pub fn auto_transport(lan_like: bool, sends: bool, tcp_bbr: bool) -> Transport {
-    if lan_like || (sends && tcp_bbr) {
+/// under [`LAN_RTT`]), where it costs half QUIC's CPU; TCP too when the
+/// side that sends (this machine for a push, the daemon for a pull, as its
+/// Hello says) paces with BBR, which kept pace with or beat QUIC on every
+/// emulated long path (bench/wan.sh); QUIC otherwise, since a sender stuck
+/// with CUBIC collapses on a lossy path.
+pub fn auto_transport(lan_like: bool, sender_bbr: bool) -> Transport {
+    if lan_like || sender_bbr {
         Transport::Tcp
     } else {
         Transport::Quic
@@ -323,6 +324,43 @@ fn version_max() -> u16 {
         })
 }
 
+/// The root's entry as the daemon answered it with the login.
+type RootSeen = Option<(Instant, Option<Entry>)>;
+
+/// Checks the daemon's key, then logs in: Hello, Auth and a `Stat` of the
+/// root sent at once, their answers read together. A daemon that refuses
+/// the login never reads the `Stat`.
+fn login(
+    conn: &Connector,
+    first: &mut Stream,
+    spec: &RemoteSpec,
+    opts: &ConnectOptions,
+) -> Result<(Welcome, tern_proto::Agreed, RootSeen)> {
+    let fp = fingerprint(conn.server_cert());
+    crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
+    first.send(&Msg::Hello(our_hello()))?;
+    first.send(&Msg::Auth(Auth {
+        module: spec.module.clone(),
+        token: opts.token.clone(),
+        write: opts.write,
+    }))?;
+    first.send(&Msg::Stat {
+        path: wire::path_bytes(&spec.path),
+    })?;
+    let (welcome, agreed) = handshake_reply(first)?;
+    let root_seen = match first.recv() {
+        Ok(Msg::StatReply(e)) => match e.map(wire::unentry_any_name) {
+            None => Some((Instant::now(), None)),
+            Some(Some(e)) => Some((Instant::now(), Some(e))),
+            Some(None) => None,
+        },
+        // Asked again, and reported, when the run looks at the root.
+        Ok(_) | Err(NetError::Remote(_)) => None,
+        Err(e) => return Err(e),
+    };
+    Ok((welcome, agreed, root_seen))
+}
+
 fn our_hello() -> Hello {
     let mut ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
     ours.version_max = version_max();
@@ -369,49 +407,47 @@ impl RemoteEndpoint {
             None => None,
         };
         let tls = crate::tls::client_config(identity.as_ref())?;
-        let (kind, probed) = match opts.transport {
-            TransportChoice::Quic => (Transport::Quic, None),
-            TransportChoice::Tcp => (Transport::Tcp, None),
+        // `ask`: a pull on a long path, where the daemon sends. TCP serves
+        // as well as QUIC there if the daemon's TCP has BBR, at about half
+        // the CPU; its Hello says so, over the connection the probe made.
+        let (kind, probed, ask) = match opts.transport {
+            TransportChoice::Quic => (Transport::Quic, None, false),
+            TransportChoice::Tcp => (Transport::Tcp, None, false),
             TransportChoice::Auto => match probe_keeping(addr, opts.timeout) {
-                Some((p, sock)) => (auto_transport(p.connect < LAN_RTT, opts.write, p.tcp_bbr), Some(sock)),
-                None => (Transport::Quic, None),
+                Some((p, sock)) if opts.write => (auto_transport(p.connect < LAN_RTT, p.tcp_bbr), Some(sock), false),
+                Some((p, sock)) => match auto_transport(p.connect < LAN_RTT, false) {
+                    Transport::Quic => (Transport::Tcp, Some(sock), true),
+                    k => (k, Some(sock), false),
+                },
+                None => (Transport::Quic, None, false),
             },
         };
         let probed = probed.filter(|_| kind == Transport::Tcp);
         let connected = Connector::connect_over(rt.handle().clone(), kind, addr, tls.clone(), opts.timeout, probed);
-        let (conn, mut first) = match (connected, opts.transport) {
+        let (mut conn, mut first) = match (connected, opts.transport) {
             (Ok(c), _) => c,
             // Auto falls back to TCP where UDP does not get through.
             (Err(e), TransportChoice::Auto) if kind == Transport::Quic => {
                 tracing::info!(error = %e, "QUIC failed; trying TCP");
-                Connector::connect(rt.handle().clone(), Transport::Tcp, addr, tls, opts.timeout)?
+                Connector::connect(rt.handle().clone(), Transport::Tcp, addr, tls.clone(), opts.timeout)?
             }
             (Err(e), _) => return Err(e),
         };
-        let fp = fingerprint(conn.server_cert());
-        crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
-        // The root's entry is asked for with the login, not a round trip
-        // after it; a daemon that refuses the login never reads it.
-        first.send(&Msg::Hello(our_hello()))?;
-        first.send(&Msg::Auth(Auth {
-            module: spec.module.clone(),
-            token: opts.token.clone(),
-            write: opts.write,
-        }))?;
-        first.send(&Msg::Stat {
-            path: wire::path_bytes(&spec.path),
-        })?;
-        let (welcome, agreed) = handshake_reply(&mut first)?;
-        let root_seen = match first.recv() {
-            Ok(Msg::StatReply(e)) => match e.map(wire::unentry_any_name) {
-                None => Some((Instant::now(), None)),
-                Some(Some(e)) => Some((Instant::now(), Some(e))),
-                Some(None) => None,
-            },
-            // Asked again, and reported, when the run looks at the root.
-            Ok(_) | Err(NetError::Remote(_)) => None,
-            Err(e) => return Err(e),
-        };
+        let (mut welcome, mut agreed, mut root_seen) = login(&conn, &mut first, spec, opts)?;
+        if ask && agreed.features & tern_proto::FEATURE_TCP_BBR == 0 {
+            // Its TCP may back off at every loss: this pull goes over QUIC,
+            // unless UDP does not get through.
+            let quic = Connector::connect(rt.handle().clone(), Transport::Quic, addr, tls, opts.timeout)
+                .and_then(|(c, mut s)| Ok((login(&c, &mut s, spec, opts)?, c, s)));
+            match quic {
+                Ok(((w, a, r), c, s)) => {
+                    let _ = first.finish();
+                    conn.close();
+                    (conn, first, welcome, agreed, root_seen) = (c, s, w, a, r);
+                }
+                Err(e) => tracing::info!(error = %e, "QUIC failed; staying on TCP"),
+            }
+        }
         tracing::debug!(
             transport = conn.kind().name(),
             session = welcome.session,
@@ -494,6 +530,11 @@ impl RemoteEndpoint {
     /// The server's key fingerprint, as verified when connecting.
     pub fn server_fingerprint(&self) -> String {
         fingerprint(self.inner.conn.server_cert())
+    }
+
+    /// Whether the daemon's TCP sends with BBR, as its Hello said.
+    pub fn daemon_tcp_bbr(&self) -> bool {
+        self.inner.features & tern_proto::FEATURE_TCP_BBR != 0
     }
 
     /// Whether the daemon answers bench requests (`tern bench`).

@@ -78,6 +78,16 @@ pub struct Server {
     idle: Duration,
     /// Descriptors all clients' transfers may hold at once.
     fds: Arc<FdBudget>,
+    /// This machine's TCP sends with BBR (said in the Hello).
+    tcp_bbr: bool,
+}
+
+/// Whether a TCP socket here gets BBR, as every connection the daemon
+/// accepts asks for.
+fn tcp_has_bbr() -> bool {
+    use std::os::fd::AsRawFd;
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .is_ok_and(|l| crate::path::tune_tcp(l.as_raw_fd()) == "bbr")
 }
 
 struct Module {
@@ -107,6 +117,7 @@ impl Server {
             }),
             idle: cfg.limits.idle,
             fds: FdBudget::new(descriptor_budget(cfg.limits.open_files)),
+            tcp_bbr: tcp_has_bbr(),
         })
     }
 
@@ -169,7 +180,10 @@ impl Server {
             Msg::Hello(h) => h,
             _ => return Err(proto("expected Hello")),
         };
-        let ours = Hello::ours(&self.agent);
+        let mut ours = Hello::ours(&self.agent);
+        if !self.tcp_bbr {
+            ours.features &= !tern_proto::FEATURE_TCP_BBR;
+        }
         s.send(&Msg::Hello(ours.clone()))?;
         let agreed = negotiate(&ours, &theirs)?;
         tracing::debug!(peer = %peer.addr, version = agreed.version, agent = %theirs.agent, "hello");

@@ -22,8 +22,12 @@ pub const MAX_BATCH_FILES: usize = 1024;
 pub const FEATURE_PULL: u64 = 1;
 /// Feature bit: the daemon answers [`Msg::Bench`] (`tern bench`).
 pub const FEATURE_BENCH: u64 = 2;
+/// Feature bit: the daemon's TCP connections send with BBR, so a pull over
+/// TCP keeps pace on a long, lossy path (a client offers it to say it
+/// understands it).
+pub const FEATURE_TCP_BBR: u64 = 4;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
-pub const FEATURES: u64 = FEATURE_PULL | FEATURE_BENCH;
+pub const FEATURES: u64 = FEATURE_PULL | FEATURE_BENCH | FEATURE_TCP_BBR;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each

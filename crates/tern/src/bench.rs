@@ -239,6 +239,7 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
     say(format!("{}:", spec.display()));
     let mut results = Vec::new();
     let default_jobs = tern_core::engine::default_jobs();
+    let mut daemon_bbr = false;
     for t in ["tcp", "quic"] {
         let start = Instant::now();
         let ep = match net::connect(spec, &with_transport(&a.remote_args, t), false) {
@@ -249,6 +250,7 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
             }
         };
         let connect = start.elapsed();
+        daemon_bbr |= ep.daemon_tcp_bbr();
         if !ep.supports_bench() {
             bail!("{}: the daemon is too old to answer bench requests", spec.display());
         }
@@ -287,8 +289,8 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
     let rtt_ms = probe.connect.as_secs_f64() * 1e3;
     let lan = probe.connect < LAN_RTT;
     let bbr = probe.tcp_bbr;
-    let push = auto_transport(lan, true, bbr).name().to_string();
-    let pull = auto_transport(lan, false, bbr).name().to_string();
+    let push = auto_transport(lan, bbr).name().to_string();
+    let pull = auto_transport(lan, daemon_bbr).name().to_string();
     // Workers follow the transport's own round-trip estimate, as in a copy.
     let est = |t: &str| {
         results
@@ -299,7 +301,7 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
     };
     let workers = |t: &str| a.jobs.unwrap_or_else(|| crate::jobs_for(default_jobs, est(t), t));
     let (push_jobs, pull_jobs) = (workers(&push), workers(&pull));
-    let advice = advice(&push, &pull, rtt_ms, bbr, &results);
+    let advice = advice(&push, &pull, rtt_ms, (bbr, daemon_bbr), &results);
     Ok(Remote {
         location: spec.display(),
         probe_connect_ms: rtt_ms,
@@ -313,18 +315,23 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
 }
 
 /// Why auto picks what it picks, and whether the figures disagree.
-fn advice(push: &str, pull: &str, rtt_ms: f64, bbr: bool, results: &[TransportResult]) -> String {
+/// `bbr`: whether this machine's TCP and the daemon's pace with BBR.
+fn advice(push: &str, pull: &str, rtt_ms: f64, bbr: (bool, bool), results: &[TransportResult]) -> String {
+    let has = |b: bool| {
+        if b {
+            "paces with BBR"
+        } else {
+            "has no BBR (CUBIC collapses with loss)"
+        }
+    };
     let mut s = if rtt_ms < LAN_RTT.as_secs_f64() * 1e3 {
         format!("the path looks like a LAN (TCP connect {rtt_ms:.2} ms, under 2 ms), where TCP costs least CPU")
-    } else if bbr {
-        format!(
-            "the path is long (TCP connect {rtt_ms:.1} ms); this machine's TCP paces with BBR, so pushes use TCP, \
-             and pulls, where the daemon sends, QUIC with BBR"
-        )
     } else {
         format!(
-            "the path is long (TCP connect {rtt_ms:.1} ms) and this machine's TCP has no BBR (CUBIC collapses \
-             with loss), so QUIC with BBR"
+            "the path is long (TCP connect {rtt_ms:.1} ms); this machine's TCP {}, so pushes use {push}; \
+             the daemon's TCP {}, so pulls, where it sends, use {pull}",
+            has(bbr.0),
+            has(bbr.1)
         )
     };
     for (dir, picked, rate) in [
