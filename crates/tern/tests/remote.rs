@@ -326,13 +326,6 @@ fn kill_9_of_client_or_daemon_then_rerun_resumes_to_the_same_blake3() {
 
 /// The key fingerprint of the daemon whose state is in `dir/state`
 /// (created now, used by the daemon later).
-fn server_fingerprint(dir: &Path) -> String {
-    let out = ok(tern()
-        .args(["fingerprint", "--server", "--state-dir"])
-        .arg(dir.join("state")));
-    out.trim().to_string()
-}
-
 #[test]
 fn remote_to_remote_goes_daemon_to_daemon_when_both_allow_it() {
     let t = tempfile::tempdir().expect("tempdir");

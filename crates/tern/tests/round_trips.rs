@@ -162,3 +162,50 @@ fn a_queued_directory_that_cannot_be_made_is_reported_with_its_path() {
     assert!(!module.join("locked/inner").exists());
     assert!(side_files(&module).is_empty());
 }
+
+#[test]
+fn a_daemon_pulling_from_another_waits_a_constant_number_of_times() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    let (src, dst) = (root.join("src"), root.join("dst"));
+    wide_tree(&src);
+    fs::create_dir(&dst).expect("mkdir");
+    let client_fp = ok(client(root).arg("fingerprint")).trim().to_string();
+    let b_fp = server_fingerprint(&root.join("b"));
+    let a = daemon_with(
+        &root.join("a"),
+        &src,
+        true,
+        0,
+        &["--allow-key".into(), client_fp, "--allow-key".into(), b_fp],
+    );
+    let b = daemon_with(
+        &root.join("b"),
+        &dst,
+        false,
+        0,
+        &["--pull-from".to_string(), format!("127.0.0.1:{}", a.port)],
+    );
+    let hosts = format!(
+        "127.0.0.1:{} {}\n127.0.0.1:{} {}\n",
+        a.port, a.fingerprint, b.port, b.fingerprint
+    );
+    write(&root.join("client/known_hosts"), hosts.as_bytes());
+    for tr in ["tcp", "quic"] {
+        let out = ok(client(root)
+            .args(["copy", "--json", "--transport", tr, "--token-file"])
+            .arg(&b.token)
+            .arg(a.url(""))
+            .arg(b.url(&format!("d-{tr}/"))));
+        // The counts are the destination daemon's, as it reached A.
+        let (r, w, j) = counts(&out);
+        assert_eq!(
+            (j["direct"].as_bool(), j["copied"].as_u64()),
+            (Some(true), Some(1000)),
+            "{out}"
+        );
+        assert!(w <= MAX_WAITS, "daemon to daemon over {tr}: {w} waits");
+        assert!(r <= 30, "daemon to daemon over {tr}: {r} requests");
+        same_tree(&src, &dst.join(format!("d-{tr}")));
+    }
+}

@@ -206,3 +206,11 @@ pub fn nobody_daemon(t: &Path) -> Option<(Daemon, PathBuf)> {
     }
     d.map(|d| (d, module))
 }
+
+/// The key fingerprint of the daemon whose state lives in `dir/state`.
+pub fn server_fingerprint(dir: &Path) -> String {
+    let out = ok(tern()
+        .args(["fingerprint", "--server", "--state-dir"])
+        .arg(dir.join("state")));
+    out.trim().to_string()
+}
