@@ -34,6 +34,10 @@ pub enum NetError {
     /// Bad configuration or arguments.
     #[error("{0}")]
     Config(String),
+    /// Nothing accepts TCP connections at the address: no daemon there,
+    /// or another port. Not worth a retry.
+    #[error("connection refused by {0}: is `tern serve` running on that host, listening on that port?")]
+    Refused(std::net::SocketAddr),
 }
 
 /// Result type of this crate.

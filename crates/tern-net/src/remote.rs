@@ -107,20 +107,23 @@ pub struct PathProbe {
 /// look like a LAN (a busy machine can be slow to schedule the first), so
 /// a LAN is not taken for a long path. `None` when TCP does not connect.
 pub fn probe_path(addr: SocketAddr, timeout: Duration) -> Option<PathProbe> {
-    probe_keeping(addr, timeout).map(|(p, _)| p)
+    probe_keeping(addr, timeout).ok().map(|(p, _)| p)
 }
 
 /// [`probe_path`], keeping the quicker connection: a copy over TCP runs its
 /// first TLS session on it rather than pay another round trip to connect.
 /// A first connect of ten LAN round trips or more is taken as it is (a
 /// stall that long is rarer than a long path), except on loopback.
-fn probe_keeping(addr: SocketAddr, timeout: Duration) -> Option<(PathProbe, std::net::TcpStream)> {
+/// The first connect's error when none connected.
+fn probe_keeping(addr: SocketAddr, timeout: Duration) -> std::io::Result<(PathProbe, std::net::TcpStream)> {
     use std::os::fd::AsRawFd;
     let mut best: Option<(PathProbe, std::net::TcpStream)> = None;
     for _ in 0..2 {
         let start = Instant::now();
-        let Ok(sock) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
-            break;
+        let sock = match std::net::TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => s,
+            Err(e) if best.is_none() => return Err(e),
+            Err(_) => break,
         };
         let p = PathProbe {
             connect: start.elapsed(),
@@ -134,7 +137,7 @@ fn probe_keeping(addr: SocketAddr, timeout: Duration) -> Option<(PathProbe, std:
             break;
         }
     }
-    best
+    best.ok_or_else(|| std::io::Error::other("no connection"))
 }
 
 /// What `--transport auto` picks: TCP on a LAN-like path (connect time
@@ -414,12 +417,17 @@ impl RemoteEndpoint {
             TransportChoice::Quic => (Transport::Quic, None, false),
             TransportChoice::Tcp => (Transport::Tcp, None, false),
             TransportChoice::Auto => match probe_keeping(addr, opts.timeout) {
-                Some((p, sock)) if opts.write => (auto_transport(p.connect < LAN_RTT, p.tcp_bbr), Some(sock), false),
-                Some((p, sock)) => match auto_transport(p.connect < LAN_RTT, false) {
+                Ok((p, sock)) if opts.write => (auto_transport(p.connect < LAN_RTT, p.tcp_bbr), Some(sock), false),
+                Ok((p, sock)) => match auto_transport(p.connect < LAN_RTT, false) {
                     Transport::Quic => (Transport::Tcp, Some(sock), true),
                     k => (k, Some(sock), false),
                 },
-                None => (Transport::Quic, None, false),
+                // A tern daemon listens on TCP and UDP alike: a refused TCP
+                // connect means none is there, and QUIC would only wait
+                // out its timeout to say so.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(NetError::Refused(addr)),
+                // TCP may be filtered where UDP is not.
+                Err(_) => (Transport::Quic, None, false),
             },
         };
         let probed = probed.filter(|_| kind == Transport::Tcp);
@@ -986,7 +994,15 @@ impl RemoteEndpoint {
 
     fn err(&self, rel: &Path, e: NetError) -> Error {
         match e {
-            NetError::Remote(m) => wire::unerror(m, self.shown(rel)),
+            NetError::Remote(m) => {
+                if m.code == tern_proto::ErrorCode::Unavailable {
+                    // The daemon asks for a later try (overloaded, or a
+                    // connection of this run broke with chunks on it): the
+                    // run is tried again, and resumes.
+                    self.inner.lost.store(true, Ordering::Relaxed);
+                }
+                wire::unerror(m, self.shown(rel))
+            }
             e => {
                 if matches!(
                     e,

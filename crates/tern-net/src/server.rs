@@ -156,6 +156,7 @@ impl Server {
                             tracing::debug!(peer = %peer.addr, error = %e, "stream ended")
                         }
                         e => {
+                            session.stream_broke();
                             tracing::info!(peer = %peer.addr, error = %e, "stream failed");
                             let _ = s.send(&Msg::Error(ErrorMsg::new(ErrorCode::Protocol, e.to_string())));
                             let _ = s.flush();
@@ -311,6 +312,7 @@ impl Server {
             fds: self.fds.clone(),
             ops: Mutex::default(),
             ops_changed: Condvar::new(),
+            broken: AtomicBool::new(false),
         });
         if let Ok(mut m) = self.sessions.lock() {
             m.retain(|_, w| w.strong_count() > 0);
@@ -405,14 +407,29 @@ impl WHandle {
     }
 
     /// Waits until `writes` chunks were applied; the first error if any.
-    fn wait(&self, writes: u64, limit: Duration) -> std::result::Result<(), ErrorMsg> {
+    /// Once a stream of the session broke (`broken`), chunks it carried
+    /// will never come: the wait then ends after [`LOST_CHUNK_GRACE`]
+    /// without one arriving, well before the client's own timeout.
+    fn wait(&self, writes: u64, limit: Duration, broken: &AtomicBool) -> std::result::Result<(), ErrorMsg> {
         let deadline = Instant::now() + limit;
+        let mut progress = Instant::now();
         let mut st = self
             .state
             .lock()
             .map_err(|_| ErrorMsg::new(ErrorCode::Server, "poisoned lock"))?;
+        let mut seen = st.applied;
         while st.applied < writes {
+            if st.applied != seen {
+                (seen, progress) = (st.applied, Instant::now());
+            }
+            let lost = broken.load(Ordering::Relaxed) && progress.elapsed() >= LOST_CHUNK_GRACE;
             let left = deadline.saturating_duration_since(Instant::now());
+            if lost {
+                return Err(ErrorMsg::new(
+                    ErrorCode::Unavailable,
+                    "a connection of this client broke with chunks of the file on it; kept for a resume",
+                ));
+            }
             if left.is_zero() {
                 return Err(ErrorMsg::new(
                     ErrorCode::Protocol,
@@ -421,7 +438,7 @@ impl WHandle {
             }
             st = self
                 .changed
-                .wait_timeout(st, left)
+                .wait_timeout(st, left.min(LOST_CHUNK_GRACE))
                 .map_err(|_| ErrorMsg::new(ErrorCode::Server, "poisoned lock"))?
                 .0;
         }
@@ -431,6 +448,10 @@ impl WHandle {
         }
     }
 }
+
+/// How long a wait for chunks goes on without one arriving, once a stream
+/// of the session broke.
+const LOST_CHUNK_GRACE: Duration = Duration::from_secs(2);
 
 /// A file open for reading, and the descriptor it takes from the budget.
 type RHandle = (Arc<dyn ReadFile>, HandleFds);
@@ -453,6 +474,9 @@ struct Session {
     own_fds: Arc<FdBudget>,
     /// Queued changes applied so far, and the failures not yet reported.
     ops: Mutex<OpsDone>,
+    /// A stream of the session ended in the middle of things (a reset, a
+    /// damaged record): chunks it carried are lost.
+    broken: AtomicBool,
     ops_changed: Condvar,
 }
 
@@ -798,7 +822,7 @@ impl Session {
                 owner,
                 xattrs,
             } => self.whandle(handle).and_then(|h| {
-                h.wait(writes, self.idle)?;
+                h.wait(writes, self.idle, &self.broken)?;
                 let f = h
                     .file
                     .read()
@@ -813,7 +837,7 @@ impl Session {
             Msg::Sync { handle } => self.with_file(handle, |f| f.sync()),
             Msg::Verify { handle, hash } => self.with_file(handle, |f| f.verify(&blake3::Hash::from_bytes(hash))),
             Msg::Publish { handle, writes } => self.whandle(handle).and_then(|h| {
-                h.wait(writes, self.idle)?;
+                h.wait(writes, self.idle, &self.broken)?;
                 if let Ok(mut w) = self.writes.lock() {
                     w.remove(&handle);
                 }
@@ -900,6 +924,17 @@ impl Session {
                 .and_then(|p| self.ep.remove(&p).map(|()| Msg::Done).map_err(err)),
             _ => return None,
         })
+    }
+
+    /// Notes that a stream broke, and wakes the waits for chunks so they
+    /// can tell.
+    fn stream_broke(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+        if let Ok(w) = self.writes.lock() {
+            for h in w.values() {
+                h.changed.notify_all();
+            }
+        }
     }
 
     /// Applies one queued change; its failure, if any, waits for `Settle`.
@@ -1102,15 +1137,22 @@ impl Session {
     /// On failure the file is given up (its data removed).
     fn commit(&self, c: tern_proto::Commit) -> Reply {
         let h = self.whandle(c.handle)?;
-        let waited = h.wait(c.writes, self.idle);
+        let waited = h.wait(c.writes, self.idle, &self.broken);
         if let Ok(mut w) = self.writes.lock() {
             w.remove(&c.handle);
         }
         let f = h.file.write().ok().and_then(|mut f| f.take());
         let f = f.ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "file already closed"))?;
+        if let Err(e) = waited {
+            // Chunks that never came: what did arrive is journaled and
+            // re-verified on a resume. A chunk that could not be written
+            // (a full disk) ends the file as any other failure does.
+            f.abort(e.code == ErrorCode::Unavailable);
+            return Err(e);
+        }
         let owner = c.owner && self.ep.can_chown();
-        let ready = waited.and_then(|()| {
-            let err = |e: Error| wire::error_msg(&e);
+        let err = |e: Error| wire::error_msg(&e);
+        let ready = (|| {
             f.set_meta(&wire::unmeta(&c.meta), owner, &wire::unxattrs(c.xattrs))
                 .map_err(err)?;
             if c.sync {
@@ -1120,9 +1162,9 @@ impl Session {
                 f.verify(&blake3::Hash::from_bytes(hash)).map_err(err)?;
             }
             Ok(())
-        });
+        })();
         match ready {
-            Ok(()) => f.publish().map(|()| Msg::Done).map_err(|e| wire::error_msg(&e)),
+            Ok(()) => f.publish().map(|()| Msg::Done).map_err(err),
             Err(e) => {
                 f.abort(false);
                 Err(e)

@@ -352,7 +352,10 @@ async fn tcp_connect(
                 t.set_nonblocking(true)?;
                 TcpStream::from_std(t)?
             }
-            None => TcpStream::connect(addr).await?,
+            None => TcpStream::connect(addr).await.map_err(|e| match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => NetError::Refused(addr),
+                _ => NetError::Io(e),
+            })?,
         };
         tcp.set_nodelay(true)?;
         conn = Some(TcpConn::new(tcp.as_raw_fd()));

@@ -198,8 +198,9 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
     /// Transport to a daemon: auto picks TCP on a LAN-like path (RTT under
-    /// 2 ms) or when this machine sends and its TCP has BBR, QUIC otherwise
-    /// (`tern bench` shows the choice and why).
+    /// 2 ms) or when the side that sends (this machine for a push, the
+    /// daemon for a pull) paces its TCP with BBR, QUIC otherwise (`tern
+    /// bench` shows the choice and why).
     #[arg(long, value_name = "auto|quic|tcp", default_value = "auto", value_parser = ["auto", "quic", "tcp"])]
     pub transport: String,
     /// File holding the token for the daemon (else $TERN_TOKEN).
@@ -223,6 +224,18 @@ pub struct RemoteArgs {
 /// Options shared by copy and sync.
 #[derive(Debug, Args)]
 pub struct TransferArgs {
+    /// rsync's archive mode, accepted for rsync habits: tern always copies
+    /// recursively and keeps symlinks, permissions, times, and owners when
+    /// run as root (devices and FIFOs are skipped and counted).
+    #[arg(short = 'a', long)]
+    pub archive: bool,
+    /// rsync's recursive mode, accepted for rsync habits: tern always is.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+    /// rsync's --partial --progress: shows progress; partial files are always
+    /// kept for a resume (large files, with their journal).
+    #[arg(short = 'P')]
+    pub partial_progress: bool,
     /// Show what would be done; change nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,

@@ -436,14 +436,16 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     init_logging(out);
     let write = !opts.dry_run && opts.mode == Mode::Transfer;
     let list = opts.dry_run || opts.mode == Mode::Check;
-    let console = Arc::new(Console::new(out, list));
+    let rsync_p =
+        matches!(&cli.command, Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } if t.partial_progress);
+    let console = Arc::new(Console::new(out, list, rsync_p));
     let mut attempt = 0;
     loop {
         let mut remotes = Vec::new();
         let resolved = resolve(&cli.command, remote, write, &mut remotes);
         let plan = match resolved {
             Ok(x) => x,
-            Err(e) if attempt < remote.retries && is_connect_failure(&e) && !cancel.load(Ordering::Relaxed) => {
+            Err(e) if attempt < remote.retries && retryable(&e, attempt) && !cancel.load(Ordering::Relaxed) => {
                 attempt += 1;
                 retry_pause(attempt, remote.retries, &e);
                 continue;
@@ -487,7 +489,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
                 }
                 Err(e) => {
                     let e = anyhow::Error::from(e).context(dr.spec().display());
-                    if attempt < remote.retries && is_connect_failure(&e) && !cancel.load(Ordering::Relaxed) {
+                    if attempt < remote.retries && retryable(&e, attempt) && !cancel.load(Ordering::Relaxed) {
                         attempt += 1;
                         retry_pause(attempt, remote.retries, &e);
                         continue;
@@ -546,6 +548,19 @@ pub(crate) fn jobs_for(jobs: usize, rtt_ms: f64, transport: &str) -> usize {
 fn direct_refusal(code: tern_proto::ErrorCode) -> bool {
     use tern_proto::ErrorCode as C;
     matches!(code, C::Forbidden | C::Unauthorized | C::Unavailable | C::NotFound)
+}
+
+/// Whether a failure to connect is worth another attempt: a connection
+/// that broke, or one refused after the first attempt got through (a
+/// daemon restarting). Refused at once, nothing listens there: say so now.
+fn retryable(e: &anyhow::Error, attempt: u32) -> bool {
+    let refused = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<tern_net::NetError>(),
+            Some(tern_net::NetError::Refused(_))
+        )
+    });
+    is_connect_failure(e) || (refused && attempt > 0)
 }
 
 fn is_connect_failure(e: &anyhow::Error) -> bool {

@@ -26,10 +26,11 @@ pub struct Console {
 
 impl Console {
     /// Sets up output for the given options. `list` forces the per-change
-    /// lines (dry runs and check).
-    pub fn new(out: &OutputArgs, list: bool) -> Console {
+    /// lines (dry runs and check); `progress` asks for the bar as
+    /// `--progress` does (rsync's `-P`).
+    pub fn new(out: &OutputArgs, list: bool, progress: bool) -> Console {
         let tty = std::io::stderr().is_terminal();
-        let show_bar = !out.quiet && !out.no_progress && (out.progress || tty);
+        let show_bar = !out.quiet && !out.no_progress && (out.progress || progress || tty);
         let bar = show_bar.then(|| {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(4));
             let style = ProgressStyle::with_template(
