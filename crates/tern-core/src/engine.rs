@@ -427,7 +427,7 @@ impl Ctx {
     }
 
     fn fail(&self, e: Error) {
-        if e.is_interrupted() {
+        if e.is_interrupted() || e.is_reported() {
             return;
         }
         add(&self.stats.errors, 1);

@@ -75,6 +75,11 @@ pub enum Error {
     /// The run was interrupted; partial files stay for a resume.
     #[error("interrupted")]
     Interrupted,
+    /// Not done because the request that carried it and others failed as a
+    /// whole (a connection dropped), which another entry's error reports
+    /// once for all of them.
+    #[error("{} not done: its batch failed", .0.display())]
+    WithBatch(PathBuf),
 }
 
 fn describe_io(e: &io::Error) -> String {
@@ -102,7 +107,7 @@ impl Error {
             | Error::TypeConflict { path, .. }
             | Error::VerifyFailed { path, .. }
             | Error::Other { path, .. } => Some(path),
-            Error::Vanished(p) | Error::Changed(p) | Error::Busy(p) => Some(p),
+            Error::Vanished(p) | Error::Changed(p) | Error::Busy(p) | Error::WithBatch(p) => Some(p),
             Error::NotLinked { link, .. } => Some(link),
             Error::Usage(_) | Error::Internal(_) | Error::Interrupted => None,
         }
@@ -124,6 +129,12 @@ impl Error {
     /// True when this is an interruption, not a failure.
     pub fn is_interrupted(&self) -> bool {
         matches!(self, Error::Interrupted)
+    }
+
+    /// True when another entry's error already reports this one's cause
+    /// ([`Error::WithBatch`]): neither counted nor shown again.
+    pub fn is_reported(&self) -> bool {
+        matches!(self, Error::WithBatch(_))
     }
 }
 

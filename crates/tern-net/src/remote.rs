@@ -829,6 +829,37 @@ impl RemoteEndpoint {
         Ok((s, f))
     }
 
+    /// The results of a batch whose request failed as a whole (`e`): one
+    /// error, on its first file, says how many were not `what` and why;
+    /// the others refer to it, so a dropped connection is one line, not
+    /// one a file.
+    fn batch_failed<'a, T>(
+        &self,
+        rels: impl Iterator<Item = &'a Path>,
+        what: &str,
+        e: &Error,
+    ) -> Vec<tern_core::Result<T>> {
+        let rels: Vec<&Path> = rels.collect();
+        let others = rels.len().saturating_sub(1);
+        let detail = e.detail();
+        rels.iter()
+            .enumerate()
+            .map(|(i, rel)| {
+                Err(match (i, others) {
+                    (0, 0) => Error::Other {
+                        path: self.shown(rel),
+                        message: format!("not {what}: {detail}"),
+                    },
+                    (0, n) => Error::Other {
+                        path: self.shown(rel),
+                        message: format!("not {what}, nor {n} more files of its batch: {detail}"),
+                    },
+                    _ => Error::WithBatch(self.shown(rel)),
+                })
+            })
+            .collect()
+    }
+
     /// Entries as the engine takes them: valid names, in name order.
     fn entries(&self, rel: &Path, r: Vec<tern_proto::WireEntry>) -> tern_core::Result<Vec<Entry>> {
         let mut out = Vec::with_capacity(r.len());
@@ -1010,9 +1041,16 @@ impl RemoteEndpoint {
                 ) {
                     self.inner.lost.store(true, Ordering::Relaxed);
                 }
+                let why = match &e {
+                    // rustls's words for a TCP connection closed under TLS.
+                    NetError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        "the daemon closed the connection".to_string()
+                    }
+                    e => e.to_string(),
+                };
                 Error::Other {
                     path: self.shown(rel),
-                    message: format!("connection to {}: {e}", self.inner.spec.authority()),
+                    message: format!("connection to {}: {why}", self.inner.spec.authority()),
                 }
             }
         }
@@ -1205,15 +1243,7 @@ impl Source for RemoteEndpoint {
                     }))
                 }
                 Ok(_) => out.extend(part.iter().map(|(rel, _)| Err(self.unexpected(rel)))),
-                Err(e) => {
-                    let msg = e.to_string();
-                    out.extend(part.iter().map(|(rel, _)| {
-                        Err(Error::Other {
-                            path: self.shown(rel),
-                            message: format!("not hashed: {msg}"),
-                        })
-                    }))
-                }
+                Err(e) => out.extend(self.batch_failed(part.iter().map(|(rel, _)| *rel), "hashed", &e)),
             }
         }
         Some(out)
@@ -1243,17 +1273,12 @@ impl Source for RemoteEndpoint {
                 Ok(())
             });
             tracing::debug!(files = part.len(), "batch read");
-            let failed = r.err().map(|e| e.to_string());
-            let mut got = got.into_iter();
-            for (rel, _) in part {
-                out.push(match (got.next(), &failed) {
-                    (Some(r), _) => r,
-                    (None, Some(m)) => Err(Error::Other {
-                        path: self.shown(rel),
-                        message: format!("not read: {m}"),
-                    }),
-                    (None, None) => Err(self.unexpected(rel)),
-                });
+            let done = got.len();
+            out.extend(got);
+            let rest = part[done..].iter().map(|(rel, _)| *rel);
+            match r {
+                Ok(()) => out.extend(rest.map(|rel| Err(self.unexpected(rel)))),
+                Err(e) => out.extend(self.batch_failed(rest, "read", &e)),
             }
         }
         out
@@ -1622,17 +1647,7 @@ impl Dest for RemoteEndpoint {
                 })
                 .collect(),
             Ok(_) => rels.iter().map(|r| Err(self.unexpected(r))).collect(),
-            Err(e) => {
-                let msg = e.to_string();
-                rels.iter()
-                    .map(|r| {
-                        Err(Error::Other {
-                            path: self.shown(r),
-                            message: format!("not written: {msg}"),
-                        })
-                    })
-                    .collect()
-            }
+            Err(e) => self.batch_failed(rels.iter().map(PathBuf::as_path), "written", &e),
         }
     }
 }

@@ -307,7 +307,7 @@ fn hard_links_and_xattrs_are_kept_when_asked() {
         assert_eq!(n, 2, "-X copies extended attributes");
         assert_eq!(&buf[..2], b"v1");
     } else {
-        eprintln!("skipping xattr assertions: this file system refuses user xattrs");
+        skipped("xattr assertions: this file system refuses user xattrs");
     }
 
     // Without -H each name is its own file.
@@ -383,7 +383,7 @@ fn sparse_6gib_file_stays_sparse() {
     }
     drop(f);
     if allocated(&src) > 64 << 20 {
-        eprintln!("skipping: this file system does not make sparse files");
+        skipped("this file system does not make sparse files");
         return;
     }
     let dst = t.path().join("copy.img");

@@ -237,7 +237,7 @@ fn many_clients_under_a_low_open_file_limit_all_land() {
     let mut limited = Command::new("prlimit");
     limited.arg("--nofile=200:200").arg(env!("CARGO_BIN_EXE_tern"));
     if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("skipping: prlimit not available");
+        skipped("prlimit not available");
         return;
     }
     let d = spawn_daemon(limited, t.path(), &module, false, 0, &[]);

@@ -134,7 +134,7 @@ fn a_full_disk_is_a_clear_error_and_the_old_file_survives() {
     let t = tempfile::tempdir().expect("tempdir");
     let mnt = t.path().join("mnt");
     if !mount_tmpfs(&mnt, "2M") {
-        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        skipped("cannot mount a tmpfs here (needs root)");
         return;
     }
     let _guard = Unmount(&mnt);
@@ -180,7 +180,7 @@ fn unreadable_files_fail_alone() {
         Some(c) => c,
         None if !is_root() => tern(),
         None => {
-            eprintln!("skipping: setpriv not available");
+            skipped("setpriv not available");
             return;
         }
     };
@@ -215,7 +215,7 @@ fn reflink_where_the_file_system_can() {
         .stderr(Stdio::null())
         .status();
     if !made.is_ok_and(|s| s.success()) {
-        eprintln!("skipping: mkfs.xfs not available");
+        skipped("mkfs.xfs not available");
         return;
     }
     fs::create_dir(&mnt).expect("mkdir");
@@ -226,7 +226,7 @@ fn reflink_where_the_file_system_can() {
         .stderr(Stdio::null())
         .status();
     if !mounted.is_ok_and(|s| s.success()) {
-        eprintln!("skipping: cannot mount a loop device here (needs root)");
+        skipped("cannot mount a loop device here (needs root)");
         return;
     }
     let _guard = Unmount(&mnt);
@@ -257,7 +257,7 @@ fn a_low_open_file_limit_does_not_fail_many_small_files() {
         .arg(&dst)
         .output();
     let Ok(o) = o else {
-        eprintln!("skipping: prlimit not available");
+        skipped("prlimit not available");
         return;
     };
     let (code, _, err) = outcome(&o);

@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
+use std::process::Stdio;
 
 use common::server::*;
 use common::*;
@@ -208,4 +209,31 @@ fn a_daemon_pulling_from_another_waits_a_constant_number_of_times() {
         assert!(r <= 30, "daemon to daemon over {tr}: {r} requests");
         same_tree(&src, &dst.join(format!("d-{tr}")));
     }
+}
+
+#[test]
+fn a_connection_lost_under_batched_reads_is_one_error_a_batch() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("dst"), t.path().join("module"));
+    wide_tree(&module.join("tree"));
+    let mut d = daemon(t.path(), &module, false);
+    // Slowed, so the daemon dies with batches still to read.
+    let mut c = client(t.path());
+    d.auth(c.args(["copy", "--no-progress", "--retries", "0", "--bwlimit", "1M", "-j", "2"]))
+        .arg(d.url("tree/"))
+        .arg(format!("{}/", src.display()));
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    // The first batch is committed: its leaf directory holds files.
+    let first = src.join("d0/s0");
+    wait_until("the first files to land", std::time::Duration::from_secs(30), || {
+        fs::read_dir(&first).is_ok_and(|mut d| d.next().is_some())
+    });
+    kill9(&mut d.child);
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let errors = err.lines().filter(|l| l.starts_with("error:")).count();
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(errors >= 1, "the lost connection was not reported:\n{err}");
+    // A batch is up to 256 files; each batch cut off is one line.
+    assert!(errors <= 8, "{errors} error lines for one lost connection:\n{err}");
 }

@@ -325,7 +325,7 @@ fn the_destination_directory_removed_during_a_pull() {
 fn disk_full(way: Way) {
     let mut s = Setup::new(way);
     if !s.mount_tmpfs("2M") {
-        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        skipped("cannot mount a tmpfs here (needs root)");
         return;
     }
     write(&s.dst.join("small.bin"), b"old small");
@@ -434,7 +434,7 @@ fn a_file_the_client_may_not_read_fails_alone_in_a_push() {
     let t = tempfile::tempdir().expect("tempdir");
     fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
     let Some(mut c) = tern_as_nobody() else {
-        eprintln!("skipping: needs root and setpriv to run the client as nobody");
+        skipped("needs root and setpriv to run the client as nobody");
         return;
     };
     let module = t.path().join("module");

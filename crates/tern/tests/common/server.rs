@@ -202,7 +202,7 @@ pub fn nobody_daemon(t: &Path) -> Option<(Daemon, PathBuf)> {
     }
     let d = daemon_as_nobody(&home, &module);
     if d.is_none() {
-        eprintln!("skipping: needs root and setpriv to run the daemon as nobody");
+        skipped("needs root and setpriv to run the daemon as nobody");
     }
     d.map(|d| (d, module))
 }
