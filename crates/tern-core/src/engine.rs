@@ -666,10 +666,16 @@ impl Scanner<'_> {
         let ctx = self.ctx;
         // The destination root itself is never removed to make way.
         if !ctx.opts.delete || dst_rel.as_os_str().is_empty() {
+            let hint = if dst_rel.as_os_str().is_empty() {
+                "; the destination itself is never replaced: move it away, or name another destination"
+            } else {
+                " (sync --delete replaces it)"
+            };
             ctx.fail(Error::TypeConflict {
                 path: PathBuf::from(ctx.dest.describe(dst_rel)),
                 found: kind_name(found.kind),
                 wanted: kind_name(wanted),
+                hint,
             });
             return false;
         }

@@ -27,7 +27,7 @@ pub enum Error {
     #[error("{0}: source file changed while being copied; not committed (rerun to copy the new version)")]
     Changed(PathBuf),
     /// A destination entry is in the way of a different kind of entry.
-    #[error("{path}: destination is a {found}, source is a {wanted} (use sync --delete to replace it)")]
+    #[error("{path}: destination is a {found}, source is a {wanted}{hint}")]
     TypeConflict {
         /// The destination path.
         path: PathBuf,
@@ -35,6 +35,9 @@ pub enum Error {
         found: &'static str,
         /// Kind at the source.
         wanted: &'static str,
+        /// What the user can do about it, with its leading separator, or
+        /// nothing.
+        hint: &'static str,
     },
     /// Data read back did not hash to what was written.
     #[error("{path}: verification failed: destination hashes to {found}, source to {expected}")]

@@ -484,6 +484,7 @@ impl Dest for LocalEndpoint {
                     path: shown,
                     found: "non-directory",
                     wanted: "directory",
+                    hint: "",
                 })
             }
             Err(e) => Err(Error::io(&shown, "create directory", e)),
@@ -558,6 +559,7 @@ impl Dest for LocalEndpoint {
                 path: shown,
                 found: "special file at the temporary name",
                 wanted: "regular file",
+                hint: "",
             });
         }
         if !sys::try_lock(&file).ctx(&shown, "lock")? {

@@ -290,6 +290,11 @@ struct Plan {
     /// destination daemon may then run the transfer itself (remote to
     /// remote, the data not passing through here).
     direct: Option<(RemoteEndpoint, Vec<PullSource>)>,
+    /// `sync` of a directory named without a trailing slash onto an
+    /// existing directory of another name: (source as given, destination
+    /// as shown, the source's name). With `--delete` that makes the
+    /// destination itself the source, which an rsync user does not mean.
+    renamed: Option<(String, String, PathBuf)>,
 }
 
 impl Plan {
@@ -316,6 +321,7 @@ impl Plan {
             dest: d.ep,
             roots: roots.into_iter().map(|(r, _)| r).collect(),
             direct,
+            renamed: None,
         }
     }
 }
@@ -453,6 +459,11 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             Err(e) => return Err(e),
         };
         let opts = jobs_for_path(&opts, jobs_given, &remotes);
+        if opts.delete && !opts.dry_run {
+            if let Some((src, dst, name)) = &plan.renamed {
+                refuse_renamed_mirror(&plan, &opts, src, dst, name)?;
+            }
+        }
         for r in &remotes {
             // A stream per worker, one per listing and one for queued
             // changes, opened while the run starts rather than each when
@@ -509,6 +520,47 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         console.summary(verb, &summary, &paths, false);
         return Ok(exit_for(&summary));
     }
+}
+
+/// Counts what a run would delete, and keeps the first such path.
+#[derive(Default)]
+struct Deletions(std::sync::Mutex<(u64, Option<PathBuf>)>);
+
+impl tern_core::Observer for Deletions {
+    fn action(&self, action: tern_core::Action, path: &Path, _size: u64) {
+        if action == tern_core::Action::Delete {
+            if let Ok(mut d) = self.0.lock() {
+                d.0 += 1;
+                d.1.get_or_insert_with(|| path.to_path_buf());
+            }
+        }
+    }
+}
+
+/// `tern sync photos /backup --delete`: rsync would make /backup/photos;
+/// tern makes /backup itself equal to photos. Where that would delete
+/// anything, refuse and say both ways to write what is meant.
+fn refuse_renamed_mirror(plan: &Plan, opts: &Options, src: &str, dst: &str, name: &Path) -> anyhow::Result<()> {
+    let seen = Arc::new(Deletions::default());
+    let dry = Options {
+        dry_run: true,
+        ..opts.clone()
+    };
+    tern_core::run(plan.roots.clone(), plan.dest.clone(), dry, seen.clone());
+    let (n, first) = seen.0.lock().map(|d| d.clone()).unwrap_or_default();
+    if n == 0 {
+        return Ok(());
+    }
+    let first = first.map(|p| format!(" (such as {})", p.display())).unwrap_or_default();
+    let into = format!("{}/{}", dst.trim_end_matches('/'), name.display());
+    bail!(UsageError(format!(
+        "not syncing: `sync {src} {dst} --delete` makes {dst} itself equal to {src}, which would delete \
+         {n} {} of {dst} that {src} lacks{first}.\n  \
+         to sync into {into}:  tern sync {src} {into} --delete\n  \
+         to make {dst} equal to {src}:  tern sync {}/ {dst} --delete",
+        if n == 1 { "entry" } else { "entries" },
+        src.trim_end_matches('/'),
+    )))
 }
 
 /// Round trips from which more QUIC streams pay off.
@@ -600,7 +652,20 @@ fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
                 Some(name) if !s.is_dir && dst_is_dir(&d) => name.clone(),
                 _ => PathBuf::new(),
             };
-            Ok(Plan::new(d, vec![(Root { src: s.ep, dst_rel }, s.remote)]))
+            let dst_name = match (&d.local, &d.remote) {
+                (Some(p), _) => resolved(p).file_name().map(PathBuf::from),
+                (None, Some(r)) => Some(net::remote_name(r.spec())),
+                _ => None,
+            };
+            let renamed = match &s.name {
+                Some(name) if s.is_dir && !s.slash && dst_is_dir(&d) && dst_name.as_ref() != Some(name) => {
+                    Some((src.to_string_lossy().into_owned(), d.shown.clone(), name.clone()))
+                }
+                _ => None,
+            };
+            let mut plan = Plan::new(d, vec![(Root { src: s.ep, dst_rel }, s.remote)]);
+            plan.renamed = renamed;
+            Ok(plan)
         }
         Command::Check { src, dst, .. } => {
             let s = open_source(src, r, remotes)?;

@@ -462,7 +462,9 @@ fn a_destination_root_that_is_a_symlink_is_written_through() {
     write(&real.join("old.txt"), b"old");
     let link = t.path().join("link");
     std::os::unix::fs::symlink(&real, &link).expect("symlink");
-    expect(0, &[&"sync", &"-q", &"--delete", &src, &link]);
+    // The trailing slash: make `link` equal to `src`, whatever its name.
+    let contents = format!("{}/", src.display());
+    expect(0, &[&"sync", &"-q", &"--delete", &contents, &link]);
     assert!(
         link.symlink_metadata().expect("lstat").file_type().is_symlink(),
         "the link survives"

@@ -39,3 +39,36 @@ fn a_port_where_nothing_listens_fails_at_once_with_a_hint() {
         assert!(!err.contains("retrying"), "a refused connection was retried:\n{err}");
     }
 }
+
+#[test]
+fn sync_delete_onto_a_directory_of_another_name_asks_what_is_meant() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (photos, backup) = (t.path().join("photos"), t.path().join("backup"));
+    write(&photos.join("a"), b"a");
+    write(&backup.join("x"), b"x");
+    write(&backup.join("y/z"), b"z");
+    // rsync would make backup/photos; tern would make backup be photos and
+    // delete x and y: refused, with the count and both ways to say it.
+    let o = run(&[&"sync", &"--delete", &photos, &backup]);
+    let (code, _, err) = outcome(&o);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("would delete 2 entries"), "{err}");
+    assert!(
+        err.contains("backup/photos --delete") && err.contains("photos/ "),
+        "{err}"
+    );
+    assert_eq!(fs_read(&backup.join("x")), b"x");
+    // A dry run shows it; either explicit form does it.
+    expect(0, &[&"sync", &"-n", &"--delete", &photos, &backup]);
+    expect(0, &[&"sync", &"--delete", &photos, &backup.join("photos")]);
+    assert_eq!(fs_read(&backup.join("photos/a")), b"a");
+    let slash = format!("{}/", photos.display());
+    expect(0, &[&"sync", &"--delete", &slash, &backup]);
+    assert!(!backup.join("x").exists() && backup.join("a").exists());
+    // Same name, or nothing to delete: no question.
+    expect(0, &[&"sync", &"--delete", &photos, &backup]);
+}
+
+fn fs_read(p: &std::path::Path) -> Vec<u8> {
+    std::fs::read(p).expect("read")
+}

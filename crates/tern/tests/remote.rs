@@ -53,7 +53,7 @@ fn push_pull_check_and_sync_over_both_transports() {
         // Sync with --delete repairs and removes extras.
         write(&module.join(format!("push-{tr}/extra")), b"x");
         ok(d.auth(client(t.path()).args(["sync", "--delete", "--transport", tr]))
-            .arg(&src)
+            .arg(format!("{}/", src.display()))
             .arg(d.url(&format!("push-{tr}"))));
         same_tree(&src, &module.join(format!("push-{tr}")));
     }

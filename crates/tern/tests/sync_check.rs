@@ -39,7 +39,15 @@ fn sync_writes_only_what_changed_and_delete_mirrors() {
 
     let out = expect(
         0,
-        &[&"sync", &"--json", &"--delete", &"--exclude", &"*.log", &src, &dst],
+        &[
+            &"sync",
+            &"--json",
+            &"--delete",
+            &"--exclude",
+            &"*.log",
+            &slash(&src),
+            &dst,
+        ],
     );
     let s = json(&out);
     assert_eq!(s["deleted"], 2);
@@ -83,7 +91,7 @@ fn sync_replaces_entries_of_the_wrong_kind_only_with_delete() {
         b"a file where the source has a directory"
     );
 
-    expect(0, &[&"sync", &"-q", &"--delete", &src, &dst]);
+    expect(0, &[&"sync", &"-q", &"--delete", &slash(&src), &dst]);
     assert_eq!(fs::read(dst.join("x/inside")).expect("read"), b"in");
 }
 
