@@ -463,7 +463,8 @@ impl RemoteEndpoint {
             "connected"
         );
         let counts = Arc::new(Counts::default());
-        // The Hello and Auth exchange: one request, waited for alone.
+        // The login: Auth and the root's Stat, sent together and waited
+        // for once.
         counts.requests.fetch_add(2, Ordering::Relaxed);
         counts.waits.fetch_add(1, Ordering::Relaxed);
         Ok(RemoteEndpoint {
@@ -514,14 +515,6 @@ impl RemoteEndpoint {
         r.requests = self.inner.counts.requests.load(Ordering::Relaxed);
         r.waits = self.inner.counts.waits.load(Ordering::Relaxed);
         r
-    }
-
-    /// Requests sent so far (each queued change and chunk counts as one),
-    /// and the times the client waited for a reply with nothing else in
-    /// flight: the round trips a run could not hide.
-    pub fn request_counts(&self) -> (u64, u64) {
-        let c = &self.inner.counts;
-        (c.requests.load(Ordering::Relaxed), c.waits.load(Ordering::Relaxed))
     }
 
     /// True once a request failed because the connection broke (worth a
