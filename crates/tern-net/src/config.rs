@@ -25,10 +25,14 @@
 //! access = "read"
 //!
 //! [limits]
-//! max_connections = 256
+//! max_connections = 256          # authenticated connections
+//! max_handshakes = 128           # connections not yet authenticated
+//! max_handshakes_per_address = 32  # of those, from one address (IPv6: /64)
 //! streams_per_connection = 64
-//! handshake_timeout_secs = 10
+//! handshake_timeout_secs = 10    # TLS, Hello and Auth, from the connect
 //! idle_timeout_secs = 300
+//! max_request_memory_mib = 1024  # buffers of all requests in progress
+//! max_pulls = 4                  # remote-to-remote transfers at once
 //! # max_open_files = 4096   # default: half the open-file limit, less 64
 //! ```
 
@@ -108,20 +112,29 @@ struct ClientCfg {
 #[serde(deny_unknown_fields, default)]
 struct LimitsCfg {
     max_connections: usize,
+    max_handshakes: usize,
+    max_handshakes_per_address: usize,
     streams_per_connection: u32,
     handshake_timeout_secs: u64,
     idle_timeout_secs: u64,
     max_open_files: Option<usize>,
+    max_request_memory_mib: u64,
+    max_pulls: usize,
 }
 
 impl Default for LimitsCfg {
     fn default() -> Self {
+        let d = Limits::default();
         LimitsCfg {
-            max_connections: 256,
-            streams_per_connection: 64,
-            handshake_timeout_secs: 10,
-            idle_timeout_secs: 300,
+            max_connections: d.max_conns,
+            max_handshakes: d.max_handshakes,
+            max_handshakes_per_address: d.max_handshakes_per_addr,
+            streams_per_connection: d.streams_per_conn,
+            handshake_timeout_secs: d.handshake.as_secs(),
+            idle_timeout_secs: d.idle.as_secs(),
             max_open_files: None,
+            max_request_memory_mib: d.request_memory >> 20,
+            max_pulls: d.max_pulls,
         }
     }
 }
@@ -321,7 +334,12 @@ impl ServerConfig {
             idle: Duration::from_secs(l.idle_timeout_secs.max(1)),
             streams_per_conn: l.streams_per_connection.max(1),
             max_conns: l.max_connections.max(1),
+            max_handshakes: l.max_handshakes.max(1),
+            max_handshakes_per_addr: l.max_handshakes_per_address.max(1),
             open_files: l.max_open_files.map(|n| n.max(1)),
+            // A chunk of the largest size must fit.
+            request_memory: (l.max_request_memory_mib << 20).max(2 * crate::server::MAX_CHUNK),
+            max_pulls: l.max_pulls,
         };
         Ok(cfg)
     }
@@ -334,13 +352,7 @@ impl ServerConfig {
             modules: BTreeMap::new(),
             grants: Vec::new(),
             pull_from: Vec::new(),
-            limits: Limits {
-                handshake: Duration::from_secs(10),
-                idle: Duration::from_secs(300),
-                streams_per_conn: 64,
-                max_conns: 256,
-                open_files: None,
-            },
+            limits: Limits::default(),
         }
     }
 

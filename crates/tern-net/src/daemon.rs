@@ -10,7 +10,7 @@ use crate::config::{ServerConfig, DEFAULT_PORT};
 use crate::error::Result;
 use crate::identity::Identity;
 use crate::server::Server;
-use crate::transport::{Handler, Listener};
+use crate::transport::{Handler, Listener, QuicKeys};
 
 /// A running daemon.
 pub struct Daemon {
@@ -52,12 +52,15 @@ impl Daemon {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut addrs = Vec::new();
         for a in listen {
-            let reset = id.derive_secret("tern 2026-11-21 QUIC stateless reset key");
+            let keys = QuicKeys {
+                reset: id.derive_secret("tern 2026-11-21 QUIC stateless reset key"),
+                cid: id.derive_secret("tern 2026-12-02 QUIC connection ID tag key"),
+            };
             let l = rt.block_on(Listener::bind(
                 a,
                 crate::tls::server_config(id)?,
                 cfg.limits.clone(),
-                reset,
+                keys,
             ))?;
             addrs.push(l.local_addr()?);
             let srv = server.clone();

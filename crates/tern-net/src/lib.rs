@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod identity;
+pub mod log;
 pub mod path;
 pub mod pull;
 pub mod remote;

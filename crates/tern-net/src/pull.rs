@@ -164,7 +164,7 @@ pub(crate) fn serve(policy: &PullPolicy, t: &Target, req: PullRequest, s: &mut S
     match start(policy, t, &req) {
         Ok((roots, opts, transport, endpoints)) => run(t, roots, opts, transport, &endpoints, s),
         Err(e) => {
-            tracing::warn!(module = %t.module, reason = %e.message, "pull refused");
+            tracing::warn!(module = %t.module, reason = ?e.message, "pull refused");
             s.send(&Msg::Error(e))?;
             s.flush()
         }

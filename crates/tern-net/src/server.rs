@@ -36,6 +36,8 @@ pub const MAX_CHUNK: u64 = 64 << 20;
 /// [`FAILURE_WINDOW`] before further attempts are refused unchecked.
 const MAX_FAILURES: u32 = 5;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses the failed-login table remembers at most.
+const MAX_FAILURE_ENTRIES: usize = 4096;
 /// Entries per `Entries` reply, at most.
 const LIST_BATCH: usize = 512;
 /// How long a request waits for a file descriptor other clients hold,
@@ -67,7 +69,10 @@ pub struct Server {
     modules: HashMap<String, Module>,
     grants: Vec<crate::config::Grant>,
     sessions: Mutex<HashMap<u64, Weak<Session>>>,
+    /// Failed logins by address key (IPv6 by /64).
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// What unauthenticated peers can make the daemon log.
+    log_limit: crate::log::Limited,
     /// Set when the daemon is stopping.
     pub shutdown: Arc<AtomicBool>,
     next_session: AtomicU64,
@@ -108,6 +113,7 @@ impl Server {
             grants: cfg.grants.clone(),
             sessions: Mutex::default(),
             failures: Mutex::default(),
+            log_limit: crate::log::Limited::per_second(5),
             shutdown: Arc::default(),
             next_session: AtomicU64::new(1),
             agent: agent.to_string(),
@@ -153,11 +159,11 @@ impl Server {
                 if let Err(e) = self.serve_requests(&mut s, &session) {
                     match e {
                         NetError::Closed | NetError::Timeout(_) => {
-                            tracing::debug!(peer = %peer.addr, error = %e, "stream ended")
+                            tracing::debug!(peer = %peer.addr, error = ?e.to_string(), "stream ended")
                         }
                         e => {
                             session.stream_broke();
-                            tracing::info!(peer = %peer.addr, error = %e, "stream failed");
+                            tracing::info!(peer = %peer.addr, error = ?e.to_string(), "stream failed");
                             let _ = s.send(&Msg::Error(ErrorMsg::new(ErrorCode::Protocol, e.to_string())));
                             let _ = s.flush();
                         }
@@ -177,6 +183,24 @@ impl Server {
     }
 
     fn open_stream(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Arc<Session>> {
+        s.handshaking(peer.gate.deadline());
+        let session = self.handshake(s, peer)?;
+        peer.gate.admit().map_err(|full| {
+            refuse(
+                ErrorCode::Unavailable,
+                format!(
+                    "the daemon is serving as many connections as it allows (max_connections = {}); try again later",
+                    full.0
+                ),
+            )
+        })?;
+        s.authenticated();
+        s.send(&Msg::Welcome(session.welcome()))?;
+        Ok(session)
+    }
+
+    /// Hello, then Auth or Join: the session the stream belongs to.
+    fn handshake(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Arc<Session>> {
         let theirs = match s.recv()? {
             Msg::Hello(h) => h,
             _ => return Err(proto("expected Hello")),
@@ -187,13 +211,9 @@ impl Server {
         }
         s.send(&Msg::Hello(ours.clone()))?;
         let agreed = negotiate(&ours, &theirs)?;
-        tracing::debug!(peer = %peer.addr, version = agreed.version, agent = %theirs.agent, "hello");
+        tracing::debug!(peer = %peer.addr, version = agreed.version, agent = ?theirs.agent, "hello");
         match s.recv()? {
-            Msg::Auth(a) => {
-                let session = self.authenticate(&a, peer)?;
-                s.send(&Msg::Welcome(session.welcome()))?;
-                Ok(session)
-            }
+            Msg::Auth(a) => self.authenticate(&a, peer),
             Msg::Join { session, secret } => {
                 let found = self
                     .sessions
@@ -203,10 +223,7 @@ impl Server {
                     .and_then(Weak::upgrade);
                 match found {
                     // blake3::Hash compares in constant time.
-                    Some(sess) if blake3::Hash::from(sess.secret) == blake3::Hash::from(secret) => {
-                        s.send(&Msg::Welcome(sess.welcome()))?;
-                        Ok(sess)
-                    }
+                    Some(sess) if blake3::Hash::from(sess.secret) == blake3::Hash::from(secret) => Ok(sess),
                     Some(_) => {
                         self.note_failure(peer, "join with a wrong session secret");
                         Err(refuse(ErrorCode::Unauthorized, "unknown or expired session"))
@@ -217,7 +234,9 @@ impl Server {
                     // threat the rate limit addresses), else a client
                     // reconnecting after a restart would lock itself out.
                     None => {
-                        tracing::info!(peer = %peer.addr, session, "join with an unknown session");
+                        if let Some(suppressed) = self.log_limit.allow() {
+                            tracing::info!(peer = %peer.addr, session, suppressed, "join with an unknown session");
+                        }
                         Err(refuse(ErrorCode::Unauthorized, "unknown or expired session"))
                     }
                 }
@@ -227,10 +246,21 @@ impl Server {
     }
 
     fn note_failure(&self, peer: &Peer, why: &str) {
-        tracing::warn!(peer = %peer.addr, client_key = ?peer.client, reason = why, "authentication failed");
+        if let Some(suppressed) = self.log_limit.allow() {
+            tracing::warn!(peer = %peer.addr, client_key = ?peer.client, reason = ?why, suppressed, "authentication failed");
+        }
         if let Ok(mut f) = self.failures.lock() {
             let now = Instant::now();
-            let e = f.entry(peer.addr.ip()).or_insert((0, now));
+            if f.len() >= MAX_FAILURE_ENTRIES {
+                f.retain(|_, (_, since)| now.duration_since(*since) <= FAILURE_WINDOW);
+            }
+            if f.len() >= MAX_FAILURE_ENTRIES {
+                // Still full of live entries (a flood from many addresses):
+                // forgetting them is the lesser harm than growing without
+                // bound, and each address is limited again after five more.
+                f.clear();
+            }
+            let e = f.entry(crate::transport::addr_key(peer.addr.ip())).or_insert((0, now));
             if now.duration_since(e.1) > FAILURE_WINDOW {
                 *e = (0, now);
             }
@@ -243,10 +273,12 @@ impl Server {
             return Err(refuse(ErrorCode::Unavailable, "the server is shutting down"));
         }
         if let Ok(f) = self.failures.lock() {
-            if let Some((n, since)) = f.get(&peer.addr.ip()) {
+            if let Some((n, since)) = f.get(&crate::transport::addr_key(peer.addr.ip())) {
                 let left = FAILURE_WINDOW.saturating_sub(since.elapsed());
                 if *n >= MAX_FAILURES && !left.is_zero() {
-                    tracing::warn!(peer = %peer.addr, "authentication refused: too many failed attempts");
+                    if let Some(suppressed) = self.log_limit.allow() {
+                        tracing::warn!(peer = %peer.addr, suppressed, "authentication refused: too many failed attempts");
+                    }
                     return Err(refuse(
                         ErrorCode::Unauthorized,
                         format!(
@@ -564,7 +596,7 @@ impl Session {
         };
         for h in handles {
             if let Some(f) = h.file.write().ok().and_then(|mut f| f.take()) {
-                tracing::info!(module = %self.module, path = %h.path.display(), "kept partial file for a resume");
+                tracing::info!(module = %self.module, path = ?h.path, "kept partial file for a resume");
                 f.abort(true);
             }
         }
@@ -953,7 +985,7 @@ impl Session {
         if let Ok(mut o) = self.ops.lock() {
             o.applied += 1;
             if let Some(e) = failed {
-                tracing::debug!(module = %self.module, path = %String::from_utf8_lossy(&path), error = %e.message, "queued change failed");
+                tracing::debug!(module = %self.module, path = ?String::from_utf8_lossy(&path), error = ?e.message, "queued change failed");
                 if o.failed.len() < MAX_OP_FAILURES {
                     o.failed.push((path, e));
                 } else {
@@ -1201,7 +1233,7 @@ impl Session {
             hash::cv_at(wc.offset, buf)
         };
         if got != wc.cv {
-            tracing::warn!(module = %self.module, path = %h.path.display(), offset = wc.offset, "chunk arrived corrupted");
+            tracing::warn!(module = %self.module, path = ?h.path, offset = wc.offset, "chunk arrived corrupted");
             h.applied(Some(ErrorMsg::new(
                 ErrorCode::Corrupt,
                 format!(

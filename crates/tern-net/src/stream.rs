@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tern_proto::{data_header, decode_control, encode_control, FrameHeader, FrameKind, Msg, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,6 +22,10 @@ pub const MAX_PAYLOAD: u32 = (1 << 20) + 4096;
 /// Largest control message accepted (a directory listing is sent in parts).
 const MAX_CONTROL: usize = 1 << 20;
 const READ_BUF: usize = 256 << 10;
+/// Largest control message, and read buffer, of a stream whose peer has
+/// not authenticated yet: a Hello, an Auth or a Join is a few hundred
+/// bytes, so an unauthenticated peer costs the daemon a few KiB per stream.
+pub const HANDSHAKE_CONTROL: usize = 4 << 10;
 
 /// The receiving half of a transport stream.
 pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
@@ -33,11 +37,17 @@ pub struct Stream {
     rt: Handle,
     rd: Reader,
     wr: Writer,
-    rbuf: Box<[u8]>,
+    /// Allocated on the first read, `rbuf_len` long.
+    rbuf: Vec<u8>,
+    rbuf_len: usize,
     rpos: usize,
     rlen: usize,
     wbuf: Vec<u8>,
     timeout: Duration,
+    /// No wait goes past this, whatever `timeout` says (the handshake's
+    /// one deadline).
+    deadline: Option<Instant>,
+    max_control: usize,
     /// Set when the stream can no longer be trusted to be in step.
     broken: bool,
     /// The TCP connection under a TCP stream, sampled before it closes.
@@ -59,11 +69,14 @@ impl Stream {
             rt,
             rd,
             wr,
-            rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+            rbuf: Vec::new(),
+            rbuf_len: READ_BUF,
             rpos: 0,
             rlen: 0,
-            wbuf: Vec::with_capacity(64 << 10),
+            wbuf: Vec::new(),
             timeout,
+            deadline: None,
+            max_control: MAX_CONTROL,
             broken: false,
             tcp: None,
         }
@@ -78,6 +91,33 @@ impl Stream {
     /// Changes the bound on every wait.
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
+    }
+
+    /// Until [`Stream::authenticated`]: every wait ends by `deadline`,
+    /// control messages are at most [`HANDSHAKE_CONTROL`] bytes and the
+    /// read buffer is that small too.
+    pub fn handshaking(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
+        self.max_control = HANDSHAKE_CONTROL;
+        if self.rbuf.is_empty() {
+            self.rbuf_len = HANDSHAKE_CONTROL;
+        }
+    }
+
+    /// Lifts the limits of [`Stream::handshaking`]. Bytes already buffered
+    /// stay where they are.
+    pub fn authenticated(&mut self) {
+        self.deadline = None;
+        self.max_control = MAX_CONTROL;
+        self.rbuf_len = READ_BUF;
+    }
+
+    /// The bound on the next wait.
+    fn limit(&self) -> Duration {
+        match self.deadline {
+            Some(d) => self.timeout.min(d.saturating_duration_since(Instant::now())),
+            None => self.timeout,
+        }
     }
 
     /// True after an error left the stream out of step.
@@ -138,13 +178,13 @@ impl Stream {
             self.wbuf.clear();
             r?;
         }
-        let t = self.timeout;
+        let t = self.limit();
         let wr = &mut self.wr;
         bounded(&self.rt, t, wr.flush())
     }
 
     fn write_all(&mut self, data: &[u8]) -> Result<()> {
-        let t = self.timeout;
+        let t = self.limit();
         let wr = &mut self.wr;
         bounded(&self.rt, t, wr.write_all(data))
     }
@@ -152,7 +192,7 @@ impl Stream {
     /// Closes the sending side (the peer reads end of stream).
     pub fn finish(&mut self) -> Result<()> {
         self.flush()?;
-        let t = self.timeout;
+        let t = self.limit();
         let wr = &mut self.wr;
         bounded(&self.rt, t, wr.shutdown())
     }
@@ -169,8 +209,13 @@ impl Stream {
                 done += n;
                 continue;
             }
-            let t = self.timeout;
+            let t = self.limit();
             let want = out.len() - done;
+            if self.rbuf.len() != self.rbuf_len {
+                // Nothing is buffered here (rpos == rlen): safe to resize.
+                self.rbuf = vec![0u8; self.rbuf_len];
+                (self.rpos, self.rlen) = (0, 0);
+            }
             let n = if want >= self.rbuf.len() {
                 // Large reads go straight to the caller's buffer.
                 let rd = &mut self.rd;
@@ -214,10 +259,10 @@ impl Stream {
                     "data frame where a message was expected".into(),
                 )));
             }
-            if h.len as usize > MAX_CONTROL {
+            if h.len as usize > s.max_control {
                 return Err(tern_proto::ProtoError::TooLarge {
                     len: h.len,
-                    max: MAX_CONTROL as u32,
+                    max: s.max_control as u32,
                 }
                 .into());
             }

@@ -397,22 +397,207 @@ pub struct Peer {
     pub transport: Transport,
     /// Identifies the connection the stream came on (for logs).
     pub conn_id: u64,
+    /// The connection's admission: see [`Gate`].
+    pub gate: Arc<Gate>,
+}
+
+/// How a connection gets in. Until one of its streams authenticates it
+/// holds a slot among the handshakes in progress (a small pool, with a
+/// share per address) and must authenticate by one deadline, counted from
+/// the moment it was accepted: TLS, Hello and Auth together. Only then
+/// does it take a slot among the daemon's connections, so peers that never
+/// authenticate cannot keep real clients out.
+#[derive(Debug)]
+pub struct Gate {
+    deadline: std::time::Instant,
+    conns: Arc<tokio::sync::Semaphore>,
+    max_conns: usize,
+    state: Mutex<GateState>,
+    admitted: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    handshake: Option<HandshakeSlot>,
+    conn: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// The daemon is serving as many connections as it allows (the number).
+#[derive(Debug, Clone, Copy)]
+pub struct Full(pub usize);
+
+impl Gate {
+    /// When the connection must have authenticated.
+    pub fn deadline(&self) -> std::time::Instant {
+        self.deadline
+    }
+
+    /// True once a stream of the connection authenticated.
+    pub fn is_admitted(&self) -> bool {
+        self.state.lock().map(|s| s.conn.is_some()).unwrap_or(false)
+    }
+
+    /// Called when a stream of the connection has authenticated: moves the
+    /// connection from the handshakes to the connections, if one is free.
+    pub fn admit(&self) -> std::result::Result<(), Full> {
+        let mut st = self.state.lock().map_err(|_| Full(self.max_conns))?;
+        if st.conn.is_none() {
+            let permit = self
+                .conns
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Full(self.max_conns))?;
+            st.conn = Some(permit);
+            st.handshake = None;
+            self.admitted.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Handshakes in progress per address key (see [`addr_key`]).
+type PerAddr = Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// The key an address is counted under: itself; an IPv4-mapped IPv6
+/// address as IPv4; other IPv6 addresses by their /64, one host's usual
+/// allocation, which it can rotate through at will.
+pub fn addr_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+/// A slot among the handshakes in progress, given back when dropped.
+#[derive(Debug)]
+struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    per_addr: PerAddr,
+    key: std::net::IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.per_addr.lock() {
+            if let Some(n) = m.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+/// The admission state of a listener.
+struct Admission {
+    conns: Arc<tokio::sync::Semaphore>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    per_addr: PerAddr,
+    limits: Limits,
+    /// Refusals are logged a few times a second at most, whoever causes them.
+    refusals: crate::log::Limited,
+}
+
+impl Admission {
+    fn new(limits: &Limits) -> Admission {
+        Admission {
+            conns: Arc::new(tokio::sync::Semaphore::new(limits.max_conns)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes)),
+            per_addr: PerAddr::default(),
+            limits: limits.clone(),
+            refusals: crate::log::Limited::per_second(5),
+        }
+    }
+
+    /// True when a quarter or more of the handshake pool is in use: then
+    /// QUIC clients must prove their address (a Retry) before they get a
+    /// slot, so spoofed Initials cost the daemon nothing.
+    fn busy(&self) -> bool {
+        let used = self.limits.max_handshakes - self.handshakes.available_permits();
+        used * 4 >= self.limits.max_handshakes
+    }
+
+    /// A gate for a connection from `addr`, or None (and a log line, rate
+    /// limited) when the pool or the address's share is full.
+    fn enter(&self, addr: SocketAddr) -> Option<Arc<Gate>> {
+        let key = addr_key(addr.ip());
+        let refused = |why: &str| {
+            if let Some(suppressed) = self.refusals.allow() {
+                tracing::warn!(peer = %addr, suppressed, "connection refused: {why}");
+            }
+            None
+        };
+        let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+            return refused("too many handshakes in progress");
+        };
+        {
+            let Ok(mut m) = self.per_addr.lock() else { return None };
+            let n = m.entry(key).or_insert(0);
+            if *n >= self.limits.max_handshakes_per_addr {
+                return refused("too many handshakes in progress from this address");
+            }
+            *n += 1;
+        }
+        Some(Arc::new(Gate {
+            deadline: std::time::Instant::now() + self.limits.handshake,
+            conns: self.conns.clone(),
+            max_conns: self.limits.max_conns,
+            state: Mutex::new(GateState {
+                handshake: Some(HandshakeSlot {
+                    _permit: permit,
+                    per_addr: self.per_addr.clone(),
+                    key,
+                }),
+                conn: None,
+            }),
+            admitted: tokio::sync::Notify::new(),
+        }))
+    }
 }
 
 /// Limits a server applies to each client.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Time allowed for the TLS/QUIC handshake.
+    /// Time a connection has, from its arrival, to complete TLS and
+    /// authenticate a first stream.
     pub handshake: Duration,
     /// Time a stream may stay silent.
     pub idle: Duration,
-    /// Concurrent streams per QUIC connection.
+    /// Concurrent streams per QUIC connection (one until it authenticates).
     pub streams_per_conn: u32,
-    /// Concurrent connections (TCP connections and QUIC connections).
+    /// Concurrent authenticated connections (TCP and QUIC).
     pub max_conns: usize,
+    /// Connections still in their handshake, at most.
+    pub max_handshakes: usize,
+    /// Of those, from one address (IPv6: one /64).
+    pub max_handshakes_per_addr: usize,
     /// Files all clients' transfers may hold open at once; None for half
     /// the process's open-file limit (see `tern_core::open_file_budget`).
     pub open_files: Option<usize>,
+    /// Bytes the buffers of all requests in progress may hold at once.
+    pub request_memory: u64,
+    /// Remote-to-remote transfers running at once; 0 refuses them all.
+    pub max_pulls: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            streams_per_conn: 64,
+            max_conns: 256,
+            max_handshakes: 128,
+            max_handshakes_per_addr: 32,
+            open_files: None,
+            request_memory: 1 << 30,
+            max_pulls: 4,
+        }
+    }
 }
 
 /// What the server does with each accepted stream (on a blocking thread).
@@ -428,16 +613,11 @@ pub struct Listener {
 
 impl Listener {
     /// Binds TCP and UDP on `addr` (port 0: a free port, the same for both).
-    /// `reset_key` keys QUIC's stateless resets; derived from the daemon's
-    /// identity, it survives a restart, so clients of the previous process
-    /// learn at once that their connection is gone instead of waiting for
-    /// their idle timeout.
-    pub async fn bind(
-        addr: SocketAddr,
-        tls: rustls::ServerConfig,
-        limits: Limits,
-        reset_key: [u8; 32],
-    ) -> Result<Listener> {
+    /// `keys` key QUIC's stateless resets and connection IDs; derived from
+    /// the daemon's identity, they survive a restart, so clients of the
+    /// previous process learn at once that their connection is gone
+    /// instead of waiting for their idle timeout.
+    pub async fn bind(addr: SocketAddr, tls: rustls::ServerConfig, limits: Limits, keys: QuicKeys) -> Result<Listener> {
         let tls = Arc::new(tls);
         let tcp = TcpListener::bind(addr)
             .await
@@ -445,25 +625,18 @@ impl Listener {
         let local = tcp.local_addr()?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone()).map_err(quic_err)?;
         let mut qcfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        qcfg.transport_config(Arc::new(quic_transport(
-            limits.streams_per_conn,
-            QUIC_IDLE.min(limits.idle),
-        )?));
+        let mut transport = quic_transport(limits.streams_per_conn, QUIC_IDLE.min(limits.idle))?;
+        // Until a stream authenticates: one stream, and a window no larger
+        // than a handshake needs (see `quic_conn`).
+        transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+        transport.receive_window(quinn::VarInt::from_u32(PREAUTH_WINDOW));
+        qcfg.transport_config(Arc::new(transport));
+        let mut ecfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &keys.reset)));
         // The connection-ID check must survive the restart too: packets for
         // an unknown connection are answered with a reset only if their
         // connection ID is one this endpoint could have issued.
-        let mut ecfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key)));
-        let cid_key = u64::from_le_bytes([
-            reset_key[0],
-            reset_key[1],
-            reset_key[2],
-            reset_key[3],
-            reset_key[4],
-            reset_key[5],
-            reset_key[6],
-            reset_key[7],
-        ]);
-        ecfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+        let cid_key = keys.cid;
+        ecfg.cid_generator(move || Box::new(TaggedCids { key: cid_key }));
         let quic = udp_socket(local)
             .and_then(|sock| quinn::Endpoint::new(ecfg, Some(qcfg), sock, Arc::new(quinn::TokioRuntime)))
             .map_err(|e| NetError::Config(format!("cannot listen on {local} (UDP): {e}")))?;
@@ -479,7 +652,7 @@ impl Listener {
     /// `handler` on a blocking thread.
     pub async fn run(self, handler: Handler, mut stop: tokio::sync::watch::Receiver<bool>) {
         let Listener { tcp, quic, tls, limits } = self;
-        let conns = Arc::new(tokio::sync::Semaphore::new(limits.max_conns));
+        let admission = Admission::new(&limits);
         let mut next_id = 0u64;
         loop {
             next_id += 1;
@@ -490,37 +663,110 @@ impl Listener {
                         Ok(x) => x,
                         Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
                     };
-                    let Ok(permit) = conns.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "too many connections; refused");
-                        continue;
-                    };
+                    let Some(gate) = admission.enter(peer) else { continue };
                     let (tls, limits, handler, id) = (tls.clone(), limits.clone(), handler.clone(), next_id);
                     tokio::spawn(async move {
-                        let _permit = permit;
-                        if let Err(e) = tcp_conn(sock, peer, tls, &limits, handler, id).await {
-                            tracing::info!(%peer, error = %e, "TCP connection failed");
+                        if let Err(e) = tcp_conn(sock, peer, tls, &limits, handler, id, gate).await {
+                            tracing::debug!(%peer, error = %e, "TCP connection failed");
                         }
                     });
                 }
                 c = quic.accept() => {
                     let Some(incoming) = c else { break };
-                    let Ok(permit) = conns.clone().try_acquire_owned() else {
-                        tracing::warn!(peer = %incoming.remote_address(), "too many connections; refused");
+                    if admission.busy() && !incoming.remote_address_validated() && incoming.may_retry() {
+                        // Stateless: a spoofed source never answers the Retry.
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    let Some(gate) = admission.enter(incoming.remote_address()) else {
                         incoming.refuse();
                         continue;
                     };
                     let (limits, handler, id) = (limits.clone(), handler.clone(), next_id);
                     tokio::spawn(async move {
-                        let _permit = permit;
                         let peer = incoming.remote_address();
-                        if let Err(e) = quic_conn(incoming, &limits, handler, id).await {
-                            tracing::info!(%peer, error = %e, "QUIC connection ended");
+                        if let Err(e) = quic_conn(incoming, &limits, handler, id, gate).await {
+                            tracing::debug!(%peer, error = %e, "QUIC connection ended");
                         }
                     });
                 }
             }
         }
         quic.close(quinn::VarInt::from_u32(1), b"server shutting down");
+    }
+}
+
+/// Connection window of a QUIC connection before it authenticates: a
+/// Hello, an Auth and the requests sent with them fit many times over.
+const PREAUTH_WINDOW: u32 = 64 << 10;
+/// Connection window once authenticated (see [`quic_transport`]).
+const QUIC_CONN_WINDOW: u32 = 64 << 20;
+
+/// The keys of a QUIC endpoint, one per use.
+#[derive(Clone)]
+pub struct QuicKeys {
+    /// Keys stateless-reset tokens.
+    pub reset: [u8; 32],
+    /// Keys the tag of connection IDs.
+    pub cid: [u8; 32],
+}
+
+/// Connection IDs of 8 random bytes and an 8-byte keyed tag over them:
+/// unlinkable to an observer, and checked cheaply before a reset is sent
+/// for an unknown connection (a forged ID passes one time in 2^64).
+struct TaggedCids {
+    key: [u8; 32],
+}
+
+const CID_RANDOM: usize = 8;
+const CID_LEN: usize = 16;
+
+impl TaggedCids {
+    fn tag(&self, random: &[u8]) -> [u8; CID_LEN - CID_RANDOM] {
+        let h = blake3::keyed_hash(&self.key, random);
+        let mut t = [0u8; CID_LEN - CID_RANDOM];
+        t.copy_from_slice(&h.as_bytes()[..CID_LEN - CID_RANDOM]);
+        t
+    }
+}
+
+impl quinn_proto::ConnectionIdGenerator for TaggedCids {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        let mut cid = [0u8; CID_LEN];
+        if crate::server::getrandom(&mut cid[..CID_RANDOM]).is_err() {
+            // The kernel's random source does not fail once the system has
+            // booted; should it, fall back to a hash of the time and a
+            // counter, still unpredictable without the key.
+            static N: AtomicU64 = AtomicU64::new(0);
+            let seed = format!(
+                "{:?}{}",
+                std::time::SystemTime::now(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            let h = blake3::keyed_hash(&self.key, seed.as_bytes());
+            cid[..CID_RANDOM].copy_from_slice(&h.as_bytes()[CID_RANDOM..2 * CID_RANDOM]);
+        }
+        let tag = self.tag(&cid[..CID_RANDOM]);
+        cid[CID_RANDOM..].copy_from_slice(&tag);
+        quinn_proto::ConnectionId::new(&cid)
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> std::result::Result<(), quinn_proto::InvalidCid> {
+        let b: &[u8] = cid;
+        let differs = |t: &[u8]| t.iter().zip(&b[CID_RANDOM..]).fold(0u8, |acc, (x, y)| acc | (x ^ y)) != 0;
+        if b.len() == CID_LEN && !differs(&self.tag(&b[..CID_RANDOM])) {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
     }
 }
 
@@ -531,11 +777,13 @@ async fn tcp_conn(
     limits: &Limits,
     handler: Handler,
     conn_id: u64,
+    gate: Arc<Gate>,
 ) -> Result<()> {
     sock.set_nodelay(true)?;
     tune_tcp(sock.as_raw_fd());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let s = tokio::time::timeout(limits.handshake, async {
+    let left = gate.deadline().saturating_duration_since(std::time::Instant::now());
+    let s = tokio::time::timeout(left, async {
         // A client choosing its transport connects and closes without a
         // byte (`remote::probe_path`): not a failure worth a log line.
         if sock.peek(&mut [0u8]).await? == 0 {
@@ -560,6 +808,7 @@ async fn tcp_conn(
         client,
         transport: Transport::Tcp,
         conn_id,
+        gate,
     };
     let (r, w) = tokio::io::split(s);
     let stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle);
@@ -568,8 +817,15 @@ async fn tcp_conn(
         .map_err(|e| NetError::Config(format!("handler failed: {e}")))
 }
 
-async fn quic_conn(incoming: quinn::Incoming, limits: &Limits, handler: Handler, conn_id: u64) -> Result<()> {
-    let conn = tokio::time::timeout(limits.handshake, async {
+async fn quic_conn(
+    incoming: quinn::Incoming,
+    limits: &Limits,
+    handler: Handler,
+    conn_id: u64,
+    gate: Arc<Gate>,
+) -> Result<()> {
+    let left = gate.deadline().saturating_duration_since(std::time::Instant::now());
+    let conn = tokio::time::timeout(left, async {
         incoming.accept().map_err(quic_err)?.await.map_err(quic_err)
     })
     .await
@@ -579,9 +835,30 @@ async fn quic_conn(incoming: quinn::Incoming, limits: &Limits, handler: Handler,
         client: peer_cert(conn.peer_identity()).map(|c| fingerprint(&c)),
         transport: Transport::Quic,
         conn_id,
+        gate: gate.clone(),
     };
+    let deadline = tokio::time::Instant::from_std(gate.deadline());
+    let mut open = false;
     loop {
-        let (send, recv) = match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            _ = gate.admitted.notified(), if !open => {
+                open = true;
+                conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limits.streams_per_conn));
+                conn.set_receive_window(quinn::VarInt::from_u32(QUIC_CONN_WINDOW));
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline), if !open => {
+                if gate.is_admitted() {
+                    // Admitted just now; the notification is still pending.
+                    continue;
+                }
+                // The daemon's keep-alives would hold it open forever.
+                conn.close(quinn::VarInt::from_u32(2), b"not authenticated in time");
+                return Err(NetError::Timeout(limits.handshake.as_secs()));
+            }
+        };
+        let (send, recv) = match accepted {
             Ok(s) => s,
             Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => return Ok(()),
             Err(e) => return Err(quic_err(e)),

@@ -1049,3 +1049,145 @@ fn queued_changes_keep_the_grant_and_their_failures_and_wait_boundedly() {
     }
     st.outside_untouched();
 }
+
+/// A raw connection with its own wait bound (the streams of
+/// [`Setup::stream`] wait 10 s).
+fn raw_stream(st: &Setup, kind: Transport, wait: Duration) -> Result<Stream, NetError> {
+    let addr = st.daemon.as_ref().expect("daemon").addrs()[0];
+    let tls = tern_net::tls::client_config(None).expect("tls");
+    let (c, s) = Connector::connect(st.rt.handle().clone(), kind, addr, tls, wait)?;
+    st.conns.lock().expect("lock").push(c);
+    Ok(s)
+}
+
+/// Hello and Auth on `s`, which must be welcomed.
+fn login(s: &mut Stream, token: &str) {
+    s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    s.send(&Msg::Auth(Auth {
+        module: "data".into(),
+        token: Some(token.into()),
+        write: false,
+    }))
+    .expect("send");
+    assert!(matches!(s.recv().expect("hello"), Msg::Hello(_)));
+    assert!(matches!(s.recv().expect("welcome"), Msg::Welcome(_)));
+}
+
+/// Issue 13, finding 2: connections that complete TLS and never
+/// authenticate (what `openssl s_client` left open does) once held the
+/// daemon's connection slots for good. They now wait in a pool of their
+/// own, only until one deadline for TLS, Hello and Auth, and real clients
+/// get in meanwhile.
+#[test]
+fn connections_that_never_authenticate_neither_lock_clients_out_nor_stay() {
+    let st = setup_with(|c| {
+        c.limits.max_conns = 4;
+        c.limits.handshake = Duration::from_secs(2);
+    });
+    let mut idle: Vec<Stream> = (0..8)
+        .map(|i| {
+            let kind = if i % 2 == 0 { Transport::Tcp } else { Transport::Quic };
+            raw_stream(&st, kind, Duration::from_secs(60)).expect("TLS completes")
+        })
+        .collect();
+    // All four connection slots are free for real clients.
+    let mut real: Vec<Stream> = (0..4)
+        .map(|_| st.session("data", TOKEN, false).expect("login"))
+        .collect();
+    for s in &mut real {
+        s.send(&Msg::Stat { path: b"sub".to_vec() }).expect("send");
+        assert!(matches!(s.recv().expect("stat"), Msg::StatReply(Some(_))));
+    }
+    // A fifth authenticated connection is one too many, and says so.
+    match st.session("data", TOKEN, false) {
+        Err(NetError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert!(e.message.contains("max_connections = 4"), "{}", e.message);
+        }
+        other => panic!("a fifth connection: {:?}", other.map(|_| ())),
+    }
+    // The silent ones are hung up on at the deadline, long before their
+    // own 60 s wait would end (a QUIC one would otherwise be kept alive
+    // by the daemon's keep-alives).
+    for (i, s) in idle.iter_mut().enumerate() {
+        match s.recv() {
+            Err(NetError::Timeout(_)) | Ok(_) => panic!("idle connection {i} was kept"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Issue 13, finding 2: one address may hold only its share of the
+/// handshakes in progress.
+#[test]
+fn one_address_gets_only_its_share_of_the_handshakes() {
+    let st = setup_with(|c| c.limits.max_handshakes_per_addr = 3);
+    let _held: Vec<Stream> = (0..3)
+        .map(|_| raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).expect("TLS completes"))
+        .collect();
+    assert!(
+        raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).is_err(),
+        "a fourth handshake from the same address was taken"
+    );
+    assert!(
+        raw_stream(&st, Transport::Quic, Duration::from_secs(3)).is_err(),
+        "a fourth handshake over QUIC was taken"
+    );
+}
+
+/// Issue 13, finding 3: before it authenticates, a peer gets one stream per
+/// QUIC connection and may send only small control messages, so streams
+/// and announced Hellos cost the daemon no memory or threads to speak of.
+#[test]
+fn before_authentication_a_peer_gets_one_stream_and_small_messages() {
+    let st = setup();
+    let addr = st.daemon.as_ref().expect("daemon").addrs()[0];
+    let tls = tern_net::tls::client_config(None).expect("tls");
+    let (c, mut first) = Connector::connect(
+        st.rt.handle().clone(),
+        Transport::Quic,
+        addr,
+        tls,
+        Duration::from_secs(2),
+    )
+    .expect("quic");
+    // The stream is only known to the daemon once it carries a byte.
+    first.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    first.flush().expect("flush");
+    assert!(
+        matches!(c.open(), Err(NetError::Timeout(_))),
+        "a second stream was allowed before authentication"
+    );
+    first
+        .send(&Msg::Auth(Auth {
+            module: "data".into(),
+            token: Some(TOKEN.into()),
+            write: false,
+        }))
+        .expect("send");
+    assert!(matches!(first.recv().expect("hello"), Msg::Hello(_)));
+    assert!(matches!(first.recv().expect("welcome"), Msg::Welcome(_)));
+    // Authenticated: more streams, and large messages.
+    let mut second = c.open().expect("a second stream once authenticated");
+    second.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    second.flush().expect("flush");
+    let big = Msg::Stat {
+        path: vec![b'a'; 8 << 10],
+    };
+    first.send(&big).expect("send");
+    assert!(
+        !matches!(first.recv(), Err(NetError::Proto(_)) | Err(NetError::Closed)),
+        "an 8 KiB request after Auth"
+    );
+    c.close();
+
+    // The same 8 KiB before Auth ends the stream.
+    let mut s = raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).expect("tcp");
+    let mut hello = Hello::ours("test");
+    hello.agent = "x".repeat(8 << 10);
+    s.send(&Msg::Hello(hello)).expect("send");
+    assert!(s.recv().is_err(), "an 8 KiB Hello was read");
+    // A well-behaved client is still served.
+    let mut ok = raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).expect("tcp");
+    login(&mut ok, TOKEN);
+}
