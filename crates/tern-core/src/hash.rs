@@ -47,6 +47,17 @@ pub fn chunk_cv(offset: u64, data: &[u8]) -> ChainingValue {
     h.finalize_non_root()
 }
 
+/// True when [`cv_at`] can vouch for `len` bytes at `offset`: BLAKE3 gives
+/// a chaining value only for a whole subtree, and a subtree starting at
+/// chunk N > 0 holds at most the largest power of two dividing N chunks.
+/// Checked on everything a peer asks for, which must never panic a handler.
+pub fn valid_span(offset: u64, len: u64) -> bool {
+    if offset == 0 || offset % MIN_CHUNK_SIZE != 0 {
+        return true;
+    }
+    blake3::hazmat::max_subtree_len(offset).is_none_or(|most| len <= most)
+}
+
 /// The chaining value that vouches for `data` read at `offset` when it
 /// crosses a network: [`chunk_cv`] where the offset allows it (a multiple of
 /// 1 KiB, as every chunk and hole boundary is), else the BLAKE3 of the bytes.
@@ -98,6 +109,25 @@ pub fn to_hex(hash: &Hash) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_that_are_not_whole_subtrees_are_told_apart_and_the_rest_hash() {
+        let data = vec![3u8; 16 << 10];
+        for (offset, len, ok) in [
+            (0, 16 << 10, true),
+            (1024, 1024, true),
+            (1024, 2048, false),
+            (4096, 4096, true),
+            (4096, 8192, false),
+            (8192, 8192, true),
+            (100, 16 << 10, true),
+        ] {
+            assert_eq!(valid_span(offset, len), ok, "{len} bytes at {offset}");
+            if ok {
+                cv_at(offset, &data[..len as usize]);
+            }
+        }
+    }
 
     fn data(len: usize) -> Vec<u8> {
         let mut x: u32 = 0x9e37_79b9;

@@ -148,6 +148,11 @@ impl Drop for AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// Bytes allocated.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
     /// The first `len` bytes, growing the buffer as needed. New bytes are
     /// zero; bytes from earlier use are left as they were.
     pub fn slice(&mut self, len: usize) -> io::Result<&mut [u8]> {

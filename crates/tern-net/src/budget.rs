@@ -1,19 +1,24 @@
-//! The daemon's budget of file descriptors for transfers.
+//! The daemon's budgets: of file descriptors for transfers, and of memory
+//! for the buffers of requests.
 //!
 //! Every client's open files, and the files of each group of a batch of
 //! small files while it is written, come out of one daemon-wide count, so
 //! that many clients at once slow each other down instead of failing with
 //! "too many open files". Sockets, directories and short-lived opens use
-//! the headroom left beside the budget.
+//! the headroom left beside the budget. Likewise every chunk read or
+//! written, and every batch of small files, holds its bytes (in MiB) from
+//! one daemon-wide budget while it is in memory, so clients with a grant
+//! cannot make the daemon allocate without bound.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// A count of descriptors, handed out first come, first served.
+/// A count of units (descriptors, MiB), handed out first come, first
+/// served.
 #[derive(Debug)]
-pub struct FdBudget {
+pub struct Budget {
     total: usize,
     state: Mutex<State>,
     changed: Condvar,
@@ -29,21 +34,21 @@ struct State {
     next: u64,
 }
 
-/// Descriptors taken from an [`FdBudget`], given back when dropped.
+/// Units taken from a [`Budget`], given back when dropped.
 #[derive(Debug)]
-pub struct FdPermit {
-    budget: Arc<FdBudget>,
+pub struct Permit {
+    budget: Arc<Budget>,
     n: usize,
 }
 
 /// How often a waiting request looks at the stop flag.
 const CANCEL_POLL: Duration = Duration::from_millis(250);
 
-impl FdBudget {
-    /// A budget of `total` descriptors (at least one).
-    pub fn new(total: usize) -> Arc<FdBudget> {
+impl Budget {
+    /// A budget of `total` units (at least one).
+    pub fn new(total: usize) -> Arc<Budget> {
         let total = total.max(1);
-        Arc::new(FdBudget {
+        Arc::new(Budget {
             total,
             state: Mutex::new(State {
                 free: total,
@@ -59,15 +64,15 @@ impl FdBudget {
         self.total
     }
 
-    /// Descriptors not held now.
+    /// Units not held now.
     pub fn free(&self) -> usize {
         self.state.lock().map(|s| s.free).unwrap_or(0)
     }
 
-    /// Takes `n` descriptors (at most the whole budget) once the requests
+    /// Takes `n` units (at most the whole budget) once the requests
     /// before it are served and that many are free. None at `deadline`, or
     /// when `cancel` turns true.
-    pub fn acquire(self: &Arc<Self>, n: usize, deadline: Instant, cancel: &AtomicBool) -> Option<FdPermit> {
+    pub fn acquire(self: &Arc<Self>, n: usize, deadline: Instant, cancel: &AtomicBool) -> Option<Permit> {
         let n = n.min(self.total);
         let mut st = self.state.lock().ok()?;
         let ticket = st.next;
@@ -80,7 +85,7 @@ impl FdBudget {
                 drop(st);
                 // The next in line may fit in what is left.
                 self.changed.notify_all();
-                return Some(FdPermit {
+                return Some(Permit {
                     budget: self.clone(),
                     n,
                 });
@@ -97,14 +102,14 @@ impl FdBudget {
     }
 }
 
-impl FdPermit {
-    /// How many descriptors this permit holds.
+impl Permit {
+    /// How many units this permit holds.
     pub fn count(&self) -> usize {
         self.n
     }
 }
 
-impl Drop for FdPermit {
+impl Drop for Permit {
     fn drop(&mut self) {
         if self.n == 0 {
             return;
@@ -127,7 +132,7 @@ mod tests {
     #[test]
     fn permits_are_counted_given_back_and_waited_for() {
         let no = AtomicBool::new(false);
-        let b = FdBudget::new(8);
+        let b = Budget::new(8);
         let most = b.acquire(7, soon(0), &no).expect("all but one");
         assert_eq!(b.free(), 1);
         assert!(b.acquire(2, soon(20), &no).is_none(), "only one left");
@@ -148,7 +153,7 @@ mod tests {
     #[test]
     fn a_large_request_is_served_before_later_small_ones() {
         let no = Arc::new(AtomicBool::new(false));
-        let b = FdBudget::new(4);
+        let b = Budget::new(4);
         let held = b.acquire(3, soon(0), &no).expect("three");
         let (tx, rx) = std::sync::mpsc::channel();
         // The large request queues first (it cannot be served while three
@@ -173,7 +178,7 @@ mod tests {
 
     #[test]
     fn a_waiting_request_gives_up_when_cancelled() {
-        let b = FdBudget::new(1);
+        let b = Budget::new(1);
         let _held = b.acquire(1, soon(0), &AtomicBool::new(false)).expect("one");
         let cancel = AtomicBool::new(true);
         let start = Instant::now();

@@ -895,7 +895,7 @@ impl RemoteEndpoint {
         let holes = crate::server::check_holes(&holes, 0, size)
             .ok_or_else(|| NetError::Proto(tern_proto::ProtoError::Malformed("bad hole list".into())))?;
         let mut data = vec![0u8; size as usize];
-        crate::server::recv_around_holes(s, &mut data, 0, &holes)?;
+        crate::server::recv_around_holes(s, &mut data, 0, &holes, true)?;
         if *blake3::hash(&data).as_bytes() != hash {
             return Ok(Err(Error::Other {
                 path: self.shown(rel),

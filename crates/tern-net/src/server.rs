@@ -22,7 +22,7 @@ use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
 use tern_core::{hash, Dest, Error, LocalEndpoint, ReadFile, Source, WriteFile};
 use tern_proto::{negotiate, Auth, Batch, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WriteChunk};
 
-use crate::budget::{FdBudget, FdPermit};
+use crate::budget::{Budget, Permit};
 use crate::config::{Access, ModuleConfig, ServerConfig};
 use crate::error::{NetError, Result};
 use crate::stream::Stream;
@@ -82,7 +82,9 @@ pub struct Server {
     /// (the configured idle timeout).
     idle: Duration,
     /// Descriptors all clients' transfers may hold at once.
-    fds: Arc<FdBudget>,
+    fds: Arc<Budget>,
+    /// MiB the buffers of all requests in progress may hold at once.
+    mem: Arc<Budget>,
     /// This machine's TCP sends with BBR (said in the Hello).
     tcp_bbr: bool,
 }
@@ -122,7 +124,8 @@ impl Server {
                 state_dir: cfg.state_dir.clone(),
             }),
             idle: cfg.limits.idle,
-            fds: FdBudget::new(descriptor_budget(cfg.limits.open_files)),
+            fds: Budget::new(descriptor_budget(cfg.limits.open_files)),
+            mem: Budget::new(mib(cfg.limits.request_memory) as usize),
             tcp_bbr: tcp_has_bbr(),
         })
     }
@@ -340,8 +343,9 @@ impl Server {
             cancel: self.shutdown.clone(),
             idle: self.idle,
             pull: self.pull.clone(),
-            own_fds: FdBudget::new(half(&self.fds)),
+            own_fds: Budget::new(half(&self.fds)),
             fds: self.fds.clone(),
+            mem: self.mem.clone(),
             ops: Mutex::default(),
             ops_changed: Condvar::new(),
             broken: AtomicBool::new(false),
@@ -501,9 +505,11 @@ struct Session {
     idle: Duration,
     pull: Arc<crate::pull::PullPolicy>,
     /// The daemon's descriptors for transfers.
-    fds: Arc<FdBudget>,
+    fds: Arc<Budget>,
     /// The most of them this session's open files may hold: half.
-    own_fds: Arc<FdBudget>,
+    own_fds: Arc<Budget>,
+    /// The daemon's memory for request buffers, in MiB.
+    mem: Arc<Budget>,
     /// Queued changes applied so far, and the failures not yet reported.
     ops: Mutex<OpsDone>,
     /// A stream of the session ended in the middle of things (a reset, a
@@ -530,14 +536,24 @@ const WALK_PART: usize = LIST_BATCH;
 /// own share and from the daemon's budget.
 #[derive(Debug)]
 struct HandleFds {
-    _own: FdPermit,
-    _all: FdPermit,
+    _own: Permit,
+    _all: Permit,
 }
+
+/// `bytes` in whole MiB, rounded up: the unit of the memory budget.
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// A request buffer larger than this is given back once the request is
+/// answered; up to this, a stream keeps it for the next one (a default
+/// chunk fits).
+const KEEP_BUFFER: usize = tern_core::engine::DEFAULT_CHUNK_SIZE as usize;
 
 /// Half of `fds`: what one session's open files may hold, and the most a
 /// group of a batch takes, so that a session whose files hold their share
 /// still finds room for its batch.
-fn half(fds: &FdBudget) -> usize {
+fn half(fds: &Budget) -> usize {
     (fds.total() / 2).max(1)
 }
 
@@ -697,7 +713,7 @@ impl Session {
 
     /// `n` descriptors from the daemon's budget, waiting until `deadline`
     /// for other clients to give some back.
-    fn fd_permit(&self, n: usize, deadline: Instant) -> std::result::Result<FdPermit, ErrorMsg> {
+    fn fd_permit(&self, n: usize, deadline: Instant) -> std::result::Result<Permit, ErrorMsg> {
         self.fds.acquire(n, deadline, &self.cancel).ok_or_else(|| {
             ErrorMsg::new(
                 ErrorCode::Unavailable,
@@ -707,6 +723,23 @@ impl Session {
                 ),
             )
         })
+    }
+
+    /// Memory for a request buffer of `bytes`, waiting a while for other
+    /// requests to give some back.
+    fn mem_permit(&self, bytes: u64) -> std::result::Result<Permit, ErrorMsg> {
+        let deadline = Instant::now() + self.fd_wait();
+        self.mem
+            .acquire(mib(bytes) as usize, deadline, &self.cancel)
+            .ok_or_else(|| {
+                ErrorMsg::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                    "the daemon's memory for requests is in use (all {} MiB of max_request_memory_mib); retry later",
+                    self.mem.total()
+                ),
+                )
+            })
     }
 
     /// Handles one request, replying on `s` where the request has a reply.
@@ -772,14 +805,24 @@ impl Session {
                             format!("read of {len} bytes is too large"),
                         ));
                     }
+                    if !hash::valid_span(offset, len) {
+                        return Err(ErrorMsg::new(
+                            ErrorCode::Protocol,
+                            format!("a read of {len} bytes at offset {offset} is not a whole BLAKE3 subtree"),
+                        ));
+                    }
+                    let held = self.mem_permit(len)?;
                     buf.resize(len as usize, 0);
                     f.read_exact_at(offset, buf).map_err(err)?;
-                    Ok(hash::cv_at(offset, buf))
+                    Ok((hash::cv_at(offset, buf), held))
                 });
                 match read {
-                    Ok(cv) => {
+                    Ok((cv, _held)) => {
                         s.send(&Msg::ReadReply { len, cv })?;
                         s.send_data(buf)?;
+                        if buf.capacity() > KEEP_BUFFER {
+                            *buf = Vec::new();
+                        }
                         return Ok(());
                     }
                     Err(e) => Err(e),
@@ -1120,10 +1163,13 @@ impl Session {
                         format!("a file of {} bytes is not small", e.size),
                     ));
                 }
-                tern_core::endpoint::read_file_whole(&self.ep, &p, &e, xattrs).map_err(|e| wire::error_msg(&e))
+                let held = self.mem_permit(e.size)?;
+                let f =
+                    tern_core::endpoint::read_file_whole(&self.ep, &p, &e, xattrs).map_err(|e| wire::error_msg(&e))?;
+                Ok((f, held))
             });
             match read {
-                Ok(f) => {
+                Ok((f, _held)) => {
                     s.send(&Msg::FileData {
                         size: f.data.len() as u64,
                         hash: *blake3::hash(&f.data).as_bytes(),
@@ -1138,6 +1184,9 @@ impl Session {
                 }
                 Err(e) => s.send(&Msg::FileFailed(e))?,
             }
+        }
+        if buf.capacity() > KEEP_BUFFER {
+            *buf = Vec::new();
         }
         s.flush()
     }
@@ -1223,9 +1272,18 @@ impl Session {
         if wc.len > MAX_CHUNK || wc.offset.checked_add(wc.len).is_none_or(|end| end > h.size) {
             return Err(proto("chunk outside the file"));
         }
+        if !hash::valid_span(wc.offset, wc.len) {
+            return Err(proto("a chunk that is not a whole BLAKE3 subtree"));
+        }
         let holes = check_holes(&wc.holes, wc.offset, wc.len).ok_or_else(|| proto("bad hole list"))?;
+        // Without memory the data cannot be taken off the stream: the
+        // stream ends, and the client retries the chunk on another.
+        let _held = self.mem_permit(wc.len).map_err(NetError::Remote)?;
+        if chunk.capacity() > KEEP_BUFFER && (wc.len as usize) <= KEEP_BUFFER {
+            *chunk = tern_core::AlignedBuf::default();
+        }
         let buf = chunk.slice(wc.len as usize)?;
-        recv_around_holes(s, buf, wc.offset, &holes)?;
+        recv_around_holes(s, buf, wc.offset, &holes, false)?;
         let single = wc.offset == 0 && wc.len == h.size;
         let got = if single {
             *blake3::hash(buf).as_bytes()
@@ -1257,6 +1315,13 @@ impl Session {
     }
 
     fn batch(&self, s: &mut Stream, b: Batch) -> Result<()> {
+        // A session that may not write is refused before any data is
+        // taken: the stream ends, since its data frames follow.
+        if let Err(e) = self.may_write() {
+            s.send(&Msg::Error(e))?;
+            s.flush()?;
+            return Err(NetError::Closed);
+        }
         // The data comes whatever happens; receive it before deciding.
         let mut items = Vec::with_capacity(b.items.len());
         let mut early: Vec<Option<ErrorMsg>> = Vec::with_capacity(b.items.len());
@@ -1269,6 +1334,7 @@ impl Session {
         if total > 2 * MAX_CHUNK {
             return Err(proto("batch too large"));
         }
+        let _held = self.mem_permit(total).map_err(NetError::Remote)?;
         for it in b.items {
             match it.body {
                 tern_proto::BatchBody::File {
@@ -1279,8 +1345,10 @@ impl Session {
                     changed,
                 } => {
                     let holes = check_holes(&holes, 0, size).ok_or_else(|| proto("bad hole list"))?;
+                    // Zeroed pages the holes leave untouched are never
+                    // materialised.
                     let mut data = vec![0u8; size as usize];
-                    recv_around_holes(s, &mut data, 0, &holes)?;
+                    recv_around_holes(s, &mut data, 0, &holes, true)?;
                     let problem = self.new_path(&it.path).err().or_else(|| {
                         (*blake3::hash(&data).as_bytes() != hash).then(|| {
                             ErrorMsg::new(ErrorCode::Corrupt, "arrived corrupted (BLAKE3 mismatch); not written")
@@ -1402,8 +1470,15 @@ pub(crate) fn check_holes(holes: &[(u64, u64)], offset: u64, len: u64) -> Option
 }
 
 /// Receives the bytes of `buf` (at `offset` in the file) that are not in
-/// `holes`, as one run of data frames, and zeroes the holes.
-pub(crate) fn recv_around_holes(s: &mut Stream, buf: &mut [u8], offset: u64, holes: &[(u64, u64)]) -> Result<()> {
+/// `holes`, as one run of data frames, and zeroes the holes unless `buf`
+/// is known to be zeroed already.
+pub(crate) fn recv_around_holes(
+    s: &mut Stream,
+    buf: &mut [u8],
+    offset: u64,
+    holes: &[(u64, u64)],
+    zeroed: bool,
+) -> Result<()> {
     if holes.is_empty() {
         return s.recv_data(buf);
     }
@@ -1417,6 +1492,9 @@ pub(crate) fn recv_around_holes(s: &mut Stream, buf: &mut [u8], offset: u64, hol
         let from = (start - offset) as usize;
         buf[from..from + len as usize].copy_from_slice(&packed[at..at + len as usize]);
         at += len as usize;
+    }
+    if zeroed {
+        return Ok(());
     }
     for &(h, l) in holes {
         let from = (h - offset) as usize;

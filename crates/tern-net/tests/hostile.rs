@@ -1191,3 +1191,203 @@ fn before_authentication_a_peer_gets_one_stream_and_small_messages() {
     let mut ok = raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).expect("tcp");
     login(&mut ok, TOKEN);
 }
+
+/// The daemon's resident memory, in MiB (the daemon runs in this process).
+fn rss_mib() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib >> 10
+}
+
+/// A batch of one file of `size` bytes, all of it a hole: a request of a
+/// hundred bytes that names `size` bytes.
+fn hollow_batch(path: &[u8], size: u64) -> Msg {
+    Msg::Batch(Batch {
+        items: vec![BatchItem {
+            path: path.to_vec(),
+            meta: WireMeta::default(),
+            body: BatchBody::File {
+                size,
+                holes: vec![(0, size)],
+                hash: *blake3::hash(&vec![0u8; size as usize]).as_bytes(),
+                xattrs: Vec::new(),
+                changed: (0, 0),
+            },
+        }],
+        owner: false,
+        sync: false,
+        verify: false,
+    })
+}
+
+/// Issue 13, finding 7: eight read-only streams sending a hundred-byte
+/// Batch each took the daemon from 8 to 969 MiB: the files were allocated
+/// and their holes zero-filled before the write permission was checked.
+#[test]
+fn a_batch_from_a_read_only_session_is_refused_before_anything_is_allocated() {
+    let st = setup();
+    let before = rss_mib();
+    let mut streams: Vec<Stream> = (0..8)
+        .map(|_| st.session("data", RO_TOKEN, false).expect("read-only session"))
+        .collect();
+    for s in &mut streams {
+        let e = refusal(s, &hollow_batch(b"big", 120 << 20));
+        assert_eq!(e.code, ErrorCode::Forbidden, "{}", e.message);
+    }
+    let grown = rss_mib().saturating_sub(before);
+    assert!(grown < 64, "the daemon grew by {grown} MiB");
+    assert!(!st.root.join("module/big").exists());
+    // A writer's sparse batch is written without its holes being touched.
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let before = rss_mib();
+    s.send(&hollow_batch(b"sparse", 100 << 20)).expect("send");
+    s.send_data(&[]).expect("no data: all of it is a hole");
+    match s.recv().expect("reply") {
+        Msg::BatchReply(r) => assert_eq!(r, vec![None]),
+        m => panic!("unexpected {m:?}"),
+    }
+    let grown = rss_mib().saturating_sub(before);
+    assert!(grown < 64, "a sparse batch grew the daemon by {grown} MiB");
+    assert_eq!(
+        fs::metadata(st.root.join("module/sparse")).expect("written").len(),
+        100 << 20
+    );
+}
+
+/// Issue 13, finding 7: every request buffer comes out of one daemon-wide
+/// budget; a request that finds it spent waits a while, then is told why.
+#[test]
+fn request_buffers_share_one_budget_for_the_whole_daemon() {
+    let st = setup_with(|c| {
+        c.limits.request_memory = 1 << 20;
+        c.limits.idle = Duration::from_secs(4);
+    });
+    fs::write(st.root.join("module/sub/f"), vec![7u8; 1 << 20]).expect("write");
+    let mut reader = st.session("data", TOKEN, false).expect("session");
+    let entry = stat_entry(&mut reader, b"sub/f");
+    reader
+        .send(&Msg::OpenRead {
+            handle: 1,
+            path: b"sub/f".to_vec(),
+            expect: entry,
+        })
+        .expect("send");
+    assert!(matches!(reader.recv().expect("open"), Msg::Done));
+    let read = Msg::Read {
+        handle: 1,
+        offset: 0,
+        len: 1 << 20,
+    };
+    // A writer announces a 1 MiB chunk and never sends it: the daemon holds
+    // the budget for it while it waits for the data.
+    let mut writer = st.session("data", TOKEN, true).expect("session");
+    let mut spec = spec();
+    spec.size = 2 << 20;
+    spec.chunk_size = 1 << 20;
+    writer
+        .send(&Msg::Create {
+            handle: 10,
+            path: b"held2".to_vec(),
+            spec,
+        })
+        .expect("send");
+    assert!(matches!(writer.recv().expect("create"), Msg::Created { .. }));
+    writer
+        .send(&Msg::Write(tern_proto::WriteChunk {
+            handle: 10,
+            index: 0,
+            offset: 0,
+            len: 1 << 20,
+            holes: Vec::new(),
+            cv: [0; 32],
+        }))
+        .expect("send");
+    writer.flush().expect("flush");
+    // The write may not have been taken yet when the first read arrives;
+    // once it has, reads find the budget spent.
+    let mut told = None;
+    for _ in 0..20 {
+        reader.send(&read).expect("send");
+        match reader.recv() {
+            Ok(Msg::ReadReply { len, .. }) => {
+                let mut data = vec![0u8; len as usize];
+                reader.recv_data(&mut data).expect("data");
+            }
+            Err(NetError::Remote(e)) => {
+                told = Some(e);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let e = told.expect("a read was refused while the budget was held");
+    assert_eq!(e.code, ErrorCode::Unavailable);
+    assert!(e.message.contains("memory for requests"), "{}", e.message);
+    // The writer gone, the budget comes back.
+    drop(writer);
+    let mut fresh = st.session("data", TOKEN, false).expect("session");
+    let entry = stat_entry(&mut fresh, b"sub/f");
+    fresh
+        .send(&Msg::OpenRead {
+            handle: 1,
+            path: b"sub/f".to_vec(),
+            expect: entry,
+        })
+        .expect("send");
+    assert!(matches!(fresh.recv().expect("open"), Msg::Done));
+    fresh.send(&read).expect("send");
+    assert!(matches!(fresh.recv().expect("read"), Msg::ReadReply { .. }));
+}
+
+/// Issue 13, low: a read or write whose offset and length are not a whole
+/// BLAKE3 subtree panicked the handler; it is refused instead.
+#[test]
+fn reads_and_writes_that_are_not_whole_subtrees_are_refused_not_a_panic() {
+    let st = setup();
+    fs::write(st.root.join("module/sub/f"), vec![7u8; 16 << 10]).expect("write");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let entry = stat_entry(&mut s, b"sub/f");
+    s.send(&Msg::OpenRead {
+        handle: 1,
+        path: b"sub/f".to_vec(),
+        expect: entry,
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("open"), Msg::Done));
+    let e = refusal(
+        &mut s,
+        &Msg::Read {
+            handle: 1,
+            offset: 1024,
+            len: 4096,
+        },
+    );
+    assert!(e.message.contains("subtree"), "{}", e.message);
+    s.send(&Msg::Stat { path: b"sub".to_vec() }).expect("send");
+    assert!(matches!(s.recv().expect("still served"), Msg::StatReply(Some(_))));
+
+    let mut spec = spec();
+    spec.size = 16 << 10;
+    s.send(&Msg::Create {
+        handle: 2,
+        path: b"w".to_vec(),
+        spec,
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("create"), Msg::Created { .. }));
+    s.send(&Msg::Write(tern_proto::WriteChunk {
+        handle: 2,
+        index: 1,
+        offset: 1024,
+        len: 4096,
+        holes: Vec::new(),
+        cv: [0; 32],
+    }))
+    .expect("send");
+    assert!(s.recv().is_err(), "the stream carried on after a bad chunk");
+    st.session("data", TOKEN, true).expect("the daemon still serves");
+}
