@@ -146,6 +146,18 @@ fn create(s: &mut Stream, handle: u64, path: &[u8]) {
     );
 }
 
+/// Opens `path` for reading as `handle`; the daemon must accept.
+fn open_read(s: &mut Stream, handle: u64, path: &[u8]) {
+    let expect = stat_entry(s, path);
+    s.send(&Msg::OpenRead {
+        handle,
+        path: path.to_vec(),
+        expect,
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("open"), Msg::Done), "{path:?} not opened");
+}
+
 /// The entry the daemon reports for `path`, which must exist.
 fn stat_entry(s: &mut Stream, path: &[u8]) -> tern_proto::WireEntry {
     s.send(&Msg::Stat { path: path.to_vec() }).expect("send");
@@ -298,14 +310,7 @@ fn a_zero_length_read_is_answered_not_a_panic() {
     let st = setup();
     fs::write(st.root.join("module/sub/f"), vec![7u8; 10_000]).expect("write");
     let mut s = st.session("data", TOKEN, true).expect("session");
-    let entry = stat_entry(&mut s, b"sub/f");
-    s.send(&Msg::OpenRead {
-        handle: 1,
-        path: b"sub/f".to_vec(),
-        expect: entry,
-    })
-    .expect("send");
-    assert!(matches!(s.recv().expect("open"), Msg::Done));
+    open_read(&mut s, 1, b"sub/f");
     s.send(&Msg::Read {
         handle: 1,
         offset: 4096,
@@ -1268,15 +1273,7 @@ fn request_buffers_share_one_budget_for_the_whole_daemon() {
     });
     fs::write(st.root.join("module/sub/f"), vec![7u8; 1 << 20]).expect("write");
     let mut reader = st.session("data", TOKEN, false).expect("session");
-    let entry = stat_entry(&mut reader, b"sub/f");
-    reader
-        .send(&Msg::OpenRead {
-            handle: 1,
-            path: b"sub/f".to_vec(),
-            expect: entry,
-        })
-        .expect("send");
-    assert!(matches!(reader.recv().expect("open"), Msg::Done));
+    open_read(&mut reader, 1, b"sub/f");
     let read = Msg::Read {
         handle: 1,
         offset: 0,
@@ -1330,15 +1327,7 @@ fn request_buffers_share_one_budget_for_the_whole_daemon() {
     // The writer gone, the budget comes back.
     drop(writer);
     let mut fresh = st.session("data", TOKEN, false).expect("session");
-    let entry = stat_entry(&mut fresh, b"sub/f");
-    fresh
-        .send(&Msg::OpenRead {
-            handle: 1,
-            path: b"sub/f".to_vec(),
-            expect: entry,
-        })
-        .expect("send");
-    assert!(matches!(fresh.recv().expect("open"), Msg::Done));
+    open_read(&mut fresh, 1, b"sub/f");
     fresh.send(&read).expect("send");
     assert!(matches!(fresh.recv().expect("read"), Msg::ReadReply { .. }));
 }
@@ -1350,14 +1339,7 @@ fn reads_and_writes_that_are_not_whole_subtrees_are_refused_not_a_panic() {
     let st = setup();
     fs::write(st.root.join("module/sub/f"), vec![7u8; 16 << 10]).expect("write");
     let mut s = st.session("data", TOKEN, true).expect("session");
-    let entry = stat_entry(&mut s, b"sub/f");
-    s.send(&Msg::OpenRead {
-        handle: 1,
-        path: b"sub/f".to_vec(),
-        expect: entry,
-    })
-    .expect("send");
-    assert!(matches!(s.recv().expect("open"), Msg::Done));
+    open_read(&mut s, 1, b"sub/f");
     let e = refusal(
         &mut s,
         &Msg::Read {
