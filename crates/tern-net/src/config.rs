@@ -4,10 +4,11 @@
 //! listen = ["0.0.0.0:7373"]
 //! state_dir = "/var/lib/tern"
 //! # Daemons this one may pull from when a client asks it to copy from them
-//! # directly (remote to remote): HOST:PORT, HOST (any port) or "*". Empty
-//! # (the default): never. The source daemon must also grant this daemon's
-//! # key (`tern fingerprint --server`) in its [[clients]].
-//! pull_from = ["nas.example:7373"]
+//! # directly (remote to remote): HOST:PORT or HOST (any port), each pinned
+//! # to its key (`tern fingerprint --server` there). Empty (the default):
+//! # never. The source daemon must also grant this daemon's key in its
+//! # [[clients]], and the client must be allowed to read the source.
+//! pull_from = ["nas.example:7373=b3:..."]
 //!
 //! [modules.data]
 //! path = "/srv/data"
@@ -189,24 +190,34 @@ pub struct ServerConfig {
     pub limits: Limits,
 }
 
-/// A daemon this one may pull from: a host (any port) or host and port, or
-/// any daemon at all.
+/// A daemon this one may pull from: a host (any port) or host and port,
+/// and the key it must show.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PullPeer {
-    /// `*`.
-    Any,
-    /// `HOST` or `HOST:PORT` (host compared without case).
-    Host(String, Option<u16>),
+pub struct PullPeer {
+    /// Host name or address, compared without case.
+    pub host: String,
+    /// The port, or any.
+    pub port: Option<u16>,
+    /// The key fingerprint the daemon there must show.
+    pub fingerprint: String,
 }
 
 impl PullPeer {
-    /// Parses `*`, `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT`.
+    /// Parses `HOST[:PORT]=FINGERPRINT` (`[V6]` and `[V6]:PORT` for IPv6).
     pub fn parse(s: &str) -> Result<PullPeer> {
-        let bad = || NetError::Config(format!("pull_from: `{s}` is not HOST, HOST:PORT or \"*\""));
-        if s == "*" {
-            return Ok(PullPeer::Any);
-        }
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let bad = || {
+            NetError::Config(format!(
+                "pull_from: `{s}` is not HOST[:PORT]=FINGERPRINT (the source daemon's `tern fingerprint --server`)"
+            ))
+        };
+        let Some((addr, fp)) = s.rsplit_once('=') else {
+            return Err(NetError::Config(format!(
+                "pull_from: `{s}` names no key: write `{s}=FINGERPRINT` with what `tern fingerprint --server` \
+                 prints on that daemon, so this daemon never pulls from another that answers at that address"
+            )));
+        };
+        let fingerprint = normalize_fingerprint(fp).map_err(|_| bad())?;
+        let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
             let (h, after) = rest.split_once(']').ok_or_else(bad)?;
             match after.strip_prefix(':') {
                 Some(p) => (h, Some(p.parse().map_err(|_| bad())?)),
@@ -214,23 +225,37 @@ impl PullPeer {
                 None => return Err(bad()),
             }
         } else {
-            match s.rsplit_once(':') {
+            match addr.rsplit_once(':') {
                 Some((h, p)) if !h.contains(':') => (h, Some(p.parse().map_err(|_| bad())?)),
-                Some(_) => (s, None),
-                None => (s, None),
+                Some(_) => (addr, None),
+                None => (addr, None),
             }
         };
-        if host.is_empty() || host.contains(['/', ' ']) {
+        if host.is_empty() || host.contains(['/', ' ', '*']) {
             return Err(bad());
         }
-        Ok(PullPeer::Host(host.to_ascii_lowercase(), port))
+        Ok(PullPeer {
+            host: host.to_ascii_lowercase(),
+            port,
+            fingerprint,
+        })
     }
 
-    /// Whether this entry allows `host:port`.
+    /// Whether this entry is for `host:port`.
     pub fn allows(&self, host: &str, port: u16) -> bool {
-        match self {
-            PullPeer::Any => true,
-            PullPeer::Host(h, p) => h.eq_ignore_ascii_case(host) && p.is_none_or(|p| p == port),
+        self.host.eq_ignore_ascii_case(host) && self.port.is_none_or(|p| p == port)
+    }
+
+    /// `HOST[:PORT]`, for messages.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match self.port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
         }
     }
 }
@@ -423,7 +448,7 @@ mod tests {
         let text = r#"
 listen = ["127.0.0.1:9000", "[::1]"]
 state_dir = "state"
-pull_from = ["a.example:7000", "b.example", "[::1]:9", "*"]
+pull_from = ["a.example:7000=b3:1111111111111111111111111111111111111111111111111111111111111111", "b.example=b3:2222222222222222222222222222222222222222222222222222222222222222", "[::1]:9=b3:3333333333333333333333333333333333333333333333333333333333333333"]
 [modules.data]
 path = "data"
 access = "read-write"
@@ -450,7 +475,8 @@ idle_timeout_secs = 5
         assert!(c.pull_from[0].allows("A.example", 7000) && !c.pull_from[0].allows("a.example", 7001));
         assert!(c.pull_from[1].allows("b.example", 1) && !c.pull_from[1].allows("c.example", 1));
         assert!(c.pull_from[2].allows("::1", 9) && !c.pull_from[2].allows("::1", 10));
-        assert_eq!(c.pull_from[3], PullPeer::Any);
+        assert_eq!(c.pull_from[2].authority(), "[::1]:9");
+        assert!(c.pull_from[1].fingerprint.starts_with("b3:2222"));
 
         let bad = [
             ("[modules.x]\npath = \"nope\"\n", "not a directory"),
@@ -459,8 +485,17 @@ idle_timeout_secs = 5
             ("[[tokens]]\nmodules = [\"*\"]\n", "exactly one"),
             ("listen = [\"nowhere:xx\"]\n", "not an address"),
             ("[modules.\"../x\"]\npath = \"data\"\n", "not a module name"),
-            ("pull_from = [\"host:port\"]\n", "pull_from"),
-            ("pull_from = [\"[::1\"]\n", "pull_from"),
+            ("pull_from = [\"host:port\"]\n", "names no key"),
+            ("pull_from = [\"host:port=b3:00\"]\n", "pull_from"),
+            ("pull_from = [\"host:7=nope\"]\n", "pull_from"),
+            (
+                "pull_from = [\"*=b3:1111111111111111111111111111111111111111111111111111111111111111\"]\n",
+                "pull_from",
+            ),
+            (
+                "pull_from = [\"[::1=b3:1111111111111111111111111111111111111111111111111111111111111111\"]\n",
+                "pull_from",
+            ),
         ];
         for (t, want) in bad {
             let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();

@@ -29,7 +29,7 @@ impl Daemon {
             .enable_all()
             .thread_name("tern-serve")
             .build()?;
-        let server = Arc::new(Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?);
+        let server = Arc::new(Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?.with_identity(id));
         let files = server.open_file_budget();
         tracing::info!(
             open_files = files,

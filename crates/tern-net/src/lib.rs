@@ -8,6 +8,7 @@ pub mod error;
 pub mod identity;
 pub mod log;
 pub mod path;
+pub mod proof;
 pub mod pull;
 pub mod remote;
 pub mod server;

@@ -2,11 +2,15 @@
 //! other daemons into one of its modules itself, so the data goes straight
 //! from daemon to daemon and never through the client.
 //!
-//! Both daemons must allow it: the destination lists the source in its
-//! `pull_from`, and the source grants the destination daemon's key (its
-//! `[[clients]]`). The client passes the source's fingerprint as it verified
-//! it, and the destination refuses a source that shows another key. No
-//! secret of the client is forwarded.
+//! Both daemons must allow it, and the client must be allowed to read the
+//! source: the destination lists the source in its `pull_from`, pinned to
+//! its key; the source grants the destination daemon's key (its
+//! `[[clients]]`); and the client, logged in to the source, asks it for a
+//! ticket (`GrantTicket`) that lets the destination's key read that path
+//! for a few minutes. The destination presents it when it logs in, and the
+//! source opens a read-only session confined to that path. The client must
+//! hold a read-write grant on the destination, even for a check or a dry
+//! run. No secret of the client is forwarded.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,11 +35,24 @@ use crate::wire;
 /// What a daemon may pull from, and the identity it pulls with.
 #[derive(Debug, Clone)]
 pub struct PullPolicy {
-    /// Allowed source daemons (empty: none).
+    /// Allowed source daemons, each pinned to its key (empty: none).
     pub allow: Vec<PullPeer>,
     /// The daemon's state directory: its identity is the client key it
     /// presents to sources.
     pub state_dir: PathBuf,
+    /// Pulls that may run at once.
+    pub max: usize,
+    /// Pulls running now.
+    pub running: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A running pull's place among [`PullPolicy::max`], given back when dropped.
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The engine options of `o`, for a [`PullRequest`].
@@ -160,9 +177,15 @@ pub(crate) struct Target<'a> {
 
 /// Serves a [`PullRequest`] on `s`: runs the transfer, sending its events
 /// as it goes and its summary at the end, or an `Error` if it cannot start.
-pub(crate) fn serve(policy: &PullPolicy, t: &Target, req: PullRequest, s: &mut Stream) -> Result<()> {
-    match start(policy, t, &req) {
-        Ok((roots, opts, transport, endpoints)) => run(t, roots, opts, transport, &endpoints, s),
+pub(crate) fn serve(
+    policy: &PullPolicy,
+    t: &Target,
+    req: PullRequest,
+    tickets: Vec<tern_proto::Ticket>,
+    s: &mut Stream,
+) -> Result<()> {
+    match start(policy, t, &req, tickets) {
+        Ok((roots, opts, transport, endpoints, _running)) => run(t, roots, opts, transport, &endpoints, s),
         Err(e) => {
             tracing::warn!(module = %t.module, reason = ?e.message, "pull refused");
             s.send(&Msg::Error(e))?;
@@ -171,20 +194,46 @@ pub(crate) fn serve(policy: &PullPolicy, t: &Target, req: PullRequest, s: &mut S
     }
 }
 
-/// The roots, options, transport and source connections of a pull.
-type Started = (Vec<Root>, Options, String, Vec<Arc<RemoteEndpoint>>);
+/// The roots, options, transport and source connections of a pull, and
+/// its place among the pulls running.
+type Started = (Vec<Root>, Options, String, Vec<Arc<RemoteEndpoint>>, Running);
 
-fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Result<Started, ErrorMsg> {
+fn start(
+    policy: &PullPolicy,
+    t: &Target,
+    req: &PullRequest,
+    tickets: Vec<tern_proto::Ticket>,
+) -> std::result::Result<Started, ErrorMsg> {
     let cancel = Arc::new(AtomicBool::new(false));
     let opts = options(&req.opts, cancel)?;
-    if opts.mode == Mode::Transfer && !opts.dry_run && !t.writable {
+    // Even a check or a dry run makes this daemon connect elsewhere and
+    // read: only a client that may write here may ask for that.
+    if !t.writable {
         return Err(ErrorMsg::new(
             ErrorCode::Forbidden,
-            format!("module `{}` is read-only for this client", t.module),
+            format!(
+                "module `{}` is read-only for this client, and a transfer from another daemon (even a check) \
+                 needs a read-write grant",
+                t.module
+            ),
         ));
     }
-    if req.sources.is_empty() || req.sources.len() > 64 {
-        return Err(ErrorMsg::new(ErrorCode::Protocol, "a pull needs 1 to 64 sources"));
+    if req.sources.is_empty() || req.sources.len() > 64 || tickets.len() != req.sources.len() {
+        return Err(ErrorMsg::new(
+            ErrorCode::Protocol,
+            "a pull needs 1 to 64 sources, each with its ticket",
+        ));
+    }
+    let running = policy.running.fetch_add(1, Ordering::Relaxed);
+    let place = Running(policy.running.clone());
+    if running >= policy.max {
+        return Err(ErrorMsg::new(
+            ErrorCode::Unavailable,
+            format!(
+                "this daemon runs as many transfers from other daemons as it allows (max_pulls = {}); try again later",
+                policy.max
+            ),
+        ));
     }
     let transport = match req.transport {
         1 => TransportChoice::Quic,
@@ -194,7 +243,7 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
     let mut roots = Vec::new();
     let mut endpoints = Vec::new();
     let mut used = None;
-    for src in &req.sources {
+    for (src, ticket) in req.sources.iter().zip(tickets) {
         let spec = RemoteSpec {
             host: src.host.clone(),
             port: src.port,
@@ -202,13 +251,29 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
             path: wire::bytes_path(&src.path),
             trailing_slash: false,
         };
-        if !policy.allow.iter().any(|p| p.allows(&src.host, src.port)) {
+        let Some(pinned) = policy.allow.iter().find(|p| p.allows(&src.host, src.port)) else {
             return Err(ErrorMsg::new(
                 ErrorCode::Forbidden,
                 format!(
                     "this daemon may not pull from {}: its configuration's pull_from does not list it",
                     spec.authority()
                 ),
+            ));
+        };
+        if crate::identity::normalize_fingerprint(&src.fingerprint).ok().as_ref() != Some(&pinned.fingerprint) {
+            return Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the client saw another key at {} than this daemon's pull_from pins ({})",
+                    spec.authority(),
+                    pinned.fingerprint
+                ),
+            ));
+        }
+        if ticket.module != src.module || ticket.path != src.path {
+            return Err(ErrorMsg::new(
+                ErrorCode::Protocol,
+                "a ticket for another module or path than its source",
             ));
         }
         let dst_rel = (t.path)(&src.dst_rel)?;
@@ -224,8 +289,9 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
         let connect = ConnectOptions {
             transport,
             token: None,
+            ticket: Some(ticket),
             trust: TrustPolicy {
-                fingerprint: Some(src.fingerprint.clone()),
+                fingerprint: Some(pinned.fingerprint.clone()),
                 accept_new: false,
                 known_hosts: policy.state_dir.join("known_hosts"),
             },
@@ -234,6 +300,7 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
             write: false,
         };
         let ep = RemoteEndpoint::connect(&spec, &connect).map_err(|e| match e {
+            // The source answered: what it said is no news about the network.
             NetError::Remote(m) if m.code == ErrorCode::Unauthorized || m.code == ErrorCode::Forbidden => {
                 ErrorMsg::new(
                     m.code,
@@ -244,10 +311,15 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
                     ),
                 )
             }
-            e => ErrorMsg::new(
-                ErrorCode::Unavailable,
-                format!("cannot reach the source {}: {e}", spec.display()),
-            ),
+            // Anything else stays in this daemon's log: its clients learn
+            // nothing about what else answers where.
+            e => {
+                tracing::info!(source = %spec.authority(), error = ?e.to_string(), "pull: source unreachable");
+                ErrorMsg::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot reach the source {}", spec.authority()),
+                )
+            }
         })?;
         used.get_or_insert_with(|| ep.transport().name().to_string());
         // Each worker reads on a stream of its own; one more for the walk.
@@ -256,7 +328,7 @@ fn start(policy: &PullPolicy, t: &Target, req: &PullRequest) -> std::result::Res
         endpoints.push(ep.clone());
         roots.push(Root { src: ep, dst_rel });
     }
-    Ok((roots, opts, used.unwrap_or_default(), endpoints))
+    Ok((roots, opts, used.unwrap_or_default(), endpoints, place))
 }
 
 /// How often progress is passed on, and the longest silence (a heartbeat

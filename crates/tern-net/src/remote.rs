@@ -44,8 +44,12 @@ pub enum TransportChoice {
 pub struct ConnectOptions {
     /// Transport.
     pub transport: TransportChoice,
-    /// Token to authenticate with.
+    /// Token to authenticate with (proved, never sent, to a daemon of
+    /// protocol 3 or later).
     pub token: Option<String>,
+    /// A ticket from the daemon, to log in with instead (a daemon pulling
+    /// on a client's behalf).
+    pub ticket: Option<tern_proto::Ticket>,
     /// Server trust.
     pub trust: TrustPolicy,
     /// The client's own identity (presented as a TLS client certificate).
@@ -264,6 +268,8 @@ struct Inner {
     features: u64,
     /// Both sides speak the pipelined requests (version 2).
     pipelined: bool,
+    /// The protocol version agreed.
+    version: u16,
     counts: Arc<Counts>,
     /// The stream of queued changes, once one was queued.
     ops: Mutex<Ops>,
@@ -342,15 +348,52 @@ fn login(
     let fp = fingerprint(conn.server_cert());
     crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
     first.send(&Msg::Hello(our_hello()))?;
-    first.send(&Msg::Auth(Auth {
-        module: spec.module.clone(),
-        token: opts.token.clone(),
-        write: opts.write,
-    }))?;
+    // The Hello and the login go together, before the daemon's version is
+    // known: a token is proved, never sent, unless this client plays an
+    // older one (TERN_PROTOCOL_MAX).
+    let login = match (&opts.ticket, &opts.token) {
+        (None, Some(token)) if version_max() < tern_proto::VERSION_LOGIN => Msg::Auth(Auth {
+            module: spec.module.clone(),
+            token: Some(token.clone()),
+            write: opts.write,
+        }),
+        (None, None) => Msg::Auth(Auth {
+            module: spec.module.clone(),
+            token: None,
+            write: opts.write,
+        }),
+        (ticket, token) => {
+            let exporter = first
+                .exporter()
+                .ok_or_else(|| NetError::Tls("no TLS exporter for the login proof".into()))?;
+            Msg::Login(tern_proto::Login {
+                module: spec.module.clone(),
+                write: opts.write,
+                proof: token
+                    .as_ref()
+                    .filter(|_| ticket.is_none())
+                    .map(|t| crate::proof::token_proof(blake3::hash(t.as_bytes()).as_bytes(), &fp, &exporter)),
+                ticket: ticket.clone(),
+            })
+        }
+    };
+    let proved = matches!(login, Msg::Login(_));
+    first.send(&login)?;
     first.send(&Msg::Stat {
         path: wire::path_bytes(&spec.path),
     })?;
-    let (welcome, agreed) = handshake_reply(first)?;
+    let (welcome, agreed) = handshake_reply(first).map_err(|e| match e {
+        // A daemon before version 3 cannot read a Login; the token is not
+        // sent to it instead, which a daemon pretending to be old would
+        // otherwise get.
+        NetError::Remote(m) if proved && m.code == tern_proto::ErrorCode::Protocol => NetError::Config(format!(
+            "{}: the daemon is older than this client and cannot check a token without being sent it, \
+             which tern does not do; upgrade tern there ({})",
+            spec.authority(),
+            m.message
+        )),
+        e => e,
+    })?;
     let root_seen = match first.recv() {
         Ok(Msg::StatReply(e)) => match e.map(wire::unentry_any_name) {
             None => Some((Instant::now(), None)),
@@ -479,6 +522,7 @@ impl RemoteEndpoint {
                 welcome,
                 features: agreed.features,
                 pipelined: agreed.version >= tern_proto::VERSION_PIPELINE,
+                version: agreed.version,
                 counts,
                 ops: Mutex::default(),
                 walks: Mutex::default(),
@@ -598,6 +642,34 @@ impl RemoteEndpoint {
         Ok(took)
     }
 
+    /// A ticket from this daemon letting the daemon whose key is `holder`
+    /// read this endpoint's path (and what is under it) on this client's behalf,
+    /// for a few minutes: what a remote-to-remote transfer hands the
+    /// destination. A daemon older than version 3 grants none.
+    pub fn ticket(&self, holder: &str) -> Result<tern_proto::Ticket> {
+        if self.inner.version < tern_proto::VERSION_LOGIN {
+            return Err(NetError::Remote(tern_proto::ErrorMsg::new(
+                tern_proto::ErrorCode::Forbidden,
+                "the source daemon is older than this client and grants no tickets",
+            )));
+        }
+        let mut s = self.take_stream()?;
+        s.send(&Msg::GrantTicket {
+            holder: holder.to_string(),
+            path: wire::path_bytes(&self.inner.spec.path),
+        })?;
+        let reply = s.recv();
+        self.inner.counts.requests.fetch_add(1, Ordering::Relaxed);
+        self.inner.counts.waits.fetch_add(1, Ordering::Relaxed);
+        self.put_stream(s);
+        match reply? {
+            Msg::TicketReply(t) => Ok(t),
+            _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                "expected a ticket".into(),
+            ))),
+        }
+    }
+
     /// Whether the daemon can run a transfer from other daemons itself.
     pub fn supports_pull(&self) -> bool {
         self.inner.features & tern_proto::FEATURE_PULL != 0
@@ -612,12 +684,22 @@ impl RemoteEndpoint {
     pub fn pull(
         &self,
         req: tern_proto::PullRequest,
+        tickets: Vec<tern_proto::Ticket>,
         obs: &dyn tern_core::engine::Observer,
         cancel: &AtomicBool,
     ) -> Result<PullOutcome> {
         use tern_proto::RunEvent;
+        if self.inner.version < tern_proto::VERSION_LOGIN {
+            return Err(NetError::Remote(tern_proto::ErrorMsg::new(
+                tern_proto::ErrorCode::Forbidden,
+                "the daemon is older than this client and takes no tickets",
+            )));
+        }
         let mut s = self.open_stream()?;
-        s.send(&Msg::Pull(Box::new(req)))?;
+        s.send(&Msg::PullTicketed {
+            req: Box::new(req),
+            tickets,
+        })?;
         s.flush()?;
         loop {
             if cancel.load(Ordering::Relaxed) {

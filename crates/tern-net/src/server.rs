@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
 use tern_core::{hash, Dest, Error, LocalEndpoint, ReadFile, Source, WriteFile};
-use tern_proto::{negotiate, Auth, Batch, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WriteChunk};
+use tern_proto::{negotiate, Batch, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WriteChunk};
 
 use crate::budget::{Budget, Permit};
 use crate::config::{Access, ModuleConfig, ServerConfig};
@@ -87,6 +87,21 @@ pub struct Server {
     mem: Arc<Budget>,
     /// This machine's TCP sends with BBR (said in the Hello).
     tcp_bbr: bool,
+    /// The daemon's key fingerprint, which token proofs are bound to.
+    fingerprint: String,
+    /// Keys the MAC of the tickets this daemon grants.
+    ticket_key: [u8; 32],
+}
+
+/// What a client authenticates with.
+enum Credential {
+    /// Its key alone (the TLS client certificate).
+    None,
+    /// A token sent as it is (clients before version 3).
+    Token(blake3::Hash),
+    /// A token proved (see `proof::token_proof`) over the TLS session
+    /// whose exporter value is given.
+    Proof([u8; 32], [u8; 32]),
 }
 
 /// Whether a TCP socket here gets BBR, as every connection the daemon
@@ -122,12 +137,28 @@ impl Server {
             pull: Arc::new(crate::pull::PullPolicy {
                 allow: cfg.pull_from.clone(),
                 state_dir: cfg.state_dir.clone(),
+                max: cfg.limits.max_pulls,
+                running: Arc::default(),
             }),
             idle: cfg.limits.idle,
             fds: Budget::new(descriptor_budget(cfg.limits.open_files)),
             mem: Budget::new(mib(cfg.limits.request_memory) as usize),
             tcp_bbr: tcp_has_bbr(),
+            fingerprint: String::new(),
+            ticket_key: {
+                let mut k = [0u8; 32];
+                getrandom(&mut k)?;
+                k
+            },
         })
+    }
+
+    /// Binds token proofs to `id`'s key, and keys tickets with a secret
+    /// derived from it (so they survive a restart).
+    pub fn with_identity(mut self, id: &crate::identity::Identity) -> Server {
+        self.fingerprint = id.fingerprint();
+        self.ticket_key = id.derive_secret("tern 2026-12-02 ticket MAC key");
+        self
     }
 
     /// How many descriptors clients' transfers may hold open at once.
@@ -216,7 +247,19 @@ impl Server {
         let agreed = negotiate(&ours, &theirs)?;
         tracing::debug!(peer = %peer.addr, version = agreed.version, agent = ?theirs.agent, "hello");
         match s.recv()? {
-            Msg::Auth(a) => self.authenticate(&a, peer),
+            Msg::Auth(a) => {
+                let cred = match &a.token {
+                    Some(t) => Credential::Token(blake3::hash(t.as_bytes())),
+                    None => Credential::None,
+                };
+                self.authenticate(&a.module, a.write, cred, peer)
+            }
+            Msg::Login(l) => match (&l.ticket, l.proof, s.exporter()) {
+                (Some(t), _, _) => self.ticketed(&l, t, peer),
+                (None, Some(p), Some(e)) => self.authenticate(&l.module, l.write, Credential::Proof(p, e), peer),
+                (None, Some(_), None) => Err(proto("a token proof on a stream without a TLS session")),
+                (None, None, _) => self.authenticate(&l.module, l.write, Credential::None, peer),
+            },
             Msg::Join { session, secret } => {
                 let found = self
                     .sessions
@@ -271,7 +314,9 @@ impl Server {
         }
     }
 
-    fn authenticate(self: &Arc<Self>, a: &Auth, peer: &Peer) -> Result<Arc<Session>> {
+    /// Refuses a login from an address with too many recent failures, or
+    /// while the daemon stops.
+    fn may_try(&self, peer: &Peer) -> Result<()> {
         if self.shutdown.load(Ordering::Relaxed) {
             return Err(refuse(ErrorCode::Unavailable, "the server is shutting down"));
         }
@@ -293,51 +338,130 @@ impl Server {
                 }
             }
         }
-        let Some(module) = self.modules.get(&a.module) else {
+        Ok(())
+    }
+
+    fn authenticate(
+        self: &Arc<Self>,
+        module: &str,
+        write: bool,
+        cred: Credential,
+        peer: &Peer,
+    ) -> Result<Arc<Session>> {
+        self.may_try(peer)?;
+        let (name, write) = (module, write);
+        let Some(module) = self.modules.get(name) else {
             self.note_failure(peer, "unknown module");
             return Err(refuse(
                 ErrorCode::NotFound,
-                format!("no module named `{}` on this server", a.module),
+                format!("no module named `{name}` on this server"),
             ));
         };
-        let token = a.token.as_deref().map(|t| blake3::hash(t.as_bytes()));
-        let mut grants = self.grants.iter().filter(|g| g.covers(&a.module)).filter(|g| {
+        let mut grants = self.grants.iter().filter(|g| g.covers(name)).filter(|g| {
             // blake3::Hash compares in constant time.
-            let by_token = matches!((g.token_hash, token), (Some(x), Some(y)) if x == y);
+            let by_token = match (&cred, g.token_hash) {
+                (Credential::Token(t), Some(h)) => *t == h,
+                (Credential::Proof(p, exporter), Some(h)) => {
+                    blake3::Hash::from(crate::proof::token_proof(h.as_bytes(), &self.fingerprint, exporter))
+                        == blake3::Hash::from(*p)
+                }
+                _ => false,
+            };
             let by_key = matches!((&g.client, &peer.client), (Some(x), Some(y)) if x == y);
             by_token || by_key
         });
         let Some(first) = grants.next() else {
-            let why = match (&a.token, &peer.client) {
-                (Some(_), _) => format!("the token is not valid for module `{}`", a.module),
-                (None, Some(fp)) => format!(
-                    "no token given, and this client's key ({fp}) is not authorized for module `{}`; pass --token-file or set TERN_TOKEN",
-                    a.module
+            let why = match (&cred, &peer.client) {
+                (Credential::Token(_) | Credential::Proof(..), _) => {
+                    format!("the token is not valid for module `{name}`")
+                }
+                (Credential::None, Some(fp)) => format!(
+                    "no token given, and this client's key ({fp}) is not authorized for module `{name}`; pass --token-file or set TERN_TOKEN"
                 ),
-                (None, None) => "authentication required: pass --token-file or set TERN_TOKEN".to_string(),
+                (Credential::None, None) => "authentication required: pass --token-file or set TERN_TOKEN".to_string(),
             };
             self.note_failure(peer, &why);
             return Err(refuse(ErrorCode::Unauthorized, why));
         };
         let granted_write = first.access == Access::ReadWrite || grants.any(|g| g.access == Access::ReadWrite);
         let writable = granted_write && module.cfg.access == Access::ReadWrite;
-        if a.write && !writable {
+        if write && !writable {
             let why = if module.cfg.access != Access::ReadWrite {
-                format!("module `{}` is read-only", a.module)
+                format!("module `{name}` is read-only")
             } else {
-                format!("this client may only read module `{}`", a.module)
+                format!("this client may only read module `{name}`")
             };
-            tracing::warn!(peer = %peer.addr, module = %a.module, "write refused: {why}");
+            tracing::warn!(peer = %peer.addr, module = %name, "write refused: {why}");
             return Err(refuse(ErrorCode::Forbidden, why));
         }
+        self.open_session(name, module, writable, None, peer)
+    }
+
+    /// Opens a session on a ticket another client's session here granted
+    /// (see [`Session::grant_ticket`]): read only, beneath the ticket's
+    /// path, for the daemon whose key the ticket names.
+    fn ticketed(self: &Arc<Self>, l: &tern_proto::Login, t: &tern_proto::Ticket, peer: &Peer) -> Result<Arc<Session>> {
+        self.may_try(peer)?;
+        let mac_ok = blake3::Hash::from(crate::proof::ticket_mac(t, &self.ticket_key)) == blake3::Hash::from(t.mac);
+        let why = if !mac_ok {
+            Some("the ticket was not granted by this daemon".to_string())
+        } else if t.expires < crate::proof::now_secs() {
+            Some("the ticket has expired; run the command again".to_string())
+        } else if peer.client.as_deref() != Some(t.holder.as_str()) {
+            Some(format!("the ticket is for the key {}, not this client's", t.holder))
+        } else if t.module != l.module {
+            Some(format!("the ticket is for module `{}`", t.module))
+        } else if l.write {
+            Some("a ticket grants reading only".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.note_failure(peer, &why);
+            return Err(refuse(ErrorCode::Unauthorized, why));
+        }
+        let Some(module) = self.modules.get(&t.module) else {
+            return Err(refuse(
+                ErrorCode::NotFound,
+                format!("no module named `{}` on this server", t.module),
+            ));
+        };
+        // The ticket says the client may read; the daemon presenting it
+        // must also be one this daemon's configuration lets in.
+        let known = self
+            .grants
+            .iter()
+            .any(|g| g.covers(&t.module) && g.client.as_deref() == Some(t.holder.as_str()));
+        if !known {
+            let why = format!(
+                "the key of the daemon presenting the ticket ({}) is not authorized for module `{}`",
+                t.holder, t.module
+            );
+            self.note_failure(peer, &why);
+            return Err(refuse(ErrorCode::Unauthorized, why));
+        }
+        let scope = wire::bytes_path(&t.path);
+        self.open_session(&t.module, module, false, Some(scope), peer)
+    }
+
+    fn open_session(
+        self: &Arc<Self>,
+        name: &str,
+        module: &Module,
+        writable: bool,
+        scope: Option<PathBuf>,
+        peer: &Peer,
+    ) -> Result<Arc<Session>> {
         let mut secret = [0u8; 32];
         getrandom(&mut secret)?;
         let session = Arc::new(Session {
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
             secret,
-            module: a.module.clone(),
+            module: name.to_string(),
             ep: module.ep.clone(),
             writable,
+            scope,
+            ticket_key: self.ticket_key,
             writes: Mutex::default(),
             reads: Mutex::default(),
             cancel: self.shutdown.clone(),
@@ -356,8 +480,9 @@ impl Server {
         }
         tracing::info!(
             peer = %peer.addr,
-            module = %a.module,
+            module = %name,
             writable,
+            scope = ?session.scope,
             transport = peer.transport.name(),
             client_key = peer.client.as_deref().unwrap_or("none"),
             "session opened"
@@ -499,6 +624,10 @@ struct Session {
     module: String,
     ep: LocalEndpoint,
     writable: bool,
+    /// A session opened on a ticket may see only this part of the module.
+    scope: Option<PathBuf>,
+    /// Keys the tickets the session grants.
+    ticket_key: [u8; 32],
     writes: Mutex<HashMap<u64, Arc<WHandle>>>,
     reads: Mutex<HashMap<u64, RHandle>>,
     cancel: Arc<AtomicBool>,
@@ -633,7 +762,42 @@ impl Session {
                 ),
             ));
         }
+        if let Some(scope) = self.scope.as_ref().filter(|s| !p.starts_with(s)) {
+            return Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "path `{}` is outside what this session's ticket grants (`{}`)",
+                    String::from_utf8_lossy(b),
+                    scope.display()
+                ),
+            ));
+        }
         Ok(p)
+    }
+
+    /// Answers `GrantTicket`: lets the daemon with key `holder` read `path`
+    /// here for a while, on this client's behalf. The ticket says all the
+    /// daemon checks when it comes back, under a MAC only it can make.
+    fn grant_ticket(&self, holder: &str, path: &[u8]) -> Reply {
+        if self.scope.is_some() {
+            return Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                "a session opened on a ticket cannot grant one",
+            ));
+        }
+        self.path(path)?;
+        let holder = crate::identity::normalize_fingerprint(holder)
+            .map_err(|e| ErrorMsg::new(ErrorCode::Protocol, e.to_string()))?;
+        let mut t = tern_proto::Ticket {
+            module: self.module.clone(),
+            path: path.to_vec(),
+            holder,
+            expires: crate::proof::now_secs() + tern_proto::TICKET_LIFETIME,
+            mac: [0; 32],
+        };
+        t.mac = crate::proof::ticket_mac(&t, &self.ticket_key);
+        tracing::info!(module = %self.module, path = ?String::from_utf8_lossy(path), holder = %t.holder, "ticket granted");
+        Ok(Msg::TicketReply(t))
     }
 
     /// Like [`Session::path`], for a new name: never the root, never one of
@@ -879,7 +1043,12 @@ impl Session {
                 Ok(Msg::Created { resumed })
             }),
             Msg::Write(wc) => return self.write(s, wc, chunk),
-            Msg::Pull(req) => {
+            Msg::Pull(_) => Err(ErrorMsg::new(
+                ErrorCode::Forbidden,
+                "this daemon runs a transfer from another daemon only with tickets proving the client may read \
+                 the source (protocol 3); upgrade this client",
+            )),
+            Msg::PullTicketed { req, tickets } => {
                 let path = |b: &[u8]| self.path(b);
                 let t = crate::pull::Target {
                     ep: &self.ep,
@@ -888,8 +1057,9 @@ impl Session {
                     path: &path,
                     shutdown: &self.cancel,
                 };
-                return crate::pull::serve(&self.pull, &t, *req, s);
+                return crate::pull::serve(&self.pull, &t, *req, tickets, s);
             }
+            Msg::GrantTicket { holder, path } => self.grant_ticket(&holder, &path),
             Msg::FileMeta {
                 handle,
                 writes,
@@ -946,7 +1116,7 @@ impl Session {
                 .may_write()
                 .and_then(|()| self.ep.barrier().map(|()| Msg::Done).map_err(err)),
             Msg::Batch(b) => return self.batch(s, b),
-            Msg::Hello(_) | Msg::Auth(_) | Msg::Join { .. } => {
+            Msg::Hello(_) | Msg::Auth(_) | Msg::Login(_) | Msg::Join { .. } => {
                 return Err(proto("handshake message in the middle of a stream"))
             }
             _ => return Err(proto("a reply where a request was expected")),

@@ -52,6 +52,8 @@ pub struct Stream {
     broken: bool,
     /// The TCP connection under a TCP stream, sampled before it closes.
     tcp: Option<Arc<TcpConn>>,
+    /// The TLS session's exporter value (see `proof::EXPORTER_LABEL`).
+    exporter: Option<[u8; 32]>,
 }
 
 impl Drop for Stream {
@@ -79,7 +81,20 @@ impl Stream {
             max_control: MAX_CONTROL,
             broken: false,
             tcp: None,
+            exporter: None,
         }
+    }
+
+    /// Records the exporter value of the TLS session under the stream.
+    pub fn with_exporter(mut self, exporter: Option<[u8; 32]>) -> Stream {
+        self.exporter = exporter;
+        self
+    }
+
+    /// The exporter value of the TLS session under the stream, which a
+    /// login proof is bound to.
+    pub fn exporter(&self) -> Option<[u8; 32]> {
+        self.exporter
     }
 
     /// Ties the stream to its TCP connection's counters.

@@ -148,6 +148,22 @@ pub struct Connector {
     tcp_conns: Mutex<Vec<Arc<TcpConn>>>,
     /// Streams opened on the QUIC connection.
     quic_streams: AtomicU64,
+    /// The QUIC connection's exporter value.
+    quic_exporter: Option<[u8; 32]>,
+}
+
+/// The exporter value of a QUIC connection.
+fn quic_exporter(conn: &quinn::Connection) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, crate::proof::EXPORTER_LABEL, &[])
+        .ok()
+        .map(|()| out)
+}
+
+/// The exporter value of a TCP connection's TLS session.
+fn tls_exporter<D>(c: &rustls::ConnectionCommon<D>) -> Option<[u8; 32]> {
+    c.export_keying_material([0u8; 32], crate::proof::EXPORTER_LABEL, None)
+        .ok()
 }
 
 impl Connector {
@@ -188,6 +204,7 @@ impl Connector {
                     cert,
                     tcp_conns: Mutex::new(vec![tcp]),
                     quic_streams: AtomicU64::new(0),
+                    quic_exporter: None,
                 };
                 Ok((c, stream))
             }
@@ -216,6 +233,7 @@ impl Connector {
                     Ok::<_, NetError>((ep, conn))
                 })?;
                 let cert = peer_cert(conn.1.peer_identity()).ok_or_else(|| quic_err("server sent no certificate"))?;
+                let exporter = quic_exporter(&conn.1);
                 let c = Connector {
                     rt,
                     kind,
@@ -226,6 +244,7 @@ impl Connector {
                     cert,
                     tcp_conns: Mutex::new(Vec::new()),
                     quic_streams: AtomicU64::new(0),
+                    quic_exporter: exporter,
                 };
                 let s = c.open()?;
                 Ok((c, s))
@@ -259,12 +278,10 @@ impl Connector {
                     .map_err(|_| NetError::Timeout(self.timeout.as_secs()))?
                     .map_err(quic_err)?;
                 self.quic_streams.fetch_add(1, Ordering::Relaxed);
-                Ok(Stream::new(
-                    self.rt.clone(),
-                    Box::pin(recv),
-                    Box::pin(send),
-                    self.timeout,
-                ))
+                Ok(
+                    Stream::new(self.rt.clone(), Box::pin(recv), Box::pin(send), self.timeout)
+                        .with_exporter(self.quic_exporter),
+                )
             }
             None => {
                 let (s, cert, tcp) =
@@ -374,8 +391,11 @@ async fn tcp_connect(
         .map(|c| c.to_vec())
         .ok_or_else(|| NetError::Tls("server sent no certificate".into()))?;
     let conn = conn.ok_or_else(|| NetError::Tls("no TCP connection".into()))?;
+    let exporter = tls_exporter(tls.get_ref().1);
     let (r, w) = tokio::io::split(tls);
-    let stream = Stream::new(rt.clone(), Box::pin(r), Box::pin(w), timeout).with_tcp(conn.clone());
+    let stream = Stream::new(rt.clone(), Box::pin(r), Box::pin(w), timeout)
+        .with_tcp(conn.clone())
+        .with_exporter(exporter);
     Ok((stream, cert, conn))
 }
 
@@ -810,8 +830,9 @@ async fn tcp_conn(
         conn_id,
         gate,
     };
+    let exporter = tls_exporter(s.get_ref().1);
     let (r, w) = tokio::io::split(s);
-    let stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle);
+    let stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle).with_exporter(exporter);
     tokio::task::spawn_blocking(move || handler(stream, peer))
         .await
         .map_err(|e| NetError::Config(format!("handler failed: {e}")))
@@ -837,6 +858,7 @@ async fn quic_conn(
         conn_id,
         gate: gate.clone(),
     };
+    let exporter = quic_exporter(&conn);
     let deadline = tokio::time::Instant::from_std(gate.deadline());
     let mut open = false;
     loop {
@@ -863,7 +885,8 @@ async fn quic_conn(
             Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => return Ok(()),
             Err(e) => return Err(quic_err(e)),
         };
-        let stream = Stream::new(Handle::current(), Box::pin(recv), Box::pin(send), limits.idle);
+        let stream =
+            Stream::new(Handle::current(), Box::pin(recv), Box::pin(send), limits.idle).with_exporter(exporter);
         let (handler, peer) = (handler.clone(), peer.clone());
         tokio::task::spawn_blocking(move || handler(stream, peer));
     }

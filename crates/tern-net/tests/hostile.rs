@@ -14,7 +14,8 @@ use tern_net::stream::Stream;
 use tern_net::transport::{Connector, Transport};
 use tern_net::NetError;
 use tern_proto::{
-    Auth, Batch, BatchBody, BatchItem, ErrorCode, Hello, Msg, PullRequest, PullSource, RunOptions, WireMeta, WireSpec,
+    Auth, Batch, BatchBody, BatchItem, ErrorCode, Hello, Msg, PullRequest, PullSource, RunOptions, Ticket, WireMeta,
+    WireSpec,
 };
 
 struct Setup {
@@ -64,9 +65,21 @@ fn setup_with(change: impl FnOnce(&mut ServerConfig)) -> Setup {
             access,
         });
     }
-    cfg.pull_from.push(PullPeer::Host("127.0.0.1".into(), None));
-    change(&mut cfg);
+    // The daemon may pull from itself, and lets its own key read `data`
+    // (with a ticket), so that it can play both daemons of a pull.
     let id = Identity::load_or_create(&cfg.state_dir).expect("identity");
+    cfg.pull_from.push(PullPeer {
+        host: "127.0.0.1".into(),
+        port: None,
+        fingerprint: id.fingerprint(),
+    });
+    cfg.grants.push(Grant {
+        token_hash: None,
+        client: Some(id.fingerprint()),
+        modules: vec!["data".into()],
+        access: Access::Read,
+    });
+    change(&mut cfg);
     let daemon = Daemon::start(&cfg, &id).expect("start");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -83,6 +96,13 @@ fn setup_with(change: impl FnOnce(&mut ServerConfig)) -> Setup {
 }
 
 impl Setup {
+    /// The daemon's key fingerprint.
+    fn fingerprint(&self) -> String {
+        Identity::load_or_create(&self.root.join("state"))
+            .expect("identity")
+            .fingerprint()
+    }
+
     fn stream(&self, kind: Transport) -> Stream {
         let addr = self.daemon.as_ref().expect("daemon").addrs()[0];
         let tls = tern_net::tls::client_config(None).expect("tls");
@@ -400,9 +420,30 @@ fn garbage_and_unexpected_frames_end_only_their_stream() {
     assert!(matches!(s.recv(), Ok(Msg::StatReply(Some(_)))));
 }
 
-fn pull(st: &Setup, host: &str, fingerprint: &str, dst_rel: &[u8], chunk_size: u64) -> Msg {
+/// A ticket from a session on `data`, for the daemon's own key to read
+/// `sub`.
+fn ticket(st: &Setup, s: &mut Stream) -> Ticket {
+    s.send(&Msg::GrantTicket {
+        holder: st.fingerprint(),
+        path: b"sub".to_vec(),
+    })
+    .expect("send");
+    match s.recv().expect("ticket") {
+        Msg::TicketReply(t) => t,
+        m => panic!("unexpected {m:?}"),
+    }
+}
+
+fn pull_request(
+    st: &Setup,
+    host: &str,
+    fingerprint: &str,
+    dst_rel: &[u8],
+    chunk_size: u64,
+    check: bool,
+) -> PullRequest {
     let port = st.daemon.as_ref().expect("daemon").addrs()[0].port();
-    Msg::Pull(Box::new(PullRequest {
+    PullRequest {
         sources: vec![PullSource {
             host: host.into(),
             port,
@@ -412,7 +453,7 @@ fn pull(st: &Setup, host: &str, fingerprint: &str, dst_rel: &[u8], chunk_size: u
             dst_rel: dst_rel.to_vec(),
         }],
         opts: RunOptions {
-            check: false,
+            check,
             delete: true,
             dry_run: false,
             checksum: false,
@@ -426,53 +467,216 @@ fn pull(st: &Setup, host: &str, fingerprint: &str, dst_rel: &[u8], chunk_size: u
             bwlimit: None,
         },
         transport: 2,
-    }))
+    }
 }
 
+fn pull(st: &Setup, t: &Ticket, host: &str, dst_rel: &[u8], chunk_size: u64) -> Msg {
+    Msg::PullTicketed {
+        req: Box::new(pull_request(st, host, &st.fingerprint(), dst_rel, chunk_size, false)),
+        tickets: vec![t.clone()],
+    }
+}
+
+/// The refusal a pull got, which must come before anything is written.
+fn pull_refusal(s: &mut Stream, req: Msg) -> tern_proto::ErrorMsg {
+    s.send(&req).expect("send");
+    loop {
+        match s.recv() {
+            Err(NetError::Remote(e)) => return e,
+            Ok(Msg::RunEvent(_)) => {}
+            other => panic!("the pull was not refused: {other:?}"),
+        }
+    }
+}
+
+/// Issue 13, finding 1: a pull is run only for a client that may write
+/// here and proves, with a ticket from the source, that it may read there;
+/// the source is pinned by this daemon's configuration, not the client.
 #[test]
 fn pull_requests_outside_what_the_daemon_allows_are_refused() {
     let st = setup();
-    let fp = Identity::load_or_create(&st.root.join("state"))
-        .expect("id")
-        .fingerprint();
     let mut ro = st.session("data", RO_TOKEN, false).expect("read session");
-    assert_eq!(
-        refused(&mut ro, pull(&st, "127.0.0.1", &fp, b"x", 1 << 20)),
-        ErrorCode::Forbidden
-    );
+    let t = ticket(&st, &mut ro);
+    // A read-only client may not make the daemon read elsewhere, not even
+    // for a check (which once listed the source's tree to it).
+    let check = Msg::PullTicketed {
+        req: Box::new(pull_request(&st, "127.0.0.1", &st.fingerprint(), b"x", 1 << 20, true)),
+        tickets: vec![t.clone()],
+    };
+    let e = pull_refusal(&mut ro, check);
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert!(e.message.contains("read-write grant"), "{}", e.message);
+
     let mut s = st.session("data", TOKEN, true).expect("session");
+    // The request of clients before tickets is refused, saying why.
+    let old = Msg::Pull(Box::new(pull_request(
+        &st,
+        "127.0.0.1",
+        &st.fingerprint(),
+        b"x",
+        1 << 20,
+        false,
+    )));
+    let e = pull_refusal(&mut s, old);
+    assert!(e.message.contains("tickets"), "{}", e.message);
     // Not in pull_from: refused before any connection is made.
-    s.send(&pull(&st, "10.255.255.1", &fp, b"x", 1 << 20)).expect("send");
-    match s.recv() {
-        Err(NetError::Remote(e)) => {
-            assert_eq!(e.code, ErrorCode::Forbidden);
-            assert!(e.message.contains("pull_from"), "{}", e.message);
-        }
-        other => panic!("pull from an unlisted host: {other:?}"),
-    }
+    let e = pull_refusal(&mut s, pull(&st, &t, "10.255.255.1", b"x", 1 << 20));
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert!(e.message.contains("pull_from"), "{}", e.message);
     // A destination outside the module, and a bogus chunk size.
     for bad in [&b"../outside"[..], b"/etc", b"out/../../outside", b".x.tern.tmp"] {
         assert_eq!(
-            refused(&mut s, pull(&st, "127.0.0.1", &fp, bad, 1 << 20)),
+            pull_refusal(&mut s, pull(&st, &t, "127.0.0.1", bad, 1 << 20)).code,
             ErrorCode::Forbidden
         );
     }
     assert_eq!(
-        refused(&mut s, pull(&st, "127.0.0.1", &fp, b"x", 3)),
+        pull_refusal(&mut s, pull(&st, &t, "127.0.0.1", b"x", 3)).code,
         ErrorCode::Protocol
     );
-    // A source showing another key than the client saw is not used.
+    // The client's idea of the source's key does not override the pin.
     let wrong = format!("b3:{}", "0".repeat(64));
-    s.send(&pull(&st, "127.0.0.1", &wrong, b"x", 1 << 20)).expect("send");
-    match s.recv() {
-        Err(NetError::Remote(e)) => {
-            assert_eq!(e.code, ErrorCode::Unavailable);
-            assert!(e.message.contains("cannot reach the source"), "{}", e.message);
-        }
-        other => panic!("pull from a source with another key: {other:?}"),
-    }
+    let req = Msg::PullTicketed {
+        req: Box::new(pull_request(&st, "127.0.0.1", &wrong, b"x", 1 << 20, false)),
+        tickets: vec![t.clone()],
+    };
+    let e = pull_refusal(&mut s, req);
+    assert!(e.message.contains("pins"), "{}", e.message);
+    // A ticket the source did not grant, or granted for another module or
+    // holder, is refused by the source: a client cannot make this daemon
+    // read what only this daemon's key may read.
+    let mut forged = t.clone();
+    forged.path = b"".to_vec();
+    forged.mac[0] ^= 1;
+    let mut req = pull_request(&st, "127.0.0.1", &st.fingerprint(), b"x", 1 << 20, false);
+    req.sources[0].path = Vec::new();
+    let e = pull_refusal(
+        &mut s,
+        Msg::PullTicketed {
+            req: Box::new(req),
+            tickets: vec![forged],
+        },
+    );
+    assert_eq!(e.code, ErrorCode::Unauthorized, "{}", e.message);
+    assert!(e.message.contains("not granted by this daemon"), "{}", e.message);
+    s.send(&Msg::GrantTicket {
+        holder: format!("b3:{}", "1".repeat(64)),
+        path: b"sub".to_vec(),
+    })
+    .expect("send");
+    let Msg::TicketReply(other) = s.recv().expect("ticket") else {
+        panic!("no ticket")
+    };
+    let e = pull_refusal(&mut s, pull(&st, &other, "127.0.0.1", b"x", 1 << 20));
+    assert!(e.message.contains("is for the key"), "{}", e.message);
     assert!(!st.root.join("module/x").exists());
+
+    // With its ticket the same pull runs.
+    s.send(&pull(&st, &t, "127.0.0.1", b"copied", 1 << 20)).expect("send");
+    loop {
+        match s.recv().expect("pull") {
+            Msg::RunEvent(_) => {}
+            Msg::RunDone { summary_json, .. } => {
+                assert!(summary_json.contains("\"errors\":0"), "{summary_json}");
+                break;
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    assert!(st.root.join("module/copied").is_dir());
     st.outside_untouched();
+}
+
+/// Issue 13, finding 1: what a ticket opens is read-only and confined to
+/// its path, for the key it names only.
+#[test]
+fn a_ticket_opens_only_its_path_read_only_for_its_holder() {
+    let st = setup();
+    fs::write(st.root.join("module/top"), b"top").expect("write");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let t = ticket(&st, &mut s);
+    let login = |s: &mut Stream, t: &Ticket, write: bool| {
+        s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+        s.send(&Msg::Login(tern_proto::Login {
+            module: "data".into(),
+            write,
+            proof: None,
+            ticket: Some(t.clone()),
+        }))
+        .expect("send");
+        assert!(matches!(s.recv().expect("hello"), Msg::Hello(_)));
+        s.recv()
+    };
+    // Presented by a client without the holder's key: refused.
+    let mut anon = st.stream(Transport::Tcp);
+    match login(&mut anon, &t, false) {
+        Err(NetError::Remote(e)) => assert!(e.message.contains("is for the key"), "{}", e.message),
+        other => panic!("a ticket without its key: {other:?}"),
+    }
+    // With the holder's key: read only, and only beneath `sub`.
+    let id = Identity::load_or_create(&st.root.join("state")).expect("id");
+    let addr = st.daemon.as_ref().expect("daemon").addrs()[0];
+    let tls = tern_net::tls::client_config(Some(&id)).expect("tls");
+    let (c, mut held) = Connector::connect(
+        st.rt.handle().clone(),
+        Transport::Tcp,
+        addr,
+        tls.clone(),
+        Duration::from_secs(10),
+    )
+    .expect("connect");
+    st.conns.lock().expect("lock").push(c);
+    match login(&mut held, &t, true) {
+        Err(NetError::Remote(e)) => assert!(e.message.contains("reading only"), "{}", e.message),
+        other => panic!("a ticket to write: {other:?}"),
+    }
+    let (c, mut held) = Connector::connect(
+        st.rt.handle().clone(),
+        Transport::Tcp,
+        addr,
+        tls,
+        Duration::from_secs(10),
+    )
+    .expect("connect");
+    st.conns.lock().expect("lock").push(c);
+    assert!(matches!(login(&mut held, &t, false), Ok(Msg::Welcome(w)) if !w.writable));
+    stat_entry(&mut held, b"sub");
+    for outside in [&b""[..], b"top", b"out", b"subx"] {
+        assert_eq!(
+            refused(&mut held, Msg::Stat { path: outside.to_vec() }),
+            ErrorCode::Forbidden
+        );
+    }
+    let e = refusal(&mut held, &walk(b"", b""));
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert_eq!(
+        refused(
+            &mut held,
+            Msg::MakeDir {
+                path: b"sub/new".to_vec()
+            }
+        ),
+        ErrorCode::Forbidden
+    );
+    let e = refusal(
+        &mut held,
+        &Msg::GrantTicket {
+            holder: st.fingerprint(),
+            path: b"sub".to_vec(),
+        },
+    );
+    assert!(e.message.contains("cannot grant"), "{}", e.message);
+}
+
+/// Issue 13, finding 1: pulls are capped (here at none).
+#[test]
+fn pulls_beyond_max_pulls_are_refused() {
+    let st = setup_with(|c| c.limits.max_pulls = 0);
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let t = ticket(&st, &mut s);
+    let e = pull_refusal(&mut s, pull(&st, &t, "127.0.0.1", b"x", 1 << 20));
+    assert_eq!(e.code, ErrorCode::Unavailable);
+    assert!(e.message.contains("max_pulls = 0"), "{}", e.message);
 }
 
 #[test]
@@ -1372,4 +1576,92 @@ fn reads_and_writes_that_are_not_whole_subtrees_are_refused_not_a_panic() {
     .expect("send");
     assert!(s.recv().is_err(), "the stream carried on after a bad chunk");
     st.session("data", TOKEN, true).expect("the daemon still serves");
+}
+
+/// Issue 13, finding 6: with one token for every daemon of a command, a
+/// source daemon once learned the destination's write token. The client
+/// now proves a token, bound to the daemon's key and the TLS session: what
+/// a daemon sees is of no use against another, nor against itself later.
+#[test]
+fn a_daemon_sees_a_token_proof_that_works_nowhere_else() {
+    use std::sync::{Arc, Mutex};
+    let st = setup();
+    // A daemon that records the login it is sent, and refuses it.
+    let seen: Arc<Mutex<Vec<Msg>>> = Arc::default();
+    let fake_dir = st.root.join("fake");
+    let fake_id = Identity::load_or_create(&fake_dir).expect("identity");
+    let record = seen.clone();
+    let handler: tern_net::transport::Handler = Arc::new(move |mut s: Stream, _peer| {
+        if let Ok(Msg::Hello(_)) = s.recv() {
+            let _ = s.send(&Msg::Hello(Hello::ours("fake")));
+            if let Ok(m) = s.recv() {
+                record.lock().expect("lock").push(m);
+            }
+            let _ = s.send(&Msg::Error(tern_proto::ErrorMsg::new(ErrorCode::Unauthorized, "no")));
+            let _ = s.flush();
+        }
+    });
+    let keys = tern_net::transport::QuicKeys {
+        reset: [1; 32],
+        cid: [2; 32],
+    };
+    let listener = st
+        .rt
+        .block_on(tern_net::transport::Listener::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            tern_net::tls::server_config(&fake_id).expect("tls"),
+            tern_net::transport::Limits::default(),
+            keys,
+        ))
+        .expect("bind");
+    let fake_addr = listener.local_addr().expect("addr");
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    st.rt.spawn(listener.run(handler, stop_rx));
+    let spec = tern_net::url::RemoteSpec {
+        host: "127.0.0.1".into(),
+        port: fake_addr.port(),
+        module: "data".into(),
+        path: Default::default(),
+        trailing_slash: false,
+    };
+    let opts = tern_net::remote::ConnectOptions {
+        transport: tern_net::remote::TransportChoice::Tcp,
+        token: Some(TOKEN.into()),
+        ticket: None,
+        trust: tern_net::trust::TrustPolicy {
+            fingerprint: Some(fake_id.fingerprint()),
+            accept_new: false,
+            known_hosts: st.root.join("known_hosts"),
+        },
+        identity_dir: None,
+        timeout: Duration::from_secs(10),
+        write: true,
+    };
+    assert!(tern_net::remote::RemoteEndpoint::connect(&spec, &opts).is_err());
+    let login = seen.lock().expect("lock").pop().expect("a login was sent");
+    assert!(
+        !format!("{login:?}").contains(TOKEN),
+        "the token itself was sent: {login:?}"
+    );
+    let Msg::Login(l) = login else {
+        panic!("not a Login: {login:?}")
+    };
+    assert!(l.proof.is_some() && l.ticket.is_none());
+    // Replayed to the daemon the token is for: refused.
+    let mut s = st.stream(Transport::Tcp);
+    s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    s.send(&Msg::Login(l)).expect("send");
+    assert!(matches!(s.recv().expect("hello"), Msg::Hello(_)));
+    match s.recv() {
+        Err(NetError::Remote(e)) => assert_eq!(e.code, ErrorCode::Unauthorized, "{}", e.message),
+        other => panic!("a replayed proof: {other:?}"),
+    }
+    // And the same client logs in there with its own proof.
+    let mut opts = opts;
+    opts.trust.fingerprint = Some(st.fingerprint());
+    let spec = tern_net::url::RemoteSpec {
+        port: st.daemon.as_ref().expect("daemon").addrs()[0].port(),
+        ..spec
+    };
+    tern_net::remote::RemoteEndpoint::connect(&spec, &opts).expect("a proof for this daemon");
 }

@@ -29,10 +29,10 @@ pub use frame::{
     FLAG_LAST, HEADER_LEN,
 };
 pub use msg::{
-    negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, Commit, ErrorCode, ErrorMsg, HashOutcome, Hello, Msg,
-    PullRequest, PullSource, RunEvent, RunOptions, Walk, Welcome, WireEntry, WireKind, WireMeta, WireSpec, WriteChunk,
-    BENCH_BLOCK, BENCH_MAX_BYTES, FEATURES, FEATURE_BENCH, FEATURE_PULL, FEATURE_TCP_BBR, MAGIC, MAX_BATCH_FILES,
-    VERSION_MAX, VERSION_MIN, VERSION_PIPELINE,
+    negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, Commit, ErrorCode, ErrorMsg, HashOutcome, Hello, Login, Msg,
+    PullRequest, PullSource, RunEvent, RunOptions, Ticket, Walk, Welcome, WireEntry, WireKind, WireMeta, WireSpec,
+    WriteChunk, BENCH_BLOCK, BENCH_MAX_BYTES, FEATURES, FEATURE_BENCH, FEATURE_PULL, FEATURE_TCP_BBR, MAGIC,
+    MAX_BATCH_FILES, TICKET_LIFETIME, VERSION_LOGIN, VERSION_MAX, VERSION_MIN, VERSION_PIPELINE,
 };
 
 /// A violation of the protocol by the peer (or a bug in the caller).

@@ -12,7 +12,14 @@ pub const VERSION_MIN: u16 = 1;
 /// pipelined requests: [`Msg::Walk`], [`Msg::ReadFiles`], [`Msg::HashFiles`],
 /// the queued-operations stream ([`Msg::OpsStream`], [`Msg::After`],
 /// [`Msg::Settle`]) and [`Msg::Commit`]. A version-1 peer never sees them.
-pub const VERSION_MAX: u16 = 2;
+/// Version 3 adds [`Msg::Login`] (a token proved, never sent) and the
+/// tickets of a remote-to-remote transfer ([`Msg::GrantTicket`],
+/// [`Msg::PullTicketed`]).
+pub const VERSION_MAX: u16 = 3;
+/// The first version with [`Msg::Login`] and tickets.
+pub const VERSION_LOGIN: u16 = 3;
+/// How long a [`Ticket`] may be used, in seconds.
+pub const TICKET_LIFETIME: u64 = 600;
 /// The first version with the pipelined requests.
 pub const VERSION_PIPELINE: u16 = 2;
 /// Most files one [`Msg::ReadFiles`] or [`Msg::HashFiles`] may name.
@@ -369,6 +376,64 @@ pub enum Msg {
     /// check it reads back as `verify` if given, and rename it into place.
     /// The handle is gone afterwards, whatever the outcome.
     Commit(Commit),
+
+    // Version 3 ([`VERSION_LOGIN`]).
+    /// Client: authenticate for a module, as `Auth` does, proving a token
+    /// rather than sending it, or presenting a ticket. Sent with the Hello;
+    /// a daemon older than version 3 does not know it.
+    Login(Login),
+    /// Client: a ticket that lets the daemon whose key is `holder` read
+    /// `path` in this session's module, on this client's behalf, for
+    /// [`TICKET_LIFETIME`] seconds. Answered with [`Msg::TicketReply`].
+    GrantTicket {
+        /// Fingerprint of the daemon that will present the ticket.
+        holder: String,
+        /// Module-relative path it may read (and everything under it).
+        path: Vec<u8>,
+    },
+    /// Reply to `GrantTicket`.
+    TicketReply(Ticket),
+    /// Client: run a transfer from other daemons into this session's
+    /// module, as [`Msg::Pull`] asked before version 3, with one ticket per
+    /// source proving the client may read it.
+    PullTicketed {
+        /// The transfer.
+        req: Box<PullRequest>,
+        /// `tickets[i]` was granted by `req.sources[i]`.
+        tickets: Vec<Ticket>,
+    },
+}
+
+/// A [`Msg::Login`] request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    /// The module to use.
+    pub module: String,
+    /// The client intends to write.
+    pub write: bool,
+    /// Proof of a token, bound to the daemon's key and this TLS session
+    /// (tern-net's `proof::token_proof`).
+    pub proof: Option<[u8; 32]>,
+    /// A ticket from this daemon, for the module, bound to the client's key.
+    pub ticket: Option<Ticket>,
+}
+
+/// A daemon's grant to another daemon (the holder) to read part of a
+/// module on a client's behalf, MAC'd with a key only the granting daemon
+/// has; it checks every field when the holder presents it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// The module.
+    pub module: String,
+    /// The module-relative path that may be read, and all under it.
+    pub path: Vec<u8>,
+    /// Fingerprint of the key the holder must present.
+    pub holder: String,
+    /// Unix time, in seconds, after which the ticket is refused.
+    pub expires: u64,
+    /// The granting daemon's MAC over the fields above (tern-net's
+    /// `proof::ticket_mac`).
+    pub mac: [u8; 32],
 }
 
 /// A [`Msg::Walk`] request.

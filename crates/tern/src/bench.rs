@@ -242,7 +242,7 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
     let mut daemon_bbr = false;
     for t in ["tcp", "quic"] {
         let start = Instant::now();
-        let ep = match net::connect(spec, &with_transport(&a.remote_args, t), false) {
+        let ep = match net::connect(spec, &with_transport(&a.remote_args, t), net::Role::Dest, false) {
             Ok(ep) => ep,
             Err(e) => {
                 say(format!("  {t}: cannot connect: {e:#}"));

@@ -183,8 +183,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FP")]
     pub allow_key: Vec<String>,
     /// Let clients ask this daemon to copy from the daemon at HOST[:PORT]
-    /// directly (remote to remote; repeatable; `*` for any).
-    #[arg(long, value_name = "HOST[:PORT]")]
+    /// directly (remote to remote; repeatable), if it shows the key
+    /// FINGERPRINT (`tern fingerprint --server` there).
+    #[arg(long, value_name = "HOST[:PORT]=FINGERPRINT")]
     pub pull_from: Vec<String>,
     /// Where the daemon keeps its identity [default: $TERN_STATE_DIR, or
     /// /var/lib/tern for root, or ~/.local/state/tern].
@@ -203,9 +204,17 @@ pub struct RemoteArgs {
     /// bench` shows the choice and why).
     #[arg(long, value_name = "auto|quic|tcp", default_value = "auto", value_parser = ["auto", "quic", "tcp"])]
     pub transport: String,
-    /// File holding the token for the daemon (else $TERN_TOKEN).
+    /// File holding the token for the daemons named (else the credentials
+    /// file's entry for each, else $TERN_TOKEN). A token is proved to a
+    /// daemon, never sent to it.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// File holding the token for the source daemon only.
+    #[arg(long, value_name = "FILE")]
+    pub src_token_file: Option<PathBuf>,
+    /// File holding the token for the destination daemon only.
+    #[arg(long, value_name = "FILE")]
+    pub dst_token_file: Option<PathBuf>,
     /// The daemon's key fingerprint, as `tern serve` prints it: trusted
     /// without consulting or changing the known-hosts file.
     #[arg(long, value_name = "FP", env = "TERN_FINGERPRINT")]

@@ -7,6 +7,7 @@
 
 mod bench;
 mod cli;
+mod credentials;
 mod net;
 mod output;
 
@@ -215,7 +216,7 @@ fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -
             })
         }
         Loc::Remote(spec) => {
-            let ep = net::connect(&spec, r, false)?;
+            let ep = net::connect(&spec, r, net::Role::Source, false)?;
             let root = ep.stat_root()?;
             let Some(root) = root else {
                 bail!("source {}: no such file or directory", spec.display());
@@ -263,7 +264,7 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             })
         }
         Loc::Remote(spec) => {
-            let ep = net::connect(&spec, r, write)?;
+            let ep = net::connect(&spec, r, net::Role::Dest, write)?;
             let root = ep.stat_root()?;
             remotes.push(ep.clone());
             Ok(Dst {
@@ -289,7 +290,7 @@ struct Plan {
     /// Set when the destination and every source are on daemons: the
     /// destination daemon may then run the transfer itself (remote to
     /// remote, the data not passing through here).
-    direct: Option<(RemoteEndpoint, Vec<PullSource>)>,
+    direct: Option<(RemoteEndpoint, Vec<PullSource>, Vec<tern_proto::Ticket>)>,
     /// `sync` of a directory named without a trailing slash onto an
     /// existing directory of another name: (source as given, destination
     /// as shown, the source's name). With `--delete` that makes the
@@ -300,22 +301,30 @@ struct Plan {
 impl Plan {
     fn new(d: Dst, roots: Vec<(Root, Option<RemoteEndpoint>)>) -> Plan {
         let direct = d.remote.filter(|dr| dr.supports_pull()).and_then(|dr| {
-            let sources = roots
-                .iter()
-                .map(|(root, src)| {
-                    let src = src.as_ref()?;
-                    let spec = src.spec();
-                    Some(PullSource {
-                        host: spec.host.clone(),
-                        port: spec.port,
-                        module: spec.module.clone(),
-                        path: spec.path.as_os_str().as_bytes().to_vec(),
-                        fingerprint: src.server_fingerprint(),
-                        dst_rel: dr.spec().path.join(&root.dst_rel).as_os_str().as_bytes().to_vec(),
-                    })
-                })
-                .collect::<Option<Vec<_>>>()?;
-            Some((dr, sources))
+            let mut sources = Vec::new();
+            let mut tickets = Vec::new();
+            for (root, src) in &roots {
+                let src = src.as_ref()?;
+                let spec = src.spec();
+                // The source lets the destination daemon read what this
+                // client may read there, and no more.
+                match src.ticket(&dr.server_fingerprint()) {
+                    Ok(t) => tickets.push(t),
+                    Err(e) => {
+                        tracing::info!(source = %spec.display(), error = %e, "no ticket: the data goes through here");
+                        return None;
+                    }
+                }
+                sources.push(PullSource {
+                    host: spec.host.clone(),
+                    port: spec.port,
+                    module: spec.module.clone(),
+                    path: spec.path.as_os_str().as_bytes().to_vec(),
+                    fingerprint: src.server_fingerprint(),
+                    dst_rel: dr.spec().path.join(&root.dst_rel).as_os_str().as_bytes().to_vec(),
+                });
+            }
+            Some((dr, sources, tickets))
         });
         Plan {
             dest: d.ep,
@@ -470,7 +479,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             // first needed.
             r.open_streams_ahead(opts.jobs + 2);
         }
-        if let Some((dr, sources)) = plan.direct {
+        if let Some((dr, sources, tickets)) = plan.direct {
             let req = PullRequest {
                 sources,
                 opts: tern_net::pull::run_options(&opts),
@@ -480,7 +489,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
                     _ => 0,
                 },
             };
-            match dr.pull(req, &*console, &cancel) {
+            match dr.pull(req, tickets, &*console, &cancel) {
                 Ok(mut out) => {
                     if out.paths.is_empty() && !out.transport.is_empty() {
                         out.paths.push(tern_net::path::PathReport {

@@ -15,6 +15,7 @@ use tern_net::trust::{config_dir, TrustPolicy};
 use tern_net::url::RemoteSpec;
 
 use crate::cli::{Exit, RemoteArgs, ServeArgs};
+use crate::credentials;
 use crate::UsageError;
 
 /// A copy/sync/check argument: a local path or a daemon location.
@@ -34,9 +35,29 @@ pub fn parse_loc(arg: &OsStr) -> anyhow::Result<Loc> {
     }
 }
 
-fn token(r: &RemoteArgs) -> anyhow::Result<Option<String>> {
-    if let Some(f) = &r.token_file {
+/// Which end of a run a daemon is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Read from.
+    Source,
+    /// Written to (or compared against).
+    Dest,
+}
+
+/// The token for the daemon `spec` names, as the `role` it plays: its own
+/// flag, else `--token-file`, else the credentials file's entry for it,
+/// else `$TERN_TOKEN`.
+fn token(spec: &RemoteSpec, r: &RemoteArgs, role: Role) -> anyhow::Result<Option<String>> {
+    let own = match role {
+        Role::Source => &r.src_token_file,
+        Role::Dest => &r.dst_token_file,
+    };
+    if let Some(f) = own.as_ref().or(r.token_file.as_ref()) {
         return Ok(Some(config::read_token_file(f)?));
+    }
+    let creds = config_dir().join("credentials");
+    if let Some(t) = credentials::lookup(&creds, spec)? {
+        return Ok(Some(t));
     }
     Ok(std::env::var("TERN_TOKEN")
         .ok()
@@ -45,7 +66,7 @@ fn token(r: &RemoteArgs) -> anyhow::Result<Option<String>> {
 }
 
 /// Connects to the module `spec` names.
-pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, write: bool) -> anyhow::Result<RemoteEndpoint> {
+pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -> anyhow::Result<RemoteEndpoint> {
     let transport = match r.transport.as_str() {
         "quic" => TransportChoice::Quic,
         "tcp" => TransportChoice::Tcp,
@@ -54,7 +75,8 @@ pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, write: bool) -> anyhow::Result
     let dir = config_dir();
     let opts = ConnectOptions {
         transport,
-        token: token(r)?,
+        token: token(spec, r, role)?,
+        ticket: None,
         trust: TrustPolicy {
             fingerprint: r.fingerprint.clone(),
             accept_new: r.accept_new_host,
@@ -192,11 +214,7 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
         let peers: Vec<String> = cfg
             .pull_from
             .iter()
-            .map(|p| match p {
-                config::PullPeer::Any => "any daemon".to_string(),
-                config::PullPeer::Host(h, Some(port)) => format!("{h}:{port}"),
-                config::PullPeer::Host(h, None) => h.clone(),
-            })
+            .map(|p| format!("{} ({})", p.authority(), p.fingerprint))
             .collect();
         writeln!(o, "pulls on request from: {}", peers.join(", "))?;
     }

@@ -344,7 +344,10 @@ fn remote_to_remote_goes_daemon_to_daemon_when_both_allow_it() {
         0,
         &["--allow-key".into(), client_fp, "--allow-key".into(), b_fp.clone()],
     );
-    let allow_a = vec!["--pull-from".to_string(), format!("127.0.0.1:{}", a.port)];
+    let allow_a = vec![
+        "--pull-from".to_string(),
+        format!("127.0.0.1:{}={}", a.port, a.fingerprint),
+    ];
     // B may pull from A; C may too, but A does not know C's key; D may not
     // pull at all.
     let b = daemon_with(&root.join("b"), &dst, false, 0, &allow_a);
@@ -397,7 +400,8 @@ fn remote_to_remote_goes_daemon_to_daemon_when_both_allow_it() {
 
     // Where either side does not allow it, the data goes through the
     // client, which says so, and the copy still completes.
-    let c_refused = format!("refused this daemon: no token given, and this client's key ({c_fp})");
+    let c_refused =
+        format!("refused this daemon: the key of the daemon presenting the ticket ({c_fp}) is not authorized");
     for (x, why) in [(&c, c_refused.as_str()), (&d, "pull_from does not list it")] {
         let run = format!("relay-{}", x.port);
         let o = go(to(x, &["copy", "--json"]).arg(a.url("")).arg(x.url(&run)));

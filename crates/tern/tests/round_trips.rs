@@ -185,7 +185,10 @@ fn a_daemon_pulling_from_another_waits_a_constant_number_of_times() {
         &dst,
         false,
         0,
-        &["--pull-from".to_string(), format!("127.0.0.1:{}", a.port)],
+        &[
+            "--pull-from".to_string(),
+            format!("127.0.0.1:{}={}", a.port, a.fingerprint),
+        ],
     );
     let hosts = format!(
         "127.0.0.1:{} {}\n127.0.0.1:{} {}\n",
