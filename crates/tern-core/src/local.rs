@@ -415,34 +415,61 @@ impl ReadFile for LocalReadFile {
 
 /// Temporary and journal names for `final_path`.
 fn side_paths(final_path: &Path) -> (PathBuf, PathBuf) {
+    let stem = side_stem(final_path);
+    (with_suffix(&stem, TMP_SUFFIX), with_suffix(&stem, JOURNAL_SUFFIX))
+}
+
+/// Side files are a stem and one of these: the temporary file, its journal,
+/// and the temporary name of a symlink or hard link.
+const TMP_SUFFIX: &[u8] = b".tmp";
+const JOURNAL_SUFFIX: &[u8] = b".journal";
+const LINK_SUFFIX: &[u8] = b".tmp.lnk";
+const SIDE_SUFFIXES: [&[u8]; 3] = [TMP_SUFFIX, JOURNAL_SUFFIX, LINK_SUFFIX];
+/// Hex digits of the name's BLAKE3 in the stem of a name too long to keep.
+const HASHED_DIGITS: usize = 32;
+
+/// The path, minus its suffix, of the side files of `final_path`:
+/// `.NAME.tern`, or `.tern-HASH` for a name too long to take the prefix and
+/// the longest suffix within NAME_MAX.
+fn side_stem(final_path: &Path) -> PathBuf {
     let parent = final_path.parent().unwrap_or(Path::new("."));
     let name = final_path.file_name().unwrap_or(OsStr::new("")).as_bytes();
-    // Leave room for ".journal" within NAME_MAX.
     let stem: Vec<u8> = if name.len() + 15 <= 255 {
         [b".", name, b".tern"].concat()
     } else {
-        format!(".tern-{}", &blake3::hash(name).to_hex()[..32]).into_bytes()
+        format!(".tern-{}", &blake3::hash(name).to_hex()[..HASHED_DIGITS]).into_bytes()
     };
-    let with = |ext: &[u8]| parent.join(OsStr::from_bytes(&[&stem[..], ext].concat()));
-    (with(b".tmp"), with(b".journal"))
+    parent.join(OsStr::from_bytes(&stem))
+}
+
+fn with_suffix(stem: &Path, suffix: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(&[stem.as_os_str().as_bytes(), suffix].concat()))
+}
+
+/// Whether `stem` has either shape [`side_stem`] gives a name.
+fn is_side_stem(stem: &[u8]) -> bool {
+    let kept = stem.starts_with(b".") && stem.ends_with(b".tern");
+    let hashed = stem
+        .strip_prefix(b".tern-")
+        .is_some_and(|h| h.len() == HASHED_DIGITS && h.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)));
+    kept || hashed
 }
 
 /// Temporary name for a symlink or hard link about to be renamed into place:
 /// distinct from file temporaries, which other writers may hold locked.
 fn link_temp(final_path: &Path) -> PathBuf {
-    let (tmp, _) = side_paths(final_path);
-    let mut name = tmp.into_os_string();
-    name.push(".lnk");
-    PathBuf::from(name)
+    with_suffix(&side_stem(final_path), LINK_SUFFIX)
 }
 
-/// True when `name` is one of tern's own temporary or journal files.
+/// True when `name` is one of tern's own temporary or journal files, in
+/// any of the forms [`side_paths`] and [`link_temp`] produce. Every name a
+/// client may create is checked with this one predicate: a side file a
+/// client could make would be written through or trusted by a later copy.
 pub fn is_side_file(name: &OsStr) -> bool {
     let b = name.as_bytes();
-    b.starts_with(b".")
-        && [&b".tern.tmp"[..], b".tern.journal", b".tern.tmp.lnk"]
-            .iter()
-            .any(|s| b.ends_with(s))
+    SIDE_SUFFIXES
+        .iter()
+        .any(|s| b.strip_suffix(*s).is_some_and(is_side_stem))
 }
 
 fn apply_owner(path: &Path, f: Option<&File>, meta: &Meta) -> io::Result<()> {
@@ -1008,6 +1035,30 @@ mod tests {
         let (t, j) = side_paths(Path::new("/d/a"));
         assert_eq!(t, Path::new("/d/.a.tern.tmp"));
         assert_eq!(j, Path::new("/d/.a.tern.journal"));
+    }
+
+    #[test]
+    fn every_side_file_name_is_recognised() {
+        for len in 1..=255 {
+            let name = "n".repeat(len);
+            let p = Path::new("/d").join(&name);
+            let (t, j) = side_paths(&p);
+            for side in [t, j, link_temp(&p)] {
+                let n = side.file_name().expect("name");
+                assert!(n.len() <= 255, "{len}: {n:?} too long");
+                assert!(is_side_file(n), "{len}: {n:?} not recognised");
+            }
+            assert!(!is_side_file(OsStr::new(&name)));
+        }
+        for ordinary in [
+            ".tern-xyz.tmp",
+            ".tern-0123.journal",
+            "a.tern.tmp",
+            ".tern-tmp",
+            ".x.tern.tmpx",
+        ] {
+            assert!(!is_side_file(OsStr::new(ordinary)), "{ordinary}");
+        }
     }
 
     #[test]

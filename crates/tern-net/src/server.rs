@@ -889,7 +889,12 @@ impl Session {
         let err = |e: Error| wire::error_msg(&e);
         Some(match msg {
             Msg::MakeDir { path } => self.may_write().and_then(|()| {
-                let p = self.path(path)?;
+                // The root may be made (it is never replaced); any other name
+                // is checked as a new one, so no directory takes a side file's.
+                let p = match path.is_empty() {
+                    true => self.path(path)?,
+                    false => self.new_path(path)?,
+                };
                 self.ep.make_dir(&p).map(|()| Msg::Done).map_err(err)
             }),
             Msg::Symlink {

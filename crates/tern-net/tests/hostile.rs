@@ -1049,3 +1049,94 @@ fn queued_changes_keep_the_grant_and_their_failures_and_wait_boundedly() {
     }
     st.outside_untouched();
 }
+
+/// The identity the daemon of `st` runs with.
+fn daemon_identity(st: &Setup) -> Identity {
+    Identity::load_or_create(&st.root.join("state")).expect("id")
+}
+
+/// The names tern gives the temporary file, journal and link temporary of
+/// an entry called `name`: `.NAME.tern.*`, or `.tern-HASH.*` for a name
+/// over 240 bytes.
+fn side_names_of(name: &[u8]) -> [Vec<u8>; 3] {
+    let stem = if name.len() <= 240 {
+        [b".", name, b".tern"].concat()
+    } else {
+        format!(".tern-{}", &blake3::hash(name).to_hex()[..32]).into_bytes()
+    };
+    [".tmp", ".journal", ".tmp.lnk"].map(|s| [&stem[..], s.as_bytes()].concat())
+}
+
+#[test]
+fn every_form_of_side_file_name_is_refused_as_a_new_name() {
+    let st = setup();
+    let fp = daemon_identity(&st).fingerprint();
+    fs::write(st.root.join("module/existing"), b"x").expect("write");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let long = vec![b'l'; 250];
+    for name in side_names_of(b"short").into_iter().chain(side_names_of(&long)) {
+        for path in [name.clone(), [&b"sub/"[..], &name].concat()] {
+            let requests = [
+                Msg::MakeDir { path: path.clone() },
+                Msg::Create {
+                    handle: 1,
+                    path: path.clone(),
+                    spec: spec(),
+                },
+                Msg::Symlink {
+                    path: path.clone(),
+                    target: b"existing".to_vec(),
+                    meta: WireMeta::default(),
+                    owner: false,
+                },
+                Msg::HardLink {
+                    existing: b"existing".to_vec(),
+                    path: path.clone(),
+                },
+                Msg::Remove { path: path.clone() },
+                pull(&st, "127.0.0.1", &fp, &path, 1 << 20),
+            ];
+            for r in requests {
+                let e = refusal(&mut s, &r);
+                assert_eq!(e.code, ErrorCode::Forbidden, "{r:?}: {}", e.message);
+            }
+            // In a batch the reserved item fails alone.
+            let item = |path: &[u8]| BatchItem {
+                path: path.to_vec(),
+                meta: WireMeta::default(),
+                body: BatchBody::File {
+                    size: 3,
+                    holes: Vec::new(),
+                    hash: *blake3::hash(b"abc").as_bytes(),
+                    xattrs: Vec::new(),
+                    changed: (0, 0),
+                },
+            };
+            s.send(&Msg::Batch(Batch {
+                items: vec![item(&path), item(b"batch-ok")],
+                owner: false,
+                sync: false,
+                verify: false,
+            }))
+            .expect("send");
+            s.send_data(b"abc").expect("data");
+            s.send_data(b"abc").expect("data");
+            match s.recv().expect("reply") {
+                Msg::BatchReply(r) => {
+                    assert_eq!(r.len(), 2);
+                    assert_eq!(r[0].as_ref().map(|e| e.code), Some(ErrorCode::Forbidden), "{path:?}");
+                    assert!(r[1].is_none(), "{r:?}");
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+    }
+    // Nothing with a side file's name was made, in any form.
+    for dir in ["module", "module/sub"] {
+        for e in fs::read_dir(st.root.join(dir)).expect("list") {
+            let n = e.expect("entry").file_name();
+            assert!(!tern_core::local::is_side_file(&n), "{dir}/{n:?} was created");
+        }
+    }
+    st.outside_untouched();
+}
