@@ -29,6 +29,8 @@ use crate::sys;
 pub struct LocalEndpoint {
     root: PathBuf,
     follow_root: bool,
+    /// Keys the resume journals written and trusted here.
+    journal_key: journal::Key,
     /// One open directory on each file system written to, for `barrier`.
     devices: Arc<Mutex<Vec<(u64, File)>>>,
     /// Barriers asked for while one runs share the next one.
@@ -67,6 +69,7 @@ impl LocalEndpoint {
         LocalEndpoint {
             root: root.into(),
             follow_root: false,
+            journal_key: journal::DEFAULT_KEY,
             devices: Arc::default(),
             group: Arc::default(),
             confine: None,
@@ -80,6 +83,7 @@ impl LocalEndpoint {
         LocalEndpoint {
             root: root.into(),
             follow_root: true,
+            journal_key: journal::DEFAULT_KEY,
             devices: Arc::default(),
             group: Arc::default(),
             confine: None,
@@ -110,10 +114,19 @@ impl LocalEndpoint {
         Ok(LocalEndpoint {
             root,
             follow_root: false,
+            journal_key: journal::DEFAULT_KEY,
             devices: Arc::default(),
             group: Arc::default(),
             confine: Some(Arc::new(dir.into())),
         })
+    }
+
+    /// Keys resume journals with `key` instead of the public default: a
+    /// journal planted by someone who does not know it is ignored, as a torn
+    /// one is. A daemon passes a secret derived from its identity.
+    pub fn with_journal_key(mut self, key: [u8; 32]) -> Self {
+        self.journal_key = key;
+        self
     }
 
     /// The root directory.
@@ -558,37 +571,52 @@ impl Dest for LocalEndpoint {
         // Created with its final permission bits where that needs no
         // fchmod later; a new file's descriptor is writable whatever its mode.
         // Kept owner-writable so that a rerun can reopen it to resume; the
-        // final mode is applied before the rename.
-        let open = || {
-            OpenOptions::new()
-                .read(true)
+        // final mode is applied before the rename. O_NONBLOCK: a FIFO planted
+        // at the name must not hold this thread (it has no effect on a
+        // regular file, so it stays set).
+        let open = |fresh: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true)
                 .write(true)
-                .create(true)
-                .truncate(false)
                 .mode(spec.source_meta.mode & 0o777 | 0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&tmp)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+            match fresh {
+                true => o.create_new(true),
+                false => o.create(true).truncate(false),
+            };
+            o.open(&tmp)
         };
-        let file = match open() {
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+        // Only a regular file with no other name can be tern's own leftover.
+        // Anything else at the name was planted there: a hard link, to have
+        // another file overwritten; a FIFO, to hang us; a symlink. Its name
+        // is taken back and a new file made; what it led to is never touched.
+        let planted = |md: &fs::Metadata| !md.file_type().is_file() || md.nlink() != 1;
+        let replace = || -> Result<File> {
+            tracing::warn!(path = ?shown, "replacing something at the temporary name that tern did not write");
+            fs::remove_file(&tmp).ctx(&shown, "remove planted temporary file")?;
+            open(true).ctx(&shown, "create temporary file")
+        };
+        let file = match open(false) {
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => match fs::symlink_metadata(&tmp) {
                 // A leftover that already got a read-only final mode.
-                sys::chmod_nofollow(&tmp, 0o600).ctx(&shown, "make temporary file writable")?;
-                open()
-            }
-            r => r,
-        }
-        .ctx(&shown, "create temporary file")?;
-        // Whatever sits at the temporary name must be a file we may write:
-        // never a FIFO or device planted there.
+                Ok(md) if !planted(&md) => {
+                    sys::chmod_nofollow(&tmp, 0o600).ctx(&shown, "make temporary file writable")?;
+                    open(false).ctx(&shown, "create temporary file")?
+                }
+                _ => replace()?,
+            },
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => replace()?,
+            r => r.ctx(&shown, "create temporary file")?,
+        };
         let md = file.metadata().ctx(&shown, "stat")?;
-        if !md.is_file() {
-            return Err(Error::TypeConflict {
-                path: shown,
-                found: "special file at the temporary name",
-                wanted: "regular file",
-                hint: "",
-            });
-        }
+        let (file, md) = if planted(&md) {
+            drop(file);
+            let file = replace()?;
+            let md = file.metadata().ctx(&shown, "stat")?;
+            (file, md)
+        } else {
+            (file, md)
+        };
         if !sys::try_lock(&file).ctx(&shown, "lock")? {
             return Err(Error::Busy(shown));
         }
@@ -600,7 +628,7 @@ impl Dest for LocalEndpoint {
         self.note_device(md.dev(), tmp.parent().unwrap_or(Path::new(".")))?;
         let mut resumed = Vec::new();
         if spec.resumable && md.size() == spec.size {
-            resumed = reverify(&file, &shown, spec, journal::load(&jpath, spec))?;
+            resumed = reverify(&file, &shown, spec, journal::load(&jpath, spec, &self.journal_key))?;
         }
         if resumed.is_empty() && md.size() > 0 {
             file.set_len(0).ctx(&shown, "truncate")?;
@@ -612,7 +640,7 @@ impl Dest for LocalEndpoint {
         }
 
         let journal = if spec.resumable {
-            Some(Journal::create(&jpath, spec, &resumed).ctx(&shown, "write journal")?)
+            Some(Journal::create(&jpath, spec, &self.journal_key, &resumed).ctx(&shown, "write journal")?)
         } else {
             None
         };

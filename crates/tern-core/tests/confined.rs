@@ -166,9 +166,15 @@ fn a_planted_journal_symlink_is_not_followed() {
     let s = setup();
     symlink(s.outside.join("secret"), s.module.join(".big.tern.journal")).expect("symlink");
     symlink(s.outside.join("secret"), s.module.join(".big2.tern.tmp")).expect("symlink");
-    // The journal cannot be written: the create fails, the secret stays.
-    assert!(s.ep.create(Path::new("big"), &spec(4096, true)).is_err());
-    assert!(s.ep.create(Path::new("big2"), &spec(4096, true)).is_err());
+    // The planted links lose their names to new files; the secret stays.
+    let _w = s.ep.create(Path::new("big"), &spec(4096, true)).expect("create");
+    let _w2 = s.ep.create(Path::new("big2"), &spec(4096, true)).expect("create");
+    for side in [".big.tern.journal", ".big2.tern.tmp"] {
+        assert!(
+            fs::symlink_metadata(s.module.join(side)).expect("stat").is_file(),
+            "{side}"
+        );
+    }
     s.outside_untouched();
 }
 
@@ -206,12 +212,14 @@ fn fifos_and_devices_are_not_opened() {
         let r = (
             ep.open(Path::new("fifo"), &file_entry(0)).is_err(),
             ep.open(Path::new("zero"), &file_entry(0)).is_err(),
-            ep.create(Path::new("g"), &spec(10, true)).is_err(),
+            // The FIFO at the temporary name is replaced, never opened.
+            ep.create(Path::new("g"), &spec(10, true)).is_ok(),
         );
         let _ = tx.send(r);
     });
     let r = rx.recv_timeout(Duration::from_secs(20)).expect("open of a FIFO hung");
     assert_eq!(r, (true, true, true));
+    assert!(fs::symlink_metadata(&tmp_fifo).expect("stat").is_file());
     s.outside_untouched();
 }
 
@@ -264,5 +272,109 @@ fn ordinary_use_inside_the_module_works() {
     assert_eq!(&buf, b"inside");
     s.ep.remove(Path::new("new")).expect("remove");
     assert!(!s.module.join("new").exists());
+    s.outside_untouched();
+}
+
+/// The side-file names of `name`, in the module's root directory: the
+/// temporary file and the journal.
+fn side_names(name: &str) -> (String, String) {
+    if name.len() <= 240 {
+        (format!(".{name}.tern.tmp"), format!(".{name}.tern.journal"))
+    } else {
+        let h = blake3::hash(name.as_bytes()).to_hex();
+        (format!(".tern-{}.tmp", &h[..32]), format!(".tern-{}.journal", &h[..32]))
+    }
+}
+
+/// Writes every chunk of `data` (1 KiB chunks) to `w` and journals it.
+fn write_all_chunks(w: &dyn tern_core::WriteFile, data: &[u8], only: impl Fn(u64) -> bool) {
+    for (i, c) in data.chunks(1024).enumerate() {
+        let (i, off) = (i as u64, i as u64 * 1024);
+        if only(i) {
+            let cv = tern_core::hash::chunk_cv(off, c);
+            w.write_chunk(i, off, c, &[], Some(&cv)).expect("write");
+        }
+    }
+}
+
+#[test]
+fn hard_links_planted_at_side_file_names_are_not_written_through() {
+    let s = setup();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for name in ["short", &"long".repeat(62)] {
+        let (tmp, journal) = side_names(name);
+        // Two files of the module, each given a side-file name as well.
+        for (victim, side) in [("victim_tmp", &tmp), ("victim_journal", &journal)] {
+            fs::write(s.module.join(victim), b"precious").expect("write");
+            fs::hard_link(s.module.join(victim), s.module.join(side)).expect("link");
+        }
+        let w = s.ep.create(Path::new(name), &spec(3000, true)).expect("create");
+        assert!(w.resumed().is_empty());
+        write_all_chunks(&*w, &data, |_| true);
+        w.publish().expect("publish");
+        assert_eq!(fs::read(s.module.join(name)).expect("read"), data);
+        for victim in ["victim_tmp", "victim_journal"] {
+            let p = s.module.join(victim);
+            assert_eq!(
+                fs::read(&p).expect("read"),
+                b"precious",
+                "{name}: {victim} written through"
+            );
+            assert_eq!(fs::metadata(&p).expect("stat").nlink(), 1);
+            fs::remove_file(p).expect("rm");
+        }
+    }
+    s.outside_untouched();
+}
+
+#[test]
+fn a_journal_written_with_another_key_or_as_a_fifo_is_ignored_at_once() {
+    let s = setup();
+    let data = vec![7u8; 3000];
+    let sp = spec(3000, true);
+    let (tmp, journal) = side_names("f");
+    // A partial file and a journal forged with the public default key.
+    let cv = tern_core::hash::chunk_cv(0, &data[..1024]);
+    let plant = || {
+        fs::write(s.module.join(&tmp), &data).expect("write");
+        let key = &tern_core::journal::DEFAULT_KEY;
+        tern_core::journal::Journal::create(&s.module.join(&journal), &sp, key, &[(0, cv)]).expect("journal");
+    };
+    plant();
+    let keyed = LocalEndpoint::confined(&s.module)
+        .expect("confined")
+        .with_journal_key([9; 32]);
+    let w = keyed.create(Path::new("f"), &sp).expect("create");
+    assert!(
+        w.resumed().is_empty(),
+        "a journal without the endpoint's key was trusted"
+    );
+    w.abort(true);
+    // The same journal is good for an endpoint with the default key: it was
+    // the key that made the difference.
+    plant();
+    let w = s.ep.create(Path::new("f"), &sp).expect("create");
+    assert_eq!(w.resumed(), vec![(0, cv)]);
+    w.abort(false);
+
+    // A FIFO at the journal name neither blocks the create nor is read.
+    fs::write(s.module.join(&tmp), &data).expect("write");
+    let c = std::ffi::CString::new(s.module.join(&journal).into_os_string().into_encoded_bytes()).expect("cstr");
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let (tx, rx) = mpsc::channel();
+    let ep = s.ep.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            ep.create(Path::new("f"), &spec(3000, true))
+                .map(|w| w.resumed().len())
+                .ok(),
+        );
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a FIFO journal hung the create");
+    assert_eq!(r, Some(0));
+    assert!(fs::symlink_metadata(s.module.join(&journal)).expect("stat").is_file());
     s.outside_untouched();
 }
