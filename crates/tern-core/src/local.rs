@@ -550,6 +550,7 @@ impl Dest for LocalEndpoint {
             jpath: jpath.clone(),
             shown: shown.clone(),
             _dir: at.dir.clone(),
+            arrived: Arrived::new(spec, &resumed),
             journal,
             resumed,
             size: spec.size,
@@ -838,6 +839,67 @@ fn reverify(
     Ok(ok)
 }
 
+/// Which whole chunks of a resumable file are in place. A resumable file
+/// has its full length from the start, so one published with a chunk
+/// missing would hold zeros the source never had.
+struct Arrived {
+    bits: Vec<std::sync::atomic::AtomicU64>,
+    chunks: u64,
+    chunk_size: u64,
+    size: u64,
+}
+
+impl Arrived {
+    fn new(spec: &FileSpec, resumed: &[(u64, ChainingValue)]) -> Arrived {
+        let chunks = match spec.resumable && spec.chunk_size > 0 {
+            true => spec.size.div_ceil(spec.chunk_size),
+            false => 0,
+        };
+        let a = Arrived {
+            bits: (0..chunks.div_ceil(64)).map(|_| Default::default()).collect(),
+            chunks,
+            chunk_size: spec.chunk_size,
+            size: spec.size,
+        };
+        for &(i, _) in resumed {
+            a.set(i);
+        }
+        a
+    }
+
+    fn set(&self, index: u64) {
+        if let Some(w) = self.bits.get((index / 64) as usize).filter(|_| index < self.chunks) {
+            w.fetch_or(1 << (index % 64), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Notes a write of `len` bytes at `offset`: it counts only if it is one
+    /// whole chunk.
+    fn wrote(&self, offset: u64, len: u64) {
+        let whole = self.chunks > 0
+            && offset % self.chunk_size == 0
+            && offset < self.size
+            && len == self.chunk_size.min(self.size - offset);
+        if whole {
+            self.set(offset / self.chunk_size);
+        }
+    }
+
+    fn all(&self) {
+        (0..self.chunks).for_each(|i| self.set(i));
+    }
+
+    /// How many chunks were never written.
+    fn missing(&self) -> u64 {
+        let have: u64 = self
+            .bits
+            .iter()
+            .map(|w| u64::from(w.load(std::sync::atomic::Ordering::Relaxed).count_ones()))
+            .sum();
+        self.chunks - have
+    }
+}
+
 struct LocalWriteFile {
     file: File,
     tmp: PathBuf,
@@ -849,6 +911,8 @@ struct LocalWriteFile {
     _dir: Option<Arc<OwnedFd>>,
     journal: Option<Journal>,
     resumed: Vec<(u64, ChainingValue)>,
+    /// Which chunks are in place (kept for resumable files only).
+    arrived: Arrived,
     reused: bool,
     size: u64,
     /// Mode, owner and group the temporary file was created with.
@@ -947,6 +1011,7 @@ impl WriteFile for LocalWriteFile {
         if let (Some(j), Some(cv)) = (&self.journal, cv) {
             j.append(index, cv).ctx(&self.jpath, "write journal")?;
         }
+        self.arrived.wrote(offset, data.len() as u64);
         Ok(())
     }
 
@@ -996,6 +1061,17 @@ impl WriteFile for LocalWriteFile {
     }
 
     fn publish(self: Box<Self>) -> Result<()> {
+        let missing = self.arrived.missing();
+        if missing > 0 {
+            // Kept as it is, journal and all, for a later run to complete.
+            return Err(Error::Other {
+                path: self.shown.clone(),
+                message: format!(
+                    "{missing} of its {} chunks were never written; not committed",
+                    self.arrived.chunks
+                ),
+            });
+        }
         if self.unnamed {
             match sys::link_unnamed(&self.file, &self.final_path) {
                 Ok(()) => return Ok(()),
@@ -1034,7 +1110,11 @@ impl WriteFile for LocalWriteFile {
         if self.reused {
             return Ok(false);
         }
-        sys::reflink(&self.file, src).ctx(&self.shown, "reflink")
+        let cloned = sys::reflink(&self.file, src).ctx(&self.shown, "reflink")?;
+        if cloned {
+            self.arrived.all();
+        }
+        Ok(cloned)
     }
 
     fn abort(self: Box<Self>, keep: bool) {

@@ -378,3 +378,24 @@ fn a_journal_written_with_another_key_or_as_a_fifo_is_ignored_at_once() {
     assert!(fs::symlink_metadata(s.module.join(&journal)).expect("stat").is_file());
     s.outside_untouched();
 }
+
+#[test]
+fn a_resumable_file_is_published_only_when_every_chunk_arrived() {
+    let s = setup();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 13) as u8).collect();
+    let w = s.ep.create(Path::new("f"), &spec(3000, true)).expect("create");
+    write_all_chunks(&*w, &data, |i| i != 1);
+    let e = w.publish().expect_err("published with a chunk missing");
+    assert!(e.to_string().contains("1 of its 3 chunks were never written"), "{e}");
+    assert!(
+        !s.module.join("f").exists(),
+        "a file with a zero-filled gap at its final name"
+    );
+    // What was written is kept for a resume, which completes it.
+    let w = s.ep.create(Path::new("f"), &spec(3000, true)).expect("create");
+    assert_eq!(w.resumed().iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 2]);
+    write_all_chunks(&*w, &data, |i| i == 1);
+    w.publish().expect("publish");
+    assert_eq!(fs::read(s.module.join("f")).expect("read"), data);
+    s.outside_untouched();
+}
