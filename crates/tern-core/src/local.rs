@@ -129,6 +129,23 @@ impl LocalEndpoint {
         self
     }
 
+    /// Removes the temporary files and journals beneath the root that were
+    /// last modified more than `max_age` ago: what interrupted transfers
+    /// left and no rerun came back for. The walk never follows a symlink and
+    /// stays beneath the root; a temporary file being written is kept.
+    pub fn expire_side_files(&self, max_age: std::time::Duration) -> Result<crate::expire::Expired> {
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(max_age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let root = self.at(Path::new("")).ctx(&self.root, "open directory")?;
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&*root)
+            .ctx(&self.root, "open directory")?;
+        Ok(crate::expire::expire(dir.into(), cutoff))
+    }
+
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -466,6 +483,12 @@ fn is_side_stem(stem: &[u8]) -> bool {
         .strip_prefix(b".tern-")
         .is_some_and(|h| h.len() == HASHED_DIGITS && h.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)));
     kept || hashed
+}
+
+/// The name of the temporary file a journal named `name` belongs to.
+pub(crate) fn temp_of_journal(name: &[u8]) -> Option<Vec<u8>> {
+    let stem = name.strip_suffix(JOURNAL_SUFFIX).filter(|s| is_side_stem(s))?;
+    Some([stem, TMP_SUFFIX].concat())
 }
 
 /// Temporary name for a symlink or hard link about to be renamed into place:
@@ -1158,6 +1181,13 @@ mod tests {
             }
             assert!(!is_side_file(OsStr::new(&name)));
         }
+        let hashed = side_paths(&Path::new("/d").join("y".repeat(241))).0;
+        let journal = side_paths(&Path::new("/d").join("y".repeat(241))).1;
+        let journal = journal.file_name().expect("name").as_bytes();
+        assert_eq!(
+            temp_of_journal(journal).as_deref(),
+            Some(hashed.file_name().expect("name").as_bytes())
+        );
         for ordinary in [
             ".tern-xyz.tmp",
             ".tern-0123.journal",

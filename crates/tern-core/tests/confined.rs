@@ -399,3 +399,60 @@ fn a_resumable_file_is_published_only_when_every_chunk_arrived() {
     assert_eq!(fs::read(s.module.join("f")).expect("read"), data);
     s.outside_untouched();
 }
+
+/// Sets the mtime of `p` (not following a symlink) `days` ago.
+fn age(p: &Path, days: u64) {
+    let then = std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+    let f = fs::OpenOptions::new().write(true).open(p).expect("open");
+    f.set_modified(then).expect("set mtime");
+}
+
+#[test]
+fn abandoned_side_files_expire_and_nothing_else_does() {
+    let s = setup();
+    let m = &s.module;
+    fs::create_dir_all(m.join("a/b")).expect("mkdir");
+    let (long_tmp, long_journal) = side_names(&"x".repeat(250));
+    let old = [
+        "a/.f.tern.tmp".to_string(),
+        "a/.f.tern.journal".to_string(),
+        format!("a/b/{long_tmp}"),
+        format!("a/b/{long_journal}"),
+    ];
+    let kept = ["a/.new.tern.tmp", "a/old-but-ordinary", "a/b/.tern-notahash.tmp"];
+    for p in old.iter().map(String::as_str).chain(kept) {
+        fs::write(m.join(p), b"partial").expect("write");
+    }
+    for p in old
+        .iter()
+        .map(String::as_str)
+        .chain(["a/old-but-ordinary", "a/b/.tern-notahash.tmp"])
+    {
+        age(&m.join(p), 8);
+    }
+    // A file being written right now whose mtime happens to be old: its
+    // temporary file is locked, and it and its journal stay.
+    let w = s.ep.create(Path::new("busy"), &spec(3000, true)).expect("create");
+    age(&m.join(".busy.tern.tmp"), 8);
+    age(&m.join(".busy.tern.journal"), 8);
+    // Side files outside the module, reached through a symlink, are not
+    // the module's.
+    let elsewhere = s.outside.parent().expect("parent").join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir");
+    fs::write(elsewhere.join(".g.tern.tmp"), b"not ours").expect("write");
+    age(&elsewhere.join(".g.tern.tmp"), 30);
+    symlink(&elsewhere, m.join("a/link")).expect("symlink");
+
+    let x = s.ep.expire_side_files(Duration::from_secs(7 * 86_400)).expect("expire");
+    assert_eq!(x.files, 4, "{x:?}");
+    assert_eq!(x.bytes, 4 * 7);
+    for p in &old {
+        assert!(!m.join(p).exists(), "{p} kept");
+    }
+    for p in kept.iter().chain(&[".busy.tern.tmp", ".busy.tern.journal"]) {
+        assert!(m.join(p).exists(), "{p} removed");
+    }
+    assert!(elsewhere.join(".g.tern.tmp").exists(), "the walk followed a symlink");
+    drop(w);
+    s.outside_untouched();
+}
