@@ -29,7 +29,10 @@ impl Daemon {
             .enable_all()
             .thread_name("tern-serve")
             .build()?;
-        let server = Arc::new(Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?);
+        let server = Arc::new(
+            Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?
+                .with_journal_key(id.derive_secret("tern 2026-12-02 journal key")),
+        );
         let files = server.open_file_budget();
         tracing::info!(
             open_files = files,

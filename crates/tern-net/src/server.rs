@@ -121,6 +121,16 @@ impl Server {
         })
     }
 
+    /// Keys every module's resume journals with `key`, a secret of this
+    /// daemon: journals planted by clients (or anyone without the key) are
+    /// then ignored.
+    pub fn with_journal_key(mut self, key: [u8; 32]) -> Server {
+        for m in self.modules.values_mut() {
+            m.ep = m.ep.clone().with_journal_key(key);
+        }
+        self
+    }
+
     /// How many descriptors clients' transfers may hold open at once.
     pub fn open_file_budget(&self) -> usize {
         self.fds.total()
