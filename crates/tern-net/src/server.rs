@@ -131,6 +131,20 @@ impl Server {
         self
     }
 
+    /// Removes from every module the partial files and journals older than
+    /// `max_age` (see [`LocalEndpoint::expire_side_files`]).
+    pub fn expire_partials(&self, max_age: Duration) {
+        for (name, m) in &self.modules {
+            match m.ep.expire_side_files(max_age) {
+                Ok(x) if x.files > 0 => {
+                    tracing::info!(module = %name, files = x.files, bytes = x.bytes, "removed abandoned partial files")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(module = %name, error = %e, "could not look for abandoned partial files"),
+            }
+        }
+    }
+
     /// How many descriptors clients' transfers may hold open at once.
     pub fn open_file_budget(&self) -> usize {
         self.fds.total()

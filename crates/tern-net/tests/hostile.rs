@@ -1300,3 +1300,37 @@ fn a_client_rehashes_what_the_daemon_reports_as_resumed_and_commits_its_source()
     assert_eq!(s.bytes_resumed, cs, "only chunk 2, which matches the source, was kept");
     st.outside_untouched();
 }
+
+#[test]
+fn the_daemon_removes_abandoned_partial_files_at_start() {
+    let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    let st = setup_with(|cfg| {
+        cfg.partial_max_age = Some(Duration::from_secs(2 * 86_400));
+        let module = cfg.modules["data"].path.clone();
+        for name in ["sub/.left.tern.tmp", "sub/.left.tern.journal", "sub/.recent.tern.tmp"] {
+            fs::write(module.join(name), b"partial").expect("write");
+        }
+        for name in ["sub/.left.tern.tmp", "sub/.left.tern.journal", "sub/ordinary"] {
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(module.join(name))
+                .expect("open");
+            f.set_modified(old).expect("mtime");
+        }
+    });
+    let sub = st.root.join("module/sub");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sub.join(".left.tern.tmp").exists() || sub.join(".left.tern.journal").exists() {
+        assert!(std::time::Instant::now() < deadline, "abandoned partial files kept");
+        // Polling for the walk the daemon starts on its own.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        sub.join(".recent.tern.tmp").exists(),
+        "a recent partial file was removed"
+    );
+    assert!(sub.join("ordinary").exists(), "an old ordinary file was removed");
+    st.outside_untouched();
+}
