@@ -1003,12 +1003,19 @@ struct Large {
     sink: RwLock<Option<Box<dyn WriteFile>>>,
 }
 
+/// Per chunk, the chaining value a destination claims to hold already.
+type Claims = Arc<Vec<Option<ChainingValue>>>;
+
 #[derive(Default)]
 struct LargeState {
     opened: bool,
     /// The destination shares the source's blocks: no bytes to copy.
     cloned: bool,
     src: Option<Arc<dyn ReadFile>>,
+    /// The chaining values of the chunks the destination says it holds
+    /// from an earlier run. Only a claim: each is kept only if the source's
+    /// chunk hashes the same.
+    claimed: Claims,
     cvs: Vec<Option<ChainingValue>>,
     error: Option<Error>,
 }
@@ -1273,8 +1280,10 @@ impl Ctx {
     }
 
     /// Opens source and destination once, for the first participant.
-    /// `None` when that failed (the error is kept for the finisher).
-    fn large_open(&self, l: &Large) -> Option<(Arc<dyn ReadFile>, Vec<bool>)> {
+    /// `None` when that failed (the error is kept for the finisher); else
+    /// the source, the chunks the destination claims to hold, and whether
+    /// the destination shares the source's blocks.
+    fn large_open(&self, l: &Large) -> Option<(Arc<dyn ReadFile>, Claims, bool)> {
         let mut st = l.state.lock().ok()?;
         if !st.opened {
             st.opened = true;
@@ -1292,17 +1301,17 @@ impl Ctx {
                 }
             };
             st.cvs = vec![None; l.chunks as usize];
-            let mut resumed_bytes = 0;
+            let mut claimed = vec![None; l.chunks as usize];
+            let mut claimed_bytes = 0;
             for (i, cv) in w.resumed() {
-                if let Some(slot) = st.cvs.get_mut(i as usize) {
+                if let Some(slot) = claimed.get_mut(i as usize) {
                     *slot = Some(cv);
-                    resumed_bytes += self.opts.chunk_size.min(t.entry.size - i * self.opts.chunk_size);
+                    claimed_bytes += self.opts.chunk_size.min(t.entry.size - i * self.opts.chunk_size);
                 }
             }
-            if resumed_bytes > 0 {
-                tracing::info!(path = %t.dst_rel.display(), bytes = resumed_bytes, "resuming");
-                add(&self.stats.bytes_resumed, resumed_bytes);
-                self.obs.progress(resumed_bytes);
+            st.claimed = Arc::new(claimed);
+            if claimed_bytes > 0 {
+                tracing::info!(path = %t.dst_rel.display(), bytes = claimed_bytes, "resuming");
             } else if let Some(f) = rf.local_file() {
                 match w.clone_from(f) {
                     Ok(true) => {
@@ -1324,14 +1333,16 @@ impl Ctx {
             *l.sink.write().ok()? = Some(w);
         }
         let src = st.src.clone()?;
-        let done = st.cvs.iter().map(|cv| st.cloned || cv.is_some()).collect();
-        Some((src, done))
+        Some((src, st.claimed.clone(), st.cloned))
     }
 
     fn large_chunks(&self, l: &Large, buf: &mut Vec<u8>) {
-        let Some((src, done)) = self.large_open(l) else {
+        let Some((src, claimed, cloned)) = self.large_open(l) else {
             return; // reported once, by the finisher
         };
+        if cloned {
+            return;
+        }
         let cs = self.opts.chunk_size;
         let size = l.task.entry.size;
         loop {
@@ -1342,14 +1353,17 @@ impl Ctx {
             if i >= l.chunks {
                 return;
             }
-            if done[i as usize] {
-                continue;
-            }
             let off = i * cs;
             let len = cs.min(size - off);
             let r = read_chunk(&*src, off, len as usize, buf).and_then(|holes| {
                 let cv = hash::chunk_cv(off, buf);
                 check_chunk(&*src, off, buf, Some(&cv), &holes)?;
+                // The destination's claim is kept only when the source's
+                // own bytes hash to it: whoever could write the partial file
+                // and its journal must not choose what this copy commits.
+                if claimed.get(i as usize).copied().flatten() == Some(cv) {
+                    return Ok((cv, false));
+                }
                 if let Some(th) = &self.throttle {
                     th.take(len);
                 }
@@ -1358,12 +1372,19 @@ impl Ctx {
                     Some(w) => w.write_chunk(i, off, buf, &holes, Some(&cv))?,
                     None => return Err(Error::Internal("sink missing".into())),
                 }
-                Ok(cv)
+                Ok((cv, true))
             });
             match (r, l.state.lock()) {
-                (Ok(cv), Ok(mut st)) => {
+                (Ok((cv, written)), Ok(mut st)) => {
                     st.cvs[i as usize] = Some(cv);
-                    add(&self.stats.bytes_written, len);
+                    add(
+                        if written {
+                            &self.stats.bytes_written
+                        } else {
+                            &self.stats.bytes_resumed
+                        },
+                        len,
+                    );
                     self.obs.progress(len);
                 }
                 (Err(e), Ok(mut st)) => {

@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod engine;
 pub mod entry;
 pub mod error;
+pub mod expire;
 pub mod filter;
 pub mod hash;
 pub mod journal;

@@ -29,6 +29,8 @@ use crate::sys;
 pub struct LocalEndpoint {
     root: PathBuf,
     follow_root: bool,
+    /// Keys the resume journals written and trusted here.
+    journal_key: journal::Key,
     /// One open directory on each file system written to, for `barrier`.
     devices: Arc<Mutex<Vec<(u64, File)>>>,
     /// Barriers asked for while one runs share the next one.
@@ -67,6 +69,7 @@ impl LocalEndpoint {
         LocalEndpoint {
             root: root.into(),
             follow_root: false,
+            journal_key: journal::DEFAULT_KEY,
             devices: Arc::default(),
             group: Arc::default(),
             confine: None,
@@ -80,6 +83,7 @@ impl LocalEndpoint {
         LocalEndpoint {
             root: root.into(),
             follow_root: true,
+            journal_key: journal::DEFAULT_KEY,
             devices: Arc::default(),
             group: Arc::default(),
             confine: None,
@@ -110,10 +114,36 @@ impl LocalEndpoint {
         Ok(LocalEndpoint {
             root,
             follow_root: false,
+            journal_key: journal::DEFAULT_KEY,
             devices: Arc::default(),
             group: Arc::default(),
             confine: Some(Arc::new(dir.into())),
         })
+    }
+
+    /// Keys resume journals with `key` instead of the public default: a
+    /// journal planted by someone who does not know it is ignored, as a torn
+    /// one is. A daemon passes a secret derived from its identity.
+    pub fn with_journal_key(mut self, key: [u8; 32]) -> Self {
+        self.journal_key = key;
+        self
+    }
+
+    /// Removes the temporary files and journals beneath the root that were
+    /// last modified more than `max_age` ago: what interrupted transfers
+    /// left and no rerun came back for. The walk never follows a symlink and
+    /// stays beneath the root; a temporary file being written is kept.
+    pub fn expire_side_files(&self, max_age: std::time::Duration) -> Result<crate::expire::Expired> {
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(max_age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let root = self.at(Path::new("")).ctx(&self.root, "open directory")?;
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&*root)
+            .ctx(&self.root, "open directory")?;
+        Ok(crate::expire::expire(dir.into(), cutoff))
     }
 
     /// The root directory.
@@ -415,34 +445,67 @@ impl ReadFile for LocalReadFile {
 
 /// Temporary and journal names for `final_path`.
 fn side_paths(final_path: &Path) -> (PathBuf, PathBuf) {
+    let stem = side_stem(final_path);
+    (with_suffix(&stem, TMP_SUFFIX), with_suffix(&stem, JOURNAL_SUFFIX))
+}
+
+/// Side files are a stem and one of these: the temporary file, its journal,
+/// and the temporary name of a symlink or hard link.
+const TMP_SUFFIX: &[u8] = b".tmp";
+const JOURNAL_SUFFIX: &[u8] = b".journal";
+const LINK_SUFFIX: &[u8] = b".tmp.lnk";
+const SIDE_SUFFIXES: [&[u8]; 3] = [TMP_SUFFIX, JOURNAL_SUFFIX, LINK_SUFFIX];
+/// Hex digits of the name's BLAKE3 in the stem of a name too long to keep.
+const HASHED_DIGITS: usize = 32;
+
+/// The path, minus its suffix, of the side files of `final_path`:
+/// `.NAME.tern`, or `.tern-HASH` for a name too long to take the prefix and
+/// the longest suffix within NAME_MAX.
+fn side_stem(final_path: &Path) -> PathBuf {
     let parent = final_path.parent().unwrap_or(Path::new("."));
     let name = final_path.file_name().unwrap_or(OsStr::new("")).as_bytes();
-    // Leave room for ".journal" within NAME_MAX.
     let stem: Vec<u8> = if name.len() + 15 <= 255 {
         [b".", name, b".tern"].concat()
     } else {
-        format!(".tern-{}", &blake3::hash(name).to_hex()[..32]).into_bytes()
+        format!(".tern-{}", &blake3::hash(name).to_hex()[..HASHED_DIGITS]).into_bytes()
     };
-    let with = |ext: &[u8]| parent.join(OsStr::from_bytes(&[&stem[..], ext].concat()));
-    (with(b".tmp"), with(b".journal"))
+    parent.join(OsStr::from_bytes(&stem))
+}
+
+fn with_suffix(stem: &Path, suffix: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(&[stem.as_os_str().as_bytes(), suffix].concat()))
+}
+
+/// Whether `stem` has either shape [`side_stem`] gives a name.
+fn is_side_stem(stem: &[u8]) -> bool {
+    let kept = stem.starts_with(b".") && stem.ends_with(b".tern");
+    let hashed = stem
+        .strip_prefix(b".tern-")
+        .is_some_and(|h| h.len() == HASHED_DIGITS && h.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)));
+    kept || hashed
+}
+
+/// The name of the temporary file a journal named `name` belongs to.
+pub(crate) fn temp_of_journal(name: &[u8]) -> Option<Vec<u8>> {
+    let stem = name.strip_suffix(JOURNAL_SUFFIX).filter(|s| is_side_stem(s))?;
+    Some([stem, TMP_SUFFIX].concat())
 }
 
 /// Temporary name for a symlink or hard link about to be renamed into place:
 /// distinct from file temporaries, which other writers may hold locked.
 fn link_temp(final_path: &Path) -> PathBuf {
-    let (tmp, _) = side_paths(final_path);
-    let mut name = tmp.into_os_string();
-    name.push(".lnk");
-    PathBuf::from(name)
+    with_suffix(&side_stem(final_path), LINK_SUFFIX)
 }
 
-/// True when `name` is one of tern's own temporary or journal files.
+/// True when `name` is one of tern's own temporary or journal files, in
+/// any of the forms [`side_paths`] and [`link_temp`] produce. Every name a
+/// client may create is checked with this one predicate: a side file a
+/// client could make would be written through or trusted by a later copy.
 pub fn is_side_file(name: &OsStr) -> bool {
     let b = name.as_bytes();
-    b.starts_with(b".")
-        && [&b".tern.tmp"[..], b".tern.journal", b".tern.tmp.lnk"]
-            .iter()
-            .any(|s| b.ends_with(s))
+    SIDE_SUFFIXES
+        .iter()
+        .any(|s| b.strip_suffix(*s).is_some_and(is_side_stem))
 }
 
 fn apply_owner(path: &Path, f: Option<&File>, meta: &Meta) -> io::Result<()> {
@@ -510,6 +573,7 @@ impl Dest for LocalEndpoint {
             jpath: jpath.clone(),
             shown: shown.clone(),
             _dir: at.dir.clone(),
+            arrived: Arrived::new(spec, &resumed),
             journal,
             resumed,
             size: spec.size,
@@ -531,37 +595,52 @@ impl Dest for LocalEndpoint {
         // Created with its final permission bits where that needs no
         // fchmod later; a new file's descriptor is writable whatever its mode.
         // Kept owner-writable so that a rerun can reopen it to resume; the
-        // final mode is applied before the rename.
-        let open = || {
-            OpenOptions::new()
-                .read(true)
+        // final mode is applied before the rename. O_NONBLOCK: a FIFO planted
+        // at the name must not hold this thread (it has no effect on a
+        // regular file, so it stays set).
+        let open = |fresh: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true)
                 .write(true)
-                .create(true)
-                .truncate(false)
                 .mode(spec.source_meta.mode & 0o777 | 0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&tmp)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+            match fresh {
+                true => o.create_new(true),
+                false => o.create(true).truncate(false),
+            };
+            o.open(&tmp)
         };
-        let file = match open() {
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+        // Only a regular file with no other name can be tern's own leftover.
+        // Anything else at the name was planted there: a hard link, to have
+        // another file overwritten; a FIFO, to hang us; a symlink. Its name
+        // is taken back and a new file made; what it led to is never touched.
+        let planted = |md: &fs::Metadata| !md.file_type().is_file() || md.nlink() != 1;
+        let replace = || -> Result<File> {
+            tracing::warn!(path = ?shown, "replacing something at the temporary name that tern did not write");
+            fs::remove_file(&tmp).ctx(&shown, "remove planted temporary file")?;
+            open(true).ctx(&shown, "create temporary file")
+        };
+        let file = match open(false) {
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => match fs::symlink_metadata(&tmp) {
                 // A leftover that already got a read-only final mode.
-                sys::chmod_nofollow(&tmp, 0o600).ctx(&shown, "make temporary file writable")?;
-                open()
-            }
-            r => r,
-        }
-        .ctx(&shown, "create temporary file")?;
-        // Whatever sits at the temporary name must be a file we may write:
-        // never a FIFO or device planted there.
+                Ok(md) if !planted(&md) => {
+                    sys::chmod_nofollow(&tmp, 0o600).ctx(&shown, "make temporary file writable")?;
+                    open(false).ctx(&shown, "create temporary file")?
+                }
+                _ => replace()?,
+            },
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => replace()?,
+            r => r.ctx(&shown, "create temporary file")?,
+        };
         let md = file.metadata().ctx(&shown, "stat")?;
-        if !md.is_file() {
-            return Err(Error::TypeConflict {
-                path: shown,
-                found: "special file at the temporary name",
-                wanted: "regular file",
-                hint: "",
-            });
-        }
+        let (file, md) = if planted(&md) {
+            drop(file);
+            let file = replace()?;
+            let md = file.metadata().ctx(&shown, "stat")?;
+            (file, md)
+        } else {
+            (file, md)
+        };
         if !sys::try_lock(&file).ctx(&shown, "lock")? {
             return Err(Error::Busy(shown));
         }
@@ -573,7 +652,7 @@ impl Dest for LocalEndpoint {
         self.note_device(md.dev(), tmp.parent().unwrap_or(Path::new(".")))?;
         let mut resumed = Vec::new();
         if spec.resumable && md.size() == spec.size {
-            resumed = reverify(&file, &shown, spec, journal::load(&jpath, spec))?;
+            resumed = reverify(&file, &shown, spec, journal::load(&jpath, spec, &self.journal_key))?;
         }
         if resumed.is_empty() && md.size() > 0 {
             file.set_len(0).ctx(&shown, "truncate")?;
@@ -585,7 +664,7 @@ impl Dest for LocalEndpoint {
         }
 
         let journal = if spec.resumable {
-            Some(Journal::create(&jpath, spec, &resumed).ctx(&shown, "write journal")?)
+            Some(Journal::create(&jpath, spec, &self.journal_key, &resumed).ctx(&shown, "write journal")?)
         } else {
             None
         };
@@ -783,6 +862,67 @@ fn reverify(
     Ok(ok)
 }
 
+/// Which whole chunks of a resumable file are in place. A resumable file
+/// has its full length from the start, so one published with a chunk
+/// missing would hold zeros the source never had.
+struct Arrived {
+    bits: Vec<std::sync::atomic::AtomicU64>,
+    chunks: u64,
+    chunk_size: u64,
+    size: u64,
+}
+
+impl Arrived {
+    fn new(spec: &FileSpec, resumed: &[(u64, ChainingValue)]) -> Arrived {
+        let chunks = match spec.resumable && spec.chunk_size > 0 {
+            true => spec.size.div_ceil(spec.chunk_size),
+            false => 0,
+        };
+        let a = Arrived {
+            bits: (0..chunks.div_ceil(64)).map(|_| Default::default()).collect(),
+            chunks,
+            chunk_size: spec.chunk_size,
+            size: spec.size,
+        };
+        for &(i, _) in resumed {
+            a.set(i);
+        }
+        a
+    }
+
+    fn set(&self, index: u64) {
+        if let Some(w) = self.bits.get((index / 64) as usize).filter(|_| index < self.chunks) {
+            w.fetch_or(1 << (index % 64), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Notes a write of `len` bytes at `offset`: it counts only if it is one
+    /// whole chunk.
+    fn wrote(&self, offset: u64, len: u64) {
+        let whole = self.chunks > 0
+            && offset % self.chunk_size == 0
+            && offset < self.size
+            && len == self.chunk_size.min(self.size - offset);
+        if whole {
+            self.set(offset / self.chunk_size);
+        }
+    }
+
+    fn all(&self) {
+        (0..self.chunks).for_each(|i| self.set(i));
+    }
+
+    /// How many chunks were never written.
+    fn missing(&self) -> u64 {
+        let have: u64 = self
+            .bits
+            .iter()
+            .map(|w| u64::from(w.load(std::sync::atomic::Ordering::Relaxed).count_ones()))
+            .sum();
+        self.chunks - have
+    }
+}
+
 struct LocalWriteFile {
     file: File,
     tmp: PathBuf,
@@ -794,6 +934,8 @@ struct LocalWriteFile {
     _dir: Option<Arc<OwnedFd>>,
     journal: Option<Journal>,
     resumed: Vec<(u64, ChainingValue)>,
+    /// Which chunks are in place (kept for resumable files only).
+    arrived: Arrived,
     reused: bool,
     size: u64,
     /// Mode, owner and group the temporary file was created with.
@@ -892,6 +1034,7 @@ impl WriteFile for LocalWriteFile {
         if let (Some(j), Some(cv)) = (&self.journal, cv) {
             j.append(index, cv).ctx(&self.jpath, "write journal")?;
         }
+        self.arrived.wrote(offset, data.len() as u64);
         Ok(())
     }
 
@@ -941,6 +1084,17 @@ impl WriteFile for LocalWriteFile {
     }
 
     fn publish(self: Box<Self>) -> Result<()> {
+        let missing = self.arrived.missing();
+        if missing > 0 {
+            // Kept as it is, journal and all, for a later run to complete.
+            return Err(Error::Other {
+                path: self.shown.clone(),
+                message: format!(
+                    "{missing} of its {} chunks were never written; not committed",
+                    self.arrived.chunks
+                ),
+            });
+        }
         if self.unnamed {
             match sys::link_unnamed(&self.file, &self.final_path) {
                 Ok(()) => return Ok(()),
@@ -979,7 +1133,11 @@ impl WriteFile for LocalWriteFile {
         if self.reused {
             return Ok(false);
         }
-        sys::reflink(&self.file, src).ctx(&self.shown, "reflink")
+        let cloned = sys::reflink(&self.file, src).ctx(&self.shown, "reflink")?;
+        if cloned {
+            self.arrived.all();
+        }
+        Ok(cloned)
     }
 
     fn abort(self: Box<Self>, keep: bool) {
@@ -1008,6 +1166,37 @@ mod tests {
         let (t, j) = side_paths(Path::new("/d/a"));
         assert_eq!(t, Path::new("/d/.a.tern.tmp"));
         assert_eq!(j, Path::new("/d/.a.tern.journal"));
+    }
+
+    #[test]
+    fn every_side_file_name_is_recognised() {
+        for len in 1..=255 {
+            let name = "n".repeat(len);
+            let p = Path::new("/d").join(&name);
+            let (t, j) = side_paths(&p);
+            for side in [t, j, link_temp(&p)] {
+                let n = side.file_name().expect("name");
+                assert!(n.len() <= 255, "{len}: {n:?} too long");
+                assert!(is_side_file(n), "{len}: {n:?} not recognised");
+            }
+            assert!(!is_side_file(OsStr::new(&name)));
+        }
+        let hashed = side_paths(&Path::new("/d").join("y".repeat(241))).0;
+        let journal = side_paths(&Path::new("/d").join("y".repeat(241))).1;
+        let journal = journal.file_name().expect("name").as_bytes();
+        assert_eq!(
+            temp_of_journal(journal).as_deref(),
+            Some(hashed.file_name().expect("name").as_bytes())
+        );
+        for ordinary in [
+            ".tern-xyz.tmp",
+            ".tern-0123.journal",
+            "a.tern.tmp",
+            ".tern-tmp",
+            ".x.tern.tmpx",
+        ] {
+            assert!(!is_side_file(OsStr::new(ordinary)), "{ordinary}");
+        }
     }
 
     #[test]

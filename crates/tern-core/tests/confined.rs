@@ -166,9 +166,15 @@ fn a_planted_journal_symlink_is_not_followed() {
     let s = setup();
     symlink(s.outside.join("secret"), s.module.join(".big.tern.journal")).expect("symlink");
     symlink(s.outside.join("secret"), s.module.join(".big2.tern.tmp")).expect("symlink");
-    // The journal cannot be written: the create fails, the secret stays.
-    assert!(s.ep.create(Path::new("big"), &spec(4096, true)).is_err());
-    assert!(s.ep.create(Path::new("big2"), &spec(4096, true)).is_err());
+    // The planted links lose their names to new files; the secret stays.
+    let _w = s.ep.create(Path::new("big"), &spec(4096, true)).expect("create");
+    let _w2 = s.ep.create(Path::new("big2"), &spec(4096, true)).expect("create");
+    for side in [".big.tern.journal", ".big2.tern.tmp"] {
+        assert!(
+            fs::symlink_metadata(s.module.join(side)).expect("stat").is_file(),
+            "{side}"
+        );
+    }
     s.outside_untouched();
 }
 
@@ -206,12 +212,14 @@ fn fifos_and_devices_are_not_opened() {
         let r = (
             ep.open(Path::new("fifo"), &file_entry(0)).is_err(),
             ep.open(Path::new("zero"), &file_entry(0)).is_err(),
-            ep.create(Path::new("g"), &spec(10, true)).is_err(),
+            // The FIFO at the temporary name is replaced, never opened.
+            ep.create(Path::new("g"), &spec(10, true)).is_ok(),
         );
         let _ = tx.send(r);
     });
     let r = rx.recv_timeout(Duration::from_secs(20)).expect("open of a FIFO hung");
     assert_eq!(r, (true, true, true));
+    assert!(fs::symlink_metadata(&tmp_fifo).expect("stat").is_file());
     s.outside_untouched();
 }
 
@@ -264,5 +272,187 @@ fn ordinary_use_inside_the_module_works() {
     assert_eq!(&buf, b"inside");
     s.ep.remove(Path::new("new")).expect("remove");
     assert!(!s.module.join("new").exists());
+    s.outside_untouched();
+}
+
+/// The side-file names of `name`, in the module's root directory: the
+/// temporary file and the journal.
+fn side_names(name: &str) -> (String, String) {
+    if name.len() <= 240 {
+        (format!(".{name}.tern.tmp"), format!(".{name}.tern.journal"))
+    } else {
+        let h = blake3::hash(name.as_bytes()).to_hex();
+        (format!(".tern-{}.tmp", &h[..32]), format!(".tern-{}.journal", &h[..32]))
+    }
+}
+
+/// Writes every chunk of `data` (1 KiB chunks) to `w` and journals it.
+fn write_all_chunks(w: &dyn tern_core::WriteFile, data: &[u8], only: impl Fn(u64) -> bool) {
+    for (i, c) in data.chunks(1024).enumerate() {
+        let (i, off) = (i as u64, i as u64 * 1024);
+        if only(i) {
+            let cv = tern_core::hash::chunk_cv(off, c);
+            w.write_chunk(i, off, c, &[], Some(&cv)).expect("write");
+        }
+    }
+}
+
+#[test]
+fn hard_links_planted_at_side_file_names_are_not_written_through() {
+    let s = setup();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for name in ["short", &"long".repeat(62)] {
+        let (tmp, journal) = side_names(name);
+        // Two files of the module, each given a side-file name as well.
+        for (victim, side) in [("victim_tmp", &tmp), ("victim_journal", &journal)] {
+            fs::write(s.module.join(victim), b"precious").expect("write");
+            fs::hard_link(s.module.join(victim), s.module.join(side)).expect("link");
+        }
+        let w = s.ep.create(Path::new(name), &spec(3000, true)).expect("create");
+        assert!(w.resumed().is_empty());
+        write_all_chunks(&*w, &data, |_| true);
+        w.publish().expect("publish");
+        assert_eq!(fs::read(s.module.join(name)).expect("read"), data);
+        for victim in ["victim_tmp", "victim_journal"] {
+            let p = s.module.join(victim);
+            assert_eq!(
+                fs::read(&p).expect("read"),
+                b"precious",
+                "{name}: {victim} written through"
+            );
+            assert_eq!(fs::metadata(&p).expect("stat").nlink(), 1);
+            fs::remove_file(p).expect("rm");
+        }
+    }
+    s.outside_untouched();
+}
+
+#[test]
+fn a_journal_written_with_another_key_or_as_a_fifo_is_ignored_at_once() {
+    let s = setup();
+    let data = vec![7u8; 3000];
+    let sp = spec(3000, true);
+    let (tmp, journal) = side_names("f");
+    // A partial file and a journal forged with the public default key.
+    let cv = tern_core::hash::chunk_cv(0, &data[..1024]);
+    let plant = || {
+        fs::write(s.module.join(&tmp), &data).expect("write");
+        let key = &tern_core::journal::DEFAULT_KEY;
+        tern_core::journal::Journal::create(&s.module.join(&journal), &sp, key, &[(0, cv)]).expect("journal");
+    };
+    plant();
+    let keyed = LocalEndpoint::confined(&s.module)
+        .expect("confined")
+        .with_journal_key([9; 32]);
+    let w = keyed.create(Path::new("f"), &sp).expect("create");
+    assert!(
+        w.resumed().is_empty(),
+        "a journal without the endpoint's key was trusted"
+    );
+    w.abort(true);
+    // The same journal is good for an endpoint with the default key: it was
+    // the key that made the difference.
+    plant();
+    let w = s.ep.create(Path::new("f"), &sp).expect("create");
+    assert_eq!(w.resumed(), vec![(0, cv)]);
+    w.abort(false);
+
+    // A FIFO at the journal name neither blocks the create nor is read.
+    fs::write(s.module.join(&tmp), &data).expect("write");
+    let c = std::ffi::CString::new(s.module.join(&journal).into_os_string().into_encoded_bytes()).expect("cstr");
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let (tx, rx) = mpsc::channel();
+    let ep = s.ep.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            ep.create(Path::new("f"), &spec(3000, true))
+                .map(|w| w.resumed().len())
+                .ok(),
+        );
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a FIFO journal hung the create");
+    assert_eq!(r, Some(0));
+    assert!(fs::symlink_metadata(s.module.join(&journal)).expect("stat").is_file());
+    s.outside_untouched();
+}
+
+#[test]
+fn a_resumable_file_is_published_only_when_every_chunk_arrived() {
+    let s = setup();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 13) as u8).collect();
+    let w = s.ep.create(Path::new("f"), &spec(3000, true)).expect("create");
+    write_all_chunks(&*w, &data, |i| i != 1);
+    let e = w.publish().expect_err("published with a chunk missing");
+    assert!(e.to_string().contains("1 of its 3 chunks were never written"), "{e}");
+    assert!(
+        !s.module.join("f").exists(),
+        "a file with a zero-filled gap at its final name"
+    );
+    // What was written is kept for a resume, which completes it.
+    let w = s.ep.create(Path::new("f"), &spec(3000, true)).expect("create");
+    assert_eq!(w.resumed().iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 2]);
+    write_all_chunks(&*w, &data, |i| i == 1);
+    w.publish().expect("publish");
+    assert_eq!(fs::read(s.module.join("f")).expect("read"), data);
+    s.outside_untouched();
+}
+
+/// Sets the mtime of `p` (not following a symlink) `days` ago.
+fn age(p: &Path, days: u64) {
+    let then = std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+    let f = fs::OpenOptions::new().write(true).open(p).expect("open");
+    f.set_modified(then).expect("set mtime");
+}
+
+#[test]
+fn abandoned_side_files_expire_and_nothing_else_does() {
+    let s = setup();
+    let m = &s.module;
+    fs::create_dir_all(m.join("a/b")).expect("mkdir");
+    let (long_tmp, long_journal) = side_names(&"x".repeat(250));
+    let old = [
+        "a/.f.tern.tmp".to_string(),
+        "a/.f.tern.journal".to_string(),
+        format!("a/b/{long_tmp}"),
+        format!("a/b/{long_journal}"),
+    ];
+    let kept = ["a/.new.tern.tmp", "a/old-but-ordinary", "a/b/.tern-notahash.tmp"];
+    for p in old.iter().map(String::as_str).chain(kept) {
+        fs::write(m.join(p), b"partial").expect("write");
+    }
+    for p in old
+        .iter()
+        .map(String::as_str)
+        .chain(["a/old-but-ordinary", "a/b/.tern-notahash.tmp"])
+    {
+        age(&m.join(p), 8);
+    }
+    // A file being written right now whose mtime happens to be old: its
+    // temporary file is locked, and it and its journal stay.
+    let w = s.ep.create(Path::new("busy"), &spec(3000, true)).expect("create");
+    age(&m.join(".busy.tern.tmp"), 8);
+    age(&m.join(".busy.tern.journal"), 8);
+    // Side files outside the module, reached through a symlink, are not
+    // the module's.
+    let elsewhere = s.outside.parent().expect("parent").join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir");
+    fs::write(elsewhere.join(".g.tern.tmp"), b"not ours").expect("write");
+    age(&elsewhere.join(".g.tern.tmp"), 30);
+    symlink(&elsewhere, m.join("a/link")).expect("symlink");
+
+    let x = s.ep.expire_side_files(Duration::from_secs(7 * 86_400)).expect("expire");
+    assert_eq!(x.files, 4, "{x:?}");
+    assert_eq!(x.bytes, 4 * 7);
+    for p in &old {
+        assert!(!m.join(p).exists(), "{p} kept");
+    }
+    for p in kept.iter().chain(&[".busy.tern.tmp", ".busy.tern.journal"]) {
+        assert!(m.join(p).exists(), "{p} removed");
+    }
+    assert!(elsewhere.join(".g.tern.tmp").exists(), "the walk followed a symlink");
+    drop(w);
     s.outside_untouched();
 }

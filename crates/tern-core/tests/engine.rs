@@ -240,3 +240,67 @@ fn a_write_failure_mid_file_keeps_the_old_version_and_leaves_no_debris() {
         assert!(side_files(&dst).is_empty(), "{:?}", side_files(&dst));
     }
 }
+
+#[test]
+fn a_planted_resume_is_rehashed_against_the_source_and_only_true_chunks_are_kept() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let cs = 64u64 << 10;
+    let src = t.path().join("src");
+    let data = bytes(5 * cs as usize - 100, 4);
+    write(&src.join("big.bin"), &data);
+    let dst = t.path().join("dst");
+    fs::create_dir(&dst).expect("mkdir");
+
+    // Someone who can write the destination directory plants a partial
+    // file whose chunk 1 is theirs, and a journal (with the public default
+    // key) that vouches for it and for chunk 2, which is the source's.
+    let e = LocalEndpoint::new(&src)
+        .stat(Path::new("big.bin"))
+        .expect("stat")
+        .expect("exists");
+    let spec = FileSpec {
+        size: e.size,
+        chunk_size: cs,
+        resumable: true,
+        durable: true,
+        source_meta: e.meta.clone(),
+        source_changed: e.changed,
+    };
+    let mut planted = data.clone();
+    planted[cs as usize..2 * cs as usize].fill(0xee);
+    fs::write(dst.join(".big.bin.tern.tmp"), &planted).expect("plant");
+    let cv = |i: usize| tern_core::hash::chunk_cv(i as u64 * cs, &planted[i * cs as usize..(i + 1) * cs as usize]);
+    tern_core::journal::Journal::create(
+        &dst.join(".big.bin.tern.journal"),
+        &spec,
+        &tern_core::journal::DEFAULT_KEY,
+        &[(1, cv(1)), (2, cv(2))],
+    )
+    .expect("journal");
+
+    let s = tern_core::run(
+        vec![Root {
+            src: Arc::new(LocalEndpoint::new(&src)),
+            dst_rel: PathBuf::new(),
+        }],
+        Arc::new(LocalEndpoint::new(&dst)),
+        Options {
+            chunk_size: cs,
+            jobs: 3,
+            ..Options::default()
+        },
+        Arc::new(Quiet),
+    );
+    assert_eq!(s.errors, 0, "{:?}", s.error_messages);
+    assert_eq!(
+        blake3::hash(&fs::read(dst.join("big.bin")).expect("read")),
+        blake3::hash(&data),
+        "the planted chunk was committed"
+    );
+    assert_eq!(
+        s.bytes_resumed, cs,
+        "only the chunk that matches the source counts as resumed"
+    );
+    assert_eq!(s.bytes_written, data.len() as u64 - cs);
+    assert!(side_files(&dst).is_empty(), "{:?}", side_files(&dst));
+}

@@ -35,6 +35,10 @@
 //! max_request_memory_mib = 1024  # buffers of all requests in progress
 //! max_pulls = 4                  # remote-to-remote transfers at once
 //! # max_open_files = 4096   # default: half the open-file limit, less 64
+//! # Partial files and journals that interrupted uploads left and no rerun
+//! # resumed are removed after this many days (checked at start, then
+//! # hourly); 0 keeps them forever.
+//! partial_max_age_days = 7
 //! ```
 
 use std::collections::BTreeMap;
@@ -121,6 +125,7 @@ struct LimitsCfg {
     max_open_files: Option<usize>,
     max_request_memory_mib: u64,
     max_pulls: usize,
+    partial_max_age_days: u64,
 }
 
 impl Default for LimitsCfg {
@@ -136,6 +141,7 @@ impl Default for LimitsCfg {
             max_open_files: None,
             max_request_memory_mib: d.request_memory >> 20,
             max_pulls: d.max_pulls,
+            partial_max_age_days: DEFAULT_PARTIAL_MAX_AGE_DAYS,
         }
     }
 }
@@ -188,6 +194,16 @@ pub struct ServerConfig {
     pub pull_from: Vec<PullPeer>,
     /// Per-client limits.
     pub limits: Limits,
+    /// How old an abandoned partial file or journal gets before it is
+    /// removed; `None`: never.
+    pub partial_max_age: Option<Duration>,
+}
+
+/// Days after which abandoned partial files are removed, unless configured.
+const DEFAULT_PARTIAL_MAX_AGE_DAYS: u64 = 7;
+
+fn days(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n.saturating_mul(24 * 3600)))
 }
 
 /// A daemon this one may pull from: a host (any port) or host and port,
@@ -366,6 +382,7 @@ impl ServerConfig {
             request_memory: (l.max_request_memory_mib << 20).max(2 * crate::server::MAX_CHUNK),
             max_pulls: l.max_pulls,
         };
+        cfg.partial_max_age = days(l.partial_max_age_days);
         Ok(cfg)
     }
 
@@ -378,6 +395,7 @@ impl ServerConfig {
             grants: Vec::new(),
             pull_from: Vec::new(),
             limits: Limits::default(),
+            partial_max_age: days(DEFAULT_PARTIAL_MAX_AGE_DAYS),
         }
     }
 
@@ -462,6 +480,7 @@ fingerprint = "b3:00000000000000000000000000000000000000000000000000000000000000
 modules = ["*"]
 [limits]
 idle_timeout_secs = 5
+partial_max_age_days = 2
 "#;
         let c = ServerConfig::from_toml(text, d.path()).expect("parse");
         assert_eq!(c.listen[0].port(), 9000);
@@ -472,6 +491,13 @@ idle_timeout_secs = 5
         assert_eq!(c.grants[0].token_hash, Some(blake3::hash(b"s3cret")));
         assert_eq!(c.grants[1].access, Access::Read);
         assert_eq!(c.limits.idle, Duration::from_secs(5));
+        assert_eq!(c.partial_max_age, Some(Duration::from_secs(2 * 86_400)));
+        let never = ServerConfig::from_toml("[limits]\npartial_max_age_days = 0\n", d.path()).expect("parse");
+        assert_eq!(never.partial_max_age, None);
+        assert_eq!(
+            ServerConfig::empty().partial_max_age,
+            Some(Duration::from_secs(7 * 86_400))
+        );
         assert!(c.pull_from[0].allows("A.example", 7000) && !c.pull_from[0].allows("a.example", 7001));
         assert!(c.pull_from[1].allows("b.example", 1) && !c.pull_from[1].allows("c.example", 1));
         assert!(c.pull_from[2].allows("::1", 9) && !c.pull_from[2].allows("::1", 10));

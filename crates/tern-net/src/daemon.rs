@@ -29,7 +29,11 @@ impl Daemon {
             .enable_all()
             .thread_name("tern-serve")
             .build()?;
-        let server = Arc::new(Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?.with_identity(id));
+        let server = Arc::new(
+            Server::new(cfg, concat!("tern ", env!("CARGO_PKG_VERSION")))?
+                .with_identity(id)
+                .with_journal_key(id.derive_secret("tern 2026-12-02 journal key")),
+        );
         let files = server.open_file_budget();
         tracing::info!(
             open_files = files,
@@ -50,6 +54,9 @@ impl Daemon {
             cfg.listen.clone()
         };
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(age) = cfg.partial_max_age {
+            rt.spawn(expire_partials(server.clone(), age, stop_rx.clone()));
+        }
         let mut addrs = Vec::new();
         for a in listen {
             let keys = QuicKeys {
@@ -110,5 +117,29 @@ impl Daemon {
         self.server.abort_all();
         self.rt.shutdown_timeout(Duration::from_secs(1));
         tracing::info!("stopped");
+    }
+}
+
+/// How often abandoned partial files are looked for.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Removes abandoned partial files now and then every
+/// [`EXPIRY_INTERVAL`], until the daemon stops.
+async fn expire_partials(server: Arc<Server>, age: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(EXPIRY_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.changed() => return,
+        }
+        // The walk is file system work: off the async threads.
+        let s = server.clone();
+        if tokio::task::spawn_blocking(move || s.expire_partials(age))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the walk for abandoned partial files failed");
+        }
     }
 }

@@ -161,6 +161,30 @@ impl Server {
         self
     }
 
+    /// Keys every module's resume journals with `key`, a secret of this
+    /// daemon: journals planted by clients (or anyone without the key) are
+    /// then ignored.
+    pub fn with_journal_key(mut self, key: [u8; 32]) -> Server {
+        for m in self.modules.values_mut() {
+            m.ep = m.ep.clone().with_journal_key(key);
+        }
+        self
+    }
+
+    /// Removes from every module the partial files and journals older than
+    /// `max_age` (see [`LocalEndpoint::expire_side_files`]).
+    pub fn expire_partials(&self, max_age: Duration) {
+        for (name, m) in &self.modules {
+            match m.ep.expire_side_files(max_age) {
+                Ok(x) if x.files > 0 => {
+                    tracing::info!(module = %name, files = x.files, bytes = x.bytes, "removed abandoned partial files")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(module = %name, error = %e, "could not look for abandoned partial files"),
+            }
+        }
+    }
+
     /// How many descriptors clients' transfers may hold open at once.
     pub fn open_file_budget(&self) -> usize {
         self.fds.total()
@@ -1134,7 +1158,12 @@ impl Session {
         let err = |e: Error| wire::error_msg(&e);
         Some(match msg {
             Msg::MakeDir { path } => self.may_write().and_then(|()| {
-                let p = self.path(path)?;
+                // The root may be made (it is never replaced); any other name
+                // is checked as a new one, so no directory takes a side file's.
+                let p = match path.is_empty() {
+                    true => self.path(path)?,
+                    false => self.new_path(path)?,
+                };
                 self.ep.make_dir(&p).map(|()| Msg::Done).map_err(err)
             }),
             Msg::Symlink {

@@ -1665,3 +1665,289 @@ fn a_daemon_sees_a_token_proof_that_works_nowhere_else() {
     };
     tern_net::remote::RemoteEndpoint::connect(&spec, &opts).expect("a proof for this daemon");
 }
+
+/// The identity the daemon of `st` runs with.
+fn daemon_identity(st: &Setup) -> Identity {
+    Identity::load_or_create(&st.root.join("state")).expect("id")
+}
+
+/// The key the daemon of `st` MACs its resume journals with.
+fn journal_key(st: &Setup) -> [u8; 32] {
+    daemon_identity(st).derive_secret("tern 2026-12-02 journal key")
+}
+
+/// The names tern gives the temporary file, journal and link temporary of
+/// an entry called `name`: `.NAME.tern.*`, or `.tern-HASH.*` for a name
+/// over 240 bytes.
+fn side_names_of(name: &[u8]) -> [Vec<u8>; 3] {
+    let stem = if name.len() <= 240 {
+        [b".", name, b".tern"].concat()
+    } else {
+        format!(".tern-{}", &blake3::hash(name).to_hex()[..32]).into_bytes()
+    };
+    [".tmp", ".journal", ".tmp.lnk"].map(|s| [&stem[..], s.as_bytes()].concat())
+}
+
+#[test]
+fn every_form_of_side_file_name_is_refused_as_a_new_name() {
+    let st = setup();
+    fs::write(st.root.join("module/existing"), b"x").expect("write");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let t = ticket(&st, &mut s);
+    let long = vec![b'l'; 250];
+    for name in side_names_of(b"short").into_iter().chain(side_names_of(&long)) {
+        for path in [name.clone(), [&b"sub/"[..], &name].concat()] {
+            let requests = [
+                Msg::MakeDir { path: path.clone() },
+                Msg::Create {
+                    handle: 1,
+                    path: path.clone(),
+                    spec: spec(),
+                },
+                Msg::Symlink {
+                    path: path.clone(),
+                    target: b"existing".to_vec(),
+                    meta: WireMeta::default(),
+                    owner: false,
+                },
+                Msg::HardLink {
+                    existing: b"existing".to_vec(),
+                    path: path.clone(),
+                },
+                Msg::Remove { path: path.clone() },
+                pull(&st, &t, "127.0.0.1", &path, 1 << 20),
+            ];
+            for r in requests {
+                let e = refusal(&mut s, &r);
+                assert_eq!(e.code, ErrorCode::Forbidden, "{r:?}: {}", e.message);
+            }
+            // In a batch the reserved item fails alone.
+            let item = |path: &[u8]| BatchItem {
+                path: path.to_vec(),
+                meta: WireMeta::default(),
+                body: BatchBody::File {
+                    size: 3,
+                    holes: Vec::new(),
+                    hash: *blake3::hash(b"abc").as_bytes(),
+                    xattrs: Vec::new(),
+                    changed: (0, 0),
+                },
+            };
+            s.send(&Msg::Batch(Batch {
+                items: vec![item(&path), item(b"batch-ok")],
+                owner: false,
+                sync: false,
+                verify: false,
+            }))
+            .expect("send");
+            s.send_data(b"abc").expect("data");
+            s.send_data(b"abc").expect("data");
+            match s.recv().expect("reply") {
+                Msg::BatchReply(r) => {
+                    assert_eq!(r.len(), 2);
+                    assert_eq!(r[0].as_ref().map(|e| e.code), Some(ErrorCode::Forbidden), "{path:?}");
+                    assert!(r[1].is_none(), "{r:?}");
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+    }
+    // Nothing with a side file's name was made, in any form.
+    for dir in ["module", "module/sub"] {
+        for e in fs::read_dir(st.root.join(dir)).expect("list") {
+            let n = e.expect("entry").file_name();
+            assert!(!tern_core::local::is_side_file(&n), "{dir}/{n:?} was created");
+        }
+    }
+    st.outside_untouched();
+}
+
+/// The resume spec of a 3000-byte file as the daemon sees it for
+/// [`spec`]-like requests with that size.
+fn resume_spec() -> (WireSpec, tern_core::FileSpec) {
+    let wire = WireSpec { size: 3000, ..spec() };
+    let core = tern_core::FileSpec {
+        size: 3000,
+        chunk_size: 1024,
+        resumable: true,
+        durable: false,
+        source_meta: tern_core::Meta::default(),
+        source_changed: tern_core::Time::default(),
+    };
+    (wire, core)
+}
+
+#[test]
+fn side_files_planted_in_a_module_are_neither_written_through_nor_trusted() {
+    use std::os::unix::ffi::OsStrExt;
+    let st = setup();
+    let module = st.root.join("module");
+    let os = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_os_string();
+    let long = vec![b'p'; 250];
+    let [tmp, journal, _] = side_names_of(&long);
+    let mut s = st.session("data", TOKEN, true).expect("session");
+
+    // Planted by someone with access to the module's directory (clients
+    // cannot, as above): the long name's temporary file is another name of
+    // a module file. Uploading the long name leaves that file alone.
+    fs::write(module.join("precious"), b"precious").expect("write");
+    fs::hard_link(module.join("precious"), module.join(os(&tmp))).expect("link");
+    assert!(matches!(push_file(&mut s, 1, &long, b"new"), Ok(Msg::Done)));
+    assert_eq!(fs::read(module.join(os(&long))).expect("read"), b"new");
+    assert_eq!(fs::read(module.join("precious")).expect("read"), b"precious");
+
+    // A partial file with a journal vouching for its first chunk, forged
+    // without the daemon's secret: not reported as resumed.
+    let (wire, core) = resume_spec();
+    let data = vec![5u8; 3000];
+    let cv = tern_core::hash::chunk_cv(0, &data[..1024]);
+    let plant = |key: &[u8; 32]| {
+        fs::write(module.join(os(&tmp)), &data).expect("write");
+        tern_core::journal::Journal::create(&module.join(os(&journal)), &core, key, &[(0, cv)]).expect("journal");
+    };
+    let created = |s: &mut Stream, handle: u64| {
+        s.send(&Msg::Create {
+            handle,
+            path: long.clone(),
+            spec: wire.clone(),
+        })
+        .expect("send");
+        match s.recv().expect("create") {
+            Msg::Created { resumed } => resumed,
+            m => panic!("unexpected {m:?}"),
+        }
+    };
+    plant(&tern_core::journal::DEFAULT_KEY);
+    assert!(
+        created(&mut s, 2).is_empty(),
+        "a journal forged without the key was trusted"
+    );
+    s.send(&Msg::Abort { handle: 2, keep: false }).expect("send");
+    // Abort has no reply: a request that has one orders the planting after it.
+    stat_entry(&mut s, &long);
+    // The same journal keyed with the daemon's secret is its own: resumed.
+    let key = journal_key(&st);
+    plant(&key);
+    assert_eq!(created(&mut s, 3), vec![(0, cv)]);
+    st.outside_untouched();
+}
+
+#[test]
+fn a_client_rehashes_what_the_daemon_reports_as_resumed_and_commits_its_source() {
+    let st = setup();
+    let module = st.root.join("module");
+    let cs = 64u64 << 10;
+    let data: Vec<u8> = (0..(3 * cs as usize + 500)).map(|i| (i % 241) as u8).collect();
+    let src = st.root.join("src");
+    fs::create_dir(&src).expect("mkdir");
+    fs::write(src.join("victim.bin"), &data).expect("write");
+    let e = tern_core::Source::stat(&tern_core::LocalEndpoint::new(&src), std::path::Path::new("victim.bin"))
+        .expect("stat")
+        .expect("exists");
+
+    // A partial file whose chunk 1 is not the source's, with a journal the
+    // daemon trusts (made with its own key, as a lying or compromised
+    // daemon would report it): the daemon offers chunks 1 and 2 as kept.
+    let mut planted = data.clone();
+    planted[cs as usize..2 * cs as usize].fill(0xaa);
+    fs::write(module.join("sub/.victim.bin.tern.tmp"), &planted).expect("plant");
+    let cv = |i: usize| tern_core::hash::chunk_cv(i as u64 * cs, &planted[i * cs as usize..(i + 1) * cs as usize]);
+    let core = tern_core::FileSpec {
+        size: e.size,
+        chunk_size: cs,
+        resumable: true,
+        durable: false,
+        source_meta: e.meta.clone(),
+        source_changed: e.changed,
+    };
+    let key = journal_key(&st);
+    tern_core::journal::Journal::create(
+        &module.join("sub/.victim.bin.tern.journal"),
+        &core,
+        &key,
+        &[(1, cv(1)), (2, cv(2))],
+    )
+    .expect("journal");
+
+    let port = st.daemon.as_ref().expect("daemon").addrs()[0].port();
+    let fp = daemon_identity(&st).fingerprint();
+    let remote = tern_net::remote::RemoteEndpoint::connect(
+        &tern_net::url::RemoteSpec {
+            host: "127.0.0.1".into(),
+            port,
+            module: "data".into(),
+            path: "sub".into(),
+            trailing_slash: false,
+        },
+        &tern_net::remote::ConnectOptions {
+            transport: tern_net::remote::TransportChoice::Tcp,
+            token: Some(TOKEN.into()),
+            ticket: None,
+            trust: tern_net::trust::TrustPolicy {
+                fingerprint: Some(fp),
+                accept_new: false,
+                known_hosts: st.root.join("known_hosts"),
+            },
+            identity_dir: None,
+            timeout: Duration::from_secs(10),
+            write: true,
+        },
+    )
+    .expect("connect");
+    let s = tern_core::run(
+        vec![tern_core::Root {
+            src: std::sync::Arc::new(tern_core::LocalEndpoint::new(&src)),
+            dst_rel: std::path::PathBuf::new(),
+        }],
+        std::sync::Arc::new(remote),
+        tern_core::Options {
+            chunk_size: cs,
+            jobs: 2,
+            fsync: false,
+            ..tern_core::Options::default()
+        },
+        std::sync::Arc::new(tern_core::engine::Quiet),
+    );
+    assert_eq!(s.errors, 0, "{:?}", s.error_messages);
+    assert_eq!(
+        blake3::hash(&fs::read(module.join("sub/victim.bin")).expect("read")),
+        blake3::hash(&data),
+        "the daemon holds bytes the source never had"
+    );
+    assert_eq!(s.bytes_resumed, cs, "only chunk 2, which matches the source, was kept");
+    st.outside_untouched();
+}
+
+#[test]
+fn the_daemon_removes_abandoned_partial_files_at_start() {
+    let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    let st = setup_with(|cfg| {
+        cfg.partial_max_age = Some(Duration::from_secs(2 * 86_400));
+        let module = cfg.modules["data"].path.clone();
+        for name in ["sub/.left.tern.tmp", "sub/.left.tern.journal", "sub/.recent.tern.tmp"] {
+            fs::write(module.join(name), b"partial").expect("write");
+        }
+        for name in ["sub/.left.tern.tmp", "sub/.left.tern.journal", "sub/ordinary"] {
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(module.join(name))
+                .expect("open");
+            f.set_modified(old).expect("mtime");
+        }
+    });
+    let sub = st.root.join("module/sub");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sub.join(".left.tern.tmp").exists() || sub.join(".left.tern.journal").exists() {
+        assert!(std::time::Instant::now() < deadline, "abandoned partial files kept");
+        // Polling for the walk the daemon starts on its own.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        sub.join(".recent.tern.tmp").exists(),
+        "a recent partial file was removed"
+    );
+    assert!(sub.join("ordinary").exists(), "an old ordinary file was removed");
+    st.outside_untouched();
+}
