@@ -13,6 +13,19 @@
 //! path = "/srv/data"
 //! access = "read-write"      # default "read-only"
 //! comment = "shared data"
+//! # What clients may set on what they write (the defaults are shown).
+//! # Set-user-id and set-group-id bits are cleared (set-group-id is kept
+//! # on directories, where it only makes new entries inherit the group):
+//! setid = false
+//! # When the daemon runs as root: owner and group of everything written,
+//! # whatever the client asks (default: what it asks, with 0 replaced by
+//! # the owner of `path`, or 65534 where that is root too):
+//! # uid = 1000
+//! # gid = 1000
+//! root_owner = false        # true: owner or group 0 is kept
+//! # Extended attribute namespaces clients may write and read, of
+//! # "user", "trusted", "security" and "system"; others are dropped:
+//! xattrs = ["user"]
 //!
 //! [[tokens]]
 //! token_file = "/etc/tern/data.token"   # or token = "..."
@@ -83,6 +96,13 @@ struct ModuleCfg {
     #[serde(default)]
     access: Access,
     comment: Option<String>,
+    #[serde(default)]
+    setid: bool,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    #[serde(default)]
+    root_owner: bool,
+    xattrs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +157,35 @@ pub struct ModuleConfig {
     pub access: Access,
     /// Free text shown to clients.
     pub comment: Option<String>,
+    /// Keep the set-user-id and set-group-id bits clients ask for
+    /// (`setid = true`); else cleared, but for set-group-id on directories.
+    pub setid: bool,
+    /// Owner of everything clients write, when the daemon runs as root.
+    pub uid: Option<u32>,
+    /// Group of everything clients write, when the daemon runs as root.
+    pub gid: Option<u32>,
+    /// Let clients' entries be owned by uid or gid 0; else 0 becomes the
+    /// owner (group) of the module's directory, or 65534 where that is 0.
+    pub root_owner: bool,
+    /// Extended attribute namespaces clients may write and read.
+    pub xattrs: Vec<String>,
+}
+
+impl ModuleConfig {
+    /// What the daemon lets clients set in this module.
+    pub fn meta_policy(&self) -> Result<tern_core::MetaPolicy> {
+        use std::os::unix::fs::MetadataExt;
+        let md =
+            std::fs::metadata(&self.path).map_err(|e| NetError::Config(format!("{}: {e}", self.path.display())))?;
+        Ok(tern_core::MetaPolicy {
+            setid: self.setid,
+            uid: self.uid,
+            gid: self.gid,
+            root_owner: self.root_owner,
+            xattrs: self.xattrs.clone(),
+            ..tern_core::MetaPolicy::strict((md.uid(), md.gid()))
+        })
+    }
 }
 
 /// Who may do what: a token or a client key, for some modules.
@@ -277,6 +326,23 @@ impl ServerConfig {
         }
         for (name, m) in f.modules {
             cfg.add_module(&name, &abs(&m.path), m.access, m.comment)?;
+            let module = cfg
+                .modules
+                .get_mut(&name)
+                .ok_or_else(|| NetError::Config(format!("module `{name}` vanished")))?;
+            if let Some(x) = m.xattrs {
+                if let Some(bad) = x
+                    .iter()
+                    .find(|n| !tern_core::policy::XATTR_NAMESPACES.contains(&n.as_str()))
+                {
+                    return Err(NetError::Config(format!(
+                        "module `{name}`: xattrs: `{bad}` is not one of {}",
+                        tern_core::policy::XATTR_NAMESPACES.join(", ")
+                    )));
+                }
+                module.xattrs = x;
+            }
+            (module.setid, module.uid, module.gid, module.root_owner) = (m.setid, m.uid, m.gid, m.root_owner);
         }
         for t in f.tokens {
             let token = match (t.token, t.token_file) {
@@ -373,6 +439,11 @@ impl ServerConfig {
                 path,
                 access,
                 comment,
+                setid: false,
+                uid: None,
+                gid: None,
+                root_owner: false,
+                xattrs: vec!["user".to_string()],
             },
         );
         Ok(())
@@ -454,5 +525,52 @@ idle_timeout_secs = 5
             let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();
             assert!(e.contains(want), "{t}: {e}");
         }
+    }
+
+    #[test]
+    fn module_options_parse_and_default_to_what_keeps_clients_unprivileged() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(d.path().join("a")).expect("mkdir");
+        let text = r#"
+[modules.plain]
+path = "a"
+[modules.open]
+path = "a"
+setid = true
+uid = 1000
+gid = 100
+root_owner = true
+xattrs = ["user", "trusted", "security", "system"]
+"#;
+        let c = ServerConfig::from_toml(text, d.path()).expect("parse");
+        let plain = &c.modules["plain"];
+        assert!(!plain.setid && !plain.root_owner && plain.uid.is_none() && plain.gid.is_none());
+        assert_eq!(plain.xattrs, vec!["user"]);
+        let p = plain.meta_policy().expect("policy");
+        assert_eq!(p, tern_core::MetaPolicy::strict(owner_of(&d.path().join("a"))));
+        let open = &c.modules["open"];
+        assert!(open.setid && open.root_owner);
+        assert_eq!((open.uid, open.gid), (Some(1000), Some(100)));
+        let p = open.meta_policy().expect("policy");
+        assert_eq!((p.uid, p.gid, p.xattrs.len()), (Some(1000), Some(100), 4));
+
+        let bad = [
+            (
+                "[modules.x]\npath = \"a\"\nxattrs = [\"user\", \"os2\"]\n",
+                "`os2` is not one of",
+            ),
+            ("[modules.x]\npath = \"a\"\nuid = -1\n", "uid"),
+            ("[modules.x]\npath = \"a\"\nsetuid = true\n", "unknown field"),
+        ];
+        for (t, want) in bad {
+            let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();
+            assert!(e.contains(want), "{t}: {e}");
+        }
+    }
+
+    fn owner_of(p: &Path) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(p).expect("stat");
+        (md.uid(), md.gid())
     }
 }
