@@ -28,7 +28,7 @@
 //! xattrs = ["user"]
 //!
 //! [[tokens]]
-//! token_file = "/etc/tern/data.token"   # or token = "..."
+//! token_file = "/etc/tern/data.token"   # or token = "..." (16 bytes at least)
 //! modules = ["data"]                   # or ["*"]
 //! access = "read-write"                # or "read"
 //!
@@ -271,7 +271,24 @@ impl PullPeer {
     }
 }
 
-/// Reads a token from a file: its first line, trimmed.
+/// The fewest bytes a token may have: shorter ones are guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// `token` if it is long enough to be a secret; `what` names it in the
+/// error.
+pub fn check_token(token: String, what: &str) -> Result<String> {
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(NetError::Config(format!(
+            "{what} has {} bytes; a token needs {MIN_TOKEN_LEN} at least (`tern serve` makes one of 48 when \
+             its --token-file does not exist yet)",
+            token.len()
+        )));
+    }
+    Ok(token)
+}
+
+/// Reads a token from a file: its first line, trimmed; at least
+/// [`MIN_TOKEN_LEN`] bytes.
 pub fn read_token_file(p: &Path) -> Result<String> {
     let s =
         std::fs::read_to_string(p).map_err(|e| NetError::Config(format!("{}: cannot read token: {e}", p.display())))?;
@@ -279,7 +296,7 @@ pub fn read_token_file(p: &Path) -> Result<String> {
     if t.is_empty() {
         return Err(NetError::Config(format!("{}: the token file is empty", p.display())));
     }
-    Ok(t)
+    check_token(t, &format!("the token in {}", p.display()))
 }
 
 /// Parses a listen address; a bare host gets the default port.
@@ -346,7 +363,7 @@ impl ServerConfig {
         }
         for t in f.tokens {
             let token = match (t.token, t.token_file) {
-                (Some(t), None) => t,
+                (Some(t), None) => check_token(t, "a `token` in [[tokens]]")?,
                 (None, Some(p)) => read_token_file(&abs(&p))?,
                 _ => {
                     return Err(NetError::Config(
@@ -478,7 +495,8 @@ mod tests {
     fn a_full_config_parses_and_bad_ones_are_named() {
         let d = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(d.path().join("data")).expect("mkdir");
-        std::fs::write(d.path().join("tok"), "s3cret\n").expect("write");
+        std::fs::write(d.path().join("short"), "s3cret\n").expect("write");
+        std::fs::write(d.path().join("tok"), "s3cret-s3cret-s3cret\n").expect("write");
         let text = r#"
 listen = ["127.0.0.1:9000", "[::1]"]
 state_dir = "state"
@@ -503,7 +521,7 @@ idle_timeout_secs = 5
         assert_eq!(c.state_dir, d.path().join("state"));
         assert_eq!(c.modules["data"].access, Access::ReadWrite);
         assert_eq!(c.grants.len(), 2);
-        assert_eq!(c.grants[0].token_hash, Some(blake3::hash(b"s3cret")));
+        assert_eq!(c.grants[0].token_hash, Some(blake3::hash(b"s3cret-s3cret-s3cret")));
         assert_eq!(c.grants[1].access, Access::Read);
         assert_eq!(c.limits.idle, Duration::from_secs(5));
         assert!(c.pull_from[0].allows("A.example", 7000) && !c.pull_from[0].allows("a.example", 7001));
@@ -514,7 +532,22 @@ idle_timeout_secs = 5
         let bad = [
             ("[modules.x]\npath = \"nope\"\n", "not a directory"),
             ("[modules.data]\npath = \"data\"\nacess = \"read\"\n", "unknown field"),
-            ("[[tokens]]\ntoken = \"a\"\nmodules = [\"other\"]\n", "not defined"),
+            (
+                "[[tokens]]\ntoken = \"long-enough-token\"\nmodules = [\"other\"]\n",
+                "not defined",
+            ),
+            (
+                "[[tokens]]\ntoken = \"\"\nmodules = [\"*\"]\n",
+                "has 0 bytes; a token needs 16",
+            ),
+            (
+                "[[tokens]]\ntoken = \"fifteen-bytes!!\"\nmodules = [\"*\"]\n",
+                "has 15 bytes",
+            ),
+            (
+                "[[tokens]]\ntoken_file = \"short\"\nmodules = [\"*\"]\n",
+                "the token in",
+            ),
             ("[[tokens]]\nmodules = [\"*\"]\n", "exactly one"),
             ("listen = [\"nowhere:xx\"]\n", "not an address"),
             ("[modules.\"../x\"]\npath = \"data\"\n", "not a module name"),
