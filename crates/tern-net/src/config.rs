@@ -288,7 +288,9 @@ pub fn check_token(token: String, what: &str) -> Result<String> {
 }
 
 /// Reads a token from a file: its first line, trimmed; at least
-/// [`MIN_TOKEN_LEN`] bytes.
+/// [`MIN_TOKEN_LEN`] bytes. A file other users could read or change is
+/// warned about (as ssh does for keys), not refused: a token file shared
+/// with a group of client users is a choice an administrator may make.
 pub fn read_token_file(p: &Path) -> Result<String> {
     let s =
         std::fs::read_to_string(p).map_err(|e| NetError::Config(format!("{}: cannot read token: {e}", p.display())))?;
@@ -296,7 +298,21 @@ pub fn read_token_file(p: &Path) -> Result<String> {
     if t.is_empty() {
         return Err(NetError::Config(format!("{}: the token file is empty", p.display())));
     }
+    if let Some(mode) = open_to_others(p) {
+        tracing::warn!(
+            "{}: the token file can be read or changed by other users (mode {mode:04o}); run `chmod 600 {}`",
+            p.display(),
+            p.display()
+        );
+    }
     check_token(t, &format!("the token in {}", p.display()))
+}
+
+/// The permission bits of `p` if group or others have any access to it.
+fn open_to_others(p: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(p).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 /// Parses a listen address; a bare host gets the default port.

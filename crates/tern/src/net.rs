@@ -99,6 +99,7 @@ fn token_in(f: &Path) -> anyhow::Result<(String, bool)> {
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(f)
         .with_context(|| format!("{}: cannot create token file", f.display()))?;
     writeln!(file, "{t}").with_context(|| f.display().to_string())?;

@@ -81,3 +81,43 @@ fn a_short_token_file_is_refused() {
     assert!(!up, "served with a 6-byte token: {banner:?}");
     assert!(err.contains("has 6 bytes; a token needs 16"), "{err}");
 }
+
+#[test]
+fn a_token_file_others_can_read_is_warned_about_and_a_key_file_refused() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let tok = t.path().join("tok");
+    fs::write(&tok, "a-token-of-twenty-bytes\n").expect("write");
+    fs::set_permissions(&tok, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (banner, err, up) = quick_start(t.path());
+    assert!(up, "{banner:?} {err}");
+    assert!(
+        err.contains(&format!("{}: the token file can be read", tok.display())) && err.contains("chmod 600"),
+        "{err}"
+    );
+
+    let key = t.path().join("state/identity");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).expect("chmod");
+    let (banner, err, up) = quick_start(t.path());
+    assert!(!up, "served with a readable key: {banner:?}");
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("mode 0640") && err.contains("chmod 600"),
+        "{err}"
+    );
+    // The client's own key likewise.
+    let client_key = t.path().join("client/identity/identity");
+    fs::create_dir_all(t.path().join("client")).expect("mkdir");
+    let out = tern()
+        .env("TERN_CONFIG_DIR", t.path().join("client"))
+        .arg("fingerprint")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    fs::set_permissions(&client_key, fs::Permissions::from_mode(0o604)).expect("chmod");
+    let out = tern()
+        .env("TERN_CONFIG_DIR", t.path().join("client"))
+        .arg("fingerprint")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("chmod 600"), "{err}");
+}
