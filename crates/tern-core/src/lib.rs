@@ -19,6 +19,7 @@ pub mod filter;
 pub mod hash;
 pub mod journal;
 pub mod local;
+pub mod policy;
 mod sys;
 
 pub use sys::{drop_cache, open_file_budget, AlignedBuf};
@@ -28,3 +29,4 @@ pub use engine::{hash_file, run, Action, Mode, Observer, Options, Root, Summary}
 pub use entry::{Entry, Kind, Meta, Time};
 pub use error::{Error, Result};
 pub use local::LocalEndpoint;
+pub use policy::MetaPolicy;

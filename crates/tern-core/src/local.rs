@@ -22,6 +22,7 @@ use crate::entry::{Entry, Kind, Meta, Time};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Hash};
 use crate::journal::{self, Journal};
+use crate::policy::MetaPolicy;
 use crate::sys;
 
 /// A directory tree (or single file) on a local file system.
@@ -38,6 +39,8 @@ pub struct LocalEndpoint {
     /// For an endpoint exported to remote clients: the open root directory,
     /// beneath which every path is resolved by the kernel.
     confine: Option<Arc<OwnedFd>>,
+    /// What writers may set, for an endpoint written on behalf of others.
+    policy: Option<Arc<MetaPolicy>>,
 }
 
 /// A path ready for a system call, and the open directory it is relative to
@@ -73,6 +76,7 @@ impl LocalEndpoint {
             devices: Arc::default(),
             group: Arc::default(),
             confine: None,
+            policy: None,
         }
     }
 
@@ -87,6 +91,7 @@ impl LocalEndpoint {
             devices: Arc::default(),
             group: Arc::default(),
             confine: None,
+            policy: None,
         }
     }
 
@@ -118,6 +123,7 @@ impl LocalEndpoint {
             devices: Arc::default(),
             group: Arc::default(),
             confine: Some(Arc::new(dir.into())),
+            policy: None,
         })
     }
 
@@ -144,6 +150,15 @@ impl LocalEndpoint {
             .open(&*root)
             .ctx(&self.root, "open directory")?;
         Ok(crate::expire::expire(dir.into(), cutoff))
+    }
+
+    /// This endpoint, applying `policy` to every mode, owner and extended
+    /// attribute written, and to the attributes it shows. The root's own
+    /// metadata is then left alone: it belongs to whoever set the endpoint
+    /// up, not to its writers.
+    pub fn with_policy(mut self, policy: MetaPolicy) -> Self {
+        self.policy = Some(Arc::new(policy));
+        self
     }
 
     /// The root directory.
@@ -388,6 +403,9 @@ impl Source for LocalEndpoint {
         let p = self.at(rel).ctx(&shown, "list xattrs")?;
         let mut out = Vec::new();
         for name in sys::list_xattrs(&p).ctx(&shown, "list xattrs")? {
+            if self.policy.as_ref().is_some_and(|pol| !pol.xattr_allowed(&name)) {
+                continue;
+            }
             match sys::get_xattr(&p, &name) {
                 Ok(v) => out.push((name, v)),
                 Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
@@ -508,10 +526,50 @@ pub fn is_side_file(name: &OsStr) -> bool {
         .any(|s| b.strip_suffix(*s).is_some_and(is_side_stem))
 }
 
-fn apply_owner(path: &Path, f: Option<&File>, meta: &Meta) -> io::Result<()> {
+fn apply_owner(path: &Path, f: Option<&File>, (uid, gid): (u32, u32)) -> io::Result<()> {
     match f {
-        Some(f) => std::os::unix::fs::fchown(f, Some(meta.uid), Some(meta.gid)),
-        None => std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid)),
+        Some(f) => std::os::unix::fs::fchown(f, Some(uid), Some(gid)),
+        None => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+    }
+}
+
+/// The owner and group to give an entry, `None` to leave them: what its
+/// writer asks for (`asked`), or under a policy, when this process may
+/// give files away, what the policy makes of that and of the entry's
+/// `current` owner.
+fn owner_to_set(
+    policy: Option<&MetaPolicy>,
+    current: impl FnOnce() -> io::Result<(u32, u32)>,
+    asked: Option<(u32, u32)>,
+) -> io::Result<Option<(u32, u32)>> {
+    match policy {
+        Some(p) if sys::is_root() => {
+            let now = current()?;
+            let want = p.owner(now, asked);
+            Ok((want != now).then_some(want))
+        }
+        _ => Ok(asked),
+    }
+}
+
+fn owner_of(path: &Path) -> io::Result<(u32, u32)> {
+    fs::symlink_metadata(path).map(|m| (m.uid(), m.gid()))
+}
+
+/// `meta` with the permission bits `policy` allows an entry of `kind`.
+fn allowed_meta(policy: Option<&MetaPolicy>, kind: Kind, meta: &Meta) -> Meta {
+    let mut m = meta.clone();
+    if let Some(p) = policy {
+        m.mode = p.mode(kind, m.mode);
+    }
+    m
+}
+
+/// The attributes of `xattrs` that `policy` lets a writer set.
+fn allowed_xattrs<'a>(policy: Option<&MetaPolicy>, xattrs: &'a Xattrs) -> std::borrow::Cow<'a, Xattrs> {
+    match policy {
+        Some(p) => p.filter_xattrs(xattrs),
+        None => std::borrow::Cow::Borrowed(xattrs),
     }
 }
 
@@ -540,7 +598,7 @@ impl Dest for LocalEndpoint {
         let mut b = fs::DirBuilder::new();
         b.mode(0o755).recursive(rel.as_os_str().is_empty());
         match b.create(&*p) {
-            Ok(()) => Ok(()),
+            Ok(()) => self.own_new_dir(rel, &p).ctx(&shown, "set owner"),
             Err(e) if e.kind() == ErrorKind::AlreadyExists && p.symlink_metadata().is_ok_and(|m| m.is_dir()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::AlreadyExists || e.raw_os_error() == Some(libc::ENOTDIR) => {
                 Err(Error::TypeConflict {
@@ -577,6 +635,7 @@ impl Dest for LocalEndpoint {
             journal,
             resumed,
             size: spec.size,
+            policy: self.policy.clone(),
         };
         if !spec.resumable {
             // An unnamed file needs no lock, leaves nothing behind if we die,
@@ -678,7 +737,9 @@ impl Dest for LocalEndpoint {
         let tmp = link_temp(&at);
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(target, &tmp).ctx(&shown, "create symlink")?;
-        let done = (if owner { apply_owner(&tmp, None, meta) } else { Ok(()) })
+        let asked = owner.then_some((meta.uid, meta.gid));
+        let done = owner_to_set(self.policy.as_deref(), || owner_of(&tmp), asked)
+            .and_then(|o| o.map_or(Ok(()), |o| apply_owner(&tmp, None, o)))
             .and_then(|()| sys::lutimes(&tmp, meta.atime, meta.mtime))
             .and_then(|()| fs::rename(&tmp, &*at));
         if let Err(e) = done {
@@ -710,17 +771,24 @@ impl Dest for LocalEndpoint {
 
     fn set_meta(&self, rel: &Path, kind: Kind, meta: &Meta, owner: bool, xattrs: Option<&Xattrs>) -> Result<()> {
         let shown = self.path(rel);
+        let policy = self.policy.as_deref();
+        if policy.is_some() && rel.as_os_str().is_empty() {
+            tracing::debug!(root = %shown.display(), "the root's metadata is left as it is");
+            return Ok(());
+        }
         let mut p = self.at(rel).ctx(&shown, "set metadata")?;
         if self.follow_root && rel.as_os_str().is_empty() {
             // The root stands for what it points to.
             p.path = fs::canonicalize(&p.path).ctx(&shown, "resolve")?;
         }
         let symlink = kind == Kind::Symlink;
-        if owner {
-            apply_owner(&p, None, meta).ctx(&shown, "set owner")?;
+        let meta = &allowed_meta(policy, kind, meta);
+        let asked = owner.then_some((meta.uid, meta.gid));
+        if let Some(o) = owner_to_set(policy, || owner_of(&p), asked).ctx(&shown, "set owner")? {
+            apply_owner(&p, None, o).ctx(&shown, "set owner")?;
         }
         if let Some(x) = xattrs {
-            set_xattrs(&p, &shown, x)?;
+            set_xattrs(&p, &shown, &allowed_xattrs(policy, x))?;
         }
         apply_mode(&p, None, meta, symlink).ctx(&shown, "set permissions")?;
         sys::lutimes(&p, meta.atime, meta.mtime).ctx(&shown, "set times")
@@ -748,7 +816,23 @@ impl Dest for LocalEndpoint {
     }
 
     fn can_chown(&self) -> bool {
-        sys::is_root()
+        // Owners a policy fixes are not the writer's to choose: it is told
+        // so, and neither sends nor compares them.
+        sys::is_root() && !self.policy.as_ref().is_some_and(|p| p.uid.is_some() && p.gid.is_some())
+    }
+}
+
+impl LocalEndpoint {
+    /// Gives a directory just made at `rel` the owner the policy wants for
+    /// it (none asked: the directory has no source owner yet).
+    fn own_new_dir(&self, rel: &Path, p: &Path) -> io::Result<()> {
+        if rel.as_os_str().is_empty() {
+            return Ok(());
+        }
+        match owner_to_set(self.policy.as_deref(), || owner_of(p), None)? {
+            Some(o) => apply_owner(p, None, o),
+            None => Ok(()),
+        }
     }
 }
 
@@ -956,6 +1040,8 @@ struct LocalWriteFile {
     direct: Option<File>,
     /// Set if the file system refused a direct write: buffered from then on.
     direct_failed: std::sync::atomic::AtomicBool,
+    /// The endpoint's policy for what writers may set.
+    policy: Option<Arc<MetaPolicy>>,
 }
 
 impl WriteFile for LocalWriteFile {
@@ -1040,16 +1126,21 @@ impl WriteFile for LocalWriteFile {
 
     fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> Result<()> {
         let (mode, uid, gid) = self.created;
+        let policy = self.policy.as_deref();
+        let meta = &allowed_meta(policy, Kind::File, meta);
         // chown clears set-id bits and file capabilities: owner first, then
         // xattrs, then mode.
-        let owner = owner && (meta.uid, meta.gid) != (uid, gid);
-        if owner {
-            apply_owner(&self.tmp, Some(&self.file), meta).ctx(&self.shown, "set owner")?;
+        let asked = owner.then_some((meta.uid, meta.gid));
+        let owner = owner_to_set(policy, || Ok((uid, gid)), asked)
+            .ctx(&self.shown, "set owner")?
+            .filter(|o| *o != (uid, gid));
+        if let Some(o) = owner {
+            apply_owner(&self.tmp, Some(&self.file), o).ctx(&self.shown, "set owner")?;
         }
-        for (name, value) in xattrs {
+        for (name, value) in allowed_xattrs(policy, xattrs).iter() {
             sys::fset_xattr(&self.file, name, value).ctx(&self.shown, "set xattr")?;
         }
-        if owner || meta.mode != mode {
+        if owner.is_some() || meta.mode != mode {
             apply_mode(&self.tmp, Some(&self.file), meta, false).ctx(&self.shown, "set permissions")?;
         }
         sys::futimes(&self.file, meta.atime, meta.mtime).ctx(&self.shown, "set times")

@@ -14,9 +14,22 @@
 //! path = "/srv/data"
 //! access = "read-write"      # default "read-only"
 //! comment = "shared data"
+//! # What clients may set on what they write (the defaults are shown).
+//! # Set-user-id and set-group-id bits are cleared (set-group-id is kept
+//! # on directories, where it only makes new entries inherit the group):
+//! setid = false
+//! # When the daemon runs as root: owner and group of everything written,
+//! # whatever the client asks (default: what it asks, with 0 replaced by
+//! # the owner of `path`, or 65534 where that is root too):
+//! # uid = 1000
+//! # gid = 1000
+//! root_owner = false        # true: owner or group 0 is kept
+//! # Extended attribute namespaces clients may write and read, of
+//! # "user", "trusted", "security" and "system"; others are dropped:
+//! xattrs = ["user"]
 //!
 //! [[tokens]]
-//! token_file = "/etc/tern/data.token"   # or token = "..."
+//! token_file = "/etc/tern/data.token"   # or token = "..." (16 bytes at least)
 //! modules = ["data"]                   # or ["*"]
 //! access = "read-write"                # or "read"
 //!
@@ -92,6 +105,13 @@ struct ModuleCfg {
     #[serde(default)]
     access: Access,
     comment: Option<String>,
+    #[serde(default)]
+    setid: bool,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    #[serde(default)]
+    root_owner: bool,
+    xattrs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +177,35 @@ pub struct ModuleConfig {
     pub access: Access,
     /// Free text shown to clients.
     pub comment: Option<String>,
+    /// Keep the set-user-id and set-group-id bits clients ask for
+    /// (`setid = true`); else cleared, but for set-group-id on directories.
+    pub setid: bool,
+    /// Owner of everything clients write, when the daemon runs as root.
+    pub uid: Option<u32>,
+    /// Group of everything clients write, when the daemon runs as root.
+    pub gid: Option<u32>,
+    /// Let clients' entries be owned by uid or gid 0; else 0 becomes the
+    /// owner (group) of the module's directory, or 65534 where that is 0.
+    pub root_owner: bool,
+    /// Extended attribute namespaces clients may write and read.
+    pub xattrs: Vec<String>,
+}
+
+impl ModuleConfig {
+    /// What the daemon lets clients set in this module.
+    pub fn meta_policy(&self) -> Result<tern_core::MetaPolicy> {
+        use std::os::unix::fs::MetadataExt;
+        let md =
+            std::fs::metadata(&self.path).map_err(|e| NetError::Config(format!("{}: {e}", self.path.display())))?;
+        Ok(tern_core::MetaPolicy {
+            setid: self.setid,
+            uid: self.uid,
+            gid: self.gid,
+            root_owner: self.root_owner,
+            xattrs: self.xattrs.clone(),
+            ..tern_core::MetaPolicy::strict((md.uid(), md.gid()))
+        })
+    }
 }
 
 /// Who may do what: a token or a client key, for some modules.
@@ -276,7 +325,26 @@ impl PullPeer {
     }
 }
 
-/// Reads a token from a file: its first line, trimmed.
+/// The fewest bytes a token may have: shorter ones are guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// `token` if it is long enough to be a secret; `what` names it in the
+/// error.
+pub fn check_token(token: String, what: &str) -> Result<String> {
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(NetError::Config(format!(
+            "{what} has {} bytes; a token needs {MIN_TOKEN_LEN} at least (`tern serve` makes one of 48 when \
+             its --token-file does not exist yet)",
+            token.len()
+        )));
+    }
+    Ok(token)
+}
+
+/// Reads a token from a file: its first line, trimmed; at least
+/// [`MIN_TOKEN_LEN`] bytes. A file other users could read or change is
+/// warned about (as ssh does for keys), not refused: a token file shared
+/// with a group of client users is a choice an administrator may make.
 pub fn read_token_file(p: &Path) -> Result<String> {
     let s =
         std::fs::read_to_string(p).map_err(|e| NetError::Config(format!("{}: cannot read token: {e}", p.display())))?;
@@ -284,7 +352,21 @@ pub fn read_token_file(p: &Path) -> Result<String> {
     if t.is_empty() {
         return Err(NetError::Config(format!("{}: the token file is empty", p.display())));
     }
-    Ok(t)
+    if let Some(mode) = open_to_others(p) {
+        tracing::warn!(
+            "{}: the token file can be read or changed by other users (mode {mode:04o}); run `chmod 600 {}`",
+            p.display(),
+            p.display()
+        );
+    }
+    check_token(t, &format!("the token in {}", p.display()))
+}
+
+/// The permission bits of `p` if group or others have any access to it.
+fn open_to_others(p: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(p).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 /// Parses a listen address; a bare host gets the default port.
@@ -331,10 +413,27 @@ impl ServerConfig {
         }
         for (name, m) in f.modules {
             cfg.add_module(&name, &abs(&m.path), m.access, m.comment)?;
+            let module = cfg
+                .modules
+                .get_mut(&name)
+                .ok_or_else(|| NetError::Config(format!("module `{name}` vanished")))?;
+            if let Some(x) = m.xattrs {
+                if let Some(bad) = x
+                    .iter()
+                    .find(|n| !tern_core::policy::XATTR_NAMESPACES.contains(&n.as_str()))
+                {
+                    return Err(NetError::Config(format!(
+                        "module `{name}`: xattrs: `{bad}` is not one of {}",
+                        tern_core::policy::XATTR_NAMESPACES.join(", ")
+                    )));
+                }
+                module.xattrs = x;
+            }
+            (module.setid, module.uid, module.gid, module.root_owner) = (m.setid, m.uid, m.gid, m.root_owner);
         }
         for t in f.tokens {
             let token = match (t.token, t.token_file) {
-                (Some(t), None) => t,
+                (Some(t), None) => check_token(t, "a `token` in [[tokens]]")?,
                 (None, Some(p)) => read_token_file(&abs(&p))?,
                 _ => {
                     return Err(NetError::Config(
@@ -428,6 +527,11 @@ impl ServerConfig {
                 path,
                 access,
                 comment,
+                setid: false,
+                uid: None,
+                gid: None,
+                root_owner: false,
+                xattrs: vec!["user".to_string()],
             },
         );
         Ok(())
@@ -462,7 +566,8 @@ mod tests {
     fn a_full_config_parses_and_bad_ones_are_named() {
         let d = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(d.path().join("data")).expect("mkdir");
-        std::fs::write(d.path().join("tok"), "s3cret\n").expect("write");
+        std::fs::write(d.path().join("short"), "s3cret\n").expect("write");
+        std::fs::write(d.path().join("tok"), "s3cret-s3cret-s3cret\n").expect("write");
         let text = r#"
 listen = ["127.0.0.1:9000", "[::1]"]
 state_dir = "state"
@@ -488,7 +593,7 @@ partial_max_age_days = 2
         assert_eq!(c.state_dir, d.path().join("state"));
         assert_eq!(c.modules["data"].access, Access::ReadWrite);
         assert_eq!(c.grants.len(), 2);
-        assert_eq!(c.grants[0].token_hash, Some(blake3::hash(b"s3cret")));
+        assert_eq!(c.grants[0].token_hash, Some(blake3::hash(b"s3cret-s3cret-s3cret")));
         assert_eq!(c.grants[1].access, Access::Read);
         assert_eq!(c.limits.idle, Duration::from_secs(5));
         assert_eq!(c.partial_max_age, Some(Duration::from_secs(2 * 86_400)));
@@ -507,7 +612,22 @@ partial_max_age_days = 2
         let bad = [
             ("[modules.x]\npath = \"nope\"\n", "not a directory"),
             ("[modules.data]\npath = \"data\"\nacess = \"read\"\n", "unknown field"),
-            ("[[tokens]]\ntoken = \"a\"\nmodules = [\"other\"]\n", "not defined"),
+            (
+                "[[tokens]]\ntoken = \"long-enough-token\"\nmodules = [\"other\"]\n",
+                "not defined",
+            ),
+            (
+                "[[tokens]]\ntoken = \"\"\nmodules = [\"*\"]\n",
+                "has 0 bytes; a token needs 16",
+            ),
+            (
+                "[[tokens]]\ntoken = \"fifteen-bytes!!\"\nmodules = [\"*\"]\n",
+                "has 15 bytes",
+            ),
+            (
+                "[[tokens]]\ntoken_file = \"short\"\nmodules = [\"*\"]\n",
+                "the token in",
+            ),
             ("[[tokens]]\nmodules = [\"*\"]\n", "exactly one"),
             ("listen = [\"nowhere:xx\"]\n", "not an address"),
             ("[modules.\"../x\"]\npath = \"data\"\n", "not a module name"),
@@ -527,5 +647,52 @@ partial_max_age_days = 2
             let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();
             assert!(e.contains(want), "{t}: {e}");
         }
+    }
+
+    #[test]
+    fn module_options_parse_and_default_to_what_keeps_clients_unprivileged() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(d.path().join("a")).expect("mkdir");
+        let text = r#"
+[modules.plain]
+path = "a"
+[modules.open]
+path = "a"
+setid = true
+uid = 1000
+gid = 100
+root_owner = true
+xattrs = ["user", "trusted", "security", "system"]
+"#;
+        let c = ServerConfig::from_toml(text, d.path()).expect("parse");
+        let plain = &c.modules["plain"];
+        assert!(!plain.setid && !plain.root_owner && plain.uid.is_none() && plain.gid.is_none());
+        assert_eq!(plain.xattrs, vec!["user"]);
+        let p = plain.meta_policy().expect("policy");
+        assert_eq!(p, tern_core::MetaPolicy::strict(owner_of(&d.path().join("a"))));
+        let open = &c.modules["open"];
+        assert!(open.setid && open.root_owner);
+        assert_eq!((open.uid, open.gid), (Some(1000), Some(100)));
+        let p = open.meta_policy().expect("policy");
+        assert_eq!((p.uid, p.gid, p.xattrs.len()), (Some(1000), Some(100), 4));
+
+        let bad = [
+            (
+                "[modules.x]\npath = \"a\"\nxattrs = [\"user\", \"os2\"]\n",
+                "`os2` is not one of",
+            ),
+            ("[modules.x]\npath = \"a\"\nuid = -1\n", "uid"),
+            ("[modules.x]\npath = \"a\"\nsetuid = true\n", "unknown field"),
+        ];
+        for (t, want) in bad {
+            let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();
+            assert!(e.contains(want), "{t}: {e}");
+        }
+    }
+
+    fn owner_of(p: &Path) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(p).expect("stat");
+        (md.uid(), md.gid())
     }
 }

@@ -24,18 +24,20 @@ const MAGIC: &[u8; 8] = b"TERNID1\n";
 
 impl Identity {
     /// Loads the identity kept in `dir`, creating it (and `dir`) on first
-    /// use. The file is readable by its owner only. Processes starting at
-    /// once agree on one identity: the first to link its file in wins.
+    /// use. The file is readable by its owner only; one that other users
+    /// could read or change is refused, as ssh refuses such keys, and a
+    /// symlink is never followed to it. Processes starting at once agree on
+    /// one identity: the first to link its file in wins.
     pub fn load_or_create(dir: &Path) -> Result<Identity> {
         let path = dir.join(FILE);
-        match fs::read(&path) {
+        match read_private(&path) {
             Ok(bytes) => {
                 return Self::decode(&bytes)
                     .ok_or_else(|| NetError::Config(format!("{}: not a tern identity file", path.display())))
             }
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 return Err(NetError::Config(format!(
-                    "{}: cannot read identity: {e}",
+                    "{}: cannot use the identity: {e}",
                     path.display()
                 )))
             }
@@ -110,13 +112,43 @@ fn cfg_err(p: &Path, e: io::Error) -> NetError {
     NetError::Config(format!("{}: {e}", p.display()))
 }
 
-/// Writes `data` to a new private file and makes it durable.
+/// Reads the key file at `path`, which must be a regular file (not
+/// reached through a symlink) that neither group nor others can access.
+fn read_private(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let md = f.metadata()?;
+    if !md.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(io::Error::other(format!(
+            "the private key can be read or changed by other users (mode {mode:04o}); run `chmod 600 {}`",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Writes `data` to a new private file and makes it durable. The name must
+/// be free: nothing planted there (a symlink, a file another user opened
+/// first) is written through.
 fn write_new(path: &Path, data: &[u8]) -> Result<()> {
+    // A temporary file of an earlier process with our pid, dead before it
+    // could clean up; removing a symlink removes only the link.
+    let _ = fs::remove_file(path);
     let mut f = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| cfg_err(path, e))?;
     f.write_all(data)
@@ -159,6 +191,46 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(dir.join(FILE)).expect("stat").permissions().mode();
         assert_eq!(mode & 0o077, 0, "key must be private");
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_or_a_symlink_to_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("state");
+        let a = Identity::load_or_create(&dir).expect("create");
+        let key = dir.join(FILE);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = Identity::load_or_create(&dir)
+            .expect_err("a readable key was used")
+            .to_string();
+        assert!(
+            e.contains(&key.display().to_string()) && e.contains("mode 0644") && e.contains("chmod 600"),
+            "{e}"
+        );
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(
+            Identity::load_or_create(&dir).expect("load").fingerprint(),
+            a.fingerprint()
+        );
+
+        // A symlink at the key's name is not followed, whatever it points to.
+        let other = d.path().join("other");
+        fs::create_dir(&other).expect("mkdir");
+        std::os::unix::fs::symlink(&key, other.join(FILE)).expect("symlink");
+        assert!(
+            Identity::load_or_create(&other).is_err(),
+            "a key read through a symlink"
+        );
+        // Nor is one at the temporary name written through.
+        let third = d.path().join("third");
+        fs::create_dir(&third).expect("mkdir");
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"keep").expect("write");
+        let tmp = third.join(format!(".identity.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
+        Identity::load_or_create(&third).expect("create beside a planted link");
+        assert_eq!(fs::read(&victim).expect("read"), b"keep");
     }
 
     #[test]

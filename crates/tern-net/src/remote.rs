@@ -1562,8 +1562,14 @@ impl Dest for RemoteEndpoint {
         owner: bool,
         xattrs: Option<&Xattrs>,
     ) -> tern_core::Result<()> {
+        let path = self.full(rel);
+        if path.is_empty() {
+            // The daemon refuses: its module's root is its administrator's.
+            tracing::debug!(module = %self.inner.spec.module, "the module root's metadata is left to the daemon");
+            return Ok(());
+        }
         let req = Msg::SetMeta {
-            path: self.full(rel),
+            path,
             kind: wire::kind(kind),
             meta: wire::meta(meta),
             owner,

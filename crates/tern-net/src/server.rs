@@ -122,7 +122,18 @@ impl Server {
     pub fn new(cfg: &ServerConfig, agent: &str) -> Result<Server> {
         let mut modules = HashMap::new();
         for (name, m) in &cfg.modules {
-            let ep = LocalEndpoint::confined(&m.path).map_err(|e| NetError::Config(e.to_string()))?;
+            // Every write of a client, also through a pull, goes through
+            // this endpoint and so through the module's policy.
+            let ep = LocalEndpoint::confined(&m.path)
+                .map_err(|e| NetError::Config(e.to_string()))?
+                .with_policy(m.meta_policy()?);
+            // SAFETY: geteuid has no preconditions.
+            if (m.uid.is_some() || m.gid.is_some()) && unsafe { libc::geteuid() } != 0 {
+                tracing::warn!(
+                    module = %name,
+                    "uid/gid take effect only for a daemon running as root; files are owned by the daemon's user"
+                );
+            }
             modules.insert(name.clone(), Module { cfg: m.clone(), ep });
         }
         Ok(Server {
@@ -1186,6 +1197,15 @@ impl Session {
                 xattrs,
             } => self.may_write().and_then(|()| {
                 let p = self.path(path)?;
+                if p.as_os_str().is_empty() {
+                    return Err(ErrorMsg::new(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "the owner, permissions and attributes of module `{}`'s root are the daemon's to set",
+                            self.module
+                        ),
+                    ));
+                }
                 let x = xattrs.clone().map(wire::unxattrs);
                 let owner = *owner && self.ep.can_chown();
                 self.ep

@@ -1951,3 +1951,356 @@ fn the_daemon_removes_abandoned_partial_files_at_start() {
     assert!(sub.join("ordinary").exists(), "an old ordinary file was removed");
     st.outside_untouched();
 }
+
+/// Whether this process is root, as the tests of what a root daemon does
+/// need. CI runs as root: there, not being root fails the test rather
+/// than letting it pass unchecked; elsewhere it is skipped with a note.
+fn running_as_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "{test} checks what a root daemon does and must run as root under CI"
+    );
+    eprintln!("{test}: skipped (not root)");
+    false
+}
+
+/// A file capability (VFS_CAP_REVISION_2, effective) granting
+/// CAP_NET_BIND_SERVICE.
+const FILE_CAP: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// What a hostile client asks for: root's set-id program with a capability.
+fn privileged_meta() -> WireMeta {
+    WireMeta {
+        mode: 0o6755,
+        uid: 0,
+        gid: 0,
+        ..WireMeta::default()
+    }
+}
+
+fn privileged_xattrs() -> Vec<(Vec<u8>, Vec<u8>)> {
+    vec![
+        (b"security.capability".to_vec(), FILE_CAP.to_vec()),
+        (b"trusted.planted".to_vec(), b"1".to_vec()),
+        (b"user.kept".to_vec(), b"1".to_vec()),
+    ]
+}
+
+/// Mode, owner, group and extended attribute names of `p` (not followed).
+fn on_disk(p: &std::path::Path) -> (u32, u32, u32, Vec<String>) {
+    use std::os::unix::fs::MetadataExt;
+    use tern_core::Source;
+    let md = fs::symlink_metadata(p).expect("stat");
+    let mut names: Vec<String> = if md.file_type().is_symlink() {
+        Vec::new()
+    } else {
+        tern_core::LocalEndpoint::new(p)
+            .xattrs(std::path::Path::new(""))
+            .expect("xattrs")
+            .into_iter()
+            .map(|(n, _)| n.to_string_lossy().into_owned())
+            .collect()
+    };
+    names.sort();
+    (md.mode() & 0o7777, md.uid(), md.gid(), names)
+}
+
+/// Uploads "abc" to `path` as `handle` and commits it with `meta`, owners
+/// kept and `xattrs`.
+fn upload(s: &mut Stream, handle: u64, path: &[u8], meta: WireMeta, xattrs: Vec<(Vec<u8>, Vec<u8>)>) {
+    create_abc(s, handle, path);
+    s.send(&Msg::Commit(tern_proto::Commit {
+        handle,
+        writes: 1,
+        meta,
+        owner: true,
+        xattrs,
+        sync: false,
+        verify: None,
+    }))
+    .expect("send");
+    assert!(matches!(s.recv().expect("commit"), Msg::Done), "{path:?} not committed");
+}
+
+/// Creates `path` as `handle` and writes "abc" into it.
+fn create_abc(s: &mut Stream, handle: u64, path: &[u8]) {
+    create(s, handle, path);
+    s.send(&Msg::Write(tern_proto::WriteChunk {
+        handle,
+        index: 0,
+        offset: 0,
+        len: 3,
+        holes: Vec::new(),
+        cv: *blake3::hash(b"abc").as_bytes(),
+    }))
+    .expect("send");
+    s.send_data(b"abc").expect("data");
+}
+
+/// Sends `req` and expects `Done`.
+fn done(s: &mut Stream, req: Msg) {
+    s.send(&req).expect("send");
+    match s.recv() {
+        Ok(Msg::Done) => {}
+        other => panic!("{req:?}: {other:?}"),
+    }
+}
+
+fn set_meta(path: &[u8], kind: tern_proto::WireKind, xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>) -> Msg {
+    Msg::SetMeta {
+        path: path.to_vec(),
+        kind,
+        meta: privileged_meta(),
+        owner: true,
+        xattrs,
+    }
+}
+
+#[test]
+fn a_root_daemon_publishes_no_set_id_root_owned_or_capable_file() {
+    if !running_as_root("a_root_daemon_publishes_no_set_id_root_owned_or_capable_file") {
+        return;
+    }
+    let st = setup();
+    let m = st.root.join("module");
+    // The module root belongs to root: what 0 becomes is nobody.
+    let nobody = 65534;
+    let plain_file = (0o755, nobody, nobody, vec!["user.kept".to_string()]);
+    let mut s = st.session("data", TOKEN, true).expect("session");
+
+    // Create + Write + Commit.
+    upload(&mut s, 1, b"up", privileged_meta(), privileged_xattrs());
+    assert_eq!(on_disk(&m.join("up")), plain_file, "committed upload");
+
+    // Create + Write + FileMeta + Publish.
+    create_abc(&mut s, 2, b"meta");
+    done(
+        &mut s,
+        Msg::FileMeta {
+            handle: 2,
+            writes: 1,
+            meta: privileged_meta(),
+            owner: true,
+            xattrs: privileged_xattrs(),
+        },
+    );
+    done(&mut s, Msg::Publish { handle: 2, writes: 1 });
+    assert_eq!(on_disk(&m.join("meta")), plain_file, "FileMeta upload");
+
+    // A batch of a small file and a symlink, owners kept.
+    s.send(&Msg::Batch(Batch {
+        items: vec![
+            BatchItem {
+                path: b"batched".to_vec(),
+                meta: privileged_meta(),
+                body: BatchBody::File {
+                    size: 3,
+                    holes: Vec::new(),
+                    hash: *blake3::hash(b"abc").as_bytes(),
+                    xattrs: privileged_xattrs(),
+                    changed: (0, 0),
+                },
+            },
+            BatchItem {
+                path: b"batched-link".to_vec(),
+                meta: privileged_meta(),
+                body: BatchBody::Symlink {
+                    target: b"batched".to_vec(),
+                },
+            },
+        ],
+        owner: true,
+        sync: false,
+        verify: false,
+    }))
+    .expect("send");
+    s.send_data(b"abc").expect("data");
+    match s.recv().expect("reply") {
+        Msg::BatchReply(r) => assert!(r.iter().all(Option::is_none), "{r:?}"),
+        m => panic!("unexpected {m:?}"),
+    }
+    assert_eq!(on_disk(&m.join("batched")), plain_file, "batched file");
+    let link = on_disk(&m.join("batched-link"));
+    assert_eq!((link.1, link.2), (nobody, nobody), "batched symlink");
+
+    // A symlink of its own, and a directory made then given metadata.
+    done(
+        &mut s,
+        Msg::Symlink {
+            path: b"link".to_vec(),
+            target: b"up".to_vec(),
+            meta: privileged_meta(),
+            owner: true,
+        },
+    );
+    let link = on_disk(&m.join("link"));
+    assert_eq!((link.1, link.2), (nobody, nobody), "symlink");
+    done(&mut s, Msg::MakeDir { path: b"dir".to_vec() });
+    assert_eq!(on_disk(&m.join("dir")).1, nobody, "new directory");
+    done(
+        &mut s,
+        set_meta(b"dir", tern_proto::WireKind::Dir, Some(privileged_xattrs())),
+    );
+    // A directory keeps set-group-id (group inheritance), never set-user-id.
+    assert_eq!(
+        on_disk(&m.join("dir")),
+        (0o2755, nobody, nobody, vec!["user.kept".to_string()]),
+        "directory"
+    );
+
+    // An existing file of root's, changed with SetMeta.
+    fs::write(m.join("existing"), b"x").expect("write");
+    done(
+        &mut s,
+        set_meta(b"existing", tern_proto::WireKind::File, Some(privileged_xattrs())),
+    );
+    assert_eq!(on_disk(&m.join("existing")), plain_file, "SetMeta");
+
+    // The module root is not the client's, on either way of sending it.
+    let before = on_disk(&m);
+    let e = refusal(
+        &mut s,
+        &set_meta(b"", tern_proto::WireKind::Dir, Some(privileged_xattrs())),
+    );
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert!(e.message.contains("root"), "{}", e.message);
+    s.send(&Msg::OpsStream).expect("send");
+    s.send(&set_meta(b"", tern_proto::WireKind::Dir, None)).expect("send");
+    s.send(&Msg::Settle).expect("send");
+    match s.recv().expect("settled") {
+        Msg::Settled { failed, .. } => {
+            assert!(
+                failed.len() == 1 && failed[0].1.code == ErrorCode::Forbidden,
+                "{failed:?}"
+            )
+        }
+        m => panic!("unexpected {m:?}"),
+    }
+    assert_eq!(on_disk(&m), before, "module root changed");
+    st.outside_untouched();
+}
+
+#[test]
+fn a_read_only_client_sees_only_the_xattrs_its_module_allows() {
+    if !running_as_root("a_read_only_client_sees_only_the_xattrs_its_module_allows") {
+        return;
+    }
+    use tern_core::Dest;
+    let st = setup();
+    let f = st.root.join("module/labelled");
+    fs::write(&f, b"abc").expect("write");
+    let x: tern_core::Xattrs = vec![
+        ("trusted.secret".into(), b"s".to_vec()),
+        ("user.public".into(), b"p".to_vec()),
+    ];
+    let meta = tern_core::Meta {
+        mode: 0o644,
+        ..tern_core::Meta::default()
+    };
+    tern_core::LocalEndpoint::new(&f)
+        .set_meta(std::path::Path::new(""), tern_core::Kind::File, &meta, false, Some(&x))
+        .expect("label");
+    assert_eq!(on_disk(&f).3, vec!["trusted.secret", "user.public"]);
+
+    let mut s = st.session("data", RO_TOKEN, false).expect("session");
+    let names = |x: &[(Vec<u8>, Vec<u8>)]| -> Vec<Vec<u8>> { x.iter().map(|(n, _)| n.clone()).collect() };
+    s.send(&Msg::Xattrs {
+        path: b"labelled".to_vec(),
+    })
+    .expect("send");
+    match s.recv().expect("reply") {
+        Msg::XattrList(x) => assert_eq!(names(&x), vec![b"user.public".to_vec()]),
+        m => panic!("unexpected {m:?}"),
+    }
+    let expect = stat_entry(&mut s, b"labelled");
+    s.send(&Msg::ReadFiles {
+        items: vec![(b"labelled".to_vec(), expect)],
+        xattrs: true,
+    })
+    .expect("send");
+    match s.recv().expect("reply") {
+        Msg::FileData { xattrs, .. } => {
+            assert_eq!(names(&xattrs), vec![b"user.public".to_vec()]);
+            let mut got = [0u8; 3];
+            s.recv_data(&mut got).expect("data");
+        }
+        m => panic!("unexpected {m:?}"),
+    }
+}
+
+#[test]
+fn a_module_may_allow_set_id_root_owners_and_privileged_xattrs_or_fix_the_owner() {
+    if !running_as_root("a_module_may_allow_set_id_root_owners_and_privileged_xattrs_or_fix_the_owner") {
+        return;
+    }
+    // Opted in: what the client asks is applied, capability and all (so
+    // the test above would see them if the daemon let them through).
+    let st = setup_with(|c| {
+        let m = c.modules.get_mut("data").expect("module");
+        m.setid = true;
+        m.root_owner = true;
+        m.xattrs = vec!["user".into(), "trusted".into(), "security".into()];
+    });
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    upload(&mut s, 1, b"up", privileged_meta(), privileged_xattrs());
+    assert_eq!(
+        on_disk(&st.root.join("module/up")),
+        (
+            0o6755,
+            0,
+            0,
+            vec![
+                "security.capability".into(),
+                "trusted.planted".into(),
+                "user.kept".into()
+            ]
+        )
+    );
+    s.send(&Msg::Xattrs { path: b"up".to_vec() }).expect("send");
+    assert!(matches!(s.recv().expect("reply"), Msg::XattrList(x) if x.len() == 3));
+
+    // A fixed owner: everything written gets it, whatever the client asks.
+    let st = setup_with(|c| {
+        let m = c.modules.get_mut("data").expect("module");
+        m.uid = Some(4321);
+        m.gid = Some(4322);
+    });
+    // Clients are told owners are not theirs to choose.
+    let mut w = st.stream(Transport::Tcp);
+    w.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+    w.send(&Msg::Auth(Auth {
+        module: "data".into(),
+        token: Some(TOKEN.into()),
+        write: true,
+    }))
+    .expect("send");
+    assert!(matches!(w.recv().expect("hello"), Msg::Hello(_)));
+    assert!(matches!(w.recv().expect("welcome"), Msg::Welcome(w) if !w.can_chown));
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let asked = WireMeta {
+        mode: 0o644,
+        uid: 1000,
+        gid: 1000,
+        ..WireMeta::default()
+    };
+    upload(&mut s, 1, b"up", asked, Vec::new());
+    done(&mut s, Msg::MakeDir { path: b"dir".to_vec() });
+    done(
+        &mut s,
+        Msg::Symlink {
+            path: b"link".to_vec(),
+            target: b"up".to_vec(),
+            meta: WireMeta::default(),
+            owner: false,
+        },
+    );
+    for name in ["up", "dir", "link"] {
+        let (_, uid, gid, _) = on_disk(&st.root.join("module").join(name));
+        assert_eq!((uid, gid), (4321, 4322), "{name}");
+    }
+}

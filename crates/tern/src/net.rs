@@ -121,6 +121,7 @@ fn token_in(f: &Path) -> anyhow::Result<(String, bool)> {
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(f)
         .with_context(|| format!("{}: cannot create token file", f.display()))?;
     writeln!(file, "{t}").with_context(|| f.display().to_string())?;
@@ -219,8 +220,13 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
         writeln!(o, "pulls on request from: {}", peers.join(", "))?;
     }
     if let Some((f, t, created)) = &token_note {
-        let what = if *created { "created" } else { "read" };
-        writeln!(o, "token ({what} {}): {t}", f.display())?;
+        // Shown once, when made: at later starts the banner (often in a
+        // log) names only the file.
+        if *created {
+            writeln!(o, "token (created {}): {t}", f.display())?;
+        } else {
+            writeln!(o, "token: in {}", f.display())?;
+        }
         writeln!(o, "clients authenticate with --token-file FILE or TERN_TOKEN=<token>")?;
     }
     if let (Some(a), Some(m)) = (daemon.addrs().first(), cfg.modules.keys().next()) {

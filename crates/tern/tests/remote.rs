@@ -67,7 +67,7 @@ fn wrong_missing_and_read_only_credentials_are_refused_clearly() {
     fs::create_dir(&module).expect("mkdir");
     let d = daemon(t.path(), &module, false);
     let bad = t.path().join("bad-token");
-    fs::write(&bad, "not-the-token\n").expect("write");
+    fs::write(&bad, "not-the-token-of-this-daemon\n").expect("write");
     fails(
         client(t.path())
             .args(["copy", "--fingerprint", &d.fingerprint, "--token-file"])
