@@ -165,6 +165,18 @@ enum Op {
         sync: bool,
         verify: Option<[u8; 4]>,
     },
+    /// A ticket for a holder (a real-looking fingerprint or garbage).
+    GrantTicket {
+        p: P,
+        fingerprint: bool,
+    },
+    /// A pull with a forged ticket (its MAC guessed).
+    PullTicketed {
+        p: P,
+        dst: P,
+        mac: [u8; 4],
+        check: bool,
+    },
 }
 
 fn entry(name: &[u8], size: u64, real_mtime: bool) -> WireEntry {
@@ -434,6 +446,53 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                     full
                 }),
             }),
+            Op::GrantTicket { p, fingerprint } => Msg::GrantTicket {
+                holder: if *fingerprint {
+                    format!("b3:{}", "ab".repeat(32))
+                } else {
+                    "not a key".into()
+                },
+                path: p.bytes(),
+            },
+            Op::PullTicketed { p, dst, mac, check } => {
+                let mut full = [0u8; 32];
+                full[..4].copy_from_slice(mac);
+                let ticket = tern_proto::Ticket {
+                    module: "data".into(),
+                    path: p.bytes(),
+                    holder: format!("b3:{}", "ab".repeat(32)),
+                    expires: u64::MAX,
+                    mac: full,
+                };
+                Msg::PullTicketed {
+                    req: Box::new(tern_proto::PullRequest {
+                        sources: vec![tern_proto::PullSource {
+                            host: "127.0.0.1".into(),
+                            port: 9,
+                            module: "data".into(),
+                            path: p.bytes(),
+                            fingerprint: format!("b3:{}", "ab".repeat(32)),
+                            dst_rel: dst.bytes(),
+                        }],
+                        opts: tern_proto::RunOptions {
+                            check: *check,
+                            delete: false,
+                            dry_run: false,
+                            checksum: false,
+                            rules: Vec::new(),
+                            jobs: 1,
+                            fsync: false,
+                            verify: false,
+                            chunk_size: 1 << 20,
+                            hard_links: false,
+                            xattrs: false,
+                            bwlimit: None,
+                        },
+                        transport: 2,
+                    }),
+                    tickets: vec![ticket],
+                }
+            }
         };
         msg(m, &mut out);
     }

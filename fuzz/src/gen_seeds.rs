@@ -125,7 +125,7 @@ fn main() {
         save(&root.join("decoder"), name, &d);
     }
     let config = br#"listen = ["127.0.0.1:7373"]
-pull_from = ["a.example:7373", "*"]
+pull_from = ["a.example:7373=b3:abababababababababababababababababababababababababababababababab", "b.example"]
 [modules.data]
 path = "/nonexistent-base"
 access = "read-write"

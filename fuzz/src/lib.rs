@@ -105,6 +105,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, server: &Arc<Server>, input: Vec<u8>)
         client: None,
         transport: Transport::Tcp,
         conn_id: 0,
+        gate: tern_net::transport::Gate::standalone(std::time::Instant::now() + Duration::from_secs(1)),
     };
     server.handle(s, peer);
     // The handler has dropped its stream: both ends finish.

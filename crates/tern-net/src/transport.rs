@@ -447,6 +447,18 @@ struct GateState {
 pub struct Full(pub usize);
 
 impl Gate {
+    /// A gate outside any listener's pools, for a stream served without
+    /// one (a test harness, a fuzzer): it admits its connection once.
+    pub fn standalone(deadline: std::time::Instant) -> Arc<Gate> {
+        Arc::new(Gate {
+            deadline,
+            conns: Arc::new(tokio::sync::Semaphore::new(1)),
+            max_conns: 1,
+            state: Mutex::default(),
+            admitted: tokio::sync::Notify::new(),
+        })
+    }
+
     /// When the connection must have authenticated.
     pub fn deadline(&self) -> std::time::Instant {
         self.deadline
