@@ -34,7 +34,7 @@ grep -q ready "$WORK/wan.out" || { cat "$WORK/wan.err" >&2; exit 1; }
 mkdir -p "$WORK/module" "$WORK/local"
 head -c 32M /dev/urandom >"$WORK/module/down.bin"
 head -c 32M /dev/urandom >"$WORK/local/up.bin"
-echo smoke-token >"$WORK/token"
+(umask 077; echo smoke-token-of-twenty-four >"$WORK/token")
 export TERN_STATE_DIR=$WORK/state TERN_CONFIG_DIR=$WORK/config
 ip netns exec "$NS-b" "$T" serve --listen 10.99.0.2:17676 --module "m=$WORK/module" --read-write \
   --token-file "$WORK/token" >"$WORK/daemon.out" 2>"$WORK/daemon.err" &
