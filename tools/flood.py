@@ -12,8 +12,9 @@
                                       127.x.y.z address, never answering
                                       what the daemon sends back
 
-ADDRS is how many loopback source addresses (127.0.1.1 on) the TLS
-connections come from. Runs until SIGTERM, then prints one line of counts.
+ADDRS is how many loopback source addresses the TLS connections come from:
+127.0.1.1 on for tls, 127.0.2.1 on for frame. Runs until SIGTERM, then
+prints one line of counts.
 The QUIC Initials carry a real TLS ClientHello (RFC 9001 initial
 protection), so the daemon does all the work of a handshake for each one it
 accepts: what spoofed Initials would cost it.
@@ -179,7 +180,7 @@ def main():
     if mode in ("tls", "frame"):
         n, host, port, addrs = int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
         for i in range(n):
-            src = "127.0.1.%d" % (1 + i % addrs)
+            src = "127.0.%d.%d" % (1 if mode == "tls" else 2, 1 + i % addrs)
             threads.append(threading.Thread(target=hold, args=(host, port, src, mode == "frame"), daemon=True))
     elif mode == "quic":
         rate, host, port = float(sys.argv[2]), sys.argv[3], int(sys.argv[4])

@@ -11,6 +11,12 @@
 #   TRANSPORT=tcp|quic (default tcp)
 #   NOFILE=N             run the daemon with an open-file limit of N
 #   TERN=path            a tern binary to use instead of building one
+#   FLOOD=1              meanwhile, unauthenticated peers (tools/flood.py):
+#                        40 TLS connections that never speak and 40 that
+#                        stall mid-frame, each from two addresses and
+#                        reopened when dropped, and QUIC Initials with real
+#                        ClientHellos from random addresses at FLOOD_RATE/s
+#                        (default 200); the real clients must not notice
 # Prints one summary; exits non-zero on any failure, on a client that never
 # completed an operation, or on leaked descriptors.
 set -euo pipefail
@@ -49,6 +55,7 @@ DPID=$!
 FP=$(daemon_fingerprint daemon.out "$DPID") || { echo "daemon did not start" >&2; cat daemon.log >&2; exit 1; }
 fds() { ls "/proc/$DPID/fd" | wc -l; }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$DPID/status"; }
+threads() { awk '/^Threads/ { print $2 }' "/proc/$DPID/status"; }
 FD0=$(fds)
 URL=tern://127.0.0.1:$PORT/m
 A=(--transport "$TRANSPORT" --fingerprint "$FP" --token-file token -q)
@@ -57,6 +64,16 @@ A=(--transport "$TRANSPORT" --fingerprint "$FP" --token-file token -q)
 # handshake timeout without holding anything up.
 exec 3<>"/dev/tcp/127.0.0.1/$PORT"
 SILENT=open
+
+FLOODERS=()
+if [ -n "${FLOOD:-}" ]; then
+  python3 "$ROOT/tools/flood.py" tls 40 127.0.0.1 "$PORT" 2 >out/flood.tls &
+  FLOODERS+=($!)
+  python3 "$ROOT/tools/flood.py" frame 40 127.0.0.1 "$PORT" 2 >out/flood.frame &
+  FLOODERS+=($!)
+  python3 "$ROOT/tools/flood.py" quic "${FLOOD_RATE:-200}" 127.0.0.1 "$PORT" >out/flood.quic &
+  FLOODERS+=($!)
+fi
 
 # A reader that stops reading: a pull frozen for 20 s mid-transfer.
 "$T" copy "${A[@]}" "$URL/slow.bin" out/slow/ 2>out/slow.err &
@@ -79,11 +96,13 @@ client() { # N
 }
 for ((n = 0; n < CLIENTS; n++)); do client "$n" & done
 
-PEAK_RSS=0 PEAK_FD=0 t=0 froze=
+PEAK_RSS=0 PEAK_FD=0 PEAK_THREADS=0 t=0 froze=
 while [ "$(ls out/*.result 2>/dev/null | wc -l)" -lt "$CLIENTS" ]; do
   r=$(rss_kib) f=$(fds)
   [ "$r" -gt "$PEAK_RSS" ] && PEAK_RSS=$r
   [ "$f" -gt "$PEAK_FD" ] && PEAK_FD=$f
+  h=$(threads)
+  [ "$h" -gt "$PEAK_THREADS" ] && PEAK_THREADS=$h
   if [ -z "$froze" ] && [ $t -ge 5 ]; then kill -STOP "$SLOW" 2>/dev/null || true; froze=$t; fi
   if [ -n "$froze" ] && [ "$froze" != done ] && [ $t -ge $((froze + 20)) ]; then
     kill -CONT "$SLOW" 2>/dev/null || true; froze=done
@@ -92,6 +111,12 @@ while [ "$(ls out/*.result 2>/dev/null | wc -l)" -lt "$CLIENTS" ]; do
   t=$((t + 1))
 done
 [ "$froze" = done ] || kill -CONT "$SLOW" 2>/dev/null || true
+FLOODED=
+if [ ${#FLOODERS[@]} -gt 0 ]; then
+  kill -TERM "${FLOODERS[@]}"
+  wait "${FLOODERS[@]}" || true
+  FLOODED="; unauthenticated: $(cat out/flood.tls out/flood.frame out/flood.quic | tr '\n' ' ')"
+fi
 fail=0
 if wait "$SLOW"; then
   cmp -s module/slow.bin out/slow/slow.bin || { echo "FAIL: the frozen pull landed damaged" >&2; fail=1; }
@@ -126,6 +151,6 @@ for ((i = 0; i < 300; i++)); do
 done
 FD_END=$(fds)
 echo "load: $CLIENTS clients over $TRANSPORT for ${SECONDS_}s: $ops operations, $fails failed, $starved clients starved;" \
-  "daemon peak RSS $((PEAK_RSS / 1024)) MiB, descriptors $FD0 idle / $PEAK_FD peak / $FD_END after;" \
-  "frozen reader and silent connection: $([ $fail = 0 ] && echo ok || echo FAILED)"
+  "daemon peak RSS $((PEAK_RSS / 1024)) MiB, peak threads $PEAK_THREADS, descriptors $FD0 idle / $PEAK_FD peak / $FD_END after;" \
+  "frozen reader and silent connection: $([ $fail = 0 ] && echo ok || echo FAILED)${FLOODED}"
 [ "$fails" = 0 ] && [ "$starved" = 0 ] && [ "$fail" = 0 ] && [ "$FD_END" -le $((FD0 + 2)) ]

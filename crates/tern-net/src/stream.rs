@@ -119,6 +119,44 @@ impl Stream {
         }
     }
 
+    /// Reads, on the runtime and without a thread of its own, until the
+    /// first `frames` control messages are buffered whole (a client sends
+    /// its Hello and its Auth, Login or Join together), the peer ends the
+    /// stream, or what arrives is not a handshake message: so a peer that
+    /// connects and stalls holds no blocking thread. Anything amiss is left
+    /// for [`Stream::recv`] to report; the caller bounds the wait.
+    pub async fn buffer_handshake(&mut self, frames: usize) -> Result<()> {
+        let cap = frames * (HEADER_LEN + HANDSHAKE_CONTROL);
+        self.rbuf = vec![0u8; cap];
+        (self.rpos, self.rlen) = (0, 0);
+        let (mut at, mut whole) = (0, 0);
+        loop {
+            while whole < frames && self.rlen - at >= HEADER_LEN {
+                let mut hb = [0u8; HEADER_LEN];
+                hb.copy_from_slice(&self.rbuf[at..at + HEADER_LEN]);
+                let Ok(h) = FrameHeader::decode(&hb, MAX_PAYLOAD) else {
+                    return Ok(());
+                };
+                if h.kind != FrameKind::Control || h.len as usize > HANDSHAKE_CONTROL {
+                    return Ok(());
+                }
+                let end = at + HEADER_LEN + h.len as usize;
+                if self.rlen < end {
+                    break;
+                }
+                (at, whole) = (end, whole + 1);
+            }
+            if whole == frames || self.rlen == cap {
+                return Ok(());
+            }
+            let n = self.rd.read(&mut self.rbuf[self.rlen..]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.rlen += n;
+        }
+    }
+
     /// Lifts the limits of [`Stream::handshaking`]. Bytes already buffered
     /// stay where they are.
     pub fn authenticated(&mut self) {

@@ -844,11 +844,23 @@ async fn tcp_conn(
     };
     let exporter = tls_exporter(s.get_ref().1);
     let (r, w) = tokio::io::split(s);
-    let stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle).with_exporter(exporter);
+    let mut stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle).with_exporter(exporter);
+    let left = peer
+        .gate
+        .deadline()
+        .saturating_duration_since(std::time::Instant::now());
+    tokio::time::timeout(left, stream.buffer_handshake(HANDSHAKE_FRAMES))
+        .await
+        .map_err(|_| NetError::Timeout(limits.handshake.as_secs()))??;
     tokio::task::spawn_blocking(move || handler(stream, peer))
         .await
         .map_err(|e| NetError::Config(format!("handler failed: {e}")))
 }
+
+/// Messages a client sends on a new stream before it waits for an answer:
+/// its Hello and its Auth, Login or Join. A stream gets a blocking thread
+/// only once they are in.
+const HANDSHAKE_FRAMES: usize = 2;
 
 async fn quic_conn(
     incoming: quinn::Incoming,
@@ -897,9 +909,22 @@ async fn quic_conn(
             Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => return Ok(()),
             Err(e) => return Err(quic_err(e)),
         };
-        let stream =
+        let mut stream =
             Stream::new(Handle::current(), Box::pin(recv), Box::pin(send), limits.idle).with_exporter(exporter);
         let (handler, peer) = (handler.clone(), peer.clone());
-        tokio::task::spawn_blocking(move || handler(stream, peer));
+        let until = match gate.is_admitted() {
+            true => std::time::Instant::now() + limits.handshake,
+            false => gate.deadline(),
+        };
+        tokio::spawn(async move {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match tokio::time::timeout(left, stream.buffer_handshake(HANDSHAKE_FRAMES)).await {
+                Ok(Ok(())) => {
+                    tokio::task::spawn_blocking(move || handler(stream, peer));
+                }
+                Ok(Err(e)) => tracing::debug!(peer = %peer.addr, error = %e, "stream ended before its handshake"),
+                Err(_) => tracing::debug!(peer = %peer.addr, "stream sent no handshake in time"),
+            }
+        });
     }
 }

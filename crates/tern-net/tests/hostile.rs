@@ -615,30 +615,12 @@ fn a_ticket_opens_only_its_path_read_only_for_its_holder() {
     }
     // With the holder's key: read only, and only beneath `sub`.
     let id = Identity::load_or_create(&st.root.join("state")).expect("id");
-    let addr = st.daemon.as_ref().expect("daemon").addrs()[0];
-    let tls = tern_net::tls::client_config(Some(&id)).expect("tls");
-    let (c, mut held) = Connector::connect(
-        st.rt.handle().clone(),
-        Transport::Tcp,
-        addr,
-        tls.clone(),
-        Duration::from_secs(10),
-    )
-    .expect("connect");
-    st.conns.lock().expect("lock").push(c);
+    let mut held = stream_as(&st, Transport::Tcp, Some(&id), Duration::from_secs(10)).expect("connect");
     match login(&mut held, &t, true) {
         Err(NetError::Remote(e)) => assert!(e.message.contains("reading only"), "{}", e.message),
         other => panic!("a ticket to write: {other:?}"),
     }
-    let (c, mut held) = Connector::connect(
-        st.rt.handle().clone(),
-        Transport::Tcp,
-        addr,
-        tls,
-        Duration::from_secs(10),
-    )
-    .expect("connect");
-    st.conns.lock().expect("lock").push(c);
+    let mut held = stream_as(&st, Transport::Tcp, Some(&id), Duration::from_secs(10)).expect("connect");
     assert!(matches!(login(&mut held, &t, false), Ok(Msg::Welcome(w)) if !w.writable));
     stat_entry(&mut held, b"sub");
     for outside in [&b""[..], b"top", b"out", b"subx"] {
@@ -1262,24 +1244,32 @@ fn queued_changes_keep_the_grant_and_their_failures_and_wait_boundedly() {
 /// A raw connection with its own wait bound (the streams of
 /// [`Setup::stream`] wait 10 s).
 fn raw_stream(st: &Setup, kind: Transport, wait: Duration) -> Result<Stream, NetError> {
+    stream_as(st, kind, None, wait)
+}
+
+/// A stream to the daemon, presenting `id` as the client key.
+fn stream_as(st: &Setup, kind: Transport, id: Option<&Identity>, wait: Duration) -> Result<Stream, NetError> {
     let addr = st.daemon.as_ref().expect("daemon").addrs()[0];
-    let tls = tern_net::tls::client_config(None).expect("tls");
+    let tls = tern_net::tls::client_config(id).expect("tls");
     let (c, s) = Connector::connect(st.rt.handle().clone(), kind, addr, tls, wait)?;
     st.conns.lock().expect("lock").push(c);
     Ok(s)
 }
 
-/// Hello and Auth on `s`, which must be welcomed.
-fn login(s: &mut Stream, token: &str) {
+/// Hello and Auth on `s` for module `data`, which must be welcomed.
+fn login(s: &mut Stream, token: &str, write: bool) -> tern_proto::Welcome {
     s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
     s.send(&Msg::Auth(Auth {
         module: "data".into(),
         token: Some(token.into()),
-        write: false,
+        write,
     }))
     .expect("send");
     assert!(matches!(s.recv().expect("hello"), Msg::Hello(_)));
-    assert!(matches!(s.recv().expect("welcome"), Msg::Welcome(_)));
+    match s.recv().expect("welcome") {
+        Msg::Welcome(w) => w,
+        other => panic!("not welcomed: {other:?}"),
+    }
 }
 
 /// Issue 13, finding 2: connections that complete TLS and never
@@ -1398,18 +1388,57 @@ fn before_authentication_a_peer_gets_one_stream_and_small_messages() {
     assert!(s.recv().is_err(), "an 8 KiB Hello was read");
     // A well-behaved client is still served.
     let mut ok = raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).expect("tcp");
-    login(&mut ok, TOKEN);
+    login(&mut ok, TOKEN, false);
+}
+
+/// Issue 13, finding 3: a stream that stops after its Hello (or sooner)
+/// once held a blocking thread until the handshake deadline, so a few
+/// hundred such connections took hundreds of threads. The daemon now reads
+/// a stream's first messages on its runtime and gives it a thread only
+/// when Hello and Auth are both in.
+#[test]
+fn streams_stalled_before_authenticating_hold_no_thread() {
+    let st = setup();
+    // A first login, so that the blocking pool has what it keeps anyway.
+    let mut warm = raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).expect("tcp");
+    login(&mut warm, TOKEN, false);
+    let before = status_field("Threads:");
+    let mut stalled = Vec::new();
+    for i in 0..24 {
+        let kind = if i % 2 == 0 { Transport::Tcp } else { Transport::Quic };
+        let mut s = raw_stream(&st, kind, Duration::from_secs(10)).expect("connect");
+        s.send(&Msg::Hello(Hello::ours("test"))).expect("send");
+        s.flush().expect("flush");
+        stalled.push(s);
+    }
+    // A client that logs in now is served after the stalled streams were
+    // accepted (before the fix, each had its thread by then).
+    let mut ok = raw_stream(&st, Transport::Tcp, Duration::from_secs(10)).expect("tcp");
+    login(&mut ok, TOKEN, false);
+    let mut quic = raw_stream(&st, Transport::Quic, Duration::from_secs(10)).expect("quic");
+    login(&mut quic, TOKEN, false);
+    let after = status_field("Threads:");
+    assert!(
+        after <= before + 4,
+        "24 stalled handshakes took {} threads ({before} before, {after} after)",
+        after - before
+    );
+    drop(stalled);
 }
 
 /// The daemon's resident memory, in MiB (the daemon runs in this process).
 fn rss_mib() -> u64 {
+    status_field("VmRSS:") >> 10
+}
+
+/// A number from this process's /proc status (the daemon runs here).
+fn status_field(name: &str) -> u64 {
     let status = fs::read_to_string("/proc/self/status").expect("status");
-    let kib: u64 = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib >> 10
+        .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
 }
 
 /// A batch of one file of `size` bytes, all of it a hole: a request of a
@@ -2272,15 +2301,7 @@ fn a_module_may_allow_set_id_root_owners_and_privileged_xattrs_or_fix_the_owner(
     });
     // Clients are told owners are not theirs to choose.
     let mut w = st.stream(Transport::Tcp);
-    w.send(&Msg::Hello(Hello::ours("test"))).expect("send");
-    w.send(&Msg::Auth(Auth {
-        module: "data".into(),
-        token: Some(TOKEN.into()),
-        write: true,
-    }))
-    .expect("send");
-    assert!(matches!(w.recv().expect("hello"), Msg::Hello(_)));
-    assert!(matches!(w.recv().expect("welcome"), Msg::Welcome(w) if !w.can_chown));
+    assert!(!login(&mut w, TOKEN, true).can_chown);
     let mut s = st.session("data", TOKEN, true).expect("session");
     let asked = WireMeta {
         mode: 0o644,

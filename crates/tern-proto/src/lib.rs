@@ -19,7 +19,10 @@
 //!
 //! Every connection starts with a [`Hello`] from each side; [`negotiate`]
 //! picks the highest protocol version both speak and the features both have,
-//! so a newer client still talks to an older daemon.
+//! so a newer client still talks to an older daemon. A client sends its
+//! Hello and the stream's second message ([`Auth`], [`Login`] or
+//! `Join`) together, before it reads anything: a daemon may wait for both
+//! before it serves the stream, each at most 4 KiB.
 
 mod frame;
 mod msg;
