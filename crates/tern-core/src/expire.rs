@@ -28,10 +28,13 @@ pub struct Expired {
     pub files: u64,
     /// Their sizes, added up.
     pub bytes: u64,
+    /// The sizes of the regular files left, side files included: what a
+    /// quota counts.
+    pub remaining: u64,
 }
 
 /// Removes the side files beneath the open directory `root` last modified
-/// before `cutoff`. A temporary file another writer holds locked, and the
+/// before `cutoff` (none for `UNIX_EPOCH`), and adds up what is left. A temporary file another writer holds locked, and the
 /// journal beside it, are kept. Directories that cannot be opened are
 /// skipped.
 pub(crate) fn expire(root: OwnedFd, cutoff: SystemTime) -> Expired {
@@ -77,12 +80,11 @@ fn list(
             todo.push((dir.clone(), name));
             continue;
         }
-        if !is_side_file(&name) {
-            continue;
-        }
         // DirEntry::metadata stats relative to the open directory.
         let Ok(md) = de.metadata() else { continue };
-        if md.modified().map_or(true, |m| m >= cutoff) {
+        let size = if ft.is_file() { md.len() } else { 0 };
+        if !is_side_file(&name) || md.modified().map_or(true, |m| m >= cutoff) {
+            done.remaining += size;
             continue;
         }
         // A temporary file is locked by whoever writes it; holding the lock
@@ -93,12 +95,17 @@ fn list(
         };
         let lock = match lock_if_file(&temp) {
             Ok(Some(f)) => Some(f),
-            Ok(None) => continue,
+            Ok(None) => {
+                done.remaining += size;
+                continue;
+            }
             Err(_) => None,
         };
         if fs::remove_file(here.join(&name)).is_ok() {
             done.files += 1;
             done.bytes += md.len();
+        } else {
+            done.remaining += size;
         }
         drop(lock);
     }

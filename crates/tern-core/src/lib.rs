@@ -20,6 +20,7 @@ pub mod hash;
 pub mod journal;
 pub mod local;
 pub mod policy;
+pub mod quota;
 mod sys;
 
 pub use sys::{drop_cache, open_file_budget, AlignedBuf};

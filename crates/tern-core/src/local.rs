@@ -23,6 +23,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Hash};
 use crate::journal::{self, Journal};
 use crate::policy::MetaPolicy;
+use crate::quota::{Charge, Quota};
 use crate::sys;
 
 /// A directory tree (or single file) on a local file system.
@@ -41,6 +42,8 @@ pub struct LocalEndpoint {
     confine: Option<Arc<OwnedFd>>,
     /// What writers may set, for an endpoint written on behalf of others.
     policy: Option<Arc<MetaPolicy>>,
+    /// How many bytes writers may keep beneath the root.
+    quota: Option<Arc<Quota>>,
 }
 
 /// A path ready for a system call, and the open directory it is relative to
@@ -77,6 +80,7 @@ impl LocalEndpoint {
             group: Arc::default(),
             confine: None,
             policy: None,
+            quota: None,
         }
     }
 
@@ -85,13 +89,8 @@ impl LocalEndpoint {
     /// replaced.
     pub fn following_root(root: impl Into<PathBuf>) -> Self {
         LocalEndpoint {
-            root: root.into(),
             follow_root: true,
-            journal_key: journal::DEFAULT_KEY,
-            devices: Arc::default(),
-            group: Arc::default(),
-            confine: None,
-            policy: None,
+            ..LocalEndpoint::new(root)
         }
     }
 
@@ -124,6 +123,7 @@ impl LocalEndpoint {
             group: Arc::default(),
             confine: Some(Arc::new(dir.into())),
             policy: None,
+            quota: None,
         })
     }
 
@@ -159,6 +159,18 @@ impl LocalEndpoint {
     pub fn with_policy(mut self, policy: MetaPolicy) -> Self {
         self.policy = Some(Arc::new(policy));
         self
+    }
+
+    /// This endpoint, refusing to create a file that would take the bytes
+    /// beneath the root past `quota` (see [`crate::quota`]).
+    pub fn with_quota(mut self, quota: Arc<Quota>) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// The quota, if there is one.
+    pub fn quota(&self) -> Option<&Arc<Quota>> {
+        self.quota.as_ref()
     }
 
     /// The root directory.
@@ -615,9 +627,20 @@ impl Dest for LocalEndpoint {
     fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>> {
         let shown = self.path(rel);
         let at = self.at(rel).ctx(&shown, "create")?;
+        let (tmp, jpath) = side_paths(&at.path);
+        let charge = match &self.quota {
+            Some(q) => {
+                // A partial file being resumed is counted already.
+                let held = match spec.resumable {
+                    true => fs::symlink_metadata(&tmp).map_or(0, |m| if m.is_file() { m.len() } else { 0 }),
+                    false => 0,
+                };
+                Some(q.charge(spec.size, held, &shown)?)
+            }
+            None => None,
+        };
         let final_path = at.path.clone();
-        let (tmp, jpath) = side_paths(&final_path);
-        let new = |file, unnamed, journal, resumed: Vec<_>, created| LocalWriteFile {
+        let new = |file, unnamed, journal, resumed: Vec<_>, created, charge| LocalWriteFile {
             created,
             unnamed,
             durable: spec.durable,
@@ -636,6 +659,7 @@ impl Dest for LocalEndpoint {
             resumed,
             size: spec.size,
             policy: self.policy.clone(),
+            charge,
         };
         if !spec.resumable {
             // An unnamed file needs no lock, leaves nothing behind if we die,
@@ -648,7 +672,7 @@ impl Dest for LocalEndpoint {
                 let md = file.metadata().ctx(&shown, "stat")?;
                 self.note_device(md.dev(), dir)?;
                 let created = (md.mode() & 0o7777, md.uid(), md.gid());
-                return Ok(Box::new(new(file, true, None, Vec::new(), created)));
+                return Ok(Box::new(new(file, true, None, Vec::new(), created, charge)));
             }
         }
         // Created with its final permission bits where that needs no
@@ -728,7 +752,7 @@ impl Dest for LocalEndpoint {
             None
         };
         let created = (md.mode() & 0o7777, md.uid(), md.gid());
-        Ok(Box::new(new(file, false, journal, resumed, created)))
+        Ok(Box::new(new(file, false, journal, resumed, created, charge)))
     }
 
     fn symlink(&self, rel: &Path, target: &Path, meta: &Meta, owner: bool) -> Result<()> {
@@ -805,9 +829,18 @@ impl Dest for LocalEndpoint {
         // remove_dir_all descends with O_NOFOLLOW and unlinkat: it never
         // leaves the tree, even if a directory is swapped for a symlink.
         if md.is_dir() {
-            fs::remove_dir_all(&*p).ctx(&shown, "delete directory")
+            let freed = self.quota.as_ref().map(|_| dir_usage(&p));
+            fs::remove_dir_all(&*p).ctx(&shown, "delete directory")?;
+            if let (Some(q), Some(n)) = (&self.quota, freed) {
+                q.credit(n);
+            }
+            Ok(())
         } else {
-            fs::remove_file(&*p).ctx(&shown, "delete")
+            fs::remove_file(&*p).ctx(&shown, "delete")?;
+            if let (Some(q), true) = (&self.quota, md.is_file()) {
+                q.credit(md.len());
+            }
+            Ok(())
         }
     }
 
@@ -820,6 +853,16 @@ impl Dest for LocalEndpoint {
         // so, and neither sends nor compares them.
         sys::is_root() && !self.policy.as_ref().is_some_and(|p| p.uid.is_some() && p.gid.is_some())
     }
+}
+
+/// The bytes of the regular files beneath the directory `p`, never
+/// following a symlink: what deleting it gives back to a quota.
+fn dir_usage(p: &Path) -> u64 {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(p)
+        .map_or(0, |d| crate::expire::expire(d.into(), std::time::UNIX_EPOCH).remaining)
 }
 
 impl LocalEndpoint {
@@ -1042,6 +1085,8 @@ struct LocalWriteFile {
     direct_failed: std::sync::atomic::AtomicBool,
     /// The endpoint's policy for what writers may set.
     policy: Option<Arc<MetaPolicy>>,
+    /// The file's bytes, taken from the endpoint's quota.
+    charge: Option<Charge>,
 }
 
 impl WriteFile for LocalWriteFile {
@@ -1174,10 +1219,11 @@ impl WriteFile for LocalWriteFile {
         Ok(())
     }
 
-    fn publish(self: Box<Self>) -> Result<()> {
+    fn publish(mut self: Box<Self>) -> Result<()> {
         let missing = self.arrived.missing();
         if missing > 0 {
             // Kept as it is, journal and all, for a later run to complete.
+            self.charge.take().map(Charge::keep);
             return Err(Error::Other {
                 path: self.shown.clone(),
                 message: format!(
@@ -1188,7 +1234,10 @@ impl WriteFile for LocalWriteFile {
         }
         if self.unnamed {
             match sys::link_unnamed(&self.file, &self.final_path) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.charge.take().map(Charge::keep);
+                    return Ok(());
+                }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io(&self.shown, "link into place", e)),
             }
@@ -1213,7 +1262,11 @@ impl WriteFile for LocalWriteFile {
                 _ => return Err(Error::Busy(self.shown.clone())),
             }
         }
+        let replaced = fs::symlink_metadata(&self.final_path).map_or(0, |m| if m.is_file() { m.len() } else { 0 });
         fs::rename(&self.tmp, &self.final_path).ctx(&self.shown, "rename into place")?;
+        if let Some(c) = self.charge.take() {
+            c.keep().credit(replaced);
+        }
         if self.journal.is_some() {
             let _ = fs::remove_file(&self.jpath);
         }
@@ -1231,7 +1284,7 @@ impl WriteFile for LocalWriteFile {
         Ok(cloned)
     }
 
-    fn abort(self: Box<Self>, keep: bool) {
+    fn abort(mut self: Box<Self>, keep: bool) {
         if self.unnamed {
             return; // freed when the descriptor closes
         }
@@ -1240,6 +1293,9 @@ impl WriteFile for LocalWriteFile {
         if still_ours && (!keep || self.journal.is_none()) {
             let _ = fs::remove_file(&self.tmp);
             let _ = fs::remove_file(&self.jpath);
+        } else if still_ours {
+            // Kept for a resume: its space stays in use.
+            self.charge.take().map(Charge::keep);
         }
     }
 }

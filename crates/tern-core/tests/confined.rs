@@ -456,3 +456,71 @@ fn abandoned_side_files_expire_and_nothing_else_does() {
     drop(w);
     s.outside_untouched();
 }
+
+/// Issue 13 (low): a read-write client could fill the module's file system,
+/// partial uploads included. A quota caps the bytes its writers keep:
+/// counted by a walk, charged when a file is created, credited what a
+/// publish replaces, a deletion removes or an abort throws away.
+#[test]
+fn a_quota_caps_the_bytes_writers_keep() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = tmp.path().join("m");
+    fs::create_dir_all(m.join("dir")).expect("mkdir");
+    fs::write(m.join("old"), vec![1u8; 4000]).expect("write");
+    fs::write(m.join("dir/inner"), vec![1u8; 1000]).expect("write");
+    symlink("/etc/passwd", m.join("link")).expect("symlink");
+    let q = tern_core::quota::Quota::new("m", 10_000);
+    let ep = LocalEndpoint::confined(&m).expect("confined").with_quota(q.clone());
+    let write = |name: &str, size: usize| -> tern_core::Result<()> {
+        let w = ep.create(Path::new(name), &spec(size as u64, false))?;
+        write_all_chunks(&*w, &vec![7u8; size], |_| true);
+        w.publish()
+    };
+
+    // What is there already counts, symlinks not followed.
+    q.walking();
+    let x = ep.expire_side_files(Duration::MAX).expect("walk");
+    q.walked(x.remaining);
+    assert_eq!((x.files, q.used()), (0, 5000));
+
+    write("a", 4000).expect("fits");
+    assert_eq!(q.used(), 9000);
+    let e = write("b", 2000).expect_err("over the quota");
+    let msg = e.to_string();
+    assert!(
+        msg.ends_with("b: over the quota of `m`: this file needs 2.0 KiB, and 8.8 KiB of its 9.8 KiB are in use"),
+        "{msg}"
+    );
+    assert!(!m.join("b").exists());
+    assert_eq!(q.used(), 9000, "a refused file takes nothing");
+
+    // Deleting gives back, a directory with what is in it.
+    ep.remove(Path::new("dir")).expect("remove");
+    ep.remove(Path::new("old")).expect("remove");
+    assert_eq!(q.used(), 4000);
+    // Replacing a file: charged its size, credited the old one's.
+    write("a", 5000).expect("fits");
+    assert_eq!(q.used(), 5000);
+    // Thrown away: given back. Kept for a resume: still counted, and the
+    // resume takes it over rather than counting it twice.
+    let w = ep.create(Path::new("gone"), &spec(3000, false)).expect("create");
+    w.abort(false);
+    assert_eq!(q.used(), 5000);
+    let data = vec![3u8; 4000];
+    let w = ep.create(Path::new("part"), &spec(4000, true)).expect("create");
+    write_all_chunks(&*w, &data, |i| i < 2);
+    w.abort(true);
+    assert_eq!(q.used(), 9000);
+    let w = ep
+        .create(Path::new("part"), &spec(4000, true))
+        .expect("resume within the quota");
+    write_all_chunks(&*w, &data, |i| i >= 2);
+    w.publish().expect("publish");
+    assert_eq!(q.used(), 9000);
+    assert_eq!(fs::read(m.join("part")).expect("read"), data);
+
+    // A later walk agrees with the running count.
+    q.walking();
+    q.walked(ep.expire_side_files(Duration::MAX).expect("walk").remaining);
+    assert_eq!(q.used(), 9000);
+}

@@ -27,6 +27,9 @@
 //! # Extended attribute namespaces clients may write and read, of
 //! # "user", "trusted", "security" and "system"; others are dropped:
 //! xattrs = ["user"]
+//! # Bytes clients may keep in the module (files, partial uploads
+//! # included; e.g. "500G", "1.5T"); default: no cap.
+//! # quota = "500G"
 //!
 //! [[tokens]]
 //! token_file = "/etc/tern/data.token"   # or token = "..." (16 bytes at least)
@@ -112,6 +115,57 @@ struct ModuleCfg {
     #[serde(default)]
     root_owner: bool,
     xattrs: Option<Vec<String>>,
+    quota: Option<Size>,
+}
+
+/// A size in the config: a number of bytes, or a string such as `"500G"`,
+/// `"1.5 TiB"` or `"200MB"` (K, M, G, T are powers of 1024).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self, what: &str) -> Result<u64> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(t) => parse_size(t, what),
+        }
+    }
+}
+
+/// Parses a size such as `500G`, `1.5 TiB`, `200MB` or `4096` (K, M, G, T,
+/// P are powers of 1024); `what` names the setting in the error.
+pub fn parse_size(text: &str, what: &str) -> Result<u64> {
+    let text = text.trim();
+    let bad = || {
+        NetError::Config(format!(
+            "{what}: `{text}` is not a size (write e.g. 500G, 1.5T or 200M)"
+        ))
+    };
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let num: f64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.trim_end_matches('b').trim_end_matches('i');
+    let scale: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        "p" => 1 << 50,
+        _ => return Err(bad()),
+    };
+    let bytes = num * scale as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +243,8 @@ pub struct ModuleConfig {
     pub root_owner: bool,
     /// Extended attribute namespaces clients may write and read.
     pub xattrs: Vec<String>,
+    /// Bytes clients may keep in the module, if capped.
+    pub quota: Option<u64>,
 }
 
 impl ModuleConfig {
@@ -430,6 +486,10 @@ impl ServerConfig {
                 module.xattrs = x;
             }
             (module.setid, module.uid, module.gid, module.root_owner) = (m.setid, m.uid, m.gid, m.root_owner);
+            module.quota = m
+                .quota
+                .map(|q| q.bytes(&format!("module `{name}`: quota")))
+                .transpose()?;
         }
         for t in f.tokens {
             let token = match (t.token, t.token_file) {
@@ -532,6 +592,7 @@ impl ServerConfig {
                 gid: None,
                 root_owner: false,
                 xattrs: vec!["user".to_string()],
+                quota: None,
             },
         );
         Ok(())
@@ -663,6 +724,10 @@ uid = 1000
 gid = 100
 root_owner = true
 xattrs = ["user", "trusted", "security", "system"]
+quota = "1.5 GiB"
+[modules.counted]
+path = "a"
+quota = 4096
 "#;
         let c = ServerConfig::from_toml(text, d.path()).expect("parse");
         let plain = &c.modules["plain"];
@@ -675,6 +740,8 @@ xattrs = ["user", "trusted", "security", "system"]
         assert_eq!((open.uid, open.gid), (Some(1000), Some(100)));
         let p = open.meta_policy().expect("policy");
         assert_eq!((p.uid, p.gid, p.xattrs.len()), (Some(1000), Some(100), 4));
+        assert_eq!((plain.quota, open.quota), (None, Some(3 << 29)));
+        assert_eq!(c.modules["counted"].quota, Some(4096));
 
         let bad = [
             (
@@ -683,6 +750,11 @@ xattrs = ["user", "trusted", "security", "system"]
             ),
             ("[modules.x]\npath = \"a\"\nuid = -1\n", "uid"),
             ("[modules.x]\npath = \"a\"\nsetuid = true\n", "unknown field"),
+            (
+                "[modules.x]\npath = \"a\"\nquota = \"lots\"\n",
+                "module `x`: quota: `lots` is not a size",
+            ),
+            ("[modules.x]\npath = \"a\"\nquota = \"5 X\"\n", "is not a size"),
         ];
         for (t, want) in bad {
             let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();

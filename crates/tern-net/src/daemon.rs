@@ -54,8 +54,8 @@ impl Daemon {
             cfg.listen.clone()
         };
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(age) = cfg.partial_max_age {
-            rt.spawn(expire_partials(server.clone(), age, stop_rx.clone()));
+        if cfg.partial_max_age.is_some() || server.has_quotas() {
+            rt.spawn(expire_partials(server.clone(), cfg.partial_max_age, stop_rx.clone()));
         }
         let mut addrs = Vec::new();
         for a in listen {
@@ -123,9 +123,10 @@ impl Daemon {
 /// How often abandoned partial files are looked for.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Removes abandoned partial files now and then every
+/// Removes abandoned partial files, and counts what modules with a quota
+/// hold, now and then every
 /// [`EXPIRY_INTERVAL`], until the daemon stops.
-async fn expire_partials(server: Arc<Server>, age: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn expire_partials(server: Arc<Server>, age: Option<Duration>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut every = tokio::time::interval(EXPIRY_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -124,9 +124,12 @@ impl Server {
         for (name, m) in &cfg.modules {
             // Every write of a client, also through a pull, goes through
             // this endpoint and so through the module's policy.
-            let ep = LocalEndpoint::confined(&m.path)
+            let mut ep = LocalEndpoint::confined(&m.path)
                 .map_err(|e| NetError::Config(e.to_string()))?
                 .with_policy(m.meta_policy()?);
+            if let Some(q) = m.quota {
+                ep = ep.with_quota(tern_core::quota::Quota::new(name.clone(), q));
+            }
             // SAFETY: geteuid has no preconditions.
             if (m.uid.is_some() || m.gid.is_some()) && unsafe { libc::geteuid() } != 0 {
                 tracing::warn!(
@@ -183,17 +186,36 @@ impl Server {
     }
 
     /// Removes from every module the partial files and journals older than
-    /// `max_age` (see [`LocalEndpoint::expire_side_files`]).
-    pub fn expire_partials(&self, max_age: Duration) {
+    /// `max_age` (see [`LocalEndpoint::expire_side_files`]; None: none),
+    /// and counts again what modules with a quota hold.
+    pub fn expire_partials(&self, max_age: Option<Duration>) {
         for (name, m) in &self.modules {
-            match m.ep.expire_side_files(max_age) {
-                Ok(x) if x.files > 0 => {
-                    tracing::info!(module = %name, files = x.files, bytes = x.bytes, "removed abandoned partial files")
+            let quota = m.ep.quota();
+            if max_age.is_none() && quota.is_none() {
+                continue;
+            }
+            if let Some(q) = quota {
+                q.walking();
+            }
+            match m.ep.expire_side_files(max_age.unwrap_or(Duration::MAX)) {
+                Ok(x) => {
+                    if x.files > 0 {
+                        tracing::info!(module = %name, files = x.files, bytes = x.bytes, "removed abandoned partial files");
+                    }
+                    if let Some(q) = quota {
+                        q.walked(x.remaining);
+                        tracing::info!(module = %name, used = q.used(), quota = q.limit(), "counted the module's bytes");
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(module = %name, error = %e, "could not look for abandoned partial files"),
             }
         }
+    }
+
+    /// Whether any module has a quota, which the walks of
+    /// [`Server::expire_partials`] keep counted.
+    pub fn has_quotas(&self) -> bool {
+        self.modules.values().any(|m| m.ep.quota().is_some())
     }
 
     /// How many descriptors clients' transfers may hold open at once.

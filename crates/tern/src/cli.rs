@@ -174,6 +174,10 @@ pub struct ServeArgs {
     /// Make the --module modules writable (by the --token-file token).
     #[arg(long)]
     pub read_write: bool,
+    /// Cap the bytes clients may keep in each --module module, partial
+    /// uploads included (e.g. 500G, 1.5T).
+    #[arg(long, value_name = "SIZE")]
+    pub quota: Option<String>,
     /// The token clients must present for the --module modules; created
     /// (random) if the file does not exist.
     #[arg(long, value_name = "FILE")]

@@ -148,6 +148,12 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
             return Err(UsageError(format!("--module takes NAME=PATH, not `{m}`")).into());
         };
         cfg.add_module(name, Path::new(path), access, None)?;
+        if let Some(q) = &a.quota {
+            let bytes = config::parse_size(q, "--quota").map_err(|e| UsageError(e.to_string()))?;
+            if let Some(m) = cfg.modules.get_mut(name) {
+                m.quota = Some(bytes);
+            }
+        }
         cli_modules.push(name.to_string());
     }
     for fp in &a.allow_key {

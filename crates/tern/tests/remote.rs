@@ -641,3 +641,45 @@ fn bits_flipped_in_transit_are_caught_and_the_copy_still_lands_intact() {
     }
     assert!(side_files(&module).is_empty() && side_files(&local).is_empty());
 }
+
+/// Issue 13 (low): `--quota` caps what clients keep in a module, what was
+/// there before the daemon started included; a file that would go over is
+/// refused with the module and the figures, nothing of it is left, and the
+/// space a deletion frees can be used again.
+#[test]
+fn a_module_quota_refuses_what_would_go_over_it() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    write(&module.join("before.bin"), &data(40 << 10, 1));
+    write(&src.join("big.bin"), &data(30 << 10, 2));
+    write(&src.join("fits.bin"), &data(20 << 10, 3));
+    let d = daemon_with(t.path(), &module, false, 0, &["--quota".into(), "64K".into()]);
+    // The daemon counts the module in the background, then logs it.
+    wait_until("the module counted", Duration::from_secs(20), || {
+        fs::read_to_string(t.path().join("log")).is_ok_and(|l| l.contains("counted the module's bytes"))
+    });
+    fails(
+        d.auth(client(t.path()).args(["copy"]))
+            .arg(src.join("big.bin"))
+            .arg(d.url("")),
+        3,
+        "over the quota of `data`: this file needs 30.0 KiB, and 40.0 KiB of its 64.0 KiB are in use",
+    );
+    assert!(!module.join("big.bin").exists());
+    assert!(side_files(&module).is_empty(), "{:?}", side_files(&module));
+    ok(d.auth(client(t.path()).args(["copy"]))
+        .arg(src.join("fits.bin"))
+        .arg(d.url("")));
+    assert_eq!(b3(&module.join("fits.bin")), b3(&src.join("fits.bin")));
+    // Deleting on the daemon's side (sync --delete) frees what it held.
+    fs::remove_file(src.join("big.bin")).expect("rm");
+    ok(d.auth(client(t.path()).args(["sync", "--delete"]))
+        .arg(format!("{}/", src.display()))
+        .arg(d.url("")));
+    write(&src.join("big.bin"), &data(30 << 10, 2));
+    assert!(!module.join("before.bin").exists());
+    ok(d.auth(client(t.path()).args(["copy"]))
+        .arg(src.join("big.bin"))
+        .arg(d.url("")));
+    assert_eq!(b3(&module.join("big.bin")), b3(&src.join("big.bin")));
+}
