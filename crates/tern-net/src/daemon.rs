@@ -59,10 +59,7 @@ impl Daemon {
         }
         let mut addrs = Vec::new();
         for a in listen {
-            let keys = QuicKeys {
-                reset: id.derive_secret("tern 2026-11-21 QUIC stateless reset key"),
-                cid: id.derive_secret("tern 2026-12-02 QUIC connection ID tag key"),
-            };
+            let keys = quic_keys(id);
             let l = rt.block_on(Listener::bind(
                 a,
                 crate::tls::server_config(id)?,
@@ -142,5 +139,30 @@ async fn expire_partials(server: Arc<Server>, age: Option<Duration>, mut stop: t
         {
             tracing::warn!("the walk for abandoned partial files failed");
         }
+    }
+}
+
+/// The QUIC endpoint's keys, each derived from the identity for its one use.
+fn quic_keys(id: &Identity) -> QuicKeys {
+    QuicKeys {
+        reset: id.derive_secret("tern 2026-11-21 QUIC stateless reset key"),
+        cid: id.derive_secret("tern 2026-12-02 QUIC connection ID tag key"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_quic_key_has_its_own_derivation() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let a = Identity::load_or_create(d.path()).expect("identity");
+        let b = Identity::load_or_create(&d.path().join("b")).expect("identity");
+        let (ka, kb) = (quic_keys(&a), quic_keys(&b));
+        assert_ne!(ka.reset, ka.cid, "one key for resets and connection IDs");
+        assert_ne!(ka.reset, kb.reset);
+        assert_ne!(ka.cid, kb.cid);
+        assert_eq!(quic_keys(&a).cid, ka.cid, "keys must survive a restart");
     }
 }

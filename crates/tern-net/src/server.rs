@@ -1773,3 +1773,49 @@ pub fn pack_around_holes<'a>(data: &'a [u8], offset: u64, holes: &[(u64, u64)]) 
     }
     std::borrow::Cow::Owned(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{Gate, Transport};
+
+    fn peer(addr: &str) -> Peer {
+        Peer {
+            addr: addr.parse().expect("address"),
+            client: None,
+            transport: Transport::Tcp,
+            conn_id: 0,
+            gate: Gate::standalone(Instant::now() + Duration::from_secs(10)),
+        }
+    }
+
+    /// Issue 13 (low): the table of failed logins grew with every address
+    /// that ever failed, and an IPv6 host rotating through its /64 was
+    /// never limited.
+    #[test]
+    fn failed_logins_are_counted_by_64_in_a_table_of_bounded_size() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut cfg = ServerConfig::empty();
+        cfg.add_module("data", d.path(), Access::Read, None).expect("module");
+        let srv = Server::new(&cfg, "test").expect("server");
+        for i in 0..MAX_FAILURES {
+            assert!(srv.may_try(&peer(&format!("[2001:db8:0:1::{i:x}]:4000"))).is_ok());
+            srv.note_failure(&peer(&format!("[2001:db8:0:1::{i:x}]:4000")), "test");
+        }
+        let e = srv
+            .may_try(&peer("[2001:db8:0:1:ffff::9]:4000"))
+            .expect_err("a new address of the same /64");
+        assert!(e.to_string().contains("too many failed attempts"), "{e}");
+        assert!(
+            srv.may_try(&peer("[2001:db8:0:2::1]:4000")).is_ok(),
+            "the next /64 is another host"
+        );
+
+        for i in 0..(MAX_FAILURE_ENTRIES as u32 + 100) {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+            srv.note_failure(&peer(&format!("{ip}:4000")), "test");
+        }
+        let n = srv.failures.lock().expect("lock").len();
+        assert!(n <= MAX_FAILURE_ENTRIES, "{n} entries");
+    }
+}

@@ -928,3 +928,38 @@ async fn quic_conn(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn_proto::{ConnectionId, ConnectionIdGenerator};
+    use std::net::IpAddr;
+
+    #[test]
+    fn ipv6_peers_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let key = |s: &str| addr_key(s.parse::<IpAddr>().expect("address"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff:1:2:3"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2::"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+    }
+
+    #[test]
+    fn connection_ids_are_random_and_tagged_with_their_own_key() {
+        let mut ours = TaggedCids { key: [1; 32] };
+        let other = TaggedCids { key: [2; 32] };
+        let ids: Vec<ConnectionId> = (0..1000).map(|_| ours.generate_cid()).collect();
+        let randoms: std::collections::HashSet<Vec<u8>> = ids.iter().map(|c| c[..CID_RANDOM].to_vec()).collect();
+        assert_eq!(randoms.len(), ids.len(), "random parts repeat");
+        for id in &ids {
+            assert_eq!(id.len(), CID_LEN);
+            assert!(ours.validate(id).is_ok());
+            assert!(other.validate(id).is_err(), "another key's tag accepted");
+        }
+        let mut forged = ids[0].to_vec();
+        forged[CID_LEN - 1] ^= 1;
+        assert!(ours.validate(&ConnectionId::new(&forged)).is_err());
+        assert!(ours.validate(&ConnectionId::new(&ids[0][..CID_LEN - 1])).is_err());
+    }
+}
