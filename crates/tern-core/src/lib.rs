@@ -10,6 +10,7 @@
 //! This crate holds no network code; remote endpoints implement the same
 //! traits elsewhere.
 
+pub mod delta;
 pub mod endpoint;
 pub mod engine;
 pub mod entry;

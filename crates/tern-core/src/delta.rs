@@ -1,0 +1,438 @@
+//! Delta transfer: only what the destination's old version of a file lacks
+//! crosses.
+//!
+//! Both versions are cut into content-defined chunks (FastCDC 2020), so an
+//! insertion or deletion moves the cut points with the content and the
+//! chunks after it match again. The side holding the old version (the
+//! *basis*) sends its [`Signature`]: a short id and the length of each of
+//! its chunks. The side holding the new version cuts it the same way and,
+//! for each chunk of the engine's fixed chunk grid, makes a recipe: ranges
+//! to copy from the basis and literal bytes ([`Piece`]). The receiver
+//! builds each grid chunk from its recipe ([`assemble`]) and checks it
+//! against the chunk's BLAKE3 chaining value before writing it, so a basis
+//! that changed, a short-id collision or a lying sender costs a resend,
+//! never a wrong byte; the whole-file hash is composed of those checked
+//! values as for a plain copy, and resume works chunk by chunk as before.
+//!
+//! To use several cores on one file, the file is cut in segments of
+//! [`SEGMENT`] bytes, each chunked on its own: a cut is forced at every
+//! segment boundary on both sides, which costs at most a chunk or two of
+//! matching per boundary after an insertion.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::endpoint::ReadFile;
+use crate::error::{Error, Result};
+
+/// Bytes chunked on their own (one thread each).
+pub const SEGMENT: u64 = 64 << 20;
+
+/// The largest signature accepted, in chunks: a 16 TiB basis at the
+/// largest average chunk size, and 16 M entries (about 200 MiB) at most.
+pub const MAX_SIGNATURE_CHUNKS: usize = 16 << 20;
+
+/// Chunk size parameters; both sides must cut with the same ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    /// Average chunk size, a power of two.
+    pub avg: u32,
+}
+
+impl Params {
+    /// The parameters for a basis of `size` bytes: an average chunk of
+    /// about sqrt(size)/2 (16 KiB at 1 GiB), between 2 KiB and 1 MiB.
+    pub fn for_size(size: u64) -> Params {
+        let target = ((size as f64).sqrt() / 2.0) as u64;
+        let avg = target.clamp(2 << 10, 1 << 20).next_power_of_two().min(1 << 20);
+        Params { avg: avg as u32 }
+    }
+
+    /// Whether `avg` is a size this module cuts with (a peer's value is
+    /// checked before use).
+    pub fn valid(&self) -> bool {
+        self.avg.is_power_of_two() && (2 << 10..=1 << 20).contains(&self.avg)
+    }
+
+    fn sizes(&self) -> (usize, usize, usize) {
+        let avg = self.avg as usize;
+        (avg / 4, avg, avg * 4)
+    }
+}
+
+/// The basis's chunks: a short id (the first 8 bytes of the chunk's BLAKE3)
+/// and the length of each, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signature {
+    /// The parameters the basis was cut with.
+    pub avg: u32,
+    /// `(id, len)` per chunk.
+    pub chunks: Vec<(u64, u32)>,
+}
+
+impl Signature {
+    /// The length of the basis the signature describes.
+    pub fn size(&self) -> u64 {
+        self.chunks.iter().map(|&(_, l)| u64::from(l)).sum()
+    }
+}
+
+/// One part of a grid chunk's recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// `len` bytes copied from the basis at `offset`.
+    Copy {
+        /// Where in the basis.
+        offset: u64,
+        /// How many bytes.
+        len: u32,
+    },
+    /// `len` bytes that follow in the literal data.
+    Literal {
+        /// How many bytes.
+        len: u32,
+    },
+}
+
+impl Piece {
+    /// The bytes this piece contributes.
+    pub fn len(&self) -> u64 {
+        match *self {
+            Piece::Copy { len, .. } | Piece::Literal { len } => u64::from(len),
+        }
+    }
+
+    /// Whether it contributes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A chunk of a file: where it starts, how long it is, its short id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Offset in the file.
+    pub offset: u64,
+    /// Length.
+    pub len: u32,
+    /// First 8 bytes of its BLAKE3.
+    pub id: u64,
+}
+
+/// Cuts `size` bytes of `f` into content-defined chunks, one segment per
+/// thread (at most `threads` at once).
+pub fn cut_file(f: &dyn ReadFile, size: u64, params: Params, threads: usize) -> Result<Vec<Cut>> {
+    let segments = size.div_ceil(SEGMENT).max(1);
+    let threads = threads.clamp(1, segments as usize);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let mut parts: Vec<(u64, Result<Vec<Cut>>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    let mut buf = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if k >= segments {
+                            return done;
+                        }
+                        let start = k * SEGMENT;
+                        let len = SEGMENT.min(size - start) as usize;
+                        buf.resize(len, 0);
+                        let r = f
+                            .read_exact_at(start, &mut buf)
+                            .map(|()| cut_bytes(&buf, start, params));
+                        done.push((k, r));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+    });
+    if parts.len() as u64 != segments {
+        return Err(Error::Internal("a chunking thread failed".into()));
+    }
+    parts.sort_by_key(|p| p.0);
+    let mut cuts = Vec::new();
+    for (_, p) in parts {
+        cuts.extend(p?);
+    }
+    Ok(cuts)
+}
+
+/// Cuts `data`, which starts at `base` in its file.
+pub fn cut_bytes(data: &[u8], base: u64, params: Params) -> Vec<Cut> {
+    let (min, avg, max) = params.sizes();
+    fastcdc::v2020::FastCDC::new(data, min, avg, max)
+        .map(|c| Cut {
+            offset: base + c.offset as u64,
+            len: c.length as u32,
+            id: short_id(&data[c.offset..c.offset + c.length]),
+        })
+        .collect()
+}
+
+fn short_id(data: &[u8]) -> u64 {
+    let h = blake3::hash(data);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// The signature of a basis of `size` bytes read through `f`.
+pub fn signature(f: &dyn ReadFile, size: u64, threads: usize) -> Result<Signature> {
+    let params = Params::for_size(size);
+    let cuts = cut_file(f, size, params, threads)?;
+    Ok(Signature {
+        avg: params.avg,
+        chunks: cuts.into_iter().map(|c| (c.id, c.len)).collect(),
+    })
+}
+
+/// What the new version makes of the basis: a recipe per grid chunk.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Per grid chunk of `chunk_size`, its pieces, in order.
+    pub chunks: Vec<Vec<Piece>>,
+    /// Bytes found in the basis.
+    pub matched: u64,
+    /// Bytes that must cross.
+    pub literal: u64,
+}
+
+/// Matches the new version's `cuts` (of a file of `size` bytes) against
+/// the basis `sig`, and lays the result out over the grid of
+/// `chunk_size`.
+pub fn plan(cuts: &[Cut], sig: &Signature, size: u64, chunk_size: u64) -> Plan {
+    let mut index: HashMap<(u64, u32), u64> = HashMap::with_capacity(sig.chunks.len());
+    let mut at = 0u64;
+    for &(id, len) in &sig.chunks {
+        index.entry((id, len)).or_insert(at);
+        at += u64::from(len);
+    }
+    let grid = crate::hash::chunk_count(size, chunk_size) as usize;
+    let mut out = Plan {
+        chunks: vec![Vec::new(); grid],
+        ..Plan::default()
+    };
+    for c in cuts {
+        let basis = index.get(&(c.id, c.len)).copied();
+        let (mut off, end) = (c.offset, c.offset + u64::from(c.len));
+        while off < end {
+            let g = (off / chunk_size) as usize;
+            let take = end.min((g as u64 + 1) * chunk_size) - off;
+            let piece = match basis {
+                Some(b) => Piece::Copy {
+                    offset: b + (off - c.offset),
+                    len: take as u32,
+                },
+                None => Piece::Literal { len: take as u32 },
+            };
+            match basis {
+                Some(_) => out.matched += take,
+                None => out.literal += take,
+            }
+            if let Some(pieces) = out.chunks.get_mut(g) {
+                push_merged(pieces, piece);
+            }
+            off += take;
+        }
+    }
+    out
+}
+
+fn push_merged(pieces: &mut Vec<Piece>, p: Piece) {
+    match (pieces.last_mut(), p) {
+        (Some(Piece::Literal { len }), Piece::Literal { len: more }) => *len += more,
+        (Some(Piece::Copy { offset, len }), Piece::Copy { offset: o, len: more }) if *offset + u64::from(*len) == o => {
+            *len += more
+        }
+        _ => pieces.push(p),
+    }
+}
+
+/// The literal byte ranges of grid chunk `index`'s recipe, as offsets in
+/// the new file.
+pub fn literal_ranges(pieces: &[Piece], chunk_offset: u64) -> Vec<(u64, u64)> {
+    let mut at = chunk_offset;
+    let mut out = Vec::new();
+    for p in pieces {
+        if let Piece::Literal { len } = *p {
+            out.push((at, u64::from(len)));
+        }
+        at += p.len();
+    }
+    out
+}
+
+/// Builds a grid chunk of `len` bytes into `out` from its recipe: basis
+/// ranges read from `basis` (of `basis_size` bytes), literals taken in
+/// order from `literals`. A recipe that does not add up to `len`, reads
+/// outside the basis or uses more or fewer literal bytes than given is
+/// refused: a sender chooses recipes, and must not make this side read
+/// anything else or allocate more than the chunk.
+pub fn assemble(
+    pieces: &[Piece],
+    len: u64,
+    basis: &File,
+    basis_size: u64,
+    literals: &[u8],
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    let total: u64 = pieces.iter().map(Piece::len).sum();
+    if total != len {
+        return Err(format!("a delta recipe of {total} bytes for a chunk of {len}"));
+    }
+    out.clear();
+    out.resize(len as usize, 0);
+    let (mut at, mut lit) = (0usize, 0usize);
+    for p in pieces {
+        let n = p.len() as usize;
+        match *p {
+            Piece::Copy { offset, .. } => {
+                if offset.checked_add(n as u64).is_none_or(|e| e > basis_size) {
+                    return Err(format!("a delta recipe reading past the basis ({basis_size} bytes)"));
+                }
+                basis
+                    .read_exact_at(&mut out[at..at + n], offset)
+                    .map_err(|e| format!("reading the basis: {e}"))?;
+            }
+            Piece::Literal { .. } => {
+                let Some(src) = literals.get(lit..lit + n) else {
+                    return Err("a delta recipe with fewer literal bytes than it uses".into());
+                };
+                out[at..at + n].copy_from_slice(src);
+                lit += n;
+            }
+        }
+        at += n;
+    }
+    if lit != literals.len() {
+        return Err("a delta recipe with more literal bytes than it uses".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn sig_of(data: &[u8]) -> Signature {
+        let p = Params::for_size(data.len() as u64);
+        Signature {
+            avg: p.avg,
+            chunks: cut_segments(data, p).into_iter().map(|c| (c.id, c.len)).collect(),
+        }
+    }
+
+    /// What `cut_file` does, over memory.
+    fn cut_segments(data: &[u8], p: Params) -> Vec<Cut> {
+        data.chunks(SEGMENT as usize)
+            .enumerate()
+            .flat_map(|(k, s)| cut_bytes(s, k as u64 * SEGMENT, p))
+            .collect()
+    }
+
+    fn rebuild(new: &[u8], basis: &[u8], cs: u64) -> (Vec<u8>, Plan) {
+        let sig = sig_of(basis);
+        let cuts = cut_segments(new, Params { avg: sig.avg });
+        let plan = plan(&cuts, &sig, new.len() as u64, cs);
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("b"), basis).expect("write");
+        let b = File::open(dir.path().join("b")).expect("open");
+        let mut out = Vec::new();
+        let mut built = Vec::new();
+        for (i, pieces) in plan.chunks.iter().enumerate() {
+            let off = i as u64 * cs;
+            let len = cs.min(new.len() as u64 - off);
+            let lits: Vec<u8> = literal_ranges(pieces, off)
+                .iter()
+                .flat_map(|&(s, l)| new[s as usize..(s + l) as usize].to_vec())
+                .collect();
+            assemble(pieces, len, &b, basis.len() as u64, &lits, &mut out).expect("assemble");
+            built.extend_from_slice(&out);
+        }
+        (built, plan)
+    }
+
+    #[test]
+    fn chunk_sizes_scale_with_the_file() {
+        assert_eq!(Params::for_size(1 << 30).avg, 16 << 10);
+        assert_eq!(Params::for_size(1000).avg, 2 << 10);
+        assert_eq!(Params::for_size(u64::MAX).avg, 1 << 20);
+        assert!(Params::for_size(5 << 20).valid());
+        assert!(!Params { avg: 3000 }.valid());
+    }
+
+    #[test]
+    fn an_insertion_at_the_start_costs_about_itself() {
+        let basis = random(24 << 20, 7);
+        let mut new = random(1 << 20, 9);
+        new.extend_from_slice(&basis);
+        let (built, plan) = rebuild(&new, &basis, 8 << 20);
+        assert_eq!(built, new);
+        assert!(plan.literal < (1 << 20) + (64 << 10), "{} literal bytes", plan.literal);
+    }
+
+    #[test]
+    fn scattered_overwrites_cost_a_chunk_or_two_each() {
+        let basis = random(20 << 20, 3);
+        let mut new = basis.clone();
+        for k in 0..50 {
+            let at = k * (new.len() / 50) + 1000;
+            new[at..at + 100].fill(0xAA);
+        }
+        let (built, plan) = rebuild(&new, &basis, 4 << 20);
+        assert_eq!(built, new);
+        let avg = u64::from(Params::for_size(basis.len() as u64).avg);
+        assert!(plan.literal <= 50 * 3 * avg, "{} literal bytes", plan.literal);
+        assert_eq!(plan.matched + plan.literal, new.len() as u64);
+    }
+
+    #[test]
+    fn an_unrelated_file_matches_nothing_and_an_appended_one_everything_but_the_tail() {
+        let basis = random(9 << 20, 1);
+        let (built, plan) = rebuild(&random(9 << 20, 2), &basis, 8 << 20);
+        assert_eq!(plan.matched, 0);
+        assert_eq!(built.len(), 9 << 20);
+        let mut grown = basis.clone();
+        grown.extend_from_slice(&random(1 << 20, 5));
+        let (built, plan) = rebuild(&grown, &basis, 8 << 20);
+        assert_eq!(built, grown);
+        assert!(plan.literal < (1 << 20) + (64 << 10), "{} literal bytes", plan.literal);
+    }
+
+    #[test]
+    fn recipes_that_do_not_add_up_or_read_outside_the_basis_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("b"), vec![1u8; 100]).expect("write");
+        let b = File::open(dir.path().join("b")).expect("open");
+        let mut out = Vec::new();
+        let copy = |offset, len| Piece::Copy { offset, len };
+        for (pieces, lits, why) in [
+            (vec![copy(0, 50)], &[][..], "recipe of 50 bytes"),
+            (vec![copy(90, 20), copy(0, 44)], &[], "past the basis"),
+            (vec![copy(u64::MAX - 5, 64)], &[], "past the basis"),
+            (vec![Piece::Literal { len: 64 }], &[0u8; 10][..], "fewer literal bytes"),
+            (vec![copy(0, 64)], &[0u8; 1][..], "more literal bytes"),
+        ] {
+            let e = assemble(&pieces, 64, &b, 100, lits, &mut out).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
+        assemble(&[copy(36, 64)], 64, &b, 100, &[], &mut out).expect("inside");
+        assert_eq!(out, vec![1u8; 64]);
+    }
+}
