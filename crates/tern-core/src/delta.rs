@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use crate::endpoint::ReadFile;
 use crate::error::{Error, Result};
 
 /// Bytes chunked on their own (one thread each).
@@ -120,9 +119,12 @@ pub struct Cut {
     pub id: u64,
 }
 
-/// Cuts `size` bytes of `f` into content-defined chunks, one segment per
-/// thread (at most `threads` at once).
-pub fn cut_file(f: &dyn ReadFile, size: u64, params: Params, threads: usize) -> Result<Vec<Cut>> {
+/// Reads a range of a file: `(offset, buffer to fill)`.
+pub type ReadAt<'a> = &'a (dyn Fn(u64, &mut [u8]) -> Result<()> + Sync);
+
+/// Cuts `size` bytes read through `read` into content-defined chunks, one
+/// segment per thread (at most `threads` at once).
+pub fn cut_file(read: ReadAt<'_>, size: u64, params: Params, threads: usize) -> Result<Vec<Cut>> {
     let segments = size.div_ceil(SEGMENT).max(1);
     let threads = threads.clamp(1, segments as usize);
     let next = std::sync::atomic::AtomicU64::new(0);
@@ -140,9 +142,7 @@ pub fn cut_file(f: &dyn ReadFile, size: u64, params: Params, threads: usize) -> 
                         let start = k * SEGMENT;
                         let len = SEGMENT.min(size - start) as usize;
                         buf.resize(len, 0);
-                        let r = f
-                            .read_exact_at(start, &mut buf)
-                            .map(|()| cut_bytes(&buf, start, params));
+                        let r = read(start, &mut buf).map(|()| cut_bytes(&buf, start, params));
                         done.push((k, r));
                     }
                 })
@@ -180,10 +180,10 @@ fn short_id(data: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The signature of a basis of `size` bytes read through `f`.
-pub fn signature(f: &dyn ReadFile, size: u64, threads: usize) -> Result<Signature> {
+/// The signature of a basis of `size` bytes read through `read`.
+pub fn signature(read: ReadAt<'_>, size: u64, threads: usize) -> Result<Signature> {
     let params = Params::for_size(size);
-    let cuts = cut_file(f, size, params, threads)?;
+    let cuts = cut_file(read, size, params, threads)?;
     Ok(Signature {
         avg: params.avg,
         chunks: cuts.into_iter().map(|c| (c.id, c.len)).collect(),
@@ -319,15 +319,12 @@ mod tests {
     use super::*;
 
     fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut v = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut v);
+        v
     }
 
     fn sig_of(data: &[u8]) -> Signature {

@@ -174,6 +174,28 @@ pub trait WriteFile: Send + Sync {
     fn clone_from(&self, _src: &std::fs::File) -> Result<bool> {
         Ok(false)
     }
+    /// The signature of the file this one will replace (the basis of a
+    /// delta transfer, see [`crate::delta`]), made where that file is;
+    /// `None` when there is no basis, or no way to use one here.
+    fn basis_signature(&self) -> Result<Option<crate::delta::Signature>> {
+        Ok(None)
+    }
+    /// Writes chunk `index` (`len` bytes at `offset`) built from the basis
+    /// by `pieces`, taking the literal pieces' bytes from `literals` in
+    /// order, once it hashes to `cv`. `Ok(false)` when it does not (the
+    /// basis changed, or is not what the recipe was made from): nothing is
+    /// written, and the caller sends the chunk whole.
+    fn write_delta(
+        &self,
+        _index: u64,
+        _offset: u64,
+        _len: u64,
+        _pieces: &[crate::delta::Piece],
+        _literals: &[u8],
+        _cv: &ChainingValue,
+    ) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A small file or a symlink for [`Dest::write_batch`].

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 
+use crate::delta::Piece;
 use crate::endpoint::{
     BatchBody, BatchItem, BatchOptions, Dest, FileSpec, ReadFile, SmallFile, Source, WriteFile, Xattrs,
 };
@@ -84,6 +85,9 @@ pub struct Options {
     pub xattrs: bool,
     /// Bandwidth limit in bytes per second.
     pub bwlimit: Option<u64>,
+    /// Send a changed large file as a delta against the destination's old
+    /// version where both ends can (see [`crate::delta`]).
+    pub delta: bool,
     /// Set to stop the run: in-flight chunks finish, partial files stay
     /// resumable.
     pub cancel: Arc<AtomicBool>,
@@ -104,6 +108,7 @@ impl Default for Options {
             hard_links: false,
             xattrs: false,
             bwlimit: None,
+            delta: false,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -189,6 +194,9 @@ pub struct Summary {
     pub bytes_resumed: u64,
     /// Bytes shared with the source by reflink instead of being copied.
     pub bytes_cloned: u64,
+    /// Bytes of delta transfers taken from the destination's old version
+    /// instead of being sent (not in `bytes_written`).
+    pub bytes_matched: u64,
     /// Total size of the files copied.
     pub bytes_total: u64,
     /// Directories created.
@@ -233,6 +241,7 @@ struct Stats {
     bytes_written: AtomicU64,
     bytes_resumed: AtomicU64,
     bytes_cloned: AtomicU64,
+    bytes_matched: AtomicU64,
     bytes_total: AtomicU64,
     dirs_created: AtomicU64,
     symlinks: AtomicU64,
@@ -389,6 +398,7 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         bytes_written: get(&s.bytes_written),
         bytes_resumed: get(&s.bytes_resumed),
         bytes_cloned: get(&s.bytes_cloned),
+        bytes_matched: get(&s.bytes_matched),
         bytes_total: get(&s.bytes_total),
         dirs_created: get(&s.dirs_created),
         symlinks: get(&s.symlinks),
@@ -1006,6 +1016,34 @@ struct Large {
 /// Per chunk, the chaining value a destination claims to hold already.
 type Claims = Arc<Vec<Option<ChainingValue>>>;
 
+/// What a participant of a large file gets once it is open: the source,
+/// the destination's claims, whether it was reflinked, the delta plan.
+type LargeOpen = (Arc<dyn ReadFile>, Claims, bool, Option<Arc<crate::delta::Plan>>);
+
+/// How a chunk reached the destination.
+enum Sent {
+    /// All its bytes.
+    Whole,
+    /// Already there from an interrupted run.
+    Resumed,
+    /// As a delta: this many literal bytes, the rest from the old version.
+    Delta(u64),
+}
+
+/// The bytes of the literal pieces of a chunk at `offset` read into `chunk`.
+fn literal_bytes(pieces: &[Piece], offset: u64, chunk: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (s, l) in crate::delta::literal_ranges(pieces, offset) {
+        let at = (s - offset) as usize;
+        // A range outside the chunk leaves the literals short, which the
+        // destination refuses.
+        if let Some(b) = chunk.get(at..at + l as usize) {
+            out.extend_from_slice(b);
+        }
+    }
+    out
+}
+
 #[derive(Default)]
 struct LargeState {
     opened: bool,
@@ -1016,6 +1054,9 @@ struct LargeState {
     /// from an earlier run. Only a claim: each is kept only if the source's
     /// chunk hashes the same.
     claimed: Claims,
+    /// How to build each chunk from the destination's old version, for a
+    /// delta transfer.
+    plan: Option<Arc<crate::delta::Plan>>,
     cvs: Vec<Option<ChainingValue>>,
     error: Option<Error>,
 }
@@ -1283,7 +1324,7 @@ impl Ctx {
     /// `None` when that failed (the error is kept for the finisher); else
     /// the source, the chunks the destination claims to hold, and whether
     /// the destination shares the source's blocks.
-    fn large_open(&self, l: &Large) -> Option<(Arc<dyn ReadFile>, Claims, bool)> {
+    fn large_open(&self, l: &Large) -> Option<LargeOpen> {
         let mut st = l.state.lock().ok()?;
         if !st.opened {
             st.opened = true;
@@ -1329,15 +1370,57 @@ impl Ctx {
                     }
                 }
             }
+            if claimed_bytes == 0 && !st.cloned {
+                st.plan = self.delta_plan(t, &*rf, &*w);
+            }
             st.src = Some(Arc::from(rf));
             *l.sink.write().ok()? = Some(w);
         }
         let src = st.src.clone()?;
-        Some((src, st.claimed.clone(), st.cloned))
+        Some((src, st.claimed.clone(), st.cloned, st.plan.clone()))
+    }
+
+    /// A plan for sending `t` as a delta against the file it replaces, when
+    /// delta is on, the source is on this machine (its bytes are read to
+    /// cut them) and the destination has a basis to offer; `None` also when
+    /// too little of the basis matches to be worth it.
+    fn delta_plan(&self, t: &Task, src: &dyn ReadFile, w: &dyn WriteFile) -> Option<Arc<crate::delta::Plan>> {
+        if !self.opts.delta || src.local_file().is_none() || !t.existing.as_ref().is_some_and(|e| e.kind == Kind::File)
+        {
+            return None;
+        }
+        let sig = match w.basis_signature() {
+            Ok(Some(sig)) => sig,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(path = %t.dst_rel.display(), error = %e, "no delta: the old version cannot be read");
+                return None;
+            }
+        };
+        let params = crate::delta::Params { avg: sig.avg };
+        if !params.valid() || sig.chunks.len() > crate::delta::MAX_SIGNATURE_CHUNKS {
+            return None;
+        }
+        let read = |off: u64, buf: &mut [u8]| src.read_exact_at(off, buf);
+        let cuts = match crate::delta::cut_file(&read, t.entry.size, params, self.opts.jobs) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(path = %t.dst_rel.display(), error = %e, "no delta: the source cannot be cut");
+                return None;
+            }
+        };
+        let plan = crate::delta::plan(&cuts, &sig, t.entry.size, self.opts.chunk_size);
+        // Below this share, the chunks to copy do not pay for the recipes.
+        if plan.matched < t.entry.size / 32 {
+            tracing::debug!(path = %t.dst_rel.display(), matched = plan.matched, "no delta: the old version barely matches");
+            return None;
+        }
+        tracing::debug!(path = %t.dst_rel.display(), matched = plan.matched, literal = plan.literal, "delta");
+        Some(Arc::new(plan))
     }
 
     fn large_chunks(&self, l: &Large, buf: &mut Vec<u8>) {
-        let Some((src, claimed, cloned)) = self.large_open(l) else {
+        let Some((src, claimed, cloned, plan)) = self.large_open(l) else {
             return; // reported once, by the finisher
         };
         if cloned {
@@ -1362,29 +1445,40 @@ impl Ctx {
                 // own bytes hash to it: whoever could write the partial file
                 // and its journal must not choose what this copy commits.
                 if claimed.get(i as usize).copied().flatten() == Some(cv) {
-                    return Ok((cv, false));
+                    return Ok((cv, Sent::Resumed));
+                }
+                let sink = l.sink.read().map_err(|_| Error::Internal("poisoned lock".into()))?;
+                let Some(w) = sink.as_ref() else {
+                    return Err(Error::Internal("sink missing".into()));
+                };
+                let pieces = plan.as_ref().and_then(|p| p.chunks.get(i as usize));
+                if let Some(pieces) = pieces.filter(|p| p.iter().any(|x| matches!(x, Piece::Copy { .. }))) {
+                    let literals = literal_bytes(pieces, off, buf);
+                    let sent: u64 = literals.len() as u64;
+                    if let Some(th) = &self.throttle {
+                        th.take(sent);
+                    }
+                    if w.write_delta(i, off, len, pieces, &literals, &cv)? {
+                        return Ok((cv, Sent::Delta(sent)));
+                    }
                 }
                 if let Some(th) = &self.throttle {
                     th.take(len);
                 }
-                let sink = l.sink.read().map_err(|_| Error::Internal("poisoned lock".into()))?;
-                match sink.as_ref() {
-                    Some(w) => w.write_chunk(i, off, buf, &holes, Some(&cv))?,
-                    None => return Err(Error::Internal("sink missing".into())),
-                }
-                Ok((cv, true))
+                w.write_chunk(i, off, buf, &holes, Some(&cv))?;
+                Ok((cv, Sent::Whole))
             });
             match (r, l.state.lock()) {
-                (Ok((cv, written)), Ok(mut st)) => {
+                (Ok((cv, sent)), Ok(mut st)) => {
                     st.cvs[i as usize] = Some(cv);
-                    add(
-                        if written {
-                            &self.stats.bytes_written
-                        } else {
-                            &self.stats.bytes_resumed
-                        },
-                        len,
-                    );
+                    match sent {
+                        Sent::Whole => add(&self.stats.bytes_written, len),
+                        Sent::Resumed => add(&self.stats.bytes_resumed, len),
+                        Sent::Delta(n) => {
+                            add(&self.stats.bytes_written, n);
+                            add(&self.stats.bytes_matched, len - n);
+                        }
+                    }
                     self.obs.progress(len);
                 }
                 (Err(e), Ok(mut st)) => {

@@ -660,6 +660,7 @@ impl Dest for LocalEndpoint {
             size: spec.size,
             policy: self.policy.clone(),
             charge,
+            basis: std::sync::OnceLock::new(),
         };
         if !spec.resumable {
             // An unnamed file needs no lock, leaves nothing behind if we die,
@@ -1087,6 +1088,9 @@ struct LocalWriteFile {
     policy: Option<Arc<MetaPolicy>>,
     /// The file's bytes, taken from the endpoint's quota.
     charge: Option<Charge>,
+    /// The file at the final name when the transfer began, and its size:
+    /// the basis of a delta transfer, opened by `basis_signature`.
+    basis: std::sync::OnceLock<Option<(File, u64)>>,
 }
 
 impl WriteFile for LocalWriteFile {
@@ -1282,6 +1286,52 @@ impl WriteFile for LocalWriteFile {
             self.arrived.all();
         }
         Ok(cloned)
+    }
+
+    fn basis_signature(&self) -> Result<Option<crate::delta::Signature>> {
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.final_path);
+        let basis = match opened {
+            Ok(f) => {
+                let md = f.metadata().ctx(&self.shown, "stat")?;
+                (md.is_file() && md.len() > 0).then_some((f, md.len()))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => None,
+            Err(e) => return Err(Error::io(&self.shown, "open the old version", e)),
+        };
+        let Some((f, size)) = basis else { return Ok(None) };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let read = |off: u64, buf: &mut [u8]| f.read_exact_at(buf, off).ctx(&self.shown, "read the old version");
+        let sig = crate::delta::signature(&read, size, threads)?;
+        let _ = self.basis.set(Some((f, size)));
+        Ok(Some(sig))
+    }
+
+    fn write_delta(
+        &self,
+        index: u64,
+        offset: u64,
+        len: u64,
+        pieces: &[crate::delta::Piece],
+        literals: &[u8],
+        cv: &ChainingValue,
+    ) -> Result<bool> {
+        let Some(Some((basis, size))) = self.basis.get() else {
+            return Ok(false);
+        };
+        let mut built = Vec::new();
+        crate::delta::assemble(pieces, len, basis, *size, literals, &mut built).map_err(|message| Error::Other {
+            path: self.shown.clone(),
+            message,
+        })?;
+        if hash::chunk_cv(offset, &built) != *cv {
+            tracing::debug!(path = ?self.shown, index, "the old version changed: chunk sent whole");
+            return Ok(false);
+        }
+        self.write_chunk(index, offset, &built, &[], Some(cv))?;
+        Ok(true)
     }
 
     fn abort(mut self: Box<Self>, keep: bool) {

@@ -103,6 +103,9 @@ fn options(r: &RunOptions, cancel: Arc<AtomicBool>) -> std::result::Result<Optio
         hard_links: r.hard_links,
         xattrs: r.xattrs,
         bwlimit: r.bwlimit,
+        // Its sources are other daemons, whose bytes would have to cross
+        // to be cut: delta waits for the protocol to carry recipes.
+        delta: false,
         cancel,
     })
 }

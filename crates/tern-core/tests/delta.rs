@@ -1,0 +1,113 @@
+//! Delta transfer through the engine: a changed file is rebuilt from the
+//! destination's old version and the bytes that differ, to the same BLAKE3
+//! as the source; a basis that changes under the transfer costs a resend,
+//! never a wrong byte.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tern_core::delta::Piece;
+use tern_core::engine::Quiet;
+use tern_core::{Dest, FileSpec, LocalEndpoint, Meta, Options, Root, Summary};
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut v);
+    v
+}
+
+fn copy(src: &Path, dst: &Path, delta: bool) -> Summary {
+    let s = tern_core::run(
+        vec![Root {
+            src: Arc::new(LocalEndpoint::new(src)),
+            dst_rel: PathBuf::new(),
+        }],
+        Arc::new(LocalEndpoint::new(dst)),
+        Options {
+            chunk_size: 1 << 20,
+            fsync: false,
+            delta,
+            ..Options::default()
+        },
+        Arc::new(Quiet),
+    );
+    assert_eq!(s.errors, 0, "{:?}", s.error_messages);
+    s
+}
+
+#[test]
+fn a_changed_file_crosses_as_its_changes_only() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::create_dir_all(&dst).expect("mkdir");
+    let old = random(12 << 20, 1);
+    fs::write(dst.join("f"), &old).expect("write");
+    // 64 KiB inserted at the start, 4 KiB overwritten in the middle, 8 KiB
+    // appended.
+    let mut new = random(64 << 10, 2);
+    new.extend_from_slice(&old);
+    new[6 << 20..(6 << 20) + 4096].fill(0x55);
+    new.extend_from_slice(&random(8 << 10, 3));
+    fs::write(src.join("f"), &new).expect("write");
+
+    let s = copy(&src, &dst, true);
+    assert_eq!(fs::read(dst.join("f")).expect("read"), new);
+    assert_eq!(s.copied, 1);
+    assert!(s.bytes_written < 256 << 10, "{} bytes sent", s.bytes_written);
+    assert_eq!(s.bytes_written + s.bytes_matched, new.len() as u64);
+    assert!(fs::read_dir(&dst).expect("list").count() == 1, "a side file was left");
+
+    // Without delta (or with nothing to match) the file crosses whole.
+    let other = random(12 << 20, 9);
+    fs::write(src.join("f"), &other).expect("write");
+    let s = copy(&src, &dst, true);
+    assert_eq!(fs::read(dst.join("f")).expect("read"), other);
+    assert_eq!((s.bytes_matched, s.bytes_written), (0, other.len() as u64));
+    fs::write(src.join("f"), &new).expect("write");
+    let s = copy(&src, &dst, false);
+    assert_eq!((s.bytes_matched, s.bytes_written), (0, new.len() as u64));
+}
+
+#[test]
+fn a_basis_that_changes_after_its_signature_is_not_used() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let old = random(3 << 20, 4);
+    fs::write(t.path().join("f"), &old).expect("write");
+    let ep = LocalEndpoint::new(t.path());
+    let spec = FileSpec {
+        size: old.len() as u64,
+        chunk_size: 1 << 20,
+        resumable: true,
+        durable: false,
+        source_meta: Meta {
+            mode: 0o644,
+            ..Meta::default()
+        },
+        source_changed: Default::default(),
+    };
+    let w = ep.create(Path::new("f"), &spec).expect("create");
+    let sig = w.basis_signature().expect("signature").expect("a basis");
+    assert_eq!(sig.size(), old.len() as u64);
+    let chunk = &old[..1 << 20];
+    let cv = tern_core::hash::chunk_cv(0, chunk);
+    let whole = [Piece::Copy {
+        offset: 0,
+        len: 1 << 20,
+    }];
+    // The basis is rewritten in place after its signature was taken.
+    fs::write(t.path().join("f"), random(3 << 20, 5)).expect("rewrite");
+    assert!(!w.write_delta(0, 0, 1 << 20, &whole, &[], &cv).expect("delta"));
+    // A recipe reading outside the basis is an error, not a read.
+    let outside = [Piece::Copy {
+        offset: 3 << 20,
+        len: 1 << 20,
+    }];
+    let e = w.write_delta(0, 0, 1 << 20, &outside, &[], &cv).expect_err("outside");
+    assert!(e.to_string().contains("past the basis"), "{e}");
+    w.abort(false);
+}
