@@ -177,6 +177,18 @@ enum Op {
         mac: [u8; 4],
         check: bool,
     },
+    /// The signature of a handle's basis.
+    BasisSignature(u8),
+    /// A chunk built from the basis: copies anywhere, literals of any
+    /// length, the literal bytes sent as announced or not.
+    WriteDelta {
+        h: u8,
+        index: u8,
+        chunk_shift: u8,
+        pieces: Vec<(bool, u16, u16)>,
+        sent: u16,
+        fill: u8,
+    },
 }
 
 fn entry(name: &[u8], size: u64, real_mtime: bool) -> WireEntry {
@@ -285,6 +297,52 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                     None => bytes,
                 };
                 data(&sent, &mut out);
+                continue;
+            }
+            Op::BasisSignature(h) => Msg::BasisSignature {
+                handle: u64::from(*h % 8),
+            },
+            Op::WriteDelta {
+                h,
+                index,
+                chunk_shift,
+                pieces,
+                sent,
+                fill,
+            } => {
+                let cs = chunk_size(*chunk_shift);
+                let offset = u64::from(*index % 16) * cs;
+                let pieces: Vec<tern_proto::WirePiece> = pieces
+                    .iter()
+                    .take(32)
+                    .map(|&(copy, at, len)| match copy {
+                        true => tern_proto::WirePiece::Copy {
+                            offset: u64::from(at),
+                            len: u32::from(len),
+                        },
+                        false => tern_proto::WirePiece::Literal { len: u32::from(len) },
+                    })
+                    .collect();
+                let len: u64 = pieces
+                    .iter()
+                    .map(|p| match *p {
+                        tern_proto::WirePiece::Copy { len, .. } | tern_proto::WirePiece::Literal { len } => {
+                            u64::from(len)
+                        }
+                    })
+                    .sum();
+                msg(
+                    Msg::WriteDelta {
+                        handle: u64::from(*h % 8),
+                        index: u64::from(*index % 16),
+                        offset,
+                        len: len.min(cs),
+                        pieces,
+                        cv: [*fill; 32],
+                    },
+                    &mut out,
+                );
+                data(&vec![*fill; usize::from(*sent)], &mut out);
                 continue;
             }
             Op::FileMeta { h, writes, mode } => Msg::FileMeta {

@@ -260,6 +260,7 @@ fn add(c: &AtomicU64, n: u64) {
 }
 
 /// A task on one source entry.
+#[derive(Clone)]
 struct Task {
     src: Arc<dyn Source>,
     src_rel: PathBuf,
@@ -1011,6 +1012,8 @@ struct Large {
     failed: AtomicBool,
     state: Mutex<LargeState>,
     sink: RwLock<Option<Box<dyn WriteFile>>>,
+    /// Sent whole: a delta of it already failed.
+    whole: bool,
 }
 
 /// Per chunk, the chaining value a destination claims to hold already.
@@ -1073,6 +1076,7 @@ impl Large {
             failed: AtomicBool::new(false),
             state: Mutex::new(LargeState::default()),
             sink: RwLock::new(None),
+            whole: false,
         }
     }
 }
@@ -1280,22 +1284,25 @@ impl Ctx {
 
     /// Verifies (if asked) and renames a written, synced file into place.
     fn commit(&self, t: &Task, w: Box<dyn WriteFile>, h: Option<&Hash>) {
-        if let (true, Some(h)) = (self.opts.verify, h) {
-            if let Err(e) = w.verify(h) {
-                self.fail(e);
-                self.obs.file_done();
-                return w.abort(false);
-            }
-        }
-        match w.publish() {
-            Ok(()) => {
-                add(&self.stats.copied, 1);
-                add(&self.stats.bytes_total, t.entry.size);
-                tracing::debug!(path = %t.dst_rel.display(), hash = ?h.map(|h| h.to_hex()), "committed");
-            }
-            Err(e) => self.fail(e),
+        if let Err(e) = self.try_commit(t, w, h) {
+            self.fail(e);
         }
         self.obs.file_done();
+    }
+
+    /// Verifies (with `--verify`) and publishes, counting the file.
+    fn try_commit(&self, t: &Task, w: Box<dyn WriteFile>, h: Option<&Hash>) -> Result<()> {
+        if let (true, Some(h)) = (self.opts.verify, h) {
+            if let Err(e) = w.verify(h) {
+                w.abort(false);
+                return Err(e);
+            }
+        }
+        w.publish()?;
+        add(&self.stats.copied, 1);
+        add(&self.stats.bytes_total, t.entry.size);
+        tracing::debug!(path = %t.dst_rel.display(), hash = ?h.map(|h| h.to_hex()), "committed");
+        Ok(())
     }
 
     /// A small file read whole, hashed, as a batch item's body.
@@ -1370,7 +1377,7 @@ impl Ctx {
                     }
                 }
             }
-            if claimed_bytes == 0 && !st.cloned {
+            if claimed_bytes == 0 && !st.cloned && !l.whole {
                 st.plan = self.delta_plan(t, &*rf, &*w);
             }
             st.src = Some(Arc::from(rf));
@@ -1512,6 +1519,7 @@ impl Ctx {
                 let cvs: Option<Vec<_>> = st.cvs.iter().copied().collect();
                 let src = st.src.take();
                 let cloned = st.cloned;
+                let delta = st.plan.is_some();
                 drop(st);
                 let done = (|| {
                     let src =
@@ -1544,6 +1552,20 @@ impl Ctx {
                     Ok(h)
                 })();
                 match done {
+                    Ok(h) if delta => {
+                        if let Err(e) = self.try_commit(t, w, h.as_ref()) {
+                            // A chunk the destination could not build from
+                            // its old version (it changed meanwhile) fails
+                            // the file there: send it again, whole.
+                            tracing::info!(path = %t.dst_rel.display(), error = %e, "delta failed; sending the file whole");
+                            let mut again = Large::new(t.clone(), self.opts.chunk_size, 1);
+                            again.whole = true;
+                            self.large(&again, buf);
+                            return;
+                        }
+                        self.obs.file_done();
+                        return;
+                    }
                     Ok(h) => {
                         self.commit(t, w, h.as_ref());
                         return;

@@ -1792,6 +1792,73 @@ impl WriteFile for RemoteWriteFile {
         Ok(())
     }
 
+    fn basis_signature(&self) -> tern_core::Result<Option<tern_core::delta::Signature>> {
+        if self.ep.inner.features & tern_proto::FEATURE_DELTA == 0 {
+            return Ok(None);
+        }
+        self.ep.inner.counts.requests.fetch_add(1, Ordering::Relaxed);
+        self.ep.inner.counts.waits.fetch_add(1, Ordering::Relaxed);
+        self.ep.with(&self.rel, |s| {
+            s.send(&Msg::BasisSignature { handle: self.handle })?;
+            let mut sig = tern_core::delta::Signature::default();
+            loop {
+                let Msg::Signature { avg, chunks, last } = s.recv()? else {
+                    return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                        "expected a signature".into(),
+                    )));
+                };
+                if sig.chunks.len() + chunks.len() > tern_core::delta::MAX_SIGNATURE_CHUNKS
+                    || (!sig.chunks.is_empty() && avg != sig.avg)
+                {
+                    return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                        "a signature too large or of mixed parts".into(),
+                    )));
+                }
+                sig.avg = avg;
+                sig.chunks.extend(chunks);
+                if last {
+                    return Ok((!sig.chunks.is_empty()).then_some(sig));
+                }
+            }
+        })
+    }
+
+    fn write_delta(
+        &self,
+        index: u64,
+        offset: u64,
+        len: u64,
+        pieces: &[tern_core::delta::Piece],
+        literals: &[u8],
+        cv: &ChainingValue,
+    ) -> tern_core::Result<bool> {
+        use tern_core::delta::Piece;
+        let pieces = pieces
+            .iter()
+            .map(|p| match *p {
+                Piece::Copy { offset, len } => tern_proto::WirePiece::Copy { offset, len },
+                Piece::Literal { len } => tern_proto::WirePiece::Literal { len },
+            })
+            .collect();
+        self.ep.sent();
+        self.ep.with(&self.rel, |s| {
+            s.send(&Msg::WriteDelta {
+                handle: self.handle,
+                index,
+                offset,
+                len,
+                pieces,
+                cv: *cv,
+            })?;
+            s.send_data(literals)?;
+            s.flush()
+        })?;
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        // Whether the daemon could build it is known when the file is
+        // committed: a chunk it could not fails the file.
+        Ok(true)
+    }
+
     fn set_meta(&self, meta: &Meta, owner: bool, xattrs: &Xattrs) -> tern_core::Result<()> {
         if self.ep.inner.pipelined {
             return self.defer(|p| p.meta = Some((meta.clone(), owner, xattrs.clone())));

@@ -1100,6 +1100,15 @@ impl Session {
                 Ok(Msg::Created { resumed })
             }),
             Msg::Write(wc) => return self.write(s, wc, chunk),
+            Msg::BasisSignature { handle } => return self.basis_signature(s, handle),
+            Msg::WriteDelta {
+                handle,
+                index,
+                offset,
+                len,
+                pieces,
+                cv,
+            } => return self.write_delta(s, handle, (index, offset, len), pieces, cv),
             Msg::Pull(_) => Err(ErrorMsg::new(
                 ErrorCode::Forbidden,
                 "this daemon runs a transfer from another daemon only with tickets proving the client may read \
@@ -1547,6 +1556,107 @@ impl Session {
                 Some(f) => f
                     .write_chunk(wc.index, wc.offset, buf, &holes, (!single).then_some(&wc.cv))
                     .map_err(|e| wire::error_msg(&e)),
+                None => Err(ErrorMsg::new(ErrorCode::Protocol, "file already closed")),
+            },
+            Err(_) => Err(ErrorMsg::new(ErrorCode::Server, "poisoned lock")),
+        };
+        h.applied(r.err());
+        Ok(())
+    }
+
+    /// Sends the signature of the basis of the file written on `handle`,
+    /// in parts; one empty part when it has none.
+    fn basis_signature(&self, s: &mut Stream, handle: u64) -> Result<()> {
+        let sig = self.whandle(handle).and_then(|h| match h.file.read() {
+            Ok(f) => match f.as_ref() {
+                Some(f) => f.basis_signature().map_err(|e| wire::error_msg(&e)),
+                None => Err(ErrorMsg::new(ErrorCode::Protocol, "file already closed")),
+            },
+            Err(_) => Err(ErrorMsg::new(ErrorCode::Server, "poisoned lock")),
+        });
+        let sig = match sig {
+            Ok(sig) => sig.filter(|g| g.chunks.len() <= tern_core::delta::MAX_SIGNATURE_CHUNKS),
+            Err(e) => {
+                s.send(&Msg::Error(e))?;
+                return s.flush();
+            }
+        };
+        let Some(sig) = sig else {
+            s.send(&Msg::Signature {
+                avg: 0,
+                chunks: Vec::new(),
+                last: true,
+            })?;
+            return s.flush();
+        };
+        let parts = sig.chunks.chunks(tern_proto::SIGNATURE_PART);
+        let n = parts.len();
+        for (i, part) in parts.enumerate() {
+            s.send(&Msg::Signature {
+                avg: sig.avg,
+                chunks: part.to_vec(),
+                last: i + 1 == n,
+            })?;
+        }
+        if n == 0 {
+            s.send(&Msg::Signature {
+                avg: sig.avg,
+                chunks: Vec::new(),
+                last: true,
+            })?;
+        }
+        s.flush()
+    }
+
+    /// Builds a chunk of the file on `handle` from its basis and the
+    /// literal bytes that follow: see [`Msg::WriteDelta`].
+    fn write_delta(
+        &self,
+        s: &mut Stream,
+        handle: u64,
+        (index, offset, len): (u64, u64, u64),
+        pieces: Vec<tern_proto::WirePiece>,
+        cv: [u8; 32],
+    ) -> Result<()> {
+        use tern_core::delta::Piece;
+        let h = self.whandle(handle).map_err(NetError::Remote)?;
+        if len > MAX_CHUNK || offset.checked_add(len).is_none_or(|end| end > h.size) {
+            return Err(proto("chunk outside the file"));
+        }
+        if !hash::valid_span(offset, len) || pieces.len() > tern_proto::MAX_PIECES {
+            return Err(proto(
+                "a delta chunk that is not a whole BLAKE3 subtree, or of too many pieces",
+            ));
+        }
+        let pieces: Vec<Piece> = pieces
+            .into_iter()
+            .map(|p| match p {
+                tern_proto::WirePiece::Copy { offset, len } => Piece::Copy { offset, len },
+                tern_proto::WirePiece::Literal { len } => Piece::Literal { len },
+            })
+            .collect();
+        let literal: u64 = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Literal { .. }))
+            .map(Piece::len)
+            .sum();
+        if literal > len {
+            return Err(proto("a delta chunk with more literal bytes than the chunk"));
+        }
+        // The literals and the built chunk are both in memory at once.
+        let _held = self.mem_permit(len + literal).map_err(NetError::Remote)?;
+        let mut literals = vec![0u8; literal as usize];
+        s.recv_data(&mut literals)?;
+        let r = match h.file.read() {
+            Ok(f) => match f.as_ref() {
+                Some(f) => match f.write_delta(index, offset, len, &pieces, &literals, &cv) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ErrorMsg::new(
+                        ErrorCode::Changed,
+                        format!("chunk at offset {offset} could not be built from the old version; not written"),
+                    )),
+                    Err(e) => Err(wire::error_msg(&e)),
+                },
                 None => Err(ErrorMsg::new(ErrorCode::Protocol, "file already closed")),
             },
             Err(_) => Err(ErrorMsg::new(ErrorCode::Server, "poisoned lock")),

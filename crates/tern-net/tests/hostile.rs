@@ -2325,3 +2325,115 @@ fn a_module_may_allow_set_id_root_owners_and_privileged_xattrs_or_fix_the_owner(
         assert_eq!((uid, gid), (4321, 4322), "{name}");
     }
 }
+
+/// Issue 15: a client's delta recipe cannot make the daemon read outside
+/// the basis, write a chunk that does not hash to what the client said, or
+/// take more literal bytes than the chunk holds.
+#[test]
+fn delta_recipes_build_only_from_the_basis_and_only_what_they_promise() {
+    use tern_proto::WirePiece;
+    let st = setup();
+    let module = st.root.join("module");
+    let old: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    for n in 1..=3 {
+        fs::write(module.join(format!("sub/b{n}")), &old).expect("write");
+    }
+    let delta_file = |s: &mut Stream, handle: u64, pieces: Vec<WirePiece>, literals: &[u8], cv: [u8; 32]| {
+        s.send(&Msg::Create {
+            handle,
+            path: format!("sub/b{handle}").into_bytes(),
+            spec: WireSpec { size: 2048, ..spec() },
+        })
+        .expect("send");
+        assert!(matches!(s.recv().expect("create"), Msg::Created { .. }));
+        s.send(&Msg::BasisSignature { handle }).expect("send");
+        let mut chunks = 0;
+        loop {
+            match s.recv().expect("signature") {
+                Msg::Signature { chunks: c, last, .. } => {
+                    chunks += c.len();
+                    if last {
+                        break;
+                    }
+                }
+                m => panic!("not a signature: {m:?}"),
+            }
+        }
+        assert!(chunks > 0, "the basis has no signature");
+        for (index, offset) in [(0u64, 0u64), (1, 1024)] {
+            s.send(&Msg::WriteDelta {
+                handle,
+                index,
+                offset,
+                len: 1024,
+                pieces: if index == 0 {
+                    pieces.clone()
+                } else {
+                    vec![WirePiece::Copy {
+                        offset: 1024,
+                        len: 1024,
+                    }]
+                },
+                cv: if index == 0 {
+                    cv
+                } else {
+                    tern_core::hash::chunk_cv(1024, &old[1024..2048])
+                },
+            })
+            .expect("send");
+            s.send_data(if index == 0 { literals } else { &[] }).expect("send");
+        }
+        s.send(&Msg::Publish { handle, writes: 2 }).expect("send");
+        s.recv()
+    };
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    // Built from the basis and literals, as promised: published.
+    let mut want = old[..1024].to_vec();
+    want[100..110].copy_from_slice(b"0123456789");
+    let pieces = vec![
+        WirePiece::Copy { offset: 0, len: 100 },
+        WirePiece::Literal { len: 10 },
+        WirePiece::Copy { offset: 110, len: 914 },
+    ];
+    let cv = tern_core::hash::chunk_cv(0, &want);
+    assert!(matches!(
+        delta_file(&mut s, 1, pieces, b"0123456789", cv),
+        Ok(Msg::Done)
+    ));
+    want.extend_from_slice(&old[1024..2048]);
+    assert_eq!(fs::read(module.join("sub/b1")).expect("read"), want);
+
+    // Past the end of the basis: refused, nothing published.
+    let outside = vec![WirePiece::Copy {
+        offset: 3500,
+        len: 1024,
+    }];
+    match delta_file(&mut s, 2, outside, b"", cv) {
+        Err(NetError::Remote(e)) => assert!(e.message.contains("past the basis"), "{}", e.message),
+        other => panic!("a recipe reading past the basis: {other:?}"),
+    }
+    // A chunk that does not hash to its CV: not written, the file fails.
+    let lying = vec![WirePiece::Copy { offset: 0, len: 1024 }];
+    match delta_file(&mut s, 3, lying, b"", cv) {
+        Err(NetError::Remote(e)) => assert!(e.message.contains("could not be built"), "{}", e.message),
+        other => panic!("a chunk that does not hash to its CV: {other:?}"),
+    }
+    assert_eq!(fs::read(module.join("sub/b2")).expect("read"), old);
+    assert_eq!(fs::read(module.join("sub/b3")).expect("read"), old);
+
+    // More literal bytes than the chunk: the stream ends.
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    create(&mut s, 4, b"sub/other");
+    s.send(&Msg::WriteDelta {
+        handle: 4,
+        index: 0,
+        offset: 0,
+        len: 3,
+        pieces: vec![WirePiece::Literal { len: 1 << 30 }],
+        cv,
+    })
+    .expect("send");
+    s.send(&Msg::Publish { handle: 4, writes: 1 }).expect("send");
+    assert!(s.recv().is_err(), "a recipe of a GiB of literals for 3 bytes was taken");
+    st.outside_untouched();
+}

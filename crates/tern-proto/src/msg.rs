@@ -33,8 +33,16 @@ pub const FEATURE_BENCH: u64 = 2;
 /// TCP keeps pace on a long, lossy path (a client offers it to say it
 /// understands it).
 pub const FEATURE_TCP_BBR: u64 = 4;
+/// Feature bit: the daemon builds changed files from their old version
+/// ([`Msg::BasisSignature`], [`Msg::WriteDelta`]).
+pub const FEATURE_DELTA: u64 = 8;
+/// Signature entries per [`Msg::Signature`] part: well under the control
+/// message limit.
+pub const SIGNATURE_PART: usize = 32 << 10;
+/// Pieces in one [`Msg::WriteDelta`] recipe, at most.
+pub const MAX_PIECES: usize = 16 << 10;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
-pub const FEATURES: u64 = FEATURE_PULL | FEATURE_BENCH | FEATURE_TCP_BBR;
+pub const FEATURES: u64 = FEATURE_PULL | FEATURE_BENCH | FEATURE_TCP_BBR | FEATURE_DELTA;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -401,6 +409,59 @@ pub enum Msg {
         req: Box<PullRequest>,
         /// `tickets[i]` was granted by `req.sources[i]`.
         tickets: Vec<Ticket>,
+    },
+    // Delta transfer (feature [`FEATURE_DELTA`]).
+    /// Client: the signature of the file that the file being written on
+    /// `handle` replaces (its basis). Answered by [`Msg::Signature`] parts,
+    /// the last with `last` set; one empty part when there is no basis.
+    BasisSignature {
+        /// Handle from `Create`.
+        handle: u64,
+    },
+    /// Part of a basis signature: per content-defined chunk of the basis,
+    /// its short id and length, in file order.
+    Signature {
+        /// The average chunk size the basis was cut with.
+        avg: u32,
+        /// `(id, len)` per chunk, at most [`SIGNATURE_PART`].
+        chunks: Vec<(u64, u32)>,
+        /// The last part.
+        last: bool,
+    },
+    /// Client: chunk `index` of `handle`, to be built from the basis by
+    /// `pieces`; the literal pieces' bytes follow as one data frame. No
+    /// reply, as for [`Msg::Write`]; a chunk that does not hash to `cv` is
+    /// not written and fails the file, which the client then sends whole.
+    WriteDelta {
+        /// Handle from `Create`.
+        handle: u64,
+        /// Chunk index.
+        index: u64,
+        /// Offset in the file.
+        offset: u64,
+        /// Chunk length.
+        len: u64,
+        /// How to build it, at most [`MAX_PIECES`].
+        pieces: Vec<WirePiece>,
+        /// BLAKE3 chaining value of the built chunk at its offset.
+        cv: [u8; 32],
+    },
+}
+
+/// One part of a [`Msg::WriteDelta`] recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WirePiece {
+    /// `len` bytes copied from the basis at `offset`.
+    Copy {
+        /// Where in the basis.
+        offset: u64,
+        /// How many bytes.
+        len: u32,
+    },
+    /// The next `len` literal bytes.
+    Literal {
+        /// How many bytes.
+        len: u32,
     },
 }
 

@@ -284,6 +284,15 @@ pub struct TransferArgs {
     /// Limit the write rate, in bytes per second (suffixes K, M, G).
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     pub bwlimit: Option<u64>,
+    /// Send changed files whole, never as the difference from the
+    /// destination's old version (the default between local paths).
+    #[arg(short = 'W', long)]
+    pub whole_file: bool,
+    /// Send a changed file over 8 MiB as its difference from the old version
+    /// also between local paths (the default when a local file goes to a
+    /// daemon).
+    #[arg(long, conflicts_with = "whole_file")]
+    pub no_whole_file: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }

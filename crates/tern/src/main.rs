@@ -160,6 +160,7 @@ fn options(t: &TransferArgs, m: &ArgMatches, cancel: Arc<AtomicBool>) -> anyhow:
         hard_links: t.hard_links,
         xattrs: t.xattrs,
         bwlimit: t.bwlimit,
+        delta: t.no_whole_file,
         cancel,
         ..Options::default()
     })
@@ -443,6 +444,10 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         }
         Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) => unreachable!("handled above"),
     };
+    let whole_file = match &cli.command {
+        Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => t.whole_file,
+        _ => true,
+    };
     let jobs_given = match &cli.command {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => t.jobs.is_some(),
         Command::Check { jobs, .. } => jobs.is_some(),
@@ -467,7 +472,9 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             }
             Err(e) => return Err(e),
         };
-        let opts = jobs_for_path(&opts, jobs_given, &remotes);
+        let mut opts = jobs_for_path(&opts, jobs_given, &remotes);
+        // Like rsync: a delta where bytes cross a network, unless -W.
+        opts.delta |= !remotes.is_empty() && !whole_file;
         if opts.delete && !opts.dry_run {
             if let Some((src, dst, name)) = &plan.renamed {
                 refuse_renamed_mirror(&plan, &opts, src, dst, name)?;

@@ -120,6 +120,13 @@ impl Console {
             if s.bytes_cloned > 0 {
                 parts.push(format!("{} reflinked", HumanBytes(s.bytes_cloned)));
             }
+            if s.bytes_matched > 0 {
+                parts.push(format!(
+                    "{} sent as a delta ({} taken from the old versions)",
+                    HumanBytes(s.bytes_written),
+                    HumanBytes(s.bytes_matched)
+                ));
+            }
             for (n, what) in [
                 (s.dirs_created, "dirs created"),
                 (s.symlinks, "symlinks"),

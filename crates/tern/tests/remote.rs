@@ -683,3 +683,46 @@ fn a_module_quota_refuses_what_would_go_over_it() {
         .arg(d.url("")));
     assert_eq!(b3(&module.join("big.bin")), b3(&src.join("big.bin")));
 }
+
+/// Issue 15: a changed file pushed to a daemon crosses as its difference
+/// from the daemon's old version, over both transports, and lands equal to
+/// the source; `-W` sends it whole.
+#[test]
+fn a_changed_file_is_pushed_as_a_delta_unless_whole_file_is_asked() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    let old = data(20 << 20, 5);
+    let mut new = data(256 << 10, 6);
+    new.extend_from_slice(&old);
+    new[(12 << 20)..(12 << 20) + 3000].fill(7);
+    write(&src.join("f.bin"), &new);
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    for tr in ["tcp", "quic"] {
+        write(&module.join(format!("{tr}.bin")), &old);
+        fs::copy(src.join("f.bin"), src.join(format!("{tr}.bin"))).expect("copy");
+        let out = ok(d
+            .auth(client(t.path()).args(["copy", "--json", "--transport", tr]))
+            .arg(src.join(format!("{tr}.bin")))
+            .arg(d.url("")));
+        let j = json(&out);
+        assert_eq!(j["errors"], 0);
+        assert_eq!(b3(&module.join(format!("{tr}.bin"))), b3(&src.join("f.bin")), "{tr}");
+        let (sent, matched) = (j["bytes_written"].as_u64(), j["bytes_matched"].as_u64());
+        assert!(sent.is_some_and(|n| n < 1 << 20), "{tr}: {out}");
+        assert_eq!(sent.zip(matched).map(|(a, b)| a + b), Some(new.len() as u64));
+        assert!(side_files(&module).is_empty());
+    }
+    write(&module.join("w.bin"), &old);
+    fs::copy(src.join("f.bin"), src.join("w.bin")).expect("copy");
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json", "-W"]))
+        .arg(src.join("w.bin"))
+        .arg(d.url("")));
+    let j = json(&out);
+    assert_eq!(
+        (j["bytes_matched"].as_u64(), j["bytes_written"].as_u64()),
+        (Some(0), Some(new.len() as u64))
+    );
+    assert_eq!(b3(&module.join("w.bin")), b3(&src.join("f.bin")));
+}
