@@ -179,6 +179,20 @@ enum Op {
     },
     /// The signature of a handle's basis.
     BasisSignature(u8),
+    /// A signature part for a file open for reading (plans it when last).
+    DeltaBasis {
+        h: u8,
+        avg_shift: u8,
+        chunks: Vec<(u8, u16)>,
+        last: bool,
+        size: u32,
+        chunk_shift: u8,
+    },
+    /// A chunk of a planned file.
+    ReadDelta {
+        h: u8,
+        index: u8,
+    },
     /// A chunk built from the basis: copies anywhere, literals of any
     /// length, the literal bytes sent as announced or not.
     WriteDelta {
@@ -301,6 +315,29 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             }
             Op::BasisSignature(h) => Msg::BasisSignature {
                 handle: u64::from(*h % 8),
+            },
+            Op::DeltaBasis {
+                h,
+                avg_shift,
+                chunks,
+                last,
+                size,
+                chunk_shift,
+            } => Msg::DeltaBasis {
+                handle: u64::from(*h % 8),
+                avg: 1 << (10 + avg_shift % 12),
+                chunks: chunks
+                    .iter()
+                    .take(64)
+                    .map(|&(id, len)| (u64::from(id), u32::from(len)))
+                    .collect(),
+                last: *last,
+                size: u64::from(*size % (1 << 22)),
+                chunk_size: chunk_size(*chunk_shift),
+            },
+            Op::ReadDelta { h, index } => Msg::ReadDelta {
+                handle: u64::from(*h % 8),
+                index: u64::from(*index % 16),
             },
             Op::WriteDelta {
                 h,

@@ -117,6 +117,19 @@ pub trait ReadFile: Send + Sync {
     fn local_file(&self) -> Option<&std::fs::File> {
         None
     }
+    /// For a file not on this machine: a plan for sending it as a delta
+    /// against the basis `sig`, made where the file is (which reads it
+    /// whole), with chunks of `chunk_size`. `None` where that is not
+    /// possible; a local file is planned by the engine itself.
+    fn delta_plan(&self, _sig: &crate::delta::Signature, _chunk_size: u64) -> Result<Option<crate::delta::Plan>> {
+        Ok(None)
+    }
+    /// For a file planned by [`ReadFile::delta_plan`]: chunk `index`
+    /// (`len` bytes at `offset`) as its chaining value and the bytes of its
+    /// literal pieces, which the caller checks once it has built the chunk.
+    fn read_delta(&self, _index: u64, _offset: u64, _len: u64) -> Result<(ChainingValue, Vec<u8>)> {
+        Err(Error::Internal("no delta plan for this file".into()))
+    }
 }
 
 /// What the engine tells a destination about a file it is about to write.

@@ -1392,8 +1392,7 @@ impl Ctx {
     /// cut them) and the destination has a basis to offer; `None` also when
     /// too little of the basis matches to be worth it.
     fn delta_plan(&self, t: &Task, src: &dyn ReadFile, w: &dyn WriteFile) -> Option<Arc<crate::delta::Plan>> {
-        if !self.opts.delta || src.local_file().is_none() || !t.existing.as_ref().is_some_and(|e| e.kind == Kind::File)
-        {
+        if !self.opts.delta || !t.existing.as_ref().is_some_and(|e| e.kind == Kind::File) {
             return None;
         }
         let sig = match w.basis_signature() {
@@ -1408,15 +1407,23 @@ impl Ctx {
         if !params.valid() || sig.chunks.len() > crate::delta::MAX_SIGNATURE_CHUNKS {
             return None;
         }
-        let read = |off: u64, buf: &mut [u8]| src.read_exact_at(off, buf);
-        let cuts = match crate::delta::cut_file(&read, t.entry.size, params, self.opts.jobs) {
-            Ok(c) => c,
+        let planned = match src.local_file() {
+            Some(_) => {
+                let read = |off: u64, buf: &mut [u8]| src.read_exact_at(off, buf);
+                crate::delta::cut_file(&read, t.entry.size, params, self.opts.jobs)
+                    .map(|cuts| Some(crate::delta::plan(&cuts, &sig, t.entry.size, self.opts.chunk_size)))
+            }
+            // Its bytes would have to cross to be cut here: its side plans.
+            None => src.delta_plan(&sig, self.opts.chunk_size),
+        };
+        let plan = match planned {
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
             Err(e) => {
-                tracing::debug!(path = %t.dst_rel.display(), error = %e, "no delta: the source cannot be cut");
+                tracing::debug!(path = %t.dst_rel.display(), error = %e, "no delta: the source cannot be planned");
                 return None;
             }
         };
-        let plan = crate::delta::plan(&cuts, &sig, t.entry.size, self.opts.chunk_size);
         // Below this share, the chunks to copy do not pay for the recipes.
         if plan.matched < t.entry.size / 32 {
             tracing::debug!(path = %t.dst_rel.display(), matched = plan.matched, "no delta: the old version barely matches");
@@ -1445,36 +1452,61 @@ impl Ctx {
             }
             let off = i * cs;
             let len = cs.min(size - off);
-            let r = read_chunk(&*src, off, len as usize, buf).and_then(|holes| {
-                let cv = hash::chunk_cv(off, buf);
-                check_chunk(&*src, off, buf, Some(&cv), &holes)?;
-                // The destination's claim is kept only when the source's
-                // own bytes hash to it: whoever could write the partial file
-                // and its journal must not choose what this copy commits.
+            let has_copy = |p: &&Vec<Piece>| p.iter().any(|x| matches!(x, Piece::Copy { .. }));
+            let remote_recipe = plan
+                .as_ref()
+                .filter(|_| src.local_file().is_none())
+                .and_then(|p| p.chunks.get(i as usize))
+                .filter(has_copy);
+            let delta_read = || -> Result<Option<(ChainingValue, Sent)>> {
+                // Planned where the source is: only the literals cross.
+                let Some(pieces) = remote_recipe else { return Ok(None) };
+                let (cv, literals) = src.read_delta(i, off, len)?;
                 if claimed.get(i as usize).copied().flatten() == Some(cv) {
-                    return Ok((cv, Sent::Resumed));
+                    return Ok(Some((cv, Sent::Resumed)));
                 }
                 let sink = l.sink.read().map_err(|_| Error::Internal("poisoned lock".into()))?;
                 let Some(w) = sink.as_ref() else {
                     return Err(Error::Internal("sink missing".into()));
                 };
-                let pieces = plan.as_ref().and_then(|p| p.chunks.get(i as usize));
-                if let Some(pieces) = pieces.filter(|p| p.iter().any(|x| matches!(x, Piece::Copy { .. }))) {
-                    let literals = literal_bytes(pieces, off, buf);
-                    let sent: u64 = literals.len() as u64;
+                let sent = literals.len() as u64;
+                Ok(w.write_delta(i, off, len, pieces, &literals, &cv)?
+                    .then_some((cv, Sent::Delta(sent))))
+            };
+            let r = match delta_read() {
+                Ok(Some(done)) => Ok(done),
+                Err(e) => Err(e),
+                Ok(None) => read_chunk(&*src, off, len as usize, buf).and_then(|holes| {
+                    let cv = hash::chunk_cv(off, buf);
+                    check_chunk(&*src, off, buf, Some(&cv), &holes)?;
+                    // The destination's claim is kept only when the source's
+                    // own bytes hash to it: whoever could write the partial file
+                    // and its journal must not choose what this copy commits.
+                    if claimed.get(i as usize).copied().flatten() == Some(cv) {
+                        return Ok((cv, Sent::Resumed));
+                    }
+                    let sink = l.sink.read().map_err(|_| Error::Internal("poisoned lock".into()))?;
+                    let Some(w) = sink.as_ref() else {
+                        return Err(Error::Internal("sink missing".into()));
+                    };
+                    let local = plan.as_ref().filter(|_| src.local_file().is_some());
+                    if let Some(pieces) = local.and_then(|p| p.chunks.get(i as usize)).filter(has_copy) {
+                        let literals = literal_bytes(pieces, off, buf);
+                        let sent: u64 = literals.len() as u64;
+                        if let Some(th) = &self.throttle {
+                            th.take(sent);
+                        }
+                        if w.write_delta(i, off, len, pieces, &literals, &cv)? {
+                            return Ok((cv, Sent::Delta(sent)));
+                        }
+                    }
                     if let Some(th) = &self.throttle {
-                        th.take(sent);
+                        th.take(len);
                     }
-                    if w.write_delta(i, off, len, pieces, &literals, &cv)? {
-                        return Ok((cv, Sent::Delta(sent)));
-                    }
-                }
-                if let Some(th) = &self.throttle {
-                    th.take(len);
-                }
-                w.write_chunk(i, off, buf, &holes, Some(&cv))?;
-                Ok((cv, Sent::Whole))
-            });
+                    w.write_chunk(i, off, buf, &holes, Some(&cv))?;
+                    Ok((cv, Sent::Whole))
+                }),
+            };
             match (r, l.state.lock()) {
                 (Ok((cv, sent)), Ok(mut st)) => {
                     st.cvs[i as usize] = Some(cv);

@@ -103,9 +103,10 @@ fn options(r: &RunOptions, cancel: Arc<AtomicBool>) -> std::result::Result<Optio
         hard_links: r.hard_links,
         xattrs: r.xattrs,
         bwlimit: r.bwlimit,
-        // Its sources are other daemons, whose bytes would have to cross
-        // to be cut: delta waits for the protocol to carry recipes.
-        delta: false,
+        // Its sources are other daemons, which plan the delta themselves.
+        // (A client's -W does not reach this far yet: RunOptions has no
+        // field for it that older daemons would read.)
+        delta: true,
         cancel,
     })
 }

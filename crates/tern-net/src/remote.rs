@@ -1274,6 +1274,7 @@ impl Source for RemoteEndpoint {
             rel: rel.to_path_buf(),
             handle,
             sparse: expect.allocated < expect.size,
+            size: expect.size,
             cvs: Mutex::default(),
         }))
     }
@@ -1397,6 +1398,7 @@ struct RemoteReadFile {
     rel: PathBuf,
     handle: u64,
     sparse: bool,
+    size: u64,
     /// Chaining values the server sent, by offset, until asked for.
     cvs: Mutex<HashMap<u64, ChainingValue>>,
 }
@@ -1413,6 +1415,88 @@ impl Drop for RemoteReadFile {
 }
 
 impl ReadFile for RemoteReadFile {
+    fn delta_plan(
+        &self,
+        sig: &tern_core::delta::Signature,
+        chunk_size: u64,
+    ) -> tern_core::Result<Option<tern_core::delta::Plan>> {
+        if self.ep.inner.features & tern_proto::FEATURE_DELTA == 0 {
+            return Ok(None);
+        }
+        let grid = tern_core::hash::chunk_count(self.size, chunk_size) as usize;
+        self.ep.inner.counts.requests.fetch_add(1, Ordering::Relaxed);
+        self.ep.inner.counts.waits.fetch_add(1, Ordering::Relaxed);
+        self.ep.with(&self.rel, |s| {
+            let parts: Vec<&[(u64, u32)]> = sig.chunks.chunks(tern_proto::SIGNATURE_PART).collect();
+            let n = parts.len().max(1);
+            for i in 0..n {
+                s.send(&Msg::DeltaBasis {
+                    handle: self.handle,
+                    avg: sig.avg,
+                    chunks: parts.get(i).map_or_else(Vec::new, |p| p.to_vec()),
+                    last: i + 1 == n,
+                    size: self.size,
+                    chunk_size,
+                })?;
+            }
+            let bad = |m: &str| NetError::Proto(tern_proto::ProtoError::Malformed(m.into()));
+            let mut plan = tern_core::delta::Plan::default();
+            loop {
+                let Msg::DeltaPlan { first, chunks, last } = s.recv()? else {
+                    return Err(bad("expected a delta plan"));
+                };
+                if first != plan.chunks.len() as u64 || plan.chunks.len() + chunks.len() > grid {
+                    return Err(bad("a delta plan out of order or too long"));
+                }
+                for c in chunks {
+                    let i = plan.chunks.len() as u64;
+                    let len = chunk_size.min(self.size - i * chunk_size);
+                    let pieces: Vec<_> = c.into_iter().map(wire::unpiece).collect();
+                    if pieces.iter().map(|p| p.len()).sum::<u64>() != len {
+                        return Err(bad("a delta recipe that does not add up to its chunk"));
+                    }
+                    for p in &pieces {
+                        match p {
+                            tern_core::delta::Piece::Copy { .. } => plan.matched += p.len(),
+                            tern_core::delta::Piece::Literal { .. } => plan.literal += p.len(),
+                        }
+                    }
+                    plan.chunks.push(pieces);
+                }
+                if last {
+                    break;
+                }
+            }
+            if plan.chunks.len() != grid {
+                return Err(bad("a delta plan that does not cover the file"));
+            }
+            Ok(Some(plan))
+        })
+    }
+
+    fn read_delta(&self, index: u64, _offset: u64, len: u64) -> tern_core::Result<(ChainingValue, Vec<u8>)> {
+        self.ep.inner.counts.requests.fetch_add(1, Ordering::Relaxed);
+        self.ep.with(&self.rel, |s| {
+            s.send(&Msg::ReadDelta {
+                handle: self.handle,
+                index,
+            })?;
+            let Msg::DeltaRead { cv, literal } = s.recv()? else {
+                return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                    "expected a delta read".into(),
+                )));
+            };
+            if literal > len {
+                return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                    "more literal bytes than the chunk".into(),
+                )));
+            }
+            let mut literals = vec![0u8; literal as usize];
+            s.recv_data(&mut literals)?;
+            Ok((cv, literals))
+        })
+    }
+
     fn describe(&self) -> PathBuf {
         self.ep.shown(&self.rel)
     }
@@ -1832,14 +1916,7 @@ impl WriteFile for RemoteWriteFile {
         literals: &[u8],
         cv: &ChainingValue,
     ) -> tern_core::Result<bool> {
-        use tern_core::delta::Piece;
-        let pieces = pieces
-            .iter()
-            .map(|p| match *p {
-                Piece::Copy { offset, len } => tern_proto::WirePiece::Copy { offset, len },
-                Piece::Literal { len } => tern_proto::WirePiece::Literal { len },
-            })
-            .collect();
+        let pieces = pieces.iter().map(|&p| wire::piece(p)).collect();
         self.ep.sent();
         self.ep.with(&self.rel, |s| {
             s.send(&Msg::WriteDelta {

@@ -521,6 +521,7 @@ impl Server {
             ticket_key: self.ticket_key,
             writes: Mutex::default(),
             reads: Mutex::default(),
+            deltas: Mutex::default(),
             cancel: self.shutdown.clone(),
             idle: self.idle,
             pull: self.pull.clone(),
@@ -674,6 +675,19 @@ const LOST_CHUNK_GRACE: Duration = Duration::from_secs(2);
 /// A file open for reading, and the descriptor it takes from the budget.
 type RHandle = (Arc<dyn ReadFile>, HandleFds);
 
+/// A delta for a file open for reading (see [`Msg::DeltaBasis`]).
+enum DeltaState {
+    /// The client's signature, part by part.
+    Receiving(tern_core::delta::Signature, Vec<Permit>),
+    /// The plan, the file's size and grid, and the memory it holds.
+    Planned {
+        plan: Arc<tern_core::delta::Plan>,
+        size: u64,
+        chunk_size: u64,
+        _held: Vec<Permit>,
+    },
+}
+
 /// An authenticated client's use of one module.
 struct Session {
     id: u64,
@@ -687,6 +701,9 @@ struct Session {
     ticket_key: [u8; 32],
     writes: Mutex<HashMap<u64, Arc<WHandle>>>,
     reads: Mutex<HashMap<u64, RHandle>>,
+    /// Per read handle, a client's basis signature being received, then
+    /// the plan made against it; each holds its memory from the budget.
+    deltas: Mutex<HashMap<u64, DeltaState>>,
     cancel: Arc<AtomicBool>,
     idle: Duration,
     pull: Arc<crate::pull::PullPolicy>,
@@ -1011,6 +1028,9 @@ impl Session {
                 if let Ok(mut r) = self.reads.lock() {
                     r.remove(&handle);
                 }
+                if let Ok(mut d) = self.deltas.lock() {
+                    d.remove(&handle);
+                }
                 let fds = self.handle_fds(1)?;
                 let f = self.ep.open(&p, &e).map_err(err)?;
                 if let Ok(mut r) = self.reads.lock() {
@@ -1059,8 +1079,20 @@ impl Session {
                 if let Ok(mut r) = self.reads.lock() {
                     r.remove(&handle);
                 }
+                if let Ok(mut d) = self.deltas.lock() {
+                    d.remove(&handle);
+                }
                 return Ok(());
             }
+            Msg::DeltaBasis {
+                handle,
+                avg,
+                chunks,
+                last,
+                size,
+                chunk_size,
+            } => return self.delta_basis(s, handle, (avg, chunks, last), (size, chunk_size)),
+            Msg::ReadDelta { handle, index } => return self.read_delta(s, handle, index, buf),
             Msg::Hash { path, expect } => self.path(&path).and_then(|p| {
                 let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
                 let _fd = self.fd_permit(1, Instant::now() + self.fd_wait())?;
@@ -1564,6 +1596,149 @@ impl Session {
         Ok(())
     }
 
+    /// Takes a part of a client's basis signature for the file open on
+    /// `handle`; after the last, plans the file against it and sends the
+    /// plan in parts. Memory for both comes from the daemon's budget.
+    fn delta_basis(
+        &self,
+        s: &mut Stream,
+        handle: u64,
+        (avg, chunks, last): (u32, Vec<(u64, u32)>, bool),
+        (size, chunk_size): (u64, u64),
+    ) -> Result<()> {
+        use tern_core::delta::{Params, Signature};
+        const ENTRY: u64 = 16;
+        let f = self.rhandle(handle).map_err(NetError::Remote)?;
+        if chunks.len() > tern_proto::SIGNATURE_PART || !(Params { avg }).valid() {
+            return Err(proto(
+                "a signature part too large, or of a chunk size tern does not cut with",
+            ));
+        }
+        let held = self.mem_permit(chunks.len() as u64 * ENTRY).map_err(NetError::Remote)?;
+        let mut sig = {
+            let mut d = self.deltas.lock().map_err(|_| proto("poisoned lock"))?;
+            match d.remove(&handle) {
+                Some(DeltaState::Receiving(mut sig, mut permits)) if sig.avg == avg => {
+                    sig.chunks.extend(chunks);
+                    permits.push(held);
+                    (sig, permits)
+                }
+                Some(_) => return Err(proto("a signature of mixed parts, or after its plan")),
+                None => (Signature { avg, chunks }, vec![held]),
+            }
+        };
+        if sig.0.chunks.len() > tern_core::delta::MAX_SIGNATURE_CHUNKS {
+            return Err(proto("a signature too large"));
+        }
+        if !last {
+            if let Ok(mut d) = self.deltas.lock() {
+                d.insert(handle, DeltaState::Receiving(sig.0, sig.1));
+            }
+            return Ok(());
+        }
+        if !chunk_size.is_power_of_two() || !(1024..=MAX_CHUNK).contains(&chunk_size) {
+            return Err(proto("a plan over a grid tern does not use"));
+        }
+        let planned = (|| {
+            let read = |off: u64, b: &mut [u8]| f.read_exact_at(off, b);
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+            let cuts = tern_core::delta::cut_file(&read, size, Params { avg }, threads)?;
+            Ok::<_, Error>(tern_core::delta::plan(&cuts, &sig.0, size, chunk_size))
+        })();
+        let plan = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                s.send(&Msg::Error(wire::error_msg(&e)))?;
+                return s.flush();
+            }
+        };
+        drop(std::mem::take(&mut sig.1));
+        let pieces: u64 = plan.chunks.iter().map(|c| c.len() as u64 + 1).sum();
+        let held = self.mem_permit(pieces * ENTRY).map_err(NetError::Remote)?;
+        let plan = Arc::new(plan);
+        let mut first = 0usize;
+        while first < plan.chunks.len() || first == 0 {
+            let (mut end, mut n) = (first, 0usize);
+            while end < plan.chunks.len() && (end == first || n + plan.chunks[end].len() <= tern_proto::MAX_PIECES) {
+                n += plan.chunks[end].len();
+                end += 1;
+            }
+            let part = plan.chunks[first..end]
+                .iter()
+                .map(|c| c.iter().map(|&p| wire::piece(p)).collect())
+                .collect();
+            s.send(&Msg::DeltaPlan {
+                first: first as u64,
+                chunks: part,
+                last: end >= plan.chunks.len(),
+            })?;
+            if end >= plan.chunks.len() {
+                break;
+            }
+            first = end;
+        }
+        if let Ok(mut d) = self.deltas.lock() {
+            d.insert(
+                handle,
+                DeltaState::Planned {
+                    plan,
+                    size,
+                    chunk_size,
+                    _held: vec![held],
+                },
+            );
+        }
+        s.flush()
+    }
+
+    /// Sends chunk `index` of a planned file: its CV and its literal bytes.
+    fn read_delta(&self, s: &mut Stream, handle: u64, index: u64, buf: &mut Vec<u8>) -> Result<()> {
+        let f = self.rhandle(handle).map_err(NetError::Remote)?;
+        let (pieces, offset, len) = {
+            let d = self.deltas.lock().map_err(|_| proto("poisoned lock"))?;
+            let Some(DeltaState::Planned {
+                plan, size, chunk_size, ..
+            }) = d.get(&handle)
+            else {
+                return Err(proto("a delta read of a file with no plan"));
+            };
+            let Some(pieces) = plan.chunks.get(index as usize) else {
+                return Err(proto("a delta read past the plan"));
+            };
+            let offset = index * chunk_size;
+            (pieces.clone(), offset, (*chunk_size).min(size - offset))
+        };
+        let read = self.mem_permit(len).and_then(|held| {
+            buf.resize(len as usize, 0);
+            f.read_exact_at(offset, buf).map_err(|e| wire::error_msg(&e))?;
+            Ok(held)
+        });
+        let _held = match read {
+            Ok(h) => h,
+            Err(e) => {
+                s.send(&Msg::Error(e))?;
+                return s.flush();
+            }
+        };
+        let cv = hash::chunk_cv(offset, buf);
+        let mut literals = Vec::new();
+        for (at, l) in tern_core::delta::literal_ranges(&pieces, offset) {
+            let from = (at - offset) as usize;
+            if let Some(b) = buf.get(from..from + l as usize) {
+                literals.extend_from_slice(b);
+            }
+        }
+        s.send(&Msg::DeltaRead {
+            cv,
+            literal: literals.len() as u64,
+        })?;
+        s.send_data(&literals)?;
+        if buf.capacity() > KEEP_BUFFER {
+            *buf = Vec::new();
+        }
+        s.flush()
+    }
+
     /// Sends the signature of the basis of the file written on `handle`,
     /// in parts; one empty part when it has none.
     fn basis_signature(&self, s: &mut Stream, handle: u64) -> Result<()> {
@@ -1628,13 +1803,7 @@ impl Session {
                 "a delta chunk that is not a whole BLAKE3 subtree, or of too many pieces",
             ));
         }
-        let pieces: Vec<Piece> = pieces
-            .into_iter()
-            .map(|p| match p {
-                tern_proto::WirePiece::Copy { offset, len } => Piece::Copy { offset, len },
-                tern_proto::WirePiece::Literal { len } => Piece::Literal { len },
-            })
-            .collect();
+        let pieces: Vec<Piece> = pieces.into_iter().map(wire::unpiece).collect();
         let literal: u64 = pieces
             .iter()
             .filter(|p| matches!(p, Piece::Literal { .. }))

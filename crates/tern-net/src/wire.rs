@@ -175,3 +175,19 @@ pub fn unerror(m: ErrorMsg, shown: PathBuf) -> Error {
         },
     }
 }
+
+/// A recipe piece on the wire.
+pub fn piece(p: tern_core::delta::Piece) -> tern_proto::WirePiece {
+    match p {
+        tern_core::delta::Piece::Copy { offset, len } => tern_proto::WirePiece::Copy { offset, len },
+        tern_core::delta::Piece::Literal { len } => tern_proto::WirePiece::Literal { len },
+    }
+}
+
+/// A recipe piece from the wire.
+pub fn unpiece(p: tern_proto::WirePiece) -> tern_core::delta::Piece {
+    match p {
+        tern_proto::WirePiece::Copy { offset, len } => tern_core::delta::Piece::Copy { offset, len },
+        tern_proto::WirePiece::Literal { len } => tern_core::delta::Piece::Literal { len },
+    }
+}

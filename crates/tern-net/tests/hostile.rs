@@ -2437,3 +2437,61 @@ fn delta_recipes_build_only_from_the_basis_and_only_what_they_promise() {
     assert!(s.recv().is_err(), "a recipe of a GiB of literals for 3 bytes was taken");
     st.outside_untouched();
 }
+
+/// Issue 15: a read-only client may have the daemon plan a file it reads
+/// against its own signature, and read the planned chunks; a signature of
+/// a chunk size tern does not cut with, or a read outside the plan, ends
+/// the stream rather than reading anything else.
+#[test]
+fn delta_reads_stay_within_their_plan() {
+    let st = setup();
+    let module = st.root.join("module");
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+    fs::write(module.join("sub/f"), &data).expect("write");
+    let mut s = st.session("data", TOKEN, false).expect("session");
+    open_read(&mut s, 1, b"sub/f");
+    let basis = |avg: u32| Msg::DeltaBasis {
+        handle: 1,
+        avg,
+        chunks: vec![(1, 100)],
+        last: true,
+        size: data.len() as u64,
+        chunk_size: 1024,
+    };
+    s.send(&basis(2048)).expect("send");
+    let mut chunks = 0;
+    loop {
+        match s.recv().expect("plan") {
+            Msg::DeltaPlan { chunks: c, last, .. } => {
+                chunks += c.len();
+                if last {
+                    break;
+                }
+            }
+            m => panic!("not a plan: {m:?}"),
+        }
+    }
+    assert_eq!(chunks, 5, "one recipe per 1 KiB of 5000 bytes");
+    s.send(&Msg::ReadDelta { handle: 1, index: 4 }).expect("send");
+    match s.recv().expect("read") {
+        Msg::DeltaRead { cv, literal } => {
+            assert_eq!(cv, tern_core::hash::chunk_cv(4096, &data[4096..]));
+            let mut lits = vec![0u8; literal as usize];
+            s.recv_data(&mut lits).expect("data");
+            assert_eq!(lits, &data[4096..], "nothing matched: all literal");
+        }
+        m => panic!("not a delta read: {m:?}"),
+    }
+    s.send(&Msg::ReadDelta { handle: 1, index: 5 }).expect("send");
+    assert!(s.recv().is_err(), "a read past the plan was answered");
+
+    let mut s = st.session("data", TOKEN, false).expect("session");
+    open_read(&mut s, 1, b"sub/f");
+    s.send(&basis(3000)).expect("send");
+    assert!(s.recv().is_err(), "a chunk size tern does not cut with was taken");
+    let mut s = st.session("data", TOKEN, false).expect("session");
+    open_read(&mut s, 1, b"sub/f");
+    s.send(&Msg::ReadDelta { handle: 1, index: 0 }).expect("send");
+    assert!(s.recv().is_err(), "a delta read with no plan was answered");
+    st.outside_untouched();
+}

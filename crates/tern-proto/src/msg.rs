@@ -446,6 +446,48 @@ pub enum Msg {
         /// BLAKE3 chaining value of the built chunk at its offset.
         cv: [u8; 32],
     },
+    /// Client: part of the signature of its old version of the file open
+    /// for reading on `handle`. After the last part the daemon reads the
+    /// file, plans it against the signature and answers with
+    /// [`Msg::DeltaPlan`] parts.
+    DeltaBasis {
+        /// Handle from `OpenRead`.
+        handle: u64,
+        /// The average chunk size the basis was cut with.
+        avg: u32,
+        /// `(id, len)` per basis chunk, at most [`SIGNATURE_PART`].
+        chunks: Vec<(u64, u32)>,
+        /// The last part: `size` and `chunk_size` then say what to plan.
+        last: bool,
+        /// The file's size.
+        size: u64,
+        /// The grid the plan is laid over.
+        chunk_size: u64,
+    },
+    /// Part of a plan: the recipes of consecutive grid chunks from `first`.
+    DeltaPlan {
+        /// Index of the first chunk in this part.
+        first: u64,
+        /// Per chunk, its pieces.
+        chunks: Vec<Vec<WirePiece>>,
+        /// The last part.
+        last: bool,
+    },
+    /// Client: grid chunk `index` of the planned file on `handle`. Answered
+    /// by [`Msg::DeltaRead`] and one data frame of its literal bytes.
+    ReadDelta {
+        /// Handle from `OpenRead`.
+        handle: u64,
+        /// Chunk index.
+        index: u64,
+    },
+    /// Reply to `ReadDelta`.
+    DeltaRead {
+        /// BLAKE3 chaining value of the whole chunk at its offset.
+        cv: [u8; 32],
+        /// Literal bytes in the data frame that follows.
+        literal: u64,
+    },
 }
 
 /// One part of a [`Msg::WriteDelta`] recipe.

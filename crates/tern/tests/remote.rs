@@ -396,6 +396,17 @@ fn remote_to_remote_goes_daemon_to_daemon_when_both_allow_it() {
             .arg(b.url(&run)));
         assert_eq!(json(&out)["direct"], true);
         same_tree(&src, &dst.join(&run));
+        // A large file changed on B: B rebuilds it from its old version and
+        // what A sends of the difference.
+        let mut changed = fs::read(src.join("big.bin")).expect("read");
+        changed[1000..1100].fill(0);
+        write(&dst.join(format!("{run}/big.bin")), &changed);
+        let out = ok(to(&b, &["sync", "--json", "--chunk-size", "256K", "--transport", tr])
+            .arg(a.url(""))
+            .arg(b.url(&run)));
+        let j = json(&out);
+        assert!(j["bytes_matched"].as_u64().is_some_and(|n| n > 4 << 20), "{out}");
+        same_tree(&src, &dst.join(&run));
     }
 
     // Where either side does not allow it, the data goes through the
@@ -688,7 +699,7 @@ fn a_module_quota_refuses_what_would_go_over_it() {
 /// from the daemon's old version, over both transports, and lands equal to
 /// the source; `-W` sends it whole.
 #[test]
-fn a_changed_file_is_pushed_as_a_delta_unless_whole_file_is_asked() {
+fn a_changed_file_is_pushed_and_pulled_as_a_delta_unless_whole_file_is_asked() {
     let t = tempfile::tempdir().expect("tempdir");
     let (src, module) = (t.path().join("src"), t.path().join("module"));
     let old = data(20 << 20, 5);
@@ -712,6 +723,19 @@ fn a_changed_file_is_pushed_as_a_delta_unless_whole_file_is_asked() {
         assert!(sent.is_some_and(|n| n < 1 << 20), "{tr}: {out}");
         assert_eq!(sent.zip(matched).map(|(a, b)| a + b), Some(new.len() as u64));
         assert!(side_files(&module).is_empty());
+    }
+    // Pulled back onto a local old version: only the difference crosses.
+    for tr in ["tcp", "quic"] {
+        let back = t.path().join(format!("back-{tr}.bin"));
+        write(&back, &old);
+        let out = ok(d
+            .auth(client(t.path()).args(["copy", "--json", "--transport", tr]))
+            .arg(d.url(&format!("{tr}.bin")))
+            .arg(&back));
+        let j = json(&out);
+        assert_eq!(b3(&back), b3(&src.join("f.bin")), "pull over {tr}");
+        assert!(j["bytes_written"].as_u64().is_some_and(|n| n < 1 << 20), "{tr}: {out}");
+        assert!(j["bytes_matched"].as_u64().is_some_and(|n| n > 19 << 20), "{tr}: {out}");
     }
     write(&module.join("w.bin"), &old);
     fs::copy(src.join("f.bin"), src.join("w.bin")).expect("copy");
