@@ -329,7 +329,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 chunks: chunks
                     .iter()
                     .take(64)
-                    .map(|&(id, len)| (u64::from(id), u32::from(len)))
+                    .map(|&(id, len)| ([id; 8], u32::from(len)))
                     .collect(),
                 last: *last,
                 size: u64::from(*size % (1 << 22)),

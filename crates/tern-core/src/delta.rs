@@ -125,10 +125,25 @@ pub type ReadAt<'a> = &'a (dyn Fn(u64, &mut [u8]) -> Result<()> + Sync);
 /// Cuts `size` bytes read through `read` into content-defined chunks, one
 /// segment per thread (at most `threads` at once).
 pub fn cut_file(read: ReadAt<'_>, size: u64, params: Params, threads: usize) -> Result<Vec<Cut>> {
+    cut_and_hash(read, size, params, threads, None).map(|(cuts, _)| cuts)
+}
+
+/// [`cut_file`], also computing in the same pass the chaining value of
+/// every chunk of the grid of `chunk_size` (which must divide [`SEGMENT`]),
+/// so that a sender need not read its file again but for the literals.
+pub fn cut_and_hash(
+    read: ReadAt<'_>,
+    size: u64,
+    params: Params,
+    threads: usize,
+    chunk_size: Option<u64>,
+) -> Result<(Vec<Cut>, Vec<blake3::hazmat::ChainingValue>)> {
+    let grid = chunk_size.filter(|cs| cs.is_power_of_two() && *cs <= SEGMENT);
     let segments = size.div_ceil(SEGMENT).max(1);
     let threads = threads.clamp(1, segments as usize);
     let next = std::sync::atomic::AtomicU64::new(0);
-    let mut parts: Vec<(u64, Result<Vec<Cut>>)> = std::thread::scope(|s| {
+    type Part = (Vec<Cut>, Vec<blake3::hazmat::ChainingValue>);
+    let mut parts: Vec<(u64, Result<Part>)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -142,7 +157,17 @@ pub fn cut_file(read: ReadAt<'_>, size: u64, params: Params, threads: usize) -> 
                         let start = k * SEGMENT;
                         let len = SEGMENT.min(size - start) as usize;
                         buf.resize(len, 0);
-                        let r = read(start, &mut buf).map(|()| cut_bytes(&buf, start, params));
+                        let r = read(start, &mut buf).map(|()| {
+                            let cvs: Vec<_> = match grid {
+                                Some(cs) => buf
+                                    .chunks(cs as usize)
+                                    .enumerate()
+                                    .map(|(j, c)| crate::hash::chunk_cv(start + j as u64 * cs, c))
+                                    .collect(),
+                                None => Vec::new(),
+                            };
+                            (cut_bytes(&buf, start, params), cvs)
+                        });
                         done.push((k, r));
                     }
                 })
@@ -154,11 +179,13 @@ pub fn cut_file(read: ReadAt<'_>, size: u64, params: Params, threads: usize) -> 
         return Err(Error::Internal("a chunking thread failed".into()));
     }
     parts.sort_by_key(|p| p.0);
-    let mut cuts = Vec::new();
+    let (mut cuts, mut cvs) = (Vec::new(), Vec::new());
     for (_, p) in parts {
-        cuts.extend(p?);
+        let (c, v) = p?;
+        cuts.extend(c);
+        cvs.extend(v);
     }
-    Ok(cuts)
+    Ok((cuts, cvs))
 }
 
 /// Cuts `data`, which starts at `base` in its file.
@@ -199,6 +226,9 @@ pub struct Plan {
     pub matched: u64,
     /// Bytes that must cross.
     pub literal: u64,
+    /// Per grid chunk, its chaining value, when the sender computed them
+    /// while cutting (empty otherwise).
+    pub cvs: Vec<blake3::hazmat::ChainingValue>,
 }
 
 /// Matches the new version's `cuts` (of a file of `size` bytes) against

@@ -1410,8 +1410,14 @@ impl Ctx {
         let planned = match src.local_file() {
             Some(_) => {
                 let read = |off: u64, buf: &mut [u8]| src.read_exact_at(off, buf);
-                crate::delta::cut_file(&read, t.entry.size, params, self.opts.jobs)
-                    .map(|cuts| Some(crate::delta::plan(&cuts, &sig, t.entry.size, self.opts.chunk_size)))
+                let cs = self.opts.chunk_size;
+                crate::delta::cut_and_hash(&read, t.entry.size, params, self.opts.jobs, Some(cs)).map(|(cuts, cvs)| {
+                    let mut plan = crate::delta::plan(&cuts, &sig, t.entry.size, cs);
+                    if cvs.len() == plan.chunks.len() {
+                        plan.cvs = cvs;
+                    }
+                    Some(plan)
+                })
             }
             // Its bytes would have to cross to be cut here: its side plans.
             None => src.delta_plan(&sig, self.opts.chunk_size),
@@ -1453,15 +1459,25 @@ impl Ctx {
             let off = i * cs;
             let len = cs.min(size - off);
             let has_copy = |p: &&Vec<Piece>| p.iter().any(|x| matches!(x, Piece::Copy { .. }));
-            let remote_recipe = plan
-                .as_ref()
-                .filter(|_| src.local_file().is_none())
-                .and_then(|p| p.chunks.get(i as usize))
-                .filter(has_copy);
+            let recipe = plan.as_ref().and_then(|p| p.chunks.get(i as usize)).filter(has_copy);
+            let known_cv = plan.as_ref().and_then(|p| p.cvs.get(i as usize)).copied();
             let delta_read = || -> Result<Option<(ChainingValue, Sent)>> {
-                // Planned where the source is: only the literals cross.
-                let Some(pieces) = remote_recipe else { return Ok(None) };
-                let (cv, literals) = src.read_delta(i, off, len)?;
+                let Some(pieces) = recipe else { return Ok(None) };
+                let (cv, literals) = match (src.local_file(), known_cv) {
+                    // Hashed while cut: only the literals are read again.
+                    (Some(_), Some(cv)) => {
+                        let mut lits = Vec::new();
+                        for (at, n) in crate::delta::literal_ranges(pieces, off) {
+                            let from = lits.len();
+                            lits.resize(from + n as usize, 0);
+                            src.read_exact_at(at, &mut lits[from..])?;
+                        }
+                        (cv, lits)
+                    }
+                    (Some(_), None) => return Ok(None),
+                    // Planned where the source is: only the literals cross.
+                    (None, _) => src.read_delta(i, off, len)?,
+                };
                 if claimed.get(i as usize).copied().flatten() == Some(cv) {
                     return Ok(Some((cv, Sent::Resumed)));
                 }

@@ -1433,7 +1433,9 @@ impl ReadFile for RemoteReadFile {
                 s.send(&Msg::DeltaBasis {
                     handle: self.handle,
                     avg: sig.avg,
-                    chunks: parts.get(i).map_or_else(Vec::new, |p| p.to_vec()),
+                    chunks: parts
+                        .get(i)
+                        .map_or_else(Vec::new, |p| p.iter().map(|&c| wire::id(c)).collect()),
                     last: i + 1 == n,
                     size: self.size,
                     chunk_size,
@@ -1899,7 +1901,7 @@ impl WriteFile for RemoteWriteFile {
                     )));
                 }
                 sig.avg = avg;
-                sig.chunks.extend(chunks);
+                sig.chunks.extend(chunks.into_iter().map(wire::unid));
                 if last {
                     return Ok((!sig.chunks.is_empty()).then_some(sig));
                 }

@@ -1603,7 +1603,7 @@ impl Session {
         &self,
         s: &mut Stream,
         handle: u64,
-        (avg, chunks, last): (u32, Vec<(u64, u32)>, bool),
+        (avg, chunks, last): (u32, Vec<([u8; 8], u32)>, bool),
         (size, chunk_size): (u64, u64),
     ) -> Result<()> {
         use tern_core::delta::{Params, Signature};
@@ -1615,6 +1615,7 @@ impl Session {
             ));
         }
         let held = self.mem_permit(chunks.len() as u64 * ENTRY).map_err(NetError::Remote)?;
+        let chunks: Vec<(u64, u32)> = chunks.into_iter().map(wire::unid).collect();
         let mut sig = {
             let mut d = self.deltas.lock().map_err(|_| proto("poisoned lock"))?;
             match d.remove(&handle) {
@@ -1769,7 +1770,7 @@ impl Session {
         for (i, part) in parts.enumerate() {
             s.send(&Msg::Signature {
                 avg: sig.avg,
-                chunks: part.to_vec(),
+                chunks: part.iter().map(|&c| wire::id(c)).collect(),
                 last: i + 1 == n,
             })?;
         }

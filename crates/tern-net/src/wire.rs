@@ -191,3 +191,13 @@ pub fn unpiece(p: tern_proto::WirePiece) -> tern_core::delta::Piece {
         tern_proto::WirePiece::Literal { len } => tern_core::delta::Piece::Literal { len },
     }
 }
+
+/// A signature entry on the wire: its id as fixed bytes.
+pub fn id((id, len): (u64, u32)) -> ([u8; 8], u32) {
+    (id.to_le_bytes(), len)
+}
+
+/// A signature entry from the wire.
+pub fn unid((id, len): ([u8; 8], u32)) -> (u64, u32) {
+    (u64::from_le_bytes(id), len)
+}

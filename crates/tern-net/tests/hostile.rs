@@ -2453,7 +2453,7 @@ fn delta_reads_stay_within_their_plan() {
     let basis = |avg: u32| Msg::DeltaBasis {
         handle: 1,
         avg,
-        chunks: vec![(1, 100)],
+        chunks: vec![([1; 8], 100)],
         last: true,
         size: data.len() as u64,
         chunk_size: 1024,

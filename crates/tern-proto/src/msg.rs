@@ -423,8 +423,9 @@ pub enum Msg {
     Signature {
         /// The average chunk size the basis was cut with.
         avg: u32,
-        /// `(id, len)` per chunk, at most [`SIGNATURE_PART`].
-        chunks: Vec<(u64, u32)>,
+        /// `(id, len)` per chunk, at most [`SIGNATURE_PART`]; ids are
+        /// fixed 8 bytes (as varints they would take 9 or 10).
+        chunks: Vec<([u8; 8], u32)>,
         /// The last part.
         last: bool,
     },
@@ -455,8 +456,8 @@ pub enum Msg {
         handle: u64,
         /// The average chunk size the basis was cut with.
         avg: u32,
-        /// `(id, len)` per basis chunk, at most [`SIGNATURE_PART`].
-        chunks: Vec<(u64, u32)>,
+        /// `(id, len)` per basis chunk, as in [`Msg::Signature`].
+        chunks: Vec<([u8; 8], u32)>,
         /// The last part: `size` and `chunk_size` then say what to plan.
         last: bool,
         /// The file's size.
