@@ -325,6 +325,20 @@ pub fn literal_ranges(pieces: &[Piece], chunk_offset: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// The bytes of the literal pieces of the chunk at `chunk_offset`, taken
+/// from the chunk's bytes. A range outside `chunk` is left out, which makes
+/// the literals short: the receiver refuses them.
+pub fn literals(pieces: &[Piece], chunk_offset: u64, chunk: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (at, len) in literal_ranges(pieces, chunk_offset) {
+        let from = (at - chunk_offset) as usize;
+        if let Some(b) = chunk.get(from..from + len as usize) {
+            out.extend_from_slice(b);
+        }
+    }
+    out
+}
+
 /// Builds a grid chunk of `len` bytes into `out` from its recipe: basis
 /// ranges read from `basis` (of `basis_size` bytes), literals taken in
 /// order from `literals`. A recipe that does not add up to `len`, reads
@@ -415,10 +429,7 @@ mod tests {
         for (i, pieces) in plan.chunks.iter().enumerate() {
             let off = i as u64 * cs;
             let len = cs.min(new.len() as u64 - off);
-            let lits: Vec<u8> = literal_ranges(pieces, off)
-                .iter()
-                .flat_map(|&(s, l)| new[s as usize..(s + l) as usize].to_vec())
-                .collect();
+            let lits = literals(pieces, off, &new[off as usize..(off + len) as usize]);
             assemble(pieces, len, &b, basis.len() as u64, &lits, &mut out).expect("assemble");
             built.extend_from_slice(&out);
         }

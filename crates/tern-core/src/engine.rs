@@ -1033,20 +1033,6 @@ enum Sent {
     Delta(u64),
 }
 
-/// The bytes of the literal pieces of a chunk at `offset` read into `chunk`.
-fn literal_bytes(pieces: &[Piece], offset: u64, chunk: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (s, l) in crate::delta::literal_ranges(pieces, offset) {
-        let at = (s - offset) as usize;
-        // A range outside the chunk leaves the literals short, which the
-        // destination refuses.
-        if let Some(b) = chunk.get(at..at + l as usize) {
-            out.extend_from_slice(b);
-        }
-    }
-    out
-}
-
 #[derive(Default)]
 struct LargeState {
     opened: bool,
@@ -1507,7 +1493,7 @@ impl Ctx {
                     };
                     let local = plan.as_ref().filter(|_| src.local_file().is_some());
                     if let Some(pieces) = local.and_then(|p| p.chunks.get(i as usize)).filter(has_copy) {
-                        let literals = literal_bytes(pieces, off, buf);
+                        let literals = crate::delta::literals(pieces, off, buf);
                         let sent: u64 = literals.len() as u64;
                         if let Some(th) = &self.throttle {
                             th.take(sent);

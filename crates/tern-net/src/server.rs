@@ -1616,7 +1616,7 @@ impl Session {
         }
         let held = self.mem_permit(chunks.len() as u64 * ENTRY).map_err(NetError::Remote)?;
         let chunks: Vec<(u64, u32)> = chunks.into_iter().map(wire::unid).collect();
-        let mut sig = {
+        let (sig, permits) = {
             let mut d = self.deltas.lock().map_err(|_| proto("poisoned lock"))?;
             match d.remove(&handle) {
                 Some(DeltaState::Receiving(mut sig, mut permits)) if sig.avg == avg => {
@@ -1628,12 +1628,12 @@ impl Session {
                 None => (Signature { avg, chunks }, vec![held]),
             }
         };
-        if sig.0.chunks.len() > tern_core::delta::MAX_SIGNATURE_CHUNKS {
+        if sig.chunks.len() > tern_core::delta::MAX_SIGNATURE_CHUNKS {
             return Err(proto("a signature too large"));
         }
         if !last {
             if let Ok(mut d) = self.deltas.lock() {
-                d.insert(handle, DeltaState::Receiving(sig.0, sig.1));
+                d.insert(handle, DeltaState::Receiving(sig, permits));
             }
             return Ok(());
         }
@@ -1644,7 +1644,7 @@ impl Session {
             let read = |off: u64, b: &mut [u8]| f.read_exact_at(off, b);
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
             let cuts = tern_core::delta::cut_file(&read, size, Params { avg }, threads)?;
-            Ok::<_, Error>(tern_core::delta::plan(&cuts, &sig.0, size, chunk_size))
+            Ok::<_, Error>(tern_core::delta::plan(&cuts, &sig, size, chunk_size))
         })();
         let plan = match planned {
             Ok(p) => p,
@@ -1653,7 +1653,8 @@ impl Session {
                 return s.flush();
             }
         };
-        drop(std::mem::take(&mut sig.1));
+        // The signature's memory goes back; the plan's is taken next.
+        drop((sig, permits));
         let pieces: u64 = plan.chunks.iter().map(|c| c.len() as u64 + 1).sum();
         let held = self.mem_permit(pieces * ENTRY).map_err(NetError::Remote)?;
         let plan = Arc::new(plan);
@@ -1722,13 +1723,7 @@ impl Session {
             }
         };
         let cv = hash::chunk_cv(offset, buf);
-        let mut literals = Vec::new();
-        for (at, l) in tern_core::delta::literal_ranges(&pieces, offset) {
-            let from = (at - offset) as usize;
-            if let Some(b) = buf.get(from..from + l as usize) {
-                literals.extend_from_slice(b);
-            }
-        }
+        let literals = tern_core::delta::literals(&pieces, offset, buf);
         s.send(&Msg::DeltaRead {
             cv,
             literal: literals.len() as u64,
@@ -1751,7 +1746,7 @@ impl Session {
             Err(_) => Err(ErrorMsg::new(ErrorCode::Server, "poisoned lock")),
         });
         let sig = match sig {
-            Ok(sig) => sig.filter(|g| g.chunks.len() <= tern_core::delta::MAX_SIGNATURE_CHUNKS),
+            Ok(sig) => sig.filter(|g| !g.chunks.is_empty() && g.chunks.len() <= tern_core::delta::MAX_SIGNATURE_CHUNKS),
             Err(e) => {
                 s.send(&Msg::Error(e))?;
                 return s.flush();
@@ -1772,13 +1767,6 @@ impl Session {
                 avg: sig.avg,
                 chunks: part.iter().map(|&c| wire::id(c)).collect(),
                 last: i + 1 == n,
-            })?;
-        }
-        if n == 0 {
-            s.send(&Msg::Signature {
-                avg: sig.avg,
-                chunks: Vec::new(),
-                last: true,
             })?;
         }
         s.flush()
