@@ -260,23 +260,107 @@ pub struct Plan {
     pub cvs: Vec<blake3::hazmat::ChainingValue>,
 }
 
+/// The basis's chunks by id and length, each at its first offset.
+pub struct Index(HashMap<(u64, u32), u64>);
+
+impl Index {
+    /// Indexes `sig`.
+    pub fn new(sig: &Signature) -> Index {
+        let mut index = HashMap::with_capacity(sig.chunks.len());
+        let mut at = 0u64;
+        for &(id, len) in &sig.chunks {
+            index.entry((id, len)).or_insert(at);
+            at += u64::from(len);
+        }
+        Index(index)
+    }
+
+    /// Where in the basis a chunk like `c` starts, if it holds one.
+    pub fn find(&self, c: &Cut) -> Option<u64> {
+        self.0.get(&(c.id, c.len)).copied()
+    }
+}
+
+/// Whether finding `matched` bytes of a file of `size` in its basis pays for
+/// the recipes and the signature: below a 32nd, the file is sent plainly.
+pub fn worth(matched: u64, size: u64) -> bool {
+    matched >= size / 32
+}
+
+/// Windows of the new version cut and looked up before the whole file is.
+const SAMPLES: u64 = 64;
+
+/// Whether a sample of the new version (`size` bytes read through `read`)
+/// finds anything in the basis: [`SAMPLES`] windows of eight average chunks,
+/// spread evenly, so that any stretch of a 32nd of the file (what
+/// [`worth`] asks for) holds a whole window. A file rewritten through is
+/// then sent plainly at the cost of reading less than 1% of it, not after
+/// cutting all of it. Files too small for the sample to be cheap are not
+/// sampled.
+fn sample_matches(read: ReadAt<'_>, size: u64, params: Params, index: &Index) -> Result<bool> {
+    let window = 8 * u64::from(params.avg);
+    if size < SAMPLES * window * 4 {
+        return Ok(true);
+    }
+    let mut buf = vec![0u8; window as usize];
+    for k in 0..SAMPLES {
+        let at = k * (size / SAMPLES);
+        read(at, &mut buf)?;
+        let cuts = cut_bytes(&buf, at, params);
+        // The first cut starts where the window does, not where the content
+        // says, and the last ends with the window.
+        let inner = cuts.get(1..cuts.len().saturating_sub(1)).unwrap_or_default();
+        if inner.iter().any(|c| index.find(c).is_some()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Plans the new version (`size` bytes read through `read`) against the
+/// basis `sig`, with `threads` cutting, over the grid of `chunk_size`; with
+/// `cvs`, the grid's chaining values come with it. `None` when delta does
+/// not pay: too little of the basis matches (found early from a sample when
+/// nothing does), or the signature is not one this module cuts with.
+pub fn plan_file(
+    read: ReadAt<'_>,
+    size: u64,
+    sig: &Signature,
+    threads: usize,
+    chunk_size: u64,
+    cvs: bool,
+) -> Result<Option<Plan>> {
+    let params = Params { avg: sig.avg };
+    if !params.valid() || sig.chunks.len() > MAX_SIGNATURE_CHUNKS {
+        return Ok(None);
+    }
+    let index = Index::new(sig);
+    if !sample_matches(read, size, params, &index)? {
+        return Ok(None);
+    }
+    let (cuts, grid_cvs) = cut_and_hash(read, size, params, threads, cvs.then_some(chunk_size))?;
+    let mut plan = plan_indexed(&cuts, &index, size, chunk_size);
+    if grid_cvs.len() == plan.chunks.len() {
+        plan.cvs = grid_cvs;
+    }
+    Ok(worth(plan.matched, size).then_some(plan))
+}
+
 /// Matches the new version's `cuts` (of a file of `size` bytes) against
 /// the basis `sig`, and lays the result out over the grid of
 /// `chunk_size`.
 pub fn plan(cuts: &[Cut], sig: &Signature, size: u64, chunk_size: u64) -> Plan {
-    let mut index: HashMap<(u64, u32), u64> = HashMap::with_capacity(sig.chunks.len());
-    let mut at = 0u64;
-    for &(id, len) in &sig.chunks {
-        index.entry((id, len)).or_insert(at);
-        at += u64::from(len);
-    }
+    plan_indexed(cuts, &Index::new(sig), size, chunk_size)
+}
+
+fn plan_indexed(cuts: &[Cut], index: &Index, size: u64, chunk_size: u64) -> Plan {
     let grid = crate::hash::chunk_count(size, chunk_size) as usize;
     let mut out = Plan {
         chunks: vec![Vec::new(); grid],
         ..Plan::default()
     };
     for c in cuts {
-        let basis = index.get(&(c.id, c.len)).copied();
+        let basis = index.find(c);
         let (mut off, end) = (c.offset, c.offset + u64::from(c.len));
         while off < end {
             let g = (off / chunk_size) as usize;
@@ -507,6 +591,34 @@ mod tests {
         let (built, plan) = rebuild(&grown, &basis, 8 << 20);
         assert_eq!(built, grown);
         assert!(plan.literal < (1 << 20) + (64 << 10), "{} literal bytes", plan.literal);
+    }
+
+    #[test]
+    fn a_rewritten_file_is_given_up_on_from_a_sample_and_a_partly_kept_one_is_not() {
+        let basis = random(16 << 20, 21);
+        let sig = sig_of(&basis);
+        let plan_of = |new: &[u8]| {
+            let read_bytes = std::sync::atomic::AtomicU64::new(0);
+            let read = |off: u64, buf: &mut [u8]| {
+                read_bytes.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                buf.copy_from_slice(&new[off as usize..off as usize + buf.len()]);
+                Ok(())
+            };
+            let plan = plan_file(&read, new.len() as u64, &sig, 2, 4 << 20, true).expect("plan");
+            (plan, read_bytes.into_inner())
+        };
+        let rewritten = random(16 << 20, 22);
+        let (plan, read) = plan_of(&rewritten);
+        assert!(plan.is_none());
+        assert!(read < (16 << 20) / 8, "read {read} bytes of a rewritten file");
+        // A 16th of the basis kept in the middle of new content: found by
+        // the sample, and worth a delta.
+        let mut kept = random(16 << 20, 23);
+        kept[7 << 20..8 << 20].copy_from_slice(&basis[3 << 20..4 << 20]);
+        let (plan, _) = plan_of(&kept);
+        let plan = plan.expect("a delta");
+        assert!(plan.matched >= (1 << 20) - (64 << 10), "{} matched", plan.matched);
+        assert_eq!(plan.cvs.len(), plan.chunks.len());
     }
 
     #[test]

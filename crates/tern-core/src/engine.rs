@@ -1389,38 +1389,25 @@ impl Ctx {
                 return None;
             }
         };
-        let params = crate::delta::Params { avg: sig.avg };
-        if !params.valid() || sig.chunks.len() > crate::delta::MAX_SIGNATURE_CHUNKS {
-            return None;
-        }
         let planned = match src.local_file() {
             Some(_) => {
                 let read = |off: u64, buf: &mut [u8]| src.read_exact_at(off, buf);
-                let cs = self.opts.chunk_size;
-                crate::delta::cut_and_hash(&read, t.entry.size, params, self.opts.jobs, Some(cs)).map(|(cuts, cvs)| {
-                    let mut plan = crate::delta::plan(&cuts, &sig, t.entry.size, cs);
-                    if cvs.len() == plan.chunks.len() {
-                        plan.cvs = cvs;
-                    }
-                    Some(plan)
-                })
+                crate::delta::plan_file(&read, t.entry.size, &sig, self.opts.jobs, self.opts.chunk_size, true)
             }
             // Its bytes would have to cross to be cut here: its side plans.
             None => src.delta_plan(&sig, self.opts.chunk_size),
         };
         let plan = match planned {
-            Ok(Some(p)) => p,
-            Ok(None) => return None,
+            Ok(Some(p)) if crate::delta::worth(p.matched, t.entry.size) => p,
+            Ok(_) => {
+                tracing::debug!(path = %t.dst_rel.display(), "no delta: the old version barely matches");
+                return None;
+            }
             Err(e) => {
                 tracing::debug!(path = %t.dst_rel.display(), error = %e, "no delta: the source cannot be planned");
                 return None;
             }
         };
-        // Below this share, the chunks to copy do not pay for the recipes.
-        if plan.matched < t.entry.size / 32 {
-            tracing::debug!(path = %t.dst_rel.display(), matched = plan.matched, "no delta: the old version barely matches");
-            return None;
-        }
         tracing::debug!(path = %t.dst_rel.display(), matched = plan.matched, literal = plan.literal, "delta");
         Some(Arc::new(plan))
     }

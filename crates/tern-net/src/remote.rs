@@ -1469,6 +1469,10 @@ impl ReadFile for RemoteReadFile {
                     break;
                 }
             }
+            // The source's side found it not worth a delta.
+            if plan.chunks.is_empty() {
+                return Ok(None);
+            }
             if plan.chunks.len() != grid {
                 return Err(bad("a delta plan that does not cover the file"));
             }

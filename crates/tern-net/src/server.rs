@@ -1640,14 +1640,12 @@ impl Session {
         if !chunk_size.is_power_of_two() || !(1024..=MAX_CHUNK).contains(&chunk_size) {
             return Err(proto("a plan over a grid tern does not use"));
         }
-        let planned = (|| {
-            let read = |off: u64, b: &mut [u8]| f.read_exact_at(off, b);
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-            let cuts = tern_core::delta::cut_file(&read, size, Params { avg }, threads)?;
-            Ok::<_, Error>(tern_core::delta::plan(&cuts, &sig, size, chunk_size))
-        })();
-        let plan = match planned {
-            Ok(p) => p,
+        let read = |off: u64, b: &mut [u8]| f.read_exact_at(off, b);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+        let plan = match tern_core::delta::plan_file(&read, size, &sig, threads, chunk_size, false) {
+            Ok(Some(p)) => p,
+            // An empty plan: not worth a delta, the client reads it plainly.
+            Ok(None) => tern_core::delta::Plan::default(),
             Err(e) => {
                 s.send(&Msg::Error(wire::error_msg(&e)))?;
                 return s.flush();

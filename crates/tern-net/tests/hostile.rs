@@ -2446,24 +2446,33 @@ fn delta_recipes_build_only_from_the_basis_and_only_what_they_promise() {
 fn delta_reads_stay_within_their_plan() {
     let st = setup();
     let module = st.root.join("module");
-    let data: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+    let mut data = vec![0u8; 64 << 10];
+    blake3::Hasher::new().finalize_xof().fill(&mut data);
     fs::write(module.join("sub/f"), &data).expect("write");
+    // The client's old version differs in its last 1000 bytes.
+    let mut old = data.clone();
+    old[63 << 10..].fill(7);
+    let read = |off: u64, b: &mut [u8]| {
+        b.copy_from_slice(&old[off as usize..off as usize + b.len()]);
+        Ok(())
+    };
+    let sig = tern_core::delta::signature(&read, old.len() as u64, 1).expect("signature");
     let mut s = st.session("data", TOKEN, false).expect("session");
     open_read(&mut s, 1, b"sub/f");
     let basis = |avg: u32| Msg::DeltaBasis {
         handle: 1,
         avg,
-        chunks: vec![([1; 8], 100)],
+        chunks: sig.chunks.iter().map(|&(id, len)| (id.to_le_bytes(), len)).collect(),
         last: true,
         size: data.len() as u64,
         chunk_size: 1024,
     };
-    s.send(&basis(2048)).expect("send");
-    let mut chunks = 0;
+    s.send(&basis(sig.avg)).expect("send");
+    let mut recipes = Vec::new();
     loop {
         match s.recv().expect("plan") {
             Msg::DeltaPlan { chunks: c, last, .. } => {
-                chunks += c.len();
+                recipes.extend(c);
                 if last {
                     break;
                 }
@@ -2471,20 +2480,42 @@ fn delta_reads_stay_within_their_plan() {
             m => panic!("not a plan: {m:?}"),
         }
     }
-    assert_eq!(chunks, 5, "one recipe per 1 KiB of 5000 bytes");
-    s.send(&Msg::ReadDelta { handle: 1, index: 4 }).expect("send");
+    assert_eq!(recipes.len(), 64, "one recipe per 1 KiB of 64 KiB");
+    let last = 63u64;
+    s.send(&Msg::ReadDelta { handle: 1, index: last }).expect("send");
     match s.recv().expect("read") {
         Msg::DeltaRead { cv, literal } => {
-            assert_eq!(cv, tern_core::hash::chunk_cv(4096, &data[4096..]));
+            let tail = &data[(last * 1024) as usize..];
+            assert_eq!(cv, tern_core::hash::chunk_cv(last * 1024, tail));
             let mut lits = vec![0u8; literal as usize];
             s.recv_data(&mut lits).expect("data");
-            assert_eq!(lits, &data[4096..], "nothing matched: all literal");
+            assert_eq!(lits, tail, "the changed tail: all literal");
         }
         m => panic!("not a delta read: {m:?}"),
     }
-    s.send(&Msg::ReadDelta { handle: 1, index: 5 }).expect("send");
+    s.send(&Msg::ReadDelta { handle: 1, index: 64 }).expect("send");
     assert!(s.recv().is_err(), "a read past the plan was answered");
 
+    // A signature that matches nothing: one empty part, read it plainly.
+    let mut s = st.session("data", TOKEN, false).expect("session");
+    open_read(&mut s, 1, b"sub/f");
+    s.send(&Msg::DeltaBasis {
+        handle: 1,
+        avg: sig.avg,
+        chunks: vec![([1; 8], 100)],
+        last: true,
+        size: data.len() as u64,
+        chunk_size: 1024,
+    })
+    .expect("send");
+    match s.recv().expect("plan") {
+        Msg::DeltaPlan {
+            first: 0,
+            chunks,
+            last: true,
+        } => assert!(chunks.is_empty(), "{} recipes", chunks.len()),
+        m => panic!("not one empty plan: {m:?}"),
+    }
     let mut s = st.session("data", TOKEN, false).expect("session");
     open_read(&mut s, 1, b"sub/f");
     s.send(&basis(3000)).expect("send");

@@ -466,6 +466,8 @@ pub enum Msg {
         chunk_size: u64,
     },
     /// Part of a plan: the recipes of consecutive grid chunks from `first`.
+    /// A single part with no chunks says a delta does not pay: too little of
+    /// the basis matches; the client reads the file plainly.
     DeltaPlan {
         /// Index of the first chunk in this part.
         first: u64,
