@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
                     let again = decode_control(&out[tern_proto::HEADER_LEN..]).expect("and decodes");
                     assert_eq!(again, msg);
                 }
-                Ok(Some(Frame::Data { .. })) => {}
+                Ok(Some(Frame::Data { .. } | Frame::Zstd { .. })) => {}
                 Ok(None) => break,
                 Err(_) => return,
             }

@@ -203,6 +203,11 @@ enum Op {
         sent: u16,
         fill: u8,
     },
+    /// The frames since the last container (or the login) go in a zstd
+    /// container: all of them, or cut at `cut` bytes, mid-frame.
+    Pack {
+        cut: u16,
+    },
 }
 
 fn entry(name: &[u8], size: u64, real_mtime: bool) -> WireEntry {
@@ -240,8 +245,30 @@ fn encode(ops: &[Op]) -> Vec<u8> {
         }),
         &mut out,
     );
+    let mut mark = out.len();
     for op in ops.iter().take(64) {
         let m = match op {
+            Op::Pack { cut } => {
+                let body = out.split_off(mark);
+                let n = match *cut as usize {
+                    0 => body.len(),
+                    c => c % (body.len() + 1),
+                };
+                let packed = zstd::bulk::compress(&body[..n], 1).unwrap_or_default();
+                out.extend_from_slice(
+                    &tern_proto::FrameHeader {
+                        len: packed.len() as u32,
+                        kind: tern_proto::FrameKind::Zstd,
+                        flags: 0,
+                        channel: 0,
+                    }
+                    .encode(),
+                );
+                out.extend_from_slice(&packed);
+                out.extend_from_slice(&body[n..]);
+                mark = out.len();
+                continue;
+            }
             Op::Stat(p) => Msg::Stat { path: p.bytes() },
             Op::ReadDir(p) => Msg::ReadDir { path: p.bytes() },
             Op::MakeDir(p) => Msg::MakeDir { path: p.bytes() },
@@ -582,6 +609,8 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                             hard_links: false,
                             xattrs: false,
                             bwlimit: None,
+                            delta: true,
+                            compress: 1,
                         },
                         transport: 2,
                     }),

@@ -2,6 +2,7 @@
 //! transports, the remote endpoint a client uses, and the daemon.
 
 pub mod budget;
+pub mod compress;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -37,6 +37,13 @@ pub struct PathReport {
     /// round trips the run could not overlap with anything.
     #[serde(default)]
     pub waits: u64,
+    /// Bytes of frames that crossed in zstd containers, either way, as they
+    /// were before compression (data and messages alike).
+    #[serde(default)]
+    pub bytes_compressed: u64,
+    /// What those containers took on the wire, before encryption.
+    #[serde(default)]
+    pub bytes_compressed_wire: u64,
 }
 
 impl PathReport {

@@ -23,6 +23,8 @@ use tern_core::filter::{Filter, Rule};
 use tern_core::{Error, LocalEndpoint};
 use tern_proto::{ErrorCode, ErrorMsg, Msg, PullRequest, RunEvent, RunOptions};
 
+use crate::compress::Compression;
+
 use crate::config::PullPeer;
 use crate::error::{NetError, Result};
 use crate::path::PathReport;
@@ -56,7 +58,7 @@ impl Drop for Running {
 }
 
 /// The engine options of `o`, for a [`PullRequest`].
-pub fn run_options(o: &Options) -> RunOptions {
+pub fn run_options(o: &Options, compress: Compression) -> RunOptions {
     RunOptions {
         check: o.mode == Mode::Check,
         delete: o.delete,
@@ -75,6 +77,8 @@ pub fn run_options(o: &Options) -> RunOptions {
         hard_links: o.hard_links,
         xattrs: o.xattrs,
         bwlimit: o.bwlimit,
+        delta: o.delta,
+        compress: compress.to_wire(),
     }
 }
 
@@ -104,9 +108,7 @@ fn options(r: &RunOptions, cancel: Arc<AtomicBool>) -> std::result::Result<Optio
         xattrs: r.xattrs,
         bwlimit: r.bwlimit,
         // Its sources are other daemons, which plan the delta themselves.
-        // (A client's -W does not reach this far yet: RunOptions has no
-        // field for it that older daemons would read.)
-        delta: true,
+        delta: r.delta,
         cancel,
     })
 }
@@ -302,6 +304,8 @@ fn start(
             identity_dir: Some(policy.state_dir.clone()),
             timeout: Duration::from_secs(60),
             write: false,
+            compress: Compression::from_wire(req.opts.compress)
+                .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "a compression choice tern does not know"))?,
         };
         let ep = RemoteEndpoint::connect(&spec, &connect).map_err(|e| match e {
             // The source answered: what it said is no news about the network.

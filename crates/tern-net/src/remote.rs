@@ -18,6 +18,7 @@ use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions, SmallFile};
 use tern_core::{Dest, Entry, Error, FileSpec, Kind, Meta, ReadFile, Source, WriteFile, Xattrs};
 use tern_proto::{negotiate, Auth, Hello, Msg, Welcome, WriteChunk};
 
+use crate::compress::{Compression, Squeezed};
 use crate::error::{NetError, Result};
 use crate::identity::{fingerprint, Identity};
 use crate::path::PathReport;
@@ -58,6 +59,8 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// The client will write.
     pub write: bool,
+    /// When data is compressed, both ways.
+    pub compress: Compression,
 }
 
 /// One stream's share of a bench transfer.
@@ -65,7 +68,12 @@ fn bench_stream(s: &mut Stream, upload: bool, bytes: u64) -> Result<()> {
     s.send(&Msg::Bench { upload, bytes })?;
     s.flush()?;
     let block = tern_proto::BENCH_BLOCK;
-    let mut buf = vec![0x5au8; block];
+    // Incompressible: the link is measured, whatever --compress says.
+    let mut buf = vec![0u8; block];
+    blake3::Hasher::new()
+        .update(b"tern bench")
+        .finalize_xof()
+        .fill(&mut buf);
     let mut left = bytes;
     while left > 0 {
         let n = left.min(block as u64) as usize;
@@ -271,6 +279,9 @@ struct Inner {
     /// The protocol version agreed.
     version: u16,
     counts: Arc<Counts>,
+    /// Compression as asked for, and what crossed compressed.
+    compress: Compression,
+    squeezed: Arc<Squeezed>,
     /// The stream of queued changes, once one was queued.
     ops: Mutex<Ops>,
     /// Listings streaming ahead of the scan.
@@ -344,10 +355,11 @@ fn login(
     first: &mut Stream,
     spec: &RemoteSpec,
     opts: &ConnectOptions,
+    squeezed: &Arc<Squeezed>,
 ) -> Result<(Welcome, tern_proto::Agreed, RootSeen)> {
     let fp = fingerprint(conn.server_cert());
     crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
-    first.send(&Msg::Hello(our_hello()))?;
+    first.send(&Msg::Hello(our_hello(opts.compress)))?;
     // The Hello and the login go together, before the daemon's version is
     // known: a token is proved, never sent, unless this client plays an
     // older one (TERN_PROTOCOL_MAX).
@@ -382,7 +394,7 @@ fn login(
     first.send(&Msg::Stat {
         path: wire::path_bytes(&spec.path),
     })?;
-    let (welcome, agreed) = handshake_reply(first).map_err(|e| match e {
+    let (welcome, agreed) = handshake_reply(first, opts.compress, squeezed).map_err(|e| match e {
         // A daemon before version 3 cannot read a Login; the token is not
         // sent to it instead, which a daemon pretending to be old would
         // otherwise get.
@@ -407,21 +419,33 @@ fn login(
     Ok((welcome, agreed, root_seen))
 }
 
-fn our_hello() -> Hello {
+/// This client's Hello: compression offered as asked for.
+fn our_hello(compress: Compression) -> Hello {
     let mut ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
     ours.version_max = version_max();
+    ours.features = ours.features & !(tern_proto::FEATURE_ZSTD | tern_proto::FEATURE_ZSTD_ALWAYS) | compress.features();
     ours
 }
 
-fn handshake(s: &mut Stream, second: Msg) -> Result<(Welcome, tern_proto::Agreed)> {
-    s.send(&Msg::Hello(our_hello()))?;
+fn handshake(
+    s: &mut Stream,
+    second: Msg,
+    compress: Compression,
+    squeezed: &Arc<Squeezed>,
+) -> Result<(Welcome, tern_proto::Agreed)> {
+    s.send(&Msg::Hello(our_hello(compress)))?;
     s.send(&second)?;
-    handshake_reply(s)
+    handshake_reply(s, compress, squeezed)
 }
 
-/// Reads the daemon's Hello and Welcome.
-fn handshake_reply(s: &mut Stream) -> Result<(Welcome, tern_proto::Agreed)> {
-    let ours = our_hello();
+/// Reads the daemon's Hello and Welcome; the stream compresses from then on
+/// as both agreed.
+fn handshake_reply(
+    s: &mut Stream,
+    compress: Compression,
+    squeezed: &Arc<Squeezed>,
+) -> Result<(Welcome, tern_proto::Agreed)> {
+    let ours = our_hello(compress);
     let theirs = match s.recv()? {
         Msg::Hello(h) => h,
         _ => {
@@ -431,6 +455,7 @@ fn handshake_reply(s: &mut Stream) -> Result<(Welcome, tern_proto::Agreed)> {
         }
     };
     let agreed = negotiate(&ours, &theirs)?;
+    s.compress(agreed.features, squeezed.clone());
     match s.recv()? {
         Msg::Welcome(w) => Ok((w, agreed)),
         _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
@@ -484,12 +509,13 @@ impl RemoteEndpoint {
             }
             (Err(e), _) => return Err(e),
         };
-        let (mut welcome, mut agreed, mut root_seen) = login(&conn, &mut first, spec, opts)?;
+        let squeezed = Arc::new(Squeezed::default());
+        let (mut welcome, mut agreed, mut root_seen) = login(&conn, &mut first, spec, opts, &squeezed)?;
         if ask && agreed.features & tern_proto::FEATURE_TCP_BBR == 0 {
             // Its TCP may back off at every loss: this pull goes over QUIC,
             // unless UDP does not get through.
             let quic = Connector::connect(rt.handle().clone(), Transport::Quic, addr, tls, opts.timeout)
-                .and_then(|(c, mut s)| Ok((login(&c, &mut s, spec, opts)?, c, s)));
+                .and_then(|(c, mut s)| Ok((login(&c, &mut s, spec, opts, &squeezed)?, c, s)));
             match quic {
                 Ok(((w, a, r), c, s)) => {
                     let _ = first.finish();
@@ -524,6 +550,8 @@ impl RemoteEndpoint {
                 pipelined: agreed.version >= tern_proto::VERSION_PIPELINE,
                 version: agreed.version,
                 counts,
+                compress: opts.compress,
+                squeezed,
                 ops: Mutex::default(),
                 walks: Mutex::default(),
                 root_seen: Mutex::new(root_seen),
@@ -558,6 +586,8 @@ impl RemoteEndpoint {
         let mut r = self.inner.conn.path_report();
         r.requests = self.inner.counts.requests.load(Ordering::Relaxed);
         r.waits = self.inner.counts.waits.load(Ordering::Relaxed);
+        r.bytes_compressed = self.inner.squeezed.raw.load(Ordering::Relaxed);
+        r.bytes_compressed_wire = self.inner.squeezed.wire.load(Ordering::Relaxed);
         r
     }
 
@@ -1094,6 +1124,8 @@ impl RemoteEndpoint {
                 session: self.inner.welcome.session,
                 secret: self.inner.welcome.secret,
             },
+            self.inner.compress,
+            &self.inner.squeezed,
         )?;
         Ok(s)
     }

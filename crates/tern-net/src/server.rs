@@ -87,6 +87,8 @@ pub struct Server {
     mem: Arc<Budget>,
     /// This machine's TCP sends with BBR (said in the Hello).
     tcp_bbr: bool,
+    /// What crossed compressed, on every stream.
+    squeezed: Arc<crate::compress::Squeezed>,
     /// The daemon's key fingerprint, which token proofs are bound to.
     fingerprint: String,
     /// Keys the MAC of the tickets this daemon grants.
@@ -158,6 +160,7 @@ impl Server {
             fds: Budget::new(descriptor_budget(cfg.limits.open_files)),
             mem: Budget::new(mib(cfg.limits.request_memory) as usize),
             tcp_bbr: tcp_has_bbr(),
+            squeezed: Arc::default(),
             fingerprint: String::new(),
             ticket_key: {
                 let mut k = [0u8; 32];
@@ -275,7 +278,7 @@ impl Server {
 
     fn open_stream(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Arc<Session>> {
         s.handshaking(peer.gate.deadline());
-        let session = self.handshake(s, peer)?;
+        let (session, features) = self.handshake(s, peer)?;
         peer.gate.admit().map_err(|full| {
             refuse(
                 ErrorCode::Unavailable,
@@ -286,12 +289,15 @@ impl Server {
             )
         })?;
         s.authenticated();
+        // Only now: a container inflates to 2 MiB, more than a stranger's
+        // stream is allowed to cost.
+        s.compress(features, self.squeezed.clone());
         s.send(&Msg::Welcome(session.welcome()))?;
         Ok(session)
     }
 
     /// Hello, then Auth or Join: the session the stream belongs to.
-    fn handshake(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Arc<Session>> {
+    fn handshake(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<(Arc<Session>, u64)> {
         let theirs = match s.recv()? {
             Msg::Hello(h) => h,
             _ => return Err(proto("expected Hello")),
@@ -303,7 +309,7 @@ impl Server {
         s.send(&Msg::Hello(ours.clone()))?;
         let agreed = negotiate(&ours, &theirs)?;
         tracing::debug!(peer = %peer.addr, version = agreed.version, agent = ?theirs.agent, "hello");
-        match s.recv()? {
+        let session = match s.recv()? {
             Msg::Auth(a) => {
                 let cred = match &a.token {
                     Some(t) => Credential::Token(blake3::hash(t.as_bytes())),
@@ -345,7 +351,8 @@ impl Server {
                 }
             }
             _ => Err(proto("expected Auth or Join")),
-        }
+        };
+        Ok((session?, agreed.features))
     }
 
     fn note_failure(&self, peer: &Peer, why: &str) {

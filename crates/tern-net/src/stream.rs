@@ -14,6 +14,7 @@ use tern_proto::{data_header, decode_control, encode_control, FrameHeader, Frame
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::runtime::Handle;
 
+use crate::compress::{Compression, Squeeze, Squeezed};
 use crate::error::{NetError, Result};
 use crate::path::TcpConn;
 
@@ -54,6 +55,17 @@ pub struct Stream {
     tcp: Option<Arc<TcpConn>>,
     /// The TLS session's exporter value (see `proof::EXPORTER_LABEL`).
     exporter: Option<[u8; 32]>,
+    /// Compresses what is sent, once both sides agreed to it.
+    squeeze: Option<Squeeze>,
+    /// Containers are accepted from the peer (it was told they may come).
+    inflates: bool,
+    /// Where containers received are counted.
+    squeezed: Option<Arc<Squeezed>>,
+    /// The frames of the last container received, from `ipos` on.
+    inflated: Vec<u8>,
+    ipos: usize,
+    /// The frame being read came out of `inflated`.
+    in_container: bool,
 }
 
 impl Drop for Stream {
@@ -82,7 +94,24 @@ impl Stream {
             broken: false,
             tcp: None,
             exporter: None,
+            squeeze: None,
+            inflates: false,
+            squeezed: None,
+            inflated: Vec::new(),
+            ipos: 0,
+            in_container: false,
         }
+    }
+
+    /// Compression as both sides agreed (`agreed` from the Hellos'
+    /// features): containers are accepted from the peer if it may send
+    /// them, and sent when they pay. `counts` adds up what crossed
+    /// compressed.
+    pub fn compress(&mut self, agreed: u64, counts: Arc<Squeezed>) {
+        let mode = Compression::agreed(agreed);
+        self.inflates = mode != Compression::Never;
+        self.squeeze = Squeeze::new(mode, counts.clone());
+        self.squeezed = Some(counts);
     }
 
     /// Records the exporter value of the TLS session under the stream.
@@ -205,11 +234,19 @@ impl Stream {
                 s.wbuf.extend_from_slice(&data_header(0, true));
             }
             while let Some(p) = parts.next() {
-                s.wbuf
-                    .extend_from_slice(&data_header(p.len() as u32, parts.peek().is_none()));
+                let header = data_header(p.len() as u32, parts.peek().is_none());
                 if p.len() <= 16 << 10 {
+                    s.wbuf.extend_from_slice(&header);
                     s.wbuf.extend_from_slice(p);
+                } else if let Some(level) = s.squeeze.as_mut().and_then(|z| z.level(HEADER_LEN + p.len())) {
+                    // The frame goes in a container of its own.
+                    s.flush_inner()?;
+                    let mut frame = Vec::with_capacity(HEADER_LEN + p.len());
+                    frame.extend_from_slice(&header);
+                    frame.extend_from_slice(p);
+                    s.write_packed(Some(level), &frame)?;
                 } else {
+                    s.wbuf.extend_from_slice(&header);
                     s.flush_inner()?;
                     s.write_all(p)?;
                 }
@@ -226,7 +263,7 @@ impl Stream {
     fn flush_inner(&mut self) -> Result<()> {
         if !self.wbuf.is_empty() {
             let buf = std::mem::take(&mut self.wbuf);
-            let r = self.write_all(&buf);
+            let r = self.write_frames(&buf);
             self.wbuf = buf;
             self.wbuf.clear();
             r?;
@@ -236,10 +273,39 @@ impl Stream {
         bounded(&self.rt, t, wr.flush())
     }
 
+    /// Writes whole frames, in a container when compressing pays.
+    fn write_frames(&mut self, frames: &[u8]) -> Result<()> {
+        let level = self.squeeze.as_mut().and_then(|z| z.level(frames.len()));
+        self.write_packed(level, frames)
+    }
+
+    /// Writes whole frames, in a container compressed at `level` if that
+    /// makes them smaller.
+    fn write_packed(&mut self, level: Option<i32>, frames: &[u8]) -> Result<()> {
+        let packed = match (level, self.squeeze.as_mut()) {
+            (Some(l), Some(z)) => z.compress_at(l, frames),
+            _ => None,
+        };
+        match packed {
+            Some(packed) => {
+                let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
+                out.extend_from_slice(&container_header(packed.len() as u32));
+                out.extend_from_slice(packed);
+                self.write_all(&out)
+            }
+            None => self.write_all(frames),
+        }
+    }
+
     fn write_all(&mut self, data: &[u8]) -> Result<()> {
         let t = self.limit();
+        let started = Instant::now();
         let wr = &mut self.wr;
-        bounded(&self.rt, t, wr.write_all(data))
+        bounded(&self.rt, t, wr.write_all(data))?;
+        if let Some(z) = self.squeeze.as_mut() {
+            z.wrote(data.len(), started.elapsed());
+        }
+        Ok(())
     }
 
     /// Closes the sending side (the peer reads end of stream).
@@ -293,12 +359,73 @@ impl Stream {
         Ok(true)
     }
 
+    /// The next frame's header, from the last container received while it
+    /// lasts, else from the stream (inflating the containers that come).
     fn header(&mut self) -> Result<Option<FrameHeader>> {
-        let mut h = [0u8; HEADER_LEN];
-        if !self.read_exact(&mut h)? {
-            return Ok(None);
+        let bad = |m: &str| NetError::Proto(tern_proto::ProtoError::Malformed(m.into()));
+        loop {
+            let mut h = [0u8; HEADER_LEN];
+            self.in_container = self.ipos < self.inflated.len();
+            if self.in_container {
+                self.take_inflated(&mut h)?;
+                let h = FrameHeader::decode(&h, MAX_PAYLOAD)?;
+                if h.kind == FrameKind::Zstd {
+                    return Err(bad("a compressed frame inside another"));
+                }
+                return Ok(Some(h));
+            }
+            if !self.read_exact(&mut h)? {
+                return Ok(None);
+            }
+            let h = FrameHeader::decode(&h, MAX_PAYLOAD)?;
+            if h.kind != FrameKind::Zstd {
+                return Ok(Some(h));
+            }
+            if !self.inflates {
+                return Err(bad("a compressed frame on a stream that did not agree to them"));
+            }
+            let mut packed = vec![0u8; h.len as usize];
+            if !self.read_exact(&mut packed)? && h.len > 0 {
+                return Err(NetError::Closed);
+            }
+            crate::compress::inflate(&packed, &mut self.inflated).map_err(|e| bad(&e))?;
+            self.ipos = 0;
+            if let Some(c) = &self.squeezed {
+                c.add(self.inflated.len(), HEADER_LEN + packed.len());
+            }
         }
-        Ok(Some(FrameHeader::decode(&h, MAX_PAYLOAD)?))
+    }
+
+    /// Fills `out` from the last container received: the payload of a frame
+    /// that came in one must be in it whole.
+    fn take_inflated(&mut self, out: &mut [u8]) -> Result<()> {
+        let end = self.ipos + out.len();
+        let Some(b) = self.inflated.get(self.ipos..end) else {
+            return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                "a frame cut short at the end of a compressed frame".into(),
+            )));
+        };
+        out.copy_from_slice(b);
+        self.ipos = end;
+        if self.ipos == self.inflated.len() {
+            // Keep the buffer for the next container, but not a large one.
+            self.inflated.clear();
+            self.ipos = 0;
+            if self.inflated.capacity() > 4 << 20 {
+                self.inflated = Vec::new();
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `out` with the payload of the frame whose header was read
+    /// last; `Ok(false)` as [`Stream::read_exact`].
+    fn payload(&mut self, out: &mut [u8]) -> Result<bool> {
+        if self.in_container {
+            self.take_inflated(out)?;
+            return Ok(true);
+        }
+        self.read_exact(out)
     }
 
     /// Receives the next control message, flushing what is queued first.
@@ -320,7 +447,7 @@ impl Stream {
                 .into());
             }
             let mut payload = vec![0u8; h.len as usize];
-            if !s.read_exact(&mut payload)? && h.len > 0 {
+            if !s.payload(&mut payload)? && h.len > 0 {
                 return Err(tern_proto::ProtoError::Truncated(0).into());
             }
             Ok(Some(decode_control(&payload)?))
@@ -358,7 +485,7 @@ impl Stream {
                 if n > out.len() - done {
                     return Err(bad("more data than announced"));
                 }
-                if !s.read_exact(&mut out[done..done + n])? && n > 0 {
+                if !s.payload(&mut out[done..done + n])? && n > 0 {
                     return Err(NetError::Closed);
                 }
                 done += n;
@@ -371,6 +498,17 @@ impl Stream {
             }
         })
     }
+}
+
+/// The header of a container of `len` compressed bytes.
+fn container_header(len: u32) -> [u8; HEADER_LEN] {
+    FrameHeader {
+        len,
+        kind: FrameKind::Zstd,
+        flags: 0,
+        channel: 0,
+    }
+    .encode()
 }
 
 /// Runs `f` on the runtime, bounded by `t`.

@@ -122,7 +122,13 @@ impl Setup {
             token: Some(token.into()),
             write,
         }))?;
-        assert!(matches!(s.recv()?, Msg::Hello(_)));
+        let theirs = match s.recv()? {
+            Msg::Hello(h) => h,
+            m => panic!("unexpected {m:?}"),
+        };
+        // As a client does: compressed both ways (always, as this Hello
+        // asks), so every request here also crosses in containers.
+        s.compress(theirs.features & tern_proto::FEATURES, Default::default());
         match s.recv()? {
             Msg::Welcome(_) => Ok(s),
             m => panic!("unexpected {m:?}"),
@@ -465,6 +471,8 @@ fn pull_request(
             hard_links: false,
             xattrs: false,
             bwlimit: None,
+            delta: true,
+            compress: 1,
         },
         transport: 2,
     }
@@ -1365,6 +1373,7 @@ fn before_authentication_a_peer_gets_one_stream_and_small_messages() {
         }))
         .expect("send");
     assert!(matches!(first.recv().expect("hello"), Msg::Hello(_)));
+    first.compress(tern_proto::FEATURES, Default::default());
     assert!(matches!(first.recv().expect("welcome"), Msg::Welcome(_)));
     // Authenticated: more streams, and large messages.
     let mut second = c.open().expect("a second stream once authenticated");
@@ -1665,6 +1674,7 @@ fn a_daemon_sees_a_token_proof_that_works_nowhere_else() {
         identity_dir: None,
         timeout: Duration::from_secs(10),
         write: true,
+        compress: tern_net::compress::Compression::Auto,
     };
     assert!(tern_net::remote::RemoteEndpoint::connect(&spec, &opts).is_err());
     let login = seen.lock().expect("lock").pop().expect("a login was sent");
@@ -1920,6 +1930,7 @@ fn a_client_rehashes_what_the_daemon_reports_as_resumed_and_commits_its_source()
             identity_dir: None,
             timeout: Duration::from_secs(10),
             write: true,
+            compress: tern_net::compress::Compression::Auto,
         },
     )
     .expect("connect");
@@ -2525,4 +2536,34 @@ fn delta_reads_stay_within_their_plan() {
     s.send(&Msg::ReadDelta { handle: 1, index: 0 }).expect("send");
     assert!(s.recv().is_err(), "a delta read with no plan was answered");
     st.outside_untouched();
+}
+
+/// Issue 15: a container inflates to 2 MiB, more than a stranger's stream
+/// may cost, so a daemon takes none before the login succeeded, even one
+/// that holds a valid login.
+#[test]
+fn compressed_frames_before_authentication_are_refused() {
+    let st = setup();
+    // Large and repetitive enough that it goes in a container.
+    let login = |s: &mut Stream| {
+        s.send(&Msg::Hello(Hello::ours(&"test ".repeat(200)))).expect("send");
+        s.send(&Msg::Auth(Auth {
+            module: "data".into(),
+            token: Some(TOKEN.into()),
+            write: false,
+        }))
+        .expect("send");
+    };
+    let mut s = st.stream(Transport::Tcp);
+    s.compress(tern_proto::FEATURES, Default::default());
+    login(&mut s);
+    match s.recv() {
+        Err(NetError::Remote(m)) => assert!(m.message.contains("compressed"), "{}", m.message),
+        r => panic!("a compressed login was answered: {r:?}"),
+    }
+    // The same login, plainly, is taken.
+    let mut s = st.stream(Transport::Tcp);
+    login(&mut s);
+    assert!(matches!(s.recv().expect("hello"), Msg::Hello(_)));
+    assert!(matches!(s.recv().expect("welcome"), Msg::Welcome(_)));
 }

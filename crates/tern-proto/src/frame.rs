@@ -11,6 +11,9 @@ pub const DEFAULT_MAX_PAYLOAD: u32 = (16 << 20) + 4096;
 /// Flag: the last frame of its channel.
 pub const FLAG_LAST: u8 = 1;
 
+/// Most bytes one [`FrameKind::Zstd`] container may inflate to.
+pub const MAX_INFLATED: usize = 2 << 20;
+
 /// What a frame's payload is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
@@ -18,6 +21,10 @@ pub enum FrameKind {
     Control,
     /// Raw bytes.
     Data,
+    /// A zstd frame that inflates to whole frames of the other kinds, at
+    /// most [`MAX_INFLATED`] bytes, its size stated in its header. Sent only
+    /// to a peer that offered [`crate::FEATURE_ZSTD`].
+    Zstd,
 }
 
 /// A decoded frame header.
@@ -41,6 +48,7 @@ impl FrameHeader {
         h[4] = match self.kind {
             FrameKind::Control => 0,
             FrameKind::Data => 1,
+            FrameKind::Zstd => 2,
         };
         h[5] = self.flags;
         h[8..12].copy_from_slice(&self.channel.to_le_bytes());
@@ -56,6 +64,7 @@ impl FrameHeader {
         let kind = match h[4] {
             0 => FrameKind::Control,
             1 => FrameKind::Data,
+            2 => FrameKind::Zstd,
             k => return Err(ProtoError::BadKind(k)),
         };
         if h[6] != 0 || h[7] != 0 || h[5] & !FLAG_LAST != 0 {
@@ -87,6 +96,13 @@ pub enum Frame {
         /// Flag bits.
         flags: u8,
         /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// A compressed container, not inflated here.
+    Zstd {
+        /// Channel.
+        channel: u32,
+        /// The zstd frame.
         bytes: Vec<u8>,
     },
 }
@@ -186,6 +202,10 @@ impl Decoder {
             FrameKind::Data => Frame::Data {
                 channel: h.channel,
                 flags: h.flags,
+                bytes: payload.to_vec(),
+            },
+            FrameKind::Zstd => Frame::Zstd {
+                channel: h.channel,
                 bytes: payload.to_vec(),
             },
         };

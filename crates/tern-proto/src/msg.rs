@@ -41,8 +41,18 @@ pub const FEATURE_DELTA: u64 = 8;
 pub const SIGNATURE_PART: usize = 32 << 10;
 /// Pieces in one [`Msg::WriteDelta`] recipe, at most.
 pub const MAX_PIECES: usize = 16 << 10;
+/// Feature bit: the side accepts zstd containers of frames
+/// ([`crate::FrameKind::Zstd`]) and may send them when it measures that
+/// they pay. A client that does not offer it asks the daemon never to
+/// compress.
+pub const FEATURE_ZSTD: u64 = 16;
+/// Feature bit, with [`FEATURE_ZSTD`]: a client asks for compression of
+/// whatever compresses, whatever the link (`--compress always`); a daemon
+/// offers it to say it honours that.
+pub const FEATURE_ZSTD_ALWAYS: u64 = 32;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
-pub const FEATURES: u64 = FEATURE_PULL | FEATURE_BENCH | FEATURE_TCP_BBR | FEATURE_DELTA;
+pub const FEATURES: u64 =
+    FEATURE_PULL | FEATURE_BENCH | FEATURE_TCP_BBR | FEATURE_DELTA | FEATURE_ZSTD | FEATURE_ZSTD_ALWAYS;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -642,6 +652,10 @@ pub struct RunOptions {
     pub xattrs: bool,
     /// Bytes per second, if limited.
     pub bwlimit: Option<u64>,
+    /// Send changed files as deltas (off with `--whole-file`).
+    pub delta: bool,
+    /// Compression between the daemons: 0 never, 1 auto, 2 always.
+    pub compress: u8,
 }
 
 /// What a delegated run did, as it does it.

@@ -232,6 +232,13 @@ pub struct RemoteArgs {
     /// Seconds to wait for a daemon before giving up on a request.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
+    /// zstd compression of what crosses to and from daemons, both ways:
+    /// auto compresses when the measured link is slower than compressing
+    /// (so not on a LAN or loopback) at a level chosen from both rates;
+    /// always compresses whatever compresses; data that does not compress
+    /// is always sent as it is.
+    #[arg(long, value_name = "auto|never|always", default_value = "auto", value_parser = ["auto", "never", "always"])]
+    pub compress: String,
 }
 
 /// Options shared by copy and sync.

@@ -489,7 +489,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         if let Some((dr, sources, tickets)) = plan.direct {
             let req = PullRequest {
                 sources,
-                opts: tern_net::pull::run_options(&opts),
+                opts: tern_net::pull::run_options(&opts, net::compression(remote)),
                 transport: match remote.transport.as_str() {
                     "quic" => 1,
                     "tcp" => 2,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use tern_net::compress::Compression;
 use tern_net::config::{self, Access, ServerConfig};
 use tern_net::identity::Identity;
 use tern_net::remote::{ConnectOptions, RemoteEndpoint, TransportChoice};
@@ -65,6 +66,15 @@ fn token(spec: &RemoteSpec, r: &RemoteArgs, role: Role) -> anyhow::Result<Option
         .map(|t| t.trim().to_string()))
 }
 
+/// The `--compress` choice.
+pub fn compression(r: &RemoteArgs) -> Compression {
+    match r.compress.as_str() {
+        "never" => Compression::Never,
+        "always" => Compression::Always,
+        _ => Compression::Auto,
+    }
+}
+
 /// Connects to the module `spec` names.
 pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -> anyhow::Result<RemoteEndpoint> {
     let transport = match r.transport.as_str() {
@@ -85,6 +95,7 @@ pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -> an
         identity_dir: Some(dir.join("identity")),
         timeout: Duration::from_secs(r.timeout.max(1)),
         write,
+        compress: compression(r),
     };
     let ep = RemoteEndpoint::connect(spec, &opts).with_context(|| spec.display())?;
     // Streams for a listing, the queued changes and a first worker start

@@ -220,6 +220,13 @@ pub fn describe_path(p: &PathReport) -> String {
             plural(p.waits, "wait", "waits")
         ));
     }
+    if p.bytes_compressed > 0 {
+        s.push_str(&format!(
+            ", {} compressed to {}",
+            HumanBytes(p.bytes_compressed),
+            HumanBytes(p.bytes_compressed_wire)
+        ));
+    }
     s
 }
 

@@ -750,3 +750,70 @@ fn a_changed_file_is_pushed_and_pulled_as_a_delta_unless_whole_file_is_asked() {
     );
     assert_eq!(b3(&module.join("w.bin")), b3(&src.join("f.bin")));
 }
+
+/// Issue 15: `--compress always` sends compressible data in zstd
+/// containers both ways and it lands intact; `never` sends none; and what
+/// does not compress goes as it is, whatever is asked.
+#[test]
+fn compressible_data_crosses_compressed_when_asked_and_plainly_when_not() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    // Text-like files, small and large, and one of noise.
+    let text: Vec<u8> = (0..(3 << 20))
+        .map(|i: u32| b"fn main() { let x = 42; }\n"[(i % 26) as usize] ^ ((i / 4096 % 3) as u8))
+        .collect();
+    for k in 0..20 {
+        write(&src.join(format!("small/{k}.rs")), &text[k * 1000..k * 1000 + 3000]);
+    }
+    write(&src.join("big.log"), &text);
+    write(&src.join("noise.bin"), &data(2 << 20, 3));
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let digest = |root: &Path| -> Vec<(std::path::PathBuf, String)> {
+        tree(root)
+            .into_iter()
+            .map(|p| {
+                let h = if root.join(&p).is_file() {
+                    b3(&root.join(&p))
+                } else {
+                    String::new()
+                };
+                (p, h)
+            })
+            .collect()
+    };
+    let squeezed = |j: &serde_json::Value| -> (u64, u64) {
+        let paths = j["paths"].as_array().cloned().unwrap_or_default();
+        let sum = |k: &str| paths.iter().filter_map(|p| p[k].as_u64()).sum();
+        (sum("bytes_compressed"), sum("bytes_compressed_wire"))
+    };
+    for (mode, tr) in [("always", "tcp"), ("always", "quic"), ("never", "tcp")] {
+        let dst = format!("{mode}-{tr}");
+        let out = ok(d
+            .auth(client(t.path()).args(["copy", "--json", "--compress", mode, "--transport", tr]))
+            .arg(format!("{}/", src.display()))
+            .arg(d.url(&dst)));
+        let j = json(&out);
+        assert_eq!(j["errors"], 0, "{out}");
+        assert_eq!(digest(&module.join(&dst)), digest(&src), "push, {mode} over {tr}");
+        let (raw, wire) = squeezed(&j);
+        match mode {
+            "never" => assert_eq!(raw, 0, "{out}"),
+            _ => {
+                // The text crossed compressed, well under half its size;
+                // the noise did not count.
+                assert!((3 << 20..5 << 20).contains(&raw), "{raw} compressed: {out}");
+                assert!(wire * 4 < raw, "{raw} compressed to {wire}");
+            }
+        }
+        // And back: the daemon compresses what it sends.
+        let back = t.path().join(format!("back-{dst}"));
+        let out = ok(d
+            .auth(client(t.path()).args(["copy", "--json", "--compress", mode, "--transport", tr]))
+            .arg(d.url(&format!("{dst}/")))
+            .arg(&back));
+        assert_eq!(digest(&back), digest(&src), "pull, {mode} over {tr}");
+        let (raw, _) = squeezed(&json(&out));
+        assert_eq!(raw == 0, mode == "never", "pull, {mode}: {raw} compressed");
+    }
+}
