@@ -179,6 +179,8 @@ enum Op {
     },
     /// The signature of a handle's basis.
     BasisSignature(u8),
+    /// Another file as a handle's basis.
+    UseBasis(u8, P),
     /// A signature part for a file open for reading (plans it when last).
     DeltaBasis {
         h: u8,
@@ -342,6 +344,10 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             }
             Op::BasisSignature(h) => Msg::BasisSignature {
                 handle: u64::from(*h % 8),
+            },
+            Op::UseBasis(h, p) => Msg::UseBasis {
+                handle: u64::from(*h % 8),
+                path: p.bytes(),
             },
             Op::DeltaBasis {
                 h,

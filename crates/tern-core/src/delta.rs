@@ -258,6 +258,34 @@ pub struct Plan {
     /// Per grid chunk, its chaining value, when the sender computed them
     /// while cutting (empty otherwise).
     pub cvs: Vec<blake3::hazmat::ChainingValue>,
+    /// Per grid chunk, the chaining value of the basis's chunk at the same
+    /// place, when the plan copies each chunk from there (a copy of a file
+    /// whose hashes are known): a recipe is used only where the new chunk
+    /// hashes the same.
+    pub basis_cvs: Vec<blake3::hazmat::ChainingValue>,
+}
+
+impl Plan {
+    /// Every grid chunk of `chunk_size` of a file of `size` bytes copied
+    /// from the same place in the basis, whose chunks hash to `basis_cvs`.
+    pub fn in_place(size: u64, chunk_size: u64, basis_cvs: Vec<blake3::hazmat::ChainingValue>) -> Plan {
+        let chunks = (0..crate::hash::chunk_count(size, chunk_size))
+            .map(|i| {
+                let offset = i * chunk_size;
+                vec![Piece::Copy {
+                    offset,
+                    len: chunk_size.min(size - offset) as u32,
+                }]
+            })
+            .collect();
+        Plan {
+            chunks,
+            matched: size,
+            literal: 0,
+            cvs: Vec::new(),
+            basis_cvs,
+        }
+    }
 }
 
 /// The basis's chunks by id and length, each at its first offset.

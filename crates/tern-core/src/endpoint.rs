@@ -193,6 +193,14 @@ pub trait WriteFile: Send + Sync {
     fn basis_signature(&self) -> Result<Option<crate::delta::Signature>> {
         Ok(None)
     }
+    /// Makes the destination's file at `rel` (relative to its root), not the
+    /// one this file replaces, the basis for [`WriteFile::basis_signature`]
+    /// and the chunks built from it: a copy of a file written earlier in the
+    /// run. Call before `basis_signature`; `false` where that is not
+    /// possible.
+    fn use_basis(&self, _rel: &Path) -> Result<bool> {
+        Ok(false)
+    }
     /// Writes chunk `index` (`len` bytes at `offset`) built from the basis
     /// by `pieces`, taking the literal pieces' bytes from `literals` in
     /// order, once it hashes to `cv`. `Ok(false)` when it does not (the

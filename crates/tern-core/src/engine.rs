@@ -17,7 +17,7 @@
 //! What must wait for all data to be in place (hard links, deletions,
 //! directory times) runs after the workers finish.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -197,6 +197,9 @@ pub struct Summary {
     /// Bytes of delta transfers taken from the destination's old version
     /// instead of being sent (not in `bytes_written`).
     pub bytes_matched: u64,
+    /// Bytes taken from another file written earlier in the run (a copy of
+    /// it), instead of being sent again (not in `bytes_written`).
+    pub bytes_deduplicated: u64,
     /// Total size of the files copied.
     pub bytes_total: u64,
     /// Directories created.
@@ -242,6 +245,7 @@ struct Stats {
     bytes_resumed: AtomicU64,
     bytes_cloned: AtomicU64,
     bytes_matched: AtomicU64,
+    bytes_deduplicated: AtomicU64,
     bytes_total: AtomicU64,
     dirs_created: AtomicU64,
     symlinks: AtomicU64,
@@ -318,7 +322,23 @@ struct Ctx {
     throttle: Option<Throttle>,
     /// Files per write batch: each stays open until its batch commits.
     batch_files: usize,
+    /// Large files published in this run, by size: bases for their copies.
+    landed: Mutex<HashMap<u64, Vec<Landed>>>,
 }
+
+/// A large file published in this run.
+struct Landed {
+    src: Arc<dyn Source>,
+    src_rel: PathBuf,
+    entry: Entry,
+    dst_rel: PathBuf,
+    /// Its chunks' chaining values.
+    cvs: Arc<Vec<ChainingValue>>,
+}
+
+/// Bytes compared at each of three places (start, middle, end) of two
+/// files of one size before one is made the delta basis of the other.
+const DEDUP_SAMPLE: usize = 64 << 10;
 
 /// Runs a transfer or check of `roots` into `dest`.
 pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Observer>) -> Summary {
@@ -339,16 +359,27 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         owner,
         throttle,
         batch_files,
+        landed: Mutex::default(),
     });
+    let spawn = |rx: Receiver<Work>| {
+        let rx = Arc::new(Mutex::new(rx));
+        (0..jobs)
+            .map(|_| {
+                let ctx = ctx.clone();
+                let rx = rx.clone();
+                std::thread::spawn(move || worker(&ctx, &rx))
+            })
+            .collect::<Vec<_>>()
+    };
+    let join = |workers: Vec<std::thread::JoinHandle<()>>| {
+        for w in workers {
+            if w.join().is_err() {
+                ctx.fail(Error::Internal("a worker thread panicked".into()));
+            }
+        }
+    };
     let (tx, rx) = sync_channel::<Work>(jobs * 2);
-    let rx = Arc::new(Mutex::new(rx));
-    let workers: Vec<_> = (0..jobs)
-        .map(|_| {
-            let ctx = ctx.clone();
-            let rx = rx.clone();
-            std::thread::spawn(move || worker(&ctx, &rx))
-        })
-        .collect();
+    let workers = spawn(rx);
 
     let mut scan = Scanner {
         ctx: &ctx,
@@ -363,6 +394,8 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         jobs,
         hashed: Vec::new(),
         hashed_bytes: 0,
+        sizes: HashSet::new(),
+        copies: Vec::new(),
     };
     for root in &roots {
         if ctx.cancelled() {
@@ -376,14 +409,27 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         dirs,
         deletions,
         deferred_links,
+        copies,
         ..
     } = scan;
     drop(tx);
     ctx.obs.scan_done();
-    for w in workers {
-        if w.join().is_err() {
-            ctx.fail(Error::Internal("a worker thread panicked".into()));
+    join(workers);
+    if !copies.is_empty() && !ctx.cancelled() {
+        // Possible copies of files that have landed now: each is sent as a
+        // delta against the one it copies, when a sample says it does.
+        let (tx, rx) = sync_channel::<Work>(jobs * 2);
+        let workers = spawn(rx);
+        for t in copies {
+            let large = Arc::new(Large::new(t, ctx.opts.chunk_size, jobs));
+            for _ in 0..large.participants {
+                if tx.send(Work::Large(large.clone())).is_err() {
+                    break;
+                }
+            }
         }
+        drop(tx);
+        join(workers);
     }
     ctx.finish(dirs, deletions, deferred_links);
 
@@ -400,6 +446,7 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         bytes_resumed: get(&s.bytes_resumed),
         bytes_cloned: get(&s.bytes_cloned),
         bytes_matched: get(&s.bytes_matched),
+        bytes_deduplicated: get(&s.bytes_deduplicated),
         bytes_total: get(&s.bytes_total),
         dirs_created: get(&s.dirs_created),
         symlinks: get(&s.symlinks),
@@ -573,6 +620,11 @@ struct Scanner<'a> {
     /// Small files to compare by content, gathered like a batch.
     hashed: Vec<Task>,
     hashed_bytes: u64,
+    /// Sizes of the large files sent so far.
+    sizes: HashSet<u64>,
+    /// Large files with no old version and the size of one sent before:
+    /// perhaps copies, sent once the others have landed.
+    copies: Vec<Task>,
 }
 
 impl Scanner<'_> {
@@ -770,6 +822,12 @@ impl Scanner<'_> {
                 }
                 ctx.obs.planned(1, se.size);
                 if se.size > ctx.opts.chunk_size {
+                    let first = self.sizes.insert(se.size);
+                    let has_basis = de.as_ref().is_some_and(|d| d.kind == Kind::File);
+                    if ctx.opts.delta && !first && !has_basis {
+                        self.copies.push(task(src, src_rel, dst_rel, se, de));
+                        return;
+                    }
                     let large = Arc::new(Large::new(
                         task(src, src_rel, dst_rel, se, de),
                         ctx.opts.chunk_size,
@@ -1046,6 +1104,8 @@ struct LargeState {
     /// How to build each chunk from the destination's old version, for a
     /// delta transfer.
     plan: Option<Arc<crate::delta::Plan>>,
+    /// The plan's basis is another file of the run, which this one copies.
+    copy: bool,
     cvs: Vec<Option<ChainingValue>>,
     error: Option<Error>,
 }
@@ -1269,13 +1329,6 @@ impl Ctx {
     }
 
     /// Verifies (if asked) and renames a written, synced file into place.
-    fn commit(&self, t: &Task, w: Box<dyn WriteFile>, h: Option<&Hash>) {
-        if let Err(e) = self.try_commit(t, w, h) {
-            self.fail(e);
-        }
-        self.obs.file_done();
-    }
-
     /// Verifies (with `--verify`) and publishes, counting the file.
     fn try_commit(&self, t: &Task, w: Box<dyn WriteFile>, h: Option<&Hash>) -> Result<()> {
         if let (true, Some(h)) = (self.opts.verify, h) {
@@ -1364,7 +1417,9 @@ impl Ctx {
                 }
             }
             if claimed_bytes == 0 && !st.cloned && !l.whole {
-                st.plan = self.delta_plan(t, &*rf, &*w);
+                if let Some((plan, copy)) = self.delta_plan(t, &*rf, &*w) {
+                    (st.plan, st.copy) = (Some(plan), copy);
+                }
             }
             st.src = Some(Arc::from(rf));
             *l.sink.write().ok()? = Some(w);
@@ -1377,9 +1432,20 @@ impl Ctx {
     /// delta is on, the source is on this machine (its bytes are read to
     /// cut them) and the destination has a basis to offer; `None` also when
     /// too little of the basis matches to be worth it.
-    fn delta_plan(&self, t: &Task, src: &dyn ReadFile, w: &dyn WriteFile) -> Option<Arc<crate::delta::Plan>> {
-        if !self.opts.delta || !t.existing.as_ref().is_some_and(|e| e.kind == Kind::File) {
+    fn delta_plan(&self, t: &Task, src: &dyn ReadFile, w: &dyn WriteFile) -> Option<(Arc<crate::delta::Plan>, bool)> {
+        if !self.opts.delta {
             return None;
+        }
+        if !t.existing.as_ref().is_some_and(|e| e.kind == Kind::File) {
+            // A copy of a file that landed earlier in the run: each chunk
+            // that hashes as the other's at its place is built from there.
+            let (rel, cvs) = self.copied_from(t, src)?;
+            if !matches!(w.use_basis(&rel), Ok(true)) {
+                return None;
+            }
+            tracing::debug!(path = %t.dst_rel.display(), basis = %rel.display(), "a copy");
+            let plan = crate::delta::Plan::in_place(t.entry.size, self.opts.chunk_size, cvs.to_vec());
+            return Some((Arc::new(plan), true));
         }
         let sig = match w.basis_signature() {
             Ok(Some(sig)) => sig,
@@ -1409,7 +1475,64 @@ impl Ctx {
             }
         };
         tracing::debug!(path = %t.dst_rel.display(), matched = plan.matched, literal = plan.literal, "delta");
-        Some(Arc::new(plan))
+        Some((Arc::new(plan), false))
+    }
+
+    /// Notes that `t`, whose chunks hash to `cvs`, was published: a basis
+    /// for copies of it later in the run.
+    fn landed(&self, t: &Task, cvs: Option<Arc<Vec<ChainingValue>>>) {
+        let (true, Some(cvs)) = (self.opts.delta, cvs) else {
+            return;
+        };
+        if let Ok(mut l) = self.landed.lock() {
+            l.entry(t.entry.size).or_default().push(Landed {
+                src: t.src.clone(),
+                src_rel: t.src_rel.clone(),
+                entry: t.entry.clone(),
+                dst_rel: t.dst_rel.clone(),
+                cvs,
+            });
+        }
+    }
+
+    /// A file published earlier in the run that `t` (open as `src`, on this
+    /// machine) looks like a copy of: the same size, and the same bytes at
+    /// its start, middle and end. Its destination path, relative to the
+    /// root, and its chunks' chaining values.
+    fn copied_from(&self, t: &Task, src: &dyn ReadFile) -> Option<(PathBuf, Arc<Vec<ChainingValue>>)> {
+        src.local_file()?;
+        let size = t.entry.size;
+        type Candidate = (Arc<dyn Source>, PathBuf, Entry, PathBuf, Arc<Vec<ChainingValue>>);
+        let candidates: Vec<Candidate> = self
+            .landed
+            .lock()
+            .ok()?
+            .get(&size)?
+            .iter()
+            .map(|l| {
+                (
+                    l.src.clone(),
+                    l.src_rel.clone(),
+                    l.entry.clone(),
+                    l.dst_rel.clone(),
+                    l.cvs.clone(),
+                )
+            })
+            .collect();
+        let n = DEDUP_SAMPLE.min(size as usize);
+        let places = [0, size / 2 - n as u64 / 2, size - n as u64];
+        let sample = |f: &dyn ReadFile| -> Option<Vec<u8>> {
+            let mut out = vec![0u8; 3 * n];
+            for (k, at) in places.iter().enumerate() {
+                f.read_exact_at(*at, &mut out[k * n..(k + 1) * n]).ok()?;
+            }
+            Some(out)
+        };
+        let ours = sample(src)?;
+        candidates.into_iter().find_map(|(csrc, crel, centry, dst, cvs)| {
+            let other = csrc.open(&crel, &centry).ok()?;
+            (sample(&*other)? == ours).then_some((dst, cvs))
+        })
     }
 
     fn large_chunks(&self, l: &Large, buf: &mut Vec<u8>) {
@@ -1479,7 +1602,14 @@ impl Ctx {
                         return Err(Error::Internal("sink missing".into()));
                     };
                     let local = plan.as_ref().filter(|_| src.local_file().is_some());
-                    if let Some(pieces) = local.and_then(|p| p.chunks.get(i as usize)).filter(has_copy) {
+                    // Built in place from a copy's basis only where that
+                    // chunk hashes the same there.
+                    let fits = |p: &&Arc<crate::delta::Plan>| p.basis_cvs.get(i as usize).is_none_or(|b| *b == cv);
+                    if let Some(pieces) = local
+                        .filter(fits)
+                        .and_then(|p| p.chunks.get(i as usize))
+                        .filter(has_copy)
+                    {
                         let literals = crate::delta::literals(pieces, off, buf);
                         let sent: u64 = literals.len() as u64;
                         if let Some(th) = &self.throttle {
@@ -1504,7 +1634,12 @@ impl Ctx {
                         Sent::Resumed => add(&self.stats.bytes_resumed, len),
                         Sent::Delta(n) => {
                             add(&self.stats.bytes_written, n);
-                            add(&self.stats.bytes_matched, len - n);
+                            let found = if st.copy {
+                                &self.stats.bytes_deduplicated
+                            } else {
+                                &self.stats.bytes_matched
+                            };
+                            add(found, len - n);
                         }
                     }
                     self.obs.progress(len);
@@ -1538,6 +1673,7 @@ impl Ctx {
             }
             (None, Some(w)) => {
                 let cvs: Option<Vec<_>> = st.cvs.iter().copied().collect();
+                let landed = cvs.clone().map(Arc::new);
                 let src = st.src.take();
                 let cloned = st.cloned;
                 let delta = st.plan.is_some();
@@ -1584,11 +1720,16 @@ impl Ctx {
                             self.large(&again, buf);
                             return;
                         }
+                        self.landed(t, landed);
                         self.obs.file_done();
                         return;
                     }
                     Ok(h) => {
-                        self.commit(t, w, h.as_ref());
+                        match self.try_commit(t, w, h.as_ref()) {
+                            Ok(()) => self.landed(t, landed),
+                            Err(e) => self.fail(e),
+                        }
+                        self.obs.file_done();
                         return;
                     }
                     Err(e) => {

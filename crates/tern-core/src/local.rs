@@ -250,6 +250,23 @@ impl LocalEndpoint {
     }
 }
 
+/// A regular, non-empty file at `path` (never through a final symlink, and
+/// never a FIFO's blocking open), as a delta basis; `None` if there is none.
+fn open_basis(path: &Path, shown: &Path) -> Result<Option<(File, u64)>> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    match opened {
+        Ok(f) => {
+            let md = f.metadata().ctx(shown, "stat")?;
+            Ok((md.is_file() && md.len() > 0).then_some((f, md.len())))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => Ok(None),
+        Err(e) => Err(Error::io(shown, "open the old version", e)),
+    }
+}
+
 /// Converts file system metadata into an [`Entry`].
 pub fn entry_from_metadata(name: OsString, md: &fs::Metadata) -> Entry {
     let ft = md.file_type();
@@ -661,6 +678,7 @@ impl Dest for LocalEndpoint {
             policy: self.policy.clone(),
             charge,
             basis: std::sync::OnceLock::new(),
+            ep: self.clone(),
         };
         if !spec.resumable {
             // An unnamed file needs no lock, leaves nothing behind if we die,
@@ -1088,9 +1106,12 @@ struct LocalWriteFile {
     policy: Option<Arc<MetaPolicy>>,
     /// The file's bytes, taken from the endpoint's quota.
     charge: Option<Charge>,
-    /// The file at the final name when the transfer began, and its size:
-    /// the basis of a delta transfer, opened by `basis_signature`.
+    /// The basis of a delta transfer and its size: the file at the final
+    /// name when the transfer began, opened by `basis_signature`, or the
+    /// one `use_basis` opened.
     basis: std::sync::OnceLock<Option<(File, u64)>>,
+    /// The endpoint, to resolve another basis's path as any other.
+    ep: LocalEndpoint,
 }
 
 impl WriteFile for LocalWriteFile {
@@ -1288,25 +1309,23 @@ impl WriteFile for LocalWriteFile {
         Ok(cloned)
     }
 
+    fn use_basis(&self, rel: &Path) -> Result<bool> {
+        let shown = self.ep.path(rel);
+        let at = self.ep.at(rel).map_err(|e| Error::io(&shown, "open a basis", e))?;
+        let basis = open_basis(&at, &shown)?;
+        Ok(basis.is_some() && self.basis.set(basis).is_ok())
+    }
+
     fn basis_signature(&self) -> Result<Option<crate::delta::Signature>> {
-        let opened = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&self.final_path);
-        let basis = match opened {
-            Ok(f) => {
-                let md = f.metadata().ctx(&self.shown, "stat")?;
-                (md.is_file() && md.len() > 0).then_some((f, md.len()))
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => None,
-            Err(e) => return Err(Error::io(&self.shown, "open the old version", e)),
+        if self.basis.get().is_none() {
+            let _ = self.basis.set(open_basis(&self.final_path, &self.shown)?);
+        }
+        let Some(Some((f, size))) = self.basis.get() else {
+            return Ok(None);
         };
-        let Some((f, size)) = basis else { return Ok(None) };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let read = |off: u64, buf: &mut [u8]| f.read_exact_at(buf, off).ctx(&self.shown, "read the old version");
-        let sig = crate::delta::signature(&read, size, threads)?;
-        let _ = self.basis.set(Some((f, size)));
-        Ok(Some(sig))
+        Ok(Some(crate::delta::signature(&read, *size, threads)?))
     }
 
     fn write_delta(

@@ -111,3 +111,42 @@ fn a_basis_that_changes_after_its_signature_is_not_used() {
     assert!(e.to_string().contains("past the basis"), "{e}");
     w.abort(false);
 }
+
+/// Issue 15: copies of a file in the tree cost one; a file of the same size
+/// that only starts, ends and is centred like it is built from it where
+/// its chunks are the same, and one of the same size that differs is sent
+/// whole.
+#[test]
+fn copies_of_a_file_in_the_run_are_built_from_the_first() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(src.join("sub")).expect("mkdir");
+    let mib = 1u64 << 20;
+    let a = random(12 << 20, 1);
+    let mut near = a.clone();
+    near[(5 << 20) + 100] ^= 1;
+    fs::write(src.join("a"), &a).expect("write");
+    fs::write(src.join("b"), &a).expect("write");
+    fs::write(src.join("sub/c"), &a).expect("write");
+    fs::write(src.join("d"), random(12 << 20, 2)).expect("write");
+    fs::write(src.join("e"), &near).expect("write");
+
+    let s = copy(&src, &dst, true);
+    for (name, want) in [("a", &a), ("b", &a), ("sub/c", &a), ("e", &near)] {
+        assert!(fs::read(dst.join(name)).expect("read") == *want, "{name}");
+    }
+    assert_eq!(
+        fs::read(dst.join("d")).expect("read"),
+        fs::read(src.join("d")).expect("read")
+    );
+    assert_eq!(s.copied, 5);
+    // a and d whole, and the one chunk of e that differs.
+    assert_eq!(s.bytes_written, 25 * mib, "{s:?}");
+    assert_eq!(s.bytes_deduplicated, 35 * mib, "{s:?}");
+    assert_eq!(s.bytes_matched, 0);
+
+    // Without delta, every copy is written.
+    let dst2 = t.path().join("dst2");
+    let s = copy(&src, &dst2, false);
+    assert_eq!((s.bytes_written, s.bytes_deduplicated), (60 * mib, 0));
+}

@@ -1914,6 +1914,21 @@ impl WriteFile for RemoteWriteFile {
         Ok(())
     }
 
+    fn use_basis(&self, rel: &Path) -> tern_core::Result<bool> {
+        if self.ep.inner.features & tern_proto::FEATURE_DELTA == 0 {
+            return Ok(false);
+        }
+        // Answered before any chunk is built from it, on whichever stream.
+        self.ep.done(
+            &self.rel,
+            Msg::UseBasis {
+                handle: self.handle,
+                path: self.ep.full(rel),
+            },
+        )?;
+        Ok(true)
+    }
+
     fn basis_signature(&self) -> tern_core::Result<Option<tern_core::delta::Signature>> {
         if self.ep.inner.features & tern_proto::FEATURE_DELTA == 0 {
             return Ok(None);

@@ -1140,6 +1140,25 @@ impl Session {
             }),
             Msg::Write(wc) => return self.write(s, wc, chunk),
             Msg::BasisSignature { handle } => return self.basis_signature(s, handle),
+            // Another file as the basis: one the session may name, not a
+            // side file of some transfer.
+            Msg::UseBasis { handle, path } => self.path(&path).and_then(|p| match p.file_name() {
+                Some(n) if !tern_core::local::is_side_file(n) => {
+                    let h = self.whandle(handle)?;
+                    let f = h
+                        .file
+                        .read()
+                        .map_err(|_| ErrorMsg::new(ErrorCode::Server, "poisoned lock"))?;
+                    match f.as_ref() {
+                        Some(f) => match f.use_basis(&p).map_err(|e| wire::error_msg(&e))? {
+                            true => Ok(Msg::Done),
+                            false => Err(ErrorMsg::new(ErrorCode::Protocol, "the file has a basis already")),
+                        },
+                        None => Err(ErrorMsg::new(ErrorCode::Protocol, "file already closed")),
+                    }
+                }
+                _ => Err(ErrorMsg::new(ErrorCode::Forbidden, "not a file to build from")),
+            }),
             Msg::WriteDelta {
                 handle,
                 index,

@@ -2567,3 +2567,61 @@ fn compressed_frames_before_authentication_are_refused() {
     assert!(matches!(s.recv().expect("hello"), Msg::Hello(_)));
     assert!(matches!(s.recv().expect("welcome"), Msg::Welcome(_)));
 }
+
+/// Issue 15: the basis a client names for a copy is a plain file of the
+/// module the session may name: never through `..` or a symlink out of it,
+/// never a side file of a transfer; the one it may name is what the
+/// signature then describes.
+#[test]
+fn a_named_basis_stays_inside_the_module() {
+    let st = setup();
+    let module = st.root.join("module");
+    let first: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(module.join("sub/first"), &first).expect("write");
+    fs::write(module.join("sub/.x.tern.tmp"), &first).expect("write");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    s.send(&Msg::Create {
+        handle: 1,
+        path: b"sub/copy".to_vec(),
+        spec: WireSpec { size: 3000, ..spec() },
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("create"), Msg::Created { .. }));
+    for bad in [
+        &b"../outside/secret"[..],
+        b"out/secret",
+        b"sub/.x.tern.tmp",
+        b"/etc/passwd",
+    ] {
+        s.send(&Msg::UseBasis {
+            handle: 1,
+            path: bad.to_vec(),
+        })
+        .expect("send");
+        match s.recv() {
+            Err(NetError::Remote(_)) => {}
+            r => panic!("{} taken as a basis: {r:?}", String::from_utf8_lossy(bad)),
+        }
+    }
+    s.send(&Msg::UseBasis {
+        handle: 1,
+        path: b"sub/first".to_vec(),
+    })
+    .expect("send");
+    assert!(matches!(s.recv().expect("use"), Msg::Done));
+    s.send(&Msg::BasisSignature { handle: 1 }).expect("send");
+    let mut len = 0u64;
+    loop {
+        match s.recv().expect("signature") {
+            Msg::Signature { chunks, last, .. } => {
+                len += chunks.iter().map(|c| u64::from(c.1)).sum::<u64>();
+                if last {
+                    break;
+                }
+            }
+            m => panic!("not a signature: {m:?}"),
+        }
+    }
+    assert_eq!(len, first.len() as u64, "the signature is not of the named file");
+    st.outside_untouched();
+}

@@ -421,12 +421,22 @@ pub enum Msg {
         tickets: Vec<Ticket>,
     },
     // Delta transfer (feature [`FEATURE_DELTA`]).
-    /// Client: the signature of the file that the file being written on
-    /// `handle` replaces (its basis). Answered by [`Msg::Signature`] parts,
-    /// the last with `last` set; one empty part when there is no basis.
+    /// Client: the signature of the basis of the file being written on
+    /// `handle`: the file it replaces, or the one [`Msg::UseBasis`] named.
+    /// Answered by [`Msg::Signature`] parts, the last with `last` set; one
+    /// empty part when there is no basis.
     BasisSignature {
         /// Handle from `Create`.
         handle: u64,
+    },
+    /// Client: the module's file at `path`, not the one the file being
+    /// written on `handle` replaces, is the basis its chunks are built from
+    /// (a copy of a file the run wrote before). Answered by `Done`.
+    UseBasis {
+        /// Handle from `Create`.
+        handle: u64,
+        /// The file to build from.
+        path: Vec<u8>,
     },
     /// Part of a basis signature: per content-defined chunk of the basis,
     /// its short id and length, in file order.

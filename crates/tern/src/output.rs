@@ -120,11 +120,21 @@ impl Console {
             if s.bytes_cloned > 0 {
                 parts.push(format!("{} reflinked", HumanBytes(s.bytes_cloned)));
             }
-            if s.bytes_matched > 0 {
+            if s.bytes_matched > 0 || s.bytes_deduplicated > 0 {
+                let mut from = Vec::new();
+                if s.bytes_matched > 0 {
+                    from.push(format!("{} taken from the old versions", HumanBytes(s.bytes_matched)));
+                }
+                if s.bytes_deduplicated > 0 {
+                    from.push(format!(
+                        "{} from files already sent, which others copy",
+                        HumanBytes(s.bytes_deduplicated)
+                    ));
+                }
                 parts.push(format!(
-                    "{} sent as a delta ({} taken from the old versions)",
+                    "{} sent as a delta ({})",
                     HumanBytes(s.bytes_written),
-                    HumanBytes(s.bytes_matched)
+                    from.join(", ")
                 ));
             }
             for (n, what) in [

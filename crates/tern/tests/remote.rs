@@ -817,3 +817,37 @@ fn compressible_data_crosses_compressed_when_asked_and_plainly_when_not() {
         assert_eq!(raw == 0, mode == "never", "pull, {mode}: {raw} compressed");
     }
 }
+
+/// Issue 15: ten copies of a file pushed to a daemon cross once; the others
+/// are built there from the first, and each lands with the source's
+/// BLAKE3. `-W` sends them all.
+#[test]
+fn copies_of_a_file_cross_once() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    let one = data(12 << 20, 8);
+    for k in 0..10 {
+        write(&src.join(format!("d{}/copy{k}.img", k % 3)), &one);
+    }
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let size = one.len() as u64;
+    for (flags, dst, written, dedup) in [(vec![], "once", size, 9 * size), (vec!["-W"], "whole", 10 * size, 0)] {
+        let out = ok(d
+            .auth(client(t.path()).args(["copy", "--json"]).args(&flags))
+            .arg(format!("{}/", src.display()))
+            .arg(d.url(dst)));
+        let j = json(&out);
+        assert_eq!(j["errors"], 0, "{out}");
+        assert_eq!(
+            (j["bytes_written"].as_u64(), j["bytes_deduplicated"].as_u64()),
+            (Some(written), Some(dedup)),
+            "{flags:?}: {out}"
+        );
+        for k in 0..10 {
+            let rel = format!("d{}/copy{k}.img", k % 3);
+            assert_eq!(b3(&module.join(dst).join(&rel)), b3(&src.join(&rel)), "{rel}");
+        }
+        assert!(side_files(&module).is_empty());
+    }
+}
