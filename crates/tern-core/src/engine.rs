@@ -40,6 +40,10 @@ use crate::hash::{self, Hash};
 pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 
 const BATCH_FILES: usize = 256;
+/// With delta on, a changed file of at least this size whose old version
+/// is at least as large goes on its own (as a large file does) to be sent
+/// as its difference, not whole in a batch.
+const DELTA_MIN: u64 = 64 << 10;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Files compared by content are gathered in larger batches: nothing but
 /// their hashes crosses, and each batch costs a far endpoint a round trip
@@ -821,7 +825,9 @@ impl Scanner<'_> {
                     return;
                 }
                 ctx.obs.planned(1, se.size);
-                if se.size > ctx.opts.chunk_size {
+                let old_size = de.as_ref().filter(|d| d.kind == Kind::File).map(|d| d.size);
+                let by_delta = ctx.opts.delta && se.size >= DELTA_MIN && old_size.is_some_and(|n| n >= DELTA_MIN);
+                if se.size > ctx.opts.chunk_size || by_delta {
                     let first = self.sizes.insert(se.size);
                     let has_basis = de.as_ref().is_some_and(|d| d.kind == Kind::File);
                     if ctx.opts.delta && !first && !has_basis {
@@ -1681,8 +1687,10 @@ impl Ctx {
                 let done = (|| {
                     let src =
                         src.ok_or_else(|| Error::Internal(format!("{}: source not open", t.dst_rel.display())))?;
-                    let h = if cloned {
-                        // Hash only to verify: the blocks were never copied.
+                    // Hash only to verify: the blocks were never copied,
+                    // or the file is one chunk, whose (non-root) chaining
+                    // value the whole-file hash is not composed from.
+                    let h = if cloned || l.chunks == 1 {
                         match self.opts.verify {
                             true => Some(hash_file(
                                 &*src,

@@ -150,3 +150,36 @@ fn copies_of_a_file_in_the_run_are_built_from_the_first() {
     let s = copy(&src, &dst2, false);
     assert_eq!((s.bytes_written, s.bytes_deduplicated), (60 * mib, 0));
 }
+
+/// Issue 15: files smaller than a chunk are sent as their difference too,
+/// down to 64 KiB; smaller ones travel whole in batches.
+#[test]
+fn files_under_a_chunk_cross_as_their_changes() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::create_dir_all(&dst).expect("mkdir");
+    let sizes = [64 << 10, 100 << 10, 300 << 10, 700 << 10, (1 << 20) - 1, 32 << 10];
+    let mut total = 0;
+    for (k, &n) in sizes.iter().enumerate() {
+        let old = random(n, 10 + k as u64);
+        fs::write(dst.join(format!("f{k}")), &old).expect("write");
+        // An older version: same size, older time.
+        let f = fs::File::options().write(true).open(dst.join(format!("f{k}"))).expect("open");
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000)).expect("mtime");
+        let mut new = old.clone();
+        new[n / 2..n / 2 + 100].fill(0xEE);
+        fs::write(src.join(format!("f{k}")), &new).expect("write");
+        total += n as u64;
+    }
+    let s = copy(&src, &dst, true);
+    for k in 0..sizes.len() {
+        let name = format!("f{k}");
+        let (got, want) = (fs::read(dst.join(&name)).expect("read"), fs::read(src.join(&name)).expect("read"));
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(got == want, "{name}: {} vs {} bytes, first difference at {first:?}; {s:?}", got.len(), want.len());
+    }
+    // The 32 KiB file whole; each of the others a few 2-8 KiB chunks.
+    assert!(s.bytes_written < (32 << 10) + 5 * (24 << 10), "{s:?}");
+    assert_eq!(s.bytes_written + s.bytes_matched, total);
+}
