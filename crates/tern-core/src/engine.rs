@@ -1422,7 +1422,10 @@ impl Ctx {
                     }
                 }
             }
-            if claimed_bytes == 0 && !st.cloned && !l.whole {
+            // A resumed file is planned too: its old version is still at
+            // the final name, and the chunks already there are kept where
+            // the source's hash as claimed.
+            if !st.cloned && !l.whole {
                 if let Some((plan, copy)) = self.delta_plan(t, &*rf, &*w) {
                     (st.plan, st.copy) = (Some(plan), copy);
                 }

@@ -165,8 +165,12 @@ fn files_under_a_chunk_cross_as_their_changes() {
         let old = random(n, 10 + k as u64);
         fs::write(dst.join(format!("f{k}")), &old).expect("write");
         // An older version: same size, older time.
-        let f = fs::File::options().write(true).open(dst.join(format!("f{k}"))).expect("open");
-        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000)).expect("mtime");
+        let f = fs::File::options()
+            .write(true)
+            .open(dst.join(format!("f{k}")))
+            .expect("open");
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000))
+            .expect("mtime");
         let mut new = old.clone();
         new[n / 2..n / 2 + 100].fill(0xEE);
         fs::write(src.join(format!("f{k}")), &new).expect("write");
@@ -175,9 +179,17 @@ fn files_under_a_chunk_cross_as_their_changes() {
     let s = copy(&src, &dst, true);
     for k in 0..sizes.len() {
         let name = format!("f{k}");
-        let (got, want) = (fs::read(dst.join(&name)).expect("read"), fs::read(src.join(&name)).expect("read"));
+        let (got, want) = (
+            fs::read(dst.join(&name)).expect("read"),
+            fs::read(src.join(&name)).expect("read"),
+        );
         let first = got.iter().zip(&want).position(|(a, b)| a != b);
-        assert!(got == want, "{name}: {} vs {} bytes, first difference at {first:?}; {s:?}", got.len(), want.len());
+        assert!(
+            got == want,
+            "{name}: {} vs {} bytes, first difference at {first:?}; {s:?}",
+            got.len(),
+            want.len()
+        );
     }
     // The 32 KiB file whole; each of the others a few 2-8 KiB chunks.
     assert!(s.bytes_written < (32 << 10) + 5 * (24 << 10), "{s:?}");

@@ -295,7 +295,7 @@ pub struct TransferArgs {
     /// destination's old version (the default between local paths).
     #[arg(short = 'W', long)]
     pub whole_file: bool,
-    /// Send a changed file over 8 MiB as its difference from the old version
+    /// Send a changed file of 64 KiB or more as its difference from the old version
     /// also between local paths (the default when a local file goes to a
     /// daemon).
     #[arg(long, conflicts_with = "whole_file")]
