@@ -16,7 +16,7 @@
 //! is sent plainly, and tried again less and less often.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tern_proto::{FEATURE_ZSTD, FEATURE_ZSTD_ALWAYS, MAX_INFLATED};
@@ -70,13 +70,15 @@ impl Compression {
 }
 
 /// Bytes that crossed compressed, in either direction, on the streams that
-/// share this count.
+/// share this count (a client's run, a daemon's session), and how fast
+/// those streams' link drains, measured by all of them.
 #[derive(Debug, Default)]
 pub struct Squeezed {
     /// Their size before compression.
     pub raw: AtomicU64,
     /// Their size on the wire (container headers included).
     pub wire: AtomicU64,
+    link: Mutex<Rate>,
 }
 
 impl Squeezed {
@@ -95,8 +97,11 @@ const ASSUMED_SPEED: f64 = 300e6;
 const MIN_SIZE: usize = 512;
 /// Writes shorter than this say little about the link.
 const MIN_MEASURED: usize = 16 << 10;
-/// Writes measured before the link's rate is trusted.
-const WARMUP: u32 = 8;
+/// A write that took at least this long waited for the link.
+const BLOCKED: Duration = Duration::from_micros(200);
+/// Writes measured (by any of the streams sharing the count) before the
+/// link's rate is trusted.
+const WARMUP: u32 = 2;
 /// Under `Auto` on a link too fast to compress for, one container in this
 /// many is compressed anyway, to keep the ratio and the speed measured.
 const PROBE_EVERY: u32 = 32;
@@ -133,7 +138,6 @@ pub(crate) struct Squeeze {
     cctx: Option<zstd::bulk::Compressor<'static>>,
     level: i32,
     out: Vec<u8>,
-    link: Rate,
     /// zstd's speed, as level 1 would run.
     speed: Rate,
     /// Compressed / raw size of recent containers.
@@ -155,7 +159,6 @@ impl Squeeze {
             cctx: None,
             level: 0,
             out: Vec::new(),
-            link: Rate::default(),
             speed: Rate::default(),
             ratio: 0.5,
             skip: 0,
@@ -165,10 +168,14 @@ impl Squeeze {
         })
     }
 
-    /// Notes a write of `len` bytes to the link that took `t`.
+    /// Notes a write of `len` bytes to the link that took `t`. Only a write
+    /// that had to wait says how fast the link drains: one the socket's
+    /// buffer took at once says only that it had room.
     pub(crate) fn wrote(&mut self, len: usize, t: Duration) {
-        if len >= MIN_MEASURED {
-            self.link.add(len, t);
+        if len >= MIN_MEASURED && t >= BLOCKED {
+            if let Ok(mut l) = self.counts.link.lock() {
+                l.add(len, t);
+            }
         }
     }
 
@@ -189,16 +196,16 @@ impl Squeeze {
         // Compressing a byte takes 1/(speed·f); it saves (1 - ratio)/link of
         // wire time. Half the CPU is left for everything else the run does.
         let saved = (1.0 - self.ratio).max(0.05);
-        let link = self.link.per_sec();
+        let link = self.counts.link.lock().map(|l| *l).unwrap_or_default();
         let fits = LEVELS
             .iter()
             .rev()
-            .find(|&&(_, f)| link < saved * speed * f / 2.0)
+            .find(|&&(_, f)| link.per_sec() < saved * speed * f / 2.0)
             .map(|&(l, _)| l);
         match self.mode {
             Compression::Never => None,
             Compression::Always => Some(fits.unwrap_or(1)),
-            Compression::Auto if self.link.samples < WARMUP => None,
+            Compression::Auto if link.samples < WARMUP => None,
             Compression::Auto => match fits {
                 Some(l) => Some(l),
                 None => {
@@ -289,15 +296,17 @@ mod tests {
         let counts = Arc::new(Squeezed::default());
         let mut fast = Squeeze::new(Compression::Auto, counts.clone()).expect("auto");
         let data = text(1 << 20);
-        // A link that takes 1 MiB in 100 µs (10 GB/s) is never worth it,
+        // A link that takes 1 MiB in 300 µs (3.5 GB/s) is never worth it,
         // but for the occasional probe.
         let mut compressed = 0;
         for _ in 0..64 {
-            fast.wrote(1 << 20, Duration::from_micros(100));
+            fast.wrote(1 << 20, Duration::from_micros(300));
             compressed += usize::from(fast.compress(&data).is_some());
         }
         assert!(compressed <= 64 / PROBE_EVERY as usize, "{compressed} of 64 compressed");
-        // 1 MiB in 100 ms (10 MB/s): compressed at a level above 1.
+        // 1 MiB in 100 ms (10 MB/s), on another connection: compressed at a
+        // level above 1.
+        let counts = Arc::new(Squeezed::default());
         let mut slow = Squeeze::new(Compression::Auto, counts.clone()).expect("auto");
         assert!(
             slow.compress(&data).is_none(),

@@ -87,8 +87,6 @@ pub struct Server {
     mem: Arc<Budget>,
     /// This machine's TCP sends with BBR (said in the Hello).
     tcp_bbr: bool,
-    /// What crossed compressed, on every stream.
-    squeezed: Arc<crate::compress::Squeezed>,
     /// The daemon's key fingerprint, which token proofs are bound to.
     fingerprint: String,
     /// Keys the MAC of the tickets this daemon grants.
@@ -160,7 +158,6 @@ impl Server {
             fds: Budget::new(descriptor_budget(cfg.limits.open_files)),
             mem: Budget::new(mib(cfg.limits.request_memory) as usize),
             tcp_bbr: tcp_has_bbr(),
-            squeezed: Arc::default(),
             fingerprint: String::new(),
             ticket_key: {
                 let mut k = [0u8; 32];
@@ -291,7 +288,7 @@ impl Server {
         s.authenticated();
         // Only now: a container inflates to 2 MiB, more than a stranger's
         // stream is allowed to cost.
-        s.compress(features, self.squeezed.clone());
+        s.compress(features, session.squeezed.clone());
         s.send(&Msg::Welcome(session.welcome()))?;
         Ok(session)
     }
@@ -528,6 +525,7 @@ impl Server {
             ticket_key: self.ticket_key,
             writes: Mutex::default(),
             reads: Mutex::default(),
+            squeezed: Arc::default(),
             deltas: Mutex::default(),
             cancel: self.shutdown.clone(),
             idle: self.idle,
@@ -708,6 +706,8 @@ struct Session {
     ticket_key: [u8; 32],
     writes: Mutex<HashMap<u64, Arc<WHandle>>>,
     reads: Mutex<HashMap<u64, RHandle>>,
+    /// What its streams compressed, and how fast their link drains.
+    squeezed: Arc<crate::compress::Squeezed>,
     /// Per read handle, a client's basis signature being received, then
     /// the plan made against it; each holds its memory from the budget.
     deltas: Mutex<HashMap<u64, DeltaState>>,

@@ -238,6 +238,11 @@ impl Stream {
                 if p.len() <= 16 << 10 {
                     s.wbuf.extend_from_slice(&header);
                     s.wbuf.extend_from_slice(p);
+                    // A batch of small files is many small frames: sent, and
+                    // compressed, a few hundred KiB at a time.
+                    if s.wbuf.len() >= 256 << 10 {
+                        s.flush_inner()?;
+                    }
                 } else if let Some(level) = s.squeeze.as_mut().and_then(|z| z.level(HEADER_LEN + p.len())) {
                     // The frame goes in a container of its own.
                     s.flush_inner()?;
