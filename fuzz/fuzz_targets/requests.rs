@@ -615,8 +615,6 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                             hard_links: false,
                             xattrs: false,
                             bwlimit: None,
-                            delta: true,
-                            compress: 1,
                         },
                         transport: 2,
                     }),

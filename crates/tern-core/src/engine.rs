@@ -41,8 +41,11 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 
 const BATCH_FILES: usize = 256;
 /// With delta on, a changed file of at least this size whose old version
-/// is at least as large goes on its own (as a large file does) to be sent
-/// as its difference, not whole in a batch.
+/// is at least this size too goes on its own (as a large file does) to be
+/// sent as its difference, not whole in a batch. Each such file costs a
+/// few round trips (shared with the other workers' files): on a path of
+/// high bandwidth and long RTT, many small rewritten files are quicker
+/// with `-W`.
 const DELTA_MIN: u64 = 64 << 10;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Files compared by content are gathered in larger batches: nothing but
@@ -327,7 +330,7 @@ struct Ctx {
     /// Files per write batch: each stays open until its batch commits.
     batch_files: usize,
     /// Large files published in this run, by size: bases for their copies.
-    landed: Mutex<HashMap<u64, Vec<Landed>>>,
+    landed: Mutex<HashMap<u64, Vec<Arc<Landed>>>>,
 }
 
 /// A large file published in this run.
@@ -338,6 +341,21 @@ struct Landed {
     dst_rel: PathBuf,
     /// Its chunks' chaining values.
     cvs: Arc<Vec<ChainingValue>>,
+    /// Its [`sample_digest`], once a file of its size is compared with it.
+    sample: std::sync::OnceLock<Option<Hash>>,
+}
+
+/// The hash of `f`'s bytes at its start, middle and end ([`DEDUP_SAMPLE`]
+/// at each), for a file of `size` bytes; `None` if they cannot be read.
+fn sample_digest(f: &dyn ReadFile, size: u64) -> Option<Hash> {
+    let n = DEDUP_SAMPLE.min(size as usize);
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; n];
+    for at in [0, size / 2 - n as u64 / 2, size - n as u64] {
+        f.read_exact_at(at, &mut buf).ok()?;
+        h.update(&buf);
+    }
+    Some(h.finalize())
 }
 
 /// Bytes compared at each of three places (start, middle, end) of two
@@ -1494,13 +1512,14 @@ impl Ctx {
             return;
         };
         if let Ok(mut l) = self.landed.lock() {
-            l.entry(t.entry.size).or_default().push(Landed {
+            l.entry(t.entry.size).or_default().push(Arc::new(Landed {
                 src: t.src.clone(),
                 src_rel: t.src_rel.clone(),
                 entry: t.entry.clone(),
                 dst_rel: t.dst_rel.clone(),
                 cvs,
-            });
+                sample: std::sync::OnceLock::new(),
+            }));
         }
     }
 
@@ -1511,36 +1530,18 @@ impl Ctx {
     fn copied_from(&self, t: &Task, src: &dyn ReadFile) -> Option<(PathBuf, Arc<Vec<ChainingValue>>)> {
         src.local_file()?;
         let size = t.entry.size;
-        type Candidate = (Arc<dyn Source>, PathBuf, Entry, PathBuf, Arc<Vec<ChainingValue>>);
-        let candidates: Vec<Candidate> = self
-            .landed
-            .lock()
-            .ok()?
-            .get(&size)?
-            .iter()
-            .map(|l| {
-                (
-                    l.src.clone(),
-                    l.src_rel.clone(),
-                    l.entry.clone(),
-                    l.dst_rel.clone(),
-                    l.cvs.clone(),
-                )
-            })
-            .collect();
-        let n = DEDUP_SAMPLE.min(size as usize);
-        let places = [0, size / 2 - n as u64 / 2, size - n as u64];
-        let sample = |f: &dyn ReadFile| -> Option<Vec<u8>> {
-            let mut out = vec![0u8; 3 * n];
-            for (k, at) in places.iter().enumerate() {
-                f.read_exact_at(*at, &mut out[k * n..(k + 1) * n]).ok()?;
-            }
-            Some(out)
-        };
-        let ours = sample(src)?;
-        candidates.into_iter().find_map(|(csrc, crel, centry, dst, cvs)| {
-            let other = csrc.open(&crel, &centry).ok()?;
-            (sample(&*other)? == ours).then_some((dst, cvs))
+        let candidates: Vec<Arc<Landed>> = self.landed.lock().ok()?.get(&size)?.clone();
+        let ours = sample_digest(src, size)?;
+        candidates.into_iter().find_map(|l| {
+            // Each landed file's sample is read once, however many files of
+            // its size are compared with it.
+            let theirs = l.sample.get_or_init(|| {
+                l.src
+                    .open(&l.src_rel, &l.entry)
+                    .ok()
+                    .and_then(|f| sample_digest(&*f, size))
+            });
+            (*theirs == Some(ours)).then(|| (l.dst_rel.clone(), l.cvs.clone()))
         })
     }
 
@@ -1614,11 +1615,10 @@ impl Ctx {
                     // Built in place from a copy's basis only where that
                     // chunk hashes the same there.
                     let fits = |p: &&Arc<crate::delta::Plan>| p.basis_cvs.get(i as usize).is_none_or(|b| *b == cv);
-                    if let Some(pieces) = local
-                        .filter(fits)
-                        .and_then(|p| p.chunks.get(i as usize))
-                        .filter(has_copy)
-                    {
+                    // A rebuilt chunk is written as data: one with holes
+                    // goes as read, so its holes stay holes.
+                    let recipe = local.filter(fits).filter(|_| holes.is_empty());
+                    if let Some(pieces) = recipe.and_then(|p| p.chunks.get(i as usize)).filter(has_copy) {
                         let literals = crate::delta::literals(pieces, off, buf);
                         let sent: u64 = literals.len() as u64;
                         if let Some(th) = &self.throttle {

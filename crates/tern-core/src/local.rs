@@ -250,21 +250,25 @@ impl LocalEndpoint {
     }
 }
 
-/// A regular, non-empty file at `path` (never through a final symlink, and
-/// never a FIFO's blocking open), as a delta basis; `None` if there is none.
+/// A regular, non-empty file at `path` (never through a final symlink), as
+/// a delta basis; `None` if there is none. It is looked at before it is
+/// opened for reading, so no device or FIFO is ever opened for real.
 fn open_basis(path: &Path, shown: &Path) -> Result<Option<(File, u64)>> {
-    let opened = OpenOptions::new()
+    let looked = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
         .open(path);
-    match opened {
-        Ok(f) => {
-            let md = f.metadata().ctx(shown, "stat")?;
-            Ok((md.is_file() && md.len() > 0).then_some((f, md.len())))
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => Ok(None),
-        Err(e) => Err(Error::io(shown, "open the old version", e)),
+    let f = match looked {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(Error::io(shown, "open the old version", e)),
+    };
+    let md = f.metadata().ctx(shown, "stat")?;
+    if !md.is_file() || md.len() == 0 {
+        return Ok(None);
     }
+    let f = File::open(sys::fd_path(&f)).ctx(shown, "open the old version")?;
+    Ok(Some((f, md.len())))
 }
 
 /// Converts file system metadata into an [`Entry`].

@@ -243,6 +243,10 @@ impl Squeeze {
         self.speed.add((frames.len() as f64 / f) as usize, t.elapsed());
         let ratio = n as f64 / frames.len() as f64;
         self.ratio = self.ratio * 0.75 + ratio * 0.25;
+        // A container is one frame: no larger than a frame may be.
+        if n > crate::stream::MAX_PAYLOAD as usize {
+            return None;
+        }
         if ratio > 0.95 {
             self.backoff = (self.backoff * 2).clamp(4, 256);
             self.skip = self.backoff;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tern_core::engine::{Action, Mode, Observer, Options, Root, Summary};
 use tern_core::filter::{Filter, Rule};
 use tern_core::{Error, LocalEndpoint};
-use tern_proto::{ErrorCode, ErrorMsg, Msg, PullRequest, RunEvent, RunOptions};
+use tern_proto::{ErrorCode, ErrorMsg, Msg, PullExtra, PullRequest, RunEvent, RunOptions};
 
 use crate::compress::Compression;
 
@@ -58,7 +58,7 @@ impl Drop for Running {
 }
 
 /// The engine options of `o`, for a [`PullRequest`].
-pub fn run_options(o: &Options, compress: Compression) -> RunOptions {
+pub fn run_options(o: &Options) -> RunOptions {
     RunOptions {
         check: o.mode == Mode::Check,
         delete: o.delete,
@@ -77,13 +77,11 @@ pub fn run_options(o: &Options, compress: Compression) -> RunOptions {
         hard_links: o.hard_links,
         xattrs: o.xattrs,
         bwlimit: o.bwlimit,
-        delta: o.delta,
-        compress: compress.to_wire(),
     }
 }
 
 /// Engine options from a request; refused if out of range.
-fn options(r: &RunOptions, cancel: Arc<AtomicBool>) -> std::result::Result<Options, ErrorMsg> {
+fn options(r: &RunOptions, extra: PullExtra, cancel: Arc<AtomicBool>) -> std::result::Result<Options, ErrorMsg> {
     let bad = |m: String| ErrorMsg::new(ErrorCode::Protocol, m);
     if !(1024..=crate::server::MAX_CHUNK).contains(&r.chunk_size) || !r.chunk_size.is_power_of_two() {
         return Err(bad(format!("chunk size {} is not allowed", r.chunk_size)));
@@ -108,7 +106,7 @@ fn options(r: &RunOptions, cancel: Arc<AtomicBool>) -> std::result::Result<Optio
         xattrs: r.xattrs,
         bwlimit: r.bwlimit,
         // Its sources are other daemons, which plan the delta themselves.
-        delta: r.delta,
+        delta: extra.delta,
         cancel,
     })
 }
@@ -187,10 +185,11 @@ pub(crate) fn serve(
     policy: &PullPolicy,
     t: &Target,
     req: PullRequest,
+    extra: PullExtra,
     tickets: Vec<tern_proto::Ticket>,
     s: &mut Stream,
 ) -> Result<()> {
-    match start(policy, t, &req, tickets) {
+    match start(policy, t, &req, extra, tickets) {
         Ok((roots, opts, transport, endpoints, _running)) => run(t, roots, opts, transport, &endpoints, s),
         Err(e) => {
             tracing::warn!(module = %t.module, reason = ?e.message, "pull refused");
@@ -208,10 +207,11 @@ fn start(
     policy: &PullPolicy,
     t: &Target,
     req: &PullRequest,
+    extra: PullExtra,
     tickets: Vec<tern_proto::Ticket>,
 ) -> std::result::Result<Started, ErrorMsg> {
     let cancel = Arc::new(AtomicBool::new(false));
-    let opts = options(&req.opts, cancel)?;
+    let opts = options(&req.opts, extra, cancel)?;
     // Even a check or a dry run makes this daemon connect elsewhere and
     // read: only a client that may write here may ask for that.
     if !t.writable {
@@ -304,7 +304,7 @@ fn start(
             identity_dir: Some(policy.state_dir.clone()),
             timeout: Duration::from_secs(60),
             write: false,
-            compress: Compression::from_wire(req.opts.compress)
+            compress: Compression::from_wire(extra.compress)
                 .ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "a compression choice tern does not know"))?,
         };
         let ep = RemoteEndpoint::connect(&spec, &connect).map_err(|e| match e {

@@ -714,6 +714,7 @@ impl RemoteEndpoint {
     pub fn pull(
         &self,
         req: tern_proto::PullRequest,
+        extra: tern_proto::PullExtra,
         tickets: Vec<tern_proto::Ticket>,
         obs: &dyn tern_core::engine::Observer,
         cancel: &AtomicBool,
@@ -726,9 +727,12 @@ impl RemoteEndpoint {
             )));
         }
         let mut s = self.open_stream()?;
-        s.send(&Msg::PullTicketed {
-            req: Box::new(req),
-            tickets,
+        // A daemon from before the extra options takes the request without
+        // them: delta on, compression auto.
+        let req = Box::new(req);
+        s.send(&match self.inner.features & tern_proto::FEATURE_COPIES {
+            0 => Msg::PullTicketed { req, tickets },
+            _ => Msg::PullWith { req, tickets, extra },
         })?;
         s.flush()?;
         loop {
@@ -1891,9 +1895,11 @@ impl WriteFile for RemoteWriteFile {
         holes: &[(u64, u64)],
         cv: Option<&ChainingValue>,
     ) -> tern_core::Result<()> {
+        // A chunk that is the whole file is checked by the file's hash (the
+        // root), whatever chaining value the engine made of it.
         let cv = match cv {
+            _ if offset == 0 && data.len() as u64 == self.size => *blake3::hash(data).as_bytes(),
             Some(cv) => *cv,
-            None if offset == 0 && data.len() as u64 == self.size => *blake3::hash(data).as_bytes(),
             None => tern_core::hash::cv_at(offset, data),
         };
         let wc = WriteChunk {
@@ -1915,7 +1921,7 @@ impl WriteFile for RemoteWriteFile {
     }
 
     fn use_basis(&self, rel: &Path) -> tern_core::Result<bool> {
-        if self.ep.inner.features & tern_proto::FEATURE_DELTA == 0 {
+        if self.ep.inner.features & tern_proto::FEATURE_COPIES == 0 {
             return Ok(false);
         }
         // Answered before any chunk is built from it, on whichever stream.

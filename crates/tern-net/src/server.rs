@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
 use tern_core::{hash, Dest, Error, LocalEndpoint, ReadFile, Source, WriteFile};
-use tern_proto::{negotiate, Batch, ErrorCode, ErrorMsg, Hello, Msg, Welcome, WriteChunk};
+use tern_proto::{negotiate, Batch, ErrorCode, ErrorMsg, Hello, Msg, PullExtra, Welcome, WriteChunk};
 
 use crate::budget::{Budget, Permit};
 use crate::config::{Access, ModuleConfig, ServerConfig};
@@ -781,7 +781,9 @@ fn bench(s: &mut Stream, upload: bool, bytes: u64, buf: &mut Vec<u8>) -> Result<
     }
     let block = tern_proto::BENCH_BLOCK;
     buf.clear();
-    buf.resize(block, 0x5a);
+    buf.resize(block, 0);
+    // Incompressible: the link is measured, whatever the client's --compress.
+    blake3::Hasher::new().update(b"tern bench").finalize_xof().fill(buf);
     let mut left = bytes;
     while left > 0 {
         let n = left.min(block as u64) as usize;
@@ -1152,7 +1154,10 @@ impl Session {
                     match f.as_ref() {
                         Some(f) => match f.use_basis(&p).map_err(|e| wire::error_msg(&e))? {
                             true => Ok(Msg::Done),
-                            false => Err(ErrorMsg::new(ErrorCode::Protocol, "the file has a basis already")),
+                            false => Err(ErrorMsg::new(
+                                ErrorCode::NotFound,
+                                "no regular file to build from there, or the file has a basis already",
+                            )),
                         },
                         None => Err(ErrorMsg::new(ErrorCode::Protocol, "file already closed")),
                     }
@@ -1172,17 +1177,8 @@ impl Session {
                 "this daemon runs a transfer from another daemon only with tickets proving the client may read \
                  the source (protocol 3); upgrade this client",
             )),
-            Msg::PullTicketed { req, tickets } => {
-                let path = |b: &[u8]| self.path(b);
-                let t = crate::pull::Target {
-                    ep: &self.ep,
-                    module: &self.module,
-                    writable: self.writable,
-                    path: &path,
-                    shutdown: &self.cancel,
-                };
-                return crate::pull::serve(&self.pull, &t, *req, tickets, s);
-            }
+            Msg::PullTicketed { req, tickets } => return self.pull(s, *req, PullExtra::default(), tickets),
+            Msg::PullWith { req, tickets, extra } => return self.pull(s, *req, extra, tickets),
             Msg::GrantTicket { holder, path } => self.grant_ticket(&holder, &path),
             Msg::FileMeta {
                 handle,
@@ -1761,6 +1757,26 @@ impl Session {
 
     /// Sends the signature of the basis of the file written on `handle`,
     /// in parts; one empty part when it has none.
+    /// Runs a transfer from other daemons into this module (remote to
+    /// remote), as `req` and `extra` say, on the tickets the sources gave.
+    fn pull(
+        &self,
+        s: &mut Stream,
+        req: tern_proto::PullRequest,
+        extra: PullExtra,
+        tickets: Vec<tern_proto::Ticket>,
+    ) -> Result<()> {
+        let path = |b: &[u8]| self.path(b);
+        let t = crate::pull::Target {
+            ep: &self.ep,
+            module: &self.module,
+            writable: self.writable,
+            path: &path,
+            shutdown: &self.cancel,
+        };
+        crate::pull::serve(&self.pull, &t, req, extra, tickets, s)
+    }
+
     fn basis_signature(&self, s: &mut Stream, handle: u64) -> Result<()> {
         let sig = self.whandle(handle).and_then(|h| match h.file.read() {
             Ok(f) => match f.as_ref() {

@@ -471,8 +471,6 @@ fn pull_request(
             hard_links: false,
             xattrs: false,
             bwlimit: None,
-            delta: true,
-            compress: 1,
         },
         transport: 2,
     }

@@ -50,9 +50,17 @@ pub const FEATURE_ZSTD: u64 = 16;
 /// whatever compresses, whatever the link (`--compress always`); a daemon
 /// offers it to say it honours that.
 pub const FEATURE_ZSTD_ALWAYS: u64 = 32;
+/// Feature bit: the daemon builds a file from another file of the module
+/// ([`Msg::UseBasis`]) and takes [`Msg::PullWith`].
+pub const FEATURE_COPIES: u64 = 64;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
-pub const FEATURES: u64 =
-    FEATURE_PULL | FEATURE_BENCH | FEATURE_TCP_BBR | FEATURE_DELTA | FEATURE_ZSTD | FEATURE_ZSTD_ALWAYS;
+pub const FEATURES: u64 = FEATURE_PULL
+    | FEATURE_BENCH
+    | FEATURE_TCP_BBR
+    | FEATURE_DELTA
+    | FEATURE_ZSTD
+    | FEATURE_ZSTD_ALWAYS
+    | FEATURE_COPIES;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -429,15 +437,6 @@ pub enum Msg {
         /// Handle from `Create`.
         handle: u64,
     },
-    /// Client: the module's file at `path`, not the one the file being
-    /// written on `handle` replaces, is the basis its chunks are built from
-    /// (a copy of a file the run wrote before). Answered by `Done`.
-    UseBasis {
-        /// Handle from `Create`.
-        handle: u64,
-        /// The file to build from.
-        path: Vec<u8>,
-    },
     /// Part of a basis signature: per content-defined chunk of the basis,
     /// its short id and length, in file order.
     Signature {
@@ -510,6 +509,25 @@ pub enum Msg {
         cv: [u8; 32],
         /// Literal bytes in the data frame that follows.
         literal: u64,
+    },
+    // Feature [`FEATURE_COPIES`].
+    /// Client: the module's file at `path`, not the one the file being
+    /// written on `handle` replaces, is the basis its chunks are built from
+    /// (a copy of a file the run wrote before). Answered by `Done`.
+    UseBasis {
+        /// Handle from `Create`.
+        handle: u64,
+        /// The file to build from.
+        path: Vec<u8>,
+    },
+    /// [`Msg::PullTicketed`] with what later options say.
+    PullWith {
+        /// The transfer.
+        req: Box<PullRequest>,
+        /// `tickets[i]` was granted by `req.sources[i]`.
+        tickets: Vec<Ticket>,
+        /// The options added since.
+        extra: PullExtra,
     },
 }
 
@@ -662,10 +680,25 @@ pub struct RunOptions {
     pub xattrs: bool,
     /// Bytes per second, if limited.
     pub bwlimit: Option<u64>,
+}
+
+/// Options of a delegated run added after [`RunOptions`] ([`Msg::PullWith`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullExtra {
     /// Send changed files as deltas (off with `--whole-file`).
     pub delta: bool,
     /// Compression between the daemons: 0 never, 1 auto, 2 always.
     pub compress: u8,
+}
+
+impl Default for PullExtra {
+    /// What a [`Msg::PullTicketed`] means: delta on, compression auto.
+    fn default() -> Self {
+        PullExtra {
+            delta: true,
+            compress: 1,
+        }
+    }
 }
 
 /// What a delegated run did, as it does it.

@@ -489,14 +489,18 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         if let Some((dr, sources, tickets)) = plan.direct {
             let req = PullRequest {
                 sources,
-                opts: tern_net::pull::run_options(&opts, net::compression(remote)),
+                opts: tern_net::pull::run_options(&opts),
                 transport: match remote.transport.as_str() {
                     "quic" => 1,
                     "tcp" => 2,
                     _ => 0,
                 },
             };
-            match dr.pull(req, tickets, &*console, &cancel) {
+            let extra = tern_proto::PullExtra {
+                delta: opts.delta,
+                compress: net::compression(remote).to_wire(),
+            };
+            match dr.pull(req, extra, tickets, &*console, &cancel) {
                 Ok(mut out) => {
                     if out.paths.is_empty() && !out.transport.is_empty() {
                         out.paths.push(tern_net::path::PathReport {

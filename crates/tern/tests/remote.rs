@@ -862,14 +862,32 @@ fn an_interrupted_delta_resumes_as_a_delta() {
     fs::create_dir(&module).expect("mkdir");
     let old = data(48 << 20, 21);
     write(&module.join("big"), &old);
-    // Every other MiB rewritten: 24 MiB of literals, at 12 MB/s.
+    // Every other MiB rewritten: 24 MiB of literals.
     let mut new = old.clone();
     for k in (0..48).step_by(2) {
         new[k << 20..(k + 1) << 20].copy_from_slice(&data(1 << 20, 100 + k as u64));
     }
     write(&src, &new);
     let d = daemon(t.path(), &module, false);
-    let mut c = slow_push(t.path(), &d, &src, &module, "tcp");
+    // The literals at 4 MB/s: killed well before the end.
+    let mut c = d
+        .auth(client(t.path()).args([
+            "copy",
+            "-q",
+            "--chunk-size",
+            "1M",
+            "--bwlimit",
+            "4M",
+            "--transport",
+            "tcp",
+        ]))
+        .arg(&src)
+        .arg(d.url("big"))
+        .spawn()
+        .expect("spawn");
+    wait_until("journaled chunks", Duration::from_secs(60), || {
+        journal_records(&module.join(".big.tern.journal")) >= 4
+    });
     kill9(&mut c);
     assert_eq!(
         b3(&module.join("big")),
@@ -882,9 +900,13 @@ fn an_interrupted_delta_resumes_as_a_delta() {
         .arg(d.url("big")));
     let j = json(&out);
     let get = |k: &str| j[k].as_u64().unwrap_or(0);
-    assert!(get("bytes_resumed") >= 4 << 20, "{out}");
+    let resumed = get("bytes_resumed");
+    assert!(resumed >= 4 << 20, "{out}");
+    // Of the chunks not kept, about half (the unchanged ones) are built
+    // from the old version.
+    let rest = (48 << 20) - resumed;
     assert!(
-        get("bytes_matched") >= 12 << 20,
+        get("bytes_matched") + (2 << 20) >= rest / 2,
         "the rest not built from the old version: {out}"
     );
     // Nothing sent whole: at most the literals cross.
@@ -896,4 +918,55 @@ fn an_interrupted_delta_resumes_as_a_delta() {
     );
     assert_eq!(b3(&module.join("big")), b3(&src));
     assert!(side_files(&module).is_empty());
+}
+
+/// Issue 15: files under a chunk go to a daemon as their difference, and
+/// the ones for which a difference does not pay (rewritten through) go
+/// whole on the same path, each to the source's BLAKE3, both ways.
+#[test]
+fn files_under_a_chunk_are_sent_as_a_delta_or_whole() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let old = data(1 << 20, 31);
+    let mut edited = old.clone();
+    edited[300_000..300_100].fill(9);
+    write(&src.join("edited.bin"), &edited);
+    write(&src.join("rewritten.bin"), &data(1 << 20, 32));
+    for name in ["edited.bin", "rewritten.bin"] {
+        write(&module.join(name), &old);
+        let f = fs::File::options().write(true).open(module.join(name)).expect("open");
+        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1000))
+            .expect("mtime");
+    }
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json"]))
+        .arg(format!("{}/", src.display()))
+        .arg(d.url("")));
+    let j = json(&out);
+    assert_eq!(
+        (j["errors"].as_u64(), j["copied"].as_u64()),
+        (Some(0), Some(2)),
+        "{out}"
+    );
+    for name in ["edited.bin", "rewritten.bin"] {
+        assert_eq!(b3(&module.join(name)), b3(&src.join(name)), "{name}");
+    }
+    // The edit cost a few chunks; the rewritten file crossed whole.
+    let written = j["bytes_written"].as_u64().unwrap_or(0);
+    assert!(((1 << 20)..(1 << 20) + (64 << 10)).contains(&written), "{out}");
+    // And back onto old versions here.
+    let back = t.path().join("back");
+    for name in ["edited.bin", "rewritten.bin"] {
+        write(&back.join(name), &old);
+    }
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json"]))
+        .arg(d.url(""))
+        .arg(&back));
+    assert_eq!(json(&out)["errors"], 0, "{out}");
+    for name in ["edited.bin", "rewritten.bin"] {
+        assert_eq!(b3(&back.join(name)), b3(&src.join(name)), "pulled {name}");
+    }
 }
