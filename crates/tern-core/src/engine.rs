@@ -1130,6 +1130,9 @@ struct LargeState {
     plan: Option<Arc<crate::delta::Plan>>,
     /// The plan's basis is another file of the run, which this one copies.
     copy: bool,
+    /// What this file added to the byte counts, taken back if it is sent
+    /// again whole: written, resumed, found in a basis.
+    counted: [u64; 3],
     cvs: Vec<Option<ChainingValue>>,
     error: Option<Error>,
 }
@@ -1505,6 +1508,15 @@ impl Ctx {
         Some((Arc::new(plan), false))
     }
 
+    /// Where the bytes a delta took from its basis are counted: from the
+    /// file's old version, or from a copy sent earlier in the run.
+    fn found_stat(&self, copy: bool) -> &AtomicU64 {
+        match copy {
+            true => &self.stats.bytes_deduplicated,
+            false => &self.stats.bytes_matched,
+        }
+    }
+
     /// Notes that `t`, whose chunks hash to `cvs`, was published: a basis
     /// for copies of it later in the run.
     fn landed(&self, t: &Task, cvs: Option<Arc<Vec<ChainingValue>>>) {
@@ -1638,18 +1650,17 @@ impl Ctx {
             match (r, l.state.lock()) {
                 (Ok((cv, sent)), Ok(mut st)) => {
                     st.cvs[i as usize] = Some(cv);
-                    match sent {
-                        Sent::Whole => add(&self.stats.bytes_written, len),
-                        Sent::Resumed => add(&self.stats.bytes_resumed, len),
-                        Sent::Delta(n) => {
-                            add(&self.stats.bytes_written, n);
-                            let found = if st.copy {
-                                &self.stats.bytes_deduplicated
-                            } else {
-                                &self.stats.bytes_matched
-                            };
-                            add(found, len - n);
-                        }
+                    let (written, resumed) = match sent {
+                        Sent::Whole => (len, 0),
+                        Sent::Resumed => (0, len),
+                        Sent::Delta(n) => (n, 0),
+                    };
+                    let found = len - written - resumed;
+                    add(&self.stats.bytes_written, written);
+                    add(&self.stats.bytes_resumed, resumed);
+                    add(self.found_stat(st.copy), found);
+                    for (c, n) in st.counted.iter_mut().zip([written, resumed, found]) {
+                        *c += n;
                     }
                     self.obs.progress(len);
                 }
@@ -1686,6 +1697,7 @@ impl Ctx {
                 let src = st.src.take();
                 let cloned = st.cloned;
                 let delta = st.plan.is_some();
+                let (counted, copy) = (st.counted, st.copy);
                 drop(st);
                 let done = (|| {
                     let src =
@@ -1726,6 +1738,14 @@ impl Ctx {
                             // its old version (it changed meanwhile) fails
                             // the file there: send it again, whole.
                             tracing::info!(path = %t.dst_rel.display(), error = %e, "delta failed; sending the file whole");
+                            let stats = [
+                                &self.stats.bytes_written,
+                                &self.stats.bytes_resumed,
+                                self.found_stat(copy),
+                            ];
+                            for (c, n) in stats.into_iter().zip(counted) {
+                                c.fetch_sub(n, Ordering::Relaxed);
+                            }
                             let mut again = Large::new(t.clone(), self.opts.chunk_size, 1);
                             again.whole = true;
                             self.large(&again, buf);

@@ -496,6 +496,11 @@ impl Stream {
                 if n > out.len() - done {
                     return Err(bad("more data than announced"));
                 }
+                // Nothing sends them; a peer that did could make this loop
+                // spin on an inflated container of headers.
+                if n == 0 && h.flags & tern_proto::FLAG_LAST == 0 {
+                    return Err(bad("an empty data frame that is not the last"));
+                }
                 if !s.payload(&mut out[done..done + n])? && n > 0 {
                     return Err(NetError::Closed);
                 }
