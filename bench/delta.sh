@@ -21,7 +21,8 @@
 # Usage: bench/delta.sh                   (LINK=lo SIZE=1G COPY=100M FILES=1000 RUNS=3)
 #        LINK=wan SIZE=256M COPY=32M bench/delta.sh
 #        CASES="files copies" bench/delta.sh
-# Writes docs/benchmarks/delta.md (LINK=lo) or docs/benchmarks/delta-wan.md.
+# Writes docs/benchmarks/delta.md (LINK=lo) or docs/benchmarks/delta-wan.md
+# (OUT_MD to write elsewhere, e.g. for a run of some CASES).
 # Needs rsync (and root for LINK=wan). Runs on tmpfs (WORK, default
 # /dev/shm/tern-delta): about 8 x SIZE of memory.
 set -euo pipefail
@@ -108,11 +109,11 @@ if [ "$LINK" = wan ]; then
   (cd "$ROOT" && cargo build --release -q -p tern-wan)
   NS=ternd A=$NS-a B=$NS-b ADDR=10.99.0.2
   IN_A=(ip netns exec "$A") IN_B=(ip netns exec "$B")
-  OUT_MD=$ROOT/docs/benchmarks/delta-wan.md
+  OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks/delta-wan.md}
   WHERE="across tern-wan at 100 Mbit/s and 50 ms RTT (namespaces on this machine)"
 else
   ADDR=127.0.0.1 IN_A=() IN_B=()
-  OUT_MD=$ROOT/docs/benchmarks/delta.md
+  OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks/delta.md}
   WHERE="on loopback"
 fi
 

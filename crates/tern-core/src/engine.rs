@@ -1469,12 +1469,17 @@ impl Ctx {
         if !t.existing.as_ref().is_some_and(|e| e.kind == Kind::File) {
             // A copy of a file that landed earlier in the run: each chunk
             // that hashes as the other's at its place is built from there.
-            let (rel, cvs) = self.copied_from(t, src)?;
+            let (rel, cvs, exact) = self.copied_from(t, src)?;
             if !matches!(w.use_basis(&rel), Ok(true)) {
                 return None;
             }
-            tracing::debug!(path = %t.dst_rel.display(), basis = %rel.display(), "a copy");
-            let plan = crate::delta::Plan::in_place(t.entry.size, self.opts.chunk_size, cvs.to_vec());
+            tracing::debug!(path = %t.dst_rel.display(), basis = %rel.display(), exact, "a copy");
+            let mut plan = crate::delta::Plan::in_place(t.entry.size, self.opts.chunk_size, cvs.to_vec());
+            if exact {
+                // The same file hash, so the same chunk hashes: no chunk
+                // need be read from the source.
+                plan.cvs = cvs.to_vec();
+            }
             return Some((Arc::new(plan), true));
         }
         let sig = match w.basis_signature() {
@@ -1535,14 +1540,22 @@ impl Ctx {
         }
     }
 
-    /// A file published earlier in the run that `t` (open as `src`, on this
-    /// machine) looks like a copy of: the same size, and the same bytes at
-    /// its start, middle and end. Its destination path, relative to the
-    /// root, and its chunks' chaining values.
-    fn copied_from(&self, t: &Task, src: &dyn ReadFile) -> Option<(PathBuf, Arc<Vec<ChainingValue>>)> {
-        src.local_file()?;
+    /// A file published earlier in the run that `t` (open as `src`) is a
+    /// copy of: its destination path, relative to the root, its chunks'
+    /// chaining values, and whether `t` is known to be exactly that. A file
+    /// here is compared by size and by its bytes at its start, middle and
+    /// end; a file on a daemon, by its BLAKE3, which the daemon computes
+    /// without sending the file.
+    fn copied_from(&self, t: &Task, src: &dyn ReadFile) -> Option<(PathBuf, Arc<Vec<ChainingValue>>, bool)> {
         let size = t.entry.size;
         let candidates: Vec<Arc<Landed>> = self.landed.lock().ok()?.get(&size)?.clone();
+        if src.local_file().is_none() {
+            let theirs = t.src.file_hashes(&[(&t.src_rel, &t.entry)])?.pop()?.ok()?;
+            return candidates.into_iter().find_map(|l| {
+                let landed = hash::compose(&l.cvs, size, self.opts.chunk_size)?;
+                (landed == theirs).then(|| (l.dst_rel.clone(), l.cvs.clone(), true))
+            });
+        }
         let ours = sample_digest(src, size)?;
         candidates.into_iter().find_map(|l| {
             // Each landed file's sample is read once, however many files of
@@ -1553,7 +1566,7 @@ impl Ctx {
                     .ok()
                     .and_then(|f| sample_digest(&*f, size))
             });
-            (*theirs == Some(ours)).then(|| (l.dst_rel.clone(), l.cvs.clone()))
+            (*theirs == Some(ours)).then(|| (l.dst_rel.clone(), l.cvs.clone(), false))
         })
     }
 
@@ -1593,6 +1606,10 @@ impl Ctx {
                         (cv, lits)
                     }
                     (Some(_), None) => return Ok(None),
+                    // A copy of a landed file, whose hashes the source's
+                    // match: nothing crosses; the chunk built here is
+                    // checked against its hash.
+                    (None, Some(cv)) if crate::delta::literal_ranges(pieces, off).is_empty() => (cv, Vec::new()),
                     // Planned where the source is: only the literals cross.
                     (None, _) => src.read_delta(i, off, len)?,
                 };

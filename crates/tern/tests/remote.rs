@@ -818,9 +818,9 @@ fn compressible_data_crosses_compressed_when_asked_and_plainly_when_not() {
     }
 }
 
-/// Issue 15: ten copies of a file pushed to a daemon cross once; the others
-/// are built there from the first, and each lands with the source's
-/// BLAKE3. `-W` sends them all.
+/// Issue 15: ten copies of a file pushed to a daemon, or pulled from one,
+/// cross once; the others are built at the destination from the first, and
+/// each lands with the source's BLAKE3. `-W` sends them all.
 #[test]
 fn copies_of_a_file_cross_once() {
     let t = tempfile::tempdir().expect("tempdir");
@@ -850,6 +850,24 @@ fn copies_of_a_file_cross_once() {
         }
         assert!(side_files(&module).is_empty());
     }
+    // Pulled into an empty directory: the daemon says each file's hash, and
+    // only the first crosses.
+    let back = t.path().join("back");
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json"]))
+        .arg(d.url("once/"))
+        .arg(&back));
+    let j = json(&out);
+    assert_eq!(
+        (j["bytes_written"].as_u64(), j["bytes_deduplicated"].as_u64()),
+        (Some(size), Some(9 * size)),
+        "pull: {out}"
+    );
+    for k in 0..10 {
+        let rel = format!("d{}/copy{k}.img", k % 3);
+        assert_eq!(b3(&back.join(&rel)), b3(&src.join(&rel)), "pulled {rel}");
+    }
+    assert!(side_files(&back).is_empty());
 }
 
 /// Issue 15: a delta interrupted by `kill -9` leaves the old version in
