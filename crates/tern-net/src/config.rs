@@ -9,6 +9,10 @@
 //! # never. The source daemon must also grant this daemon's key in its
 //! # [[clients]], and the client must be allowed to read the source.
 //! pull_from = ["nas.example:7373=b3:..."]
+//! # zstd between this daemon and its clients: "auto" (the default: when a
+//! # client's measurements, or its --compress always, ask for it) or
+//! # "never" (this daemon neither compresses nor accepts compressed data).
+//! compress = "auto"
 //!
 //! [modules.data]
 //! path = "/srv/data"
@@ -97,6 +101,7 @@ struct FileCfg {
     clients: Vec<ClientCfg>,
     #[serde(default)]
     pull_from: Vec<String>,
+    compress: Option<String>,
     #[serde(default)]
     limits: LimitsCfg,
 }
@@ -302,6 +307,8 @@ pub struct ServerConfig {
     /// How old an abandoned partial file or journal gets before it is
     /// removed; `None`: never.
     pub partial_max_age: Option<Duration>,
+    /// Whether zstd containers may cross with clients (`compress = "auto"`).
+    pub compress: bool,
 }
 
 /// Days after which abandoned partial files are removed, unless configured.
@@ -528,6 +535,15 @@ impl ServerConfig {
         for p in &f.pull_from {
             cfg.pull_from.push(PullPeer::parse(p)?);
         }
+        cfg.compress = match f.compress.as_deref() {
+            None | Some("auto") => true,
+            Some("never") => false,
+            Some(other) => {
+                return Err(NetError::Config(format!(
+                    "compress: `{other}` is not \"auto\" or \"never\""
+                )))
+            }
+        };
         let l = f.limits;
         cfg.limits = Limits {
             handshake: Duration::from_secs(l.handshake_timeout_secs.max(1)),
@@ -555,6 +571,7 @@ impl ServerConfig {
             pull_from: Vec::new(),
             limits: Limits::default(),
             partial_max_age: days(DEFAULT_PARTIAL_MAX_AGE_DAYS),
+            compress: true,
         }
     }
 
@@ -708,6 +725,17 @@ partial_max_age_days = 2
             let e = ServerConfig::from_toml(t, d.path()).expect_err(t).to_string();
             assert!(e.contains(want), "{t}: {e}");
         }
+    }
+
+    #[test]
+    fn compression_is_on_unless_the_config_says_never() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let parse = |t: &str| ServerConfig::from_toml(t, d.path());
+        assert!(parse("").expect("parse").compress);
+        assert!(parse("compress = \"auto\"").expect("parse").compress);
+        assert!(!parse("compress = \"never\"").expect("parse").compress);
+        let e = parse("compress = \"always\"").expect_err("not a choice").to_string();
+        assert!(e.contains("compress: `always`"), "{e}");
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct Server {
     mem: Arc<Budget>,
     /// This machine's TCP sends with BBR (said in the Hello).
     tcp_bbr: bool,
+    /// zstd containers may cross (the config's `compress`).
+    compress: bool,
     /// The daemon's key fingerprint, which token proofs are bound to.
     fingerprint: String,
     /// Keys the MAC of the tickets this daemon grants.
@@ -158,6 +160,7 @@ impl Server {
             fds: Budget::new(descriptor_budget(cfg.limits.open_files)),
             mem: Budget::new(mib(cfg.limits.request_memory) as usize),
             tcp_bbr: tcp_has_bbr(),
+            compress: cfg.compress,
             fingerprint: String::new(),
             ticket_key: {
                 let mut k = [0u8; 32];
@@ -302,6 +305,10 @@ impl Server {
         let mut ours = Hello::ours(&self.agent);
         if !self.tcp_bbr {
             ours.features &= !tern_proto::FEATURE_TCP_BBR;
+        }
+        if !self.compress {
+            // Neither side then sends a container.
+            ours.features &= !(tern_proto::FEATURE_ZSTD | tern_proto::FEATURE_ZSTD_ALWAYS);
         }
         s.send(&Msg::Hello(ours.clone()))?;
         let agreed = negotiate(&ours, &theirs)?;

@@ -191,6 +191,10 @@ pub struct ServeArgs {
     /// FINGERPRINT (`tern fingerprint --server` there).
     #[arg(long, value_name = "HOST[:PORT]=FINGERPRINT")]
     pub pull_from: Vec<String>,
+    /// Never compress what crosses with clients, nor accept it compressed
+    /// (the config's `compress = "never"`).
+    #[arg(long)]
+    pub no_compress: bool,
     /// Where the daemon keeps its identity [default: $TERN_STATE_DIR, or
     /// /var/lib/tern for root, or ~/.local/state/tern].
     #[arg(long, value_name = "DIR")]

@@ -181,6 +181,9 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
             access,
         });
     }
+    if a.no_compress {
+        cfg.compress = false;
+    }
     for p in &a.pull_from {
         cfg.pull_from
             .push(config::PullPeer::parse(p).map_err(|e| UsageError(e.to_string()))?);

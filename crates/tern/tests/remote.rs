@@ -816,6 +816,15 @@ fn compressible_data_crosses_compressed_when_asked_and_plainly_when_not() {
         let (raw, _) = squeezed(&json(&out));
         assert_eq!(raw == 0, mode == "never", "pull, {mode}: {raw} compressed");
     }
+    // A daemon that never compresses: nothing crosses compressed, whatever
+    // the client asks.
+    let d = daemon_with(t.path(), &module, false, 0, &["--no-compress".to_string()]);
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json", "--compress", "always"]))
+        .arg(format!("{}/", src.display()))
+        .arg(d.url("refused")));
+    assert_eq!(squeezed(&json(&out)), (0, 0), "{out}");
+    assert_eq!(digest(&module.join("refused")), digest(&src));
 }
 
 /// Issue 15: ten copies of a file pushed to a daemon, or pulled from one,
