@@ -79,9 +79,17 @@ pub struct Squeezed {
     /// Their size on the wire (container headers included).
     pub wire: AtomicU64,
     link: Mutex<Rate>,
+    /// The path is long (its round trip is a WAN's): until the link is
+    /// measured, `Auto` compresses at level 1 rather than not at all.
+    far: std::sync::atomic::AtomicBool,
 }
 
 impl Squeezed {
+    /// Says whether the path these streams share is long.
+    pub fn set_far(&self, far: bool) {
+        self.far.store(far, Ordering::Relaxed);
+    }
+
     pub(crate) fn add(&self, raw: usize, wire: usize) {
         self.raw.fetch_add(raw as u64, Ordering::Relaxed);
         self.wire.fetch_add(wire as u64, Ordering::Relaxed);
@@ -205,7 +213,7 @@ impl Squeeze {
         match self.mode {
             Compression::Never => None,
             Compression::Always => Some(fits.unwrap_or(1)),
-            Compression::Auto if link.samples < WARMUP => None,
+            Compression::Auto if link.samples < WARMUP => self.counts.far.load(Ordering::Relaxed).then_some(1),
             Compression::Auto => match fits {
                 Some(l) => Some(l),
                 None => {
@@ -320,6 +328,14 @@ mod tests {
             slow.wrote(1 << 20, Duration::from_millis(100));
         }
         let out = slow.compress(&data).expect("compressed").to_vec();
+        // Before a link is measured, a long path compresses at level 1.
+        let far = Arc::new(Squeezed::default());
+        far.set_far(true);
+        let mut early = Squeeze::new(Compression::Auto, far).expect("auto");
+        assert!(
+            early.compress(&data).is_some() && early.level == 1,
+            "not compressed early"
+        );
         assert!(slow.level > 1, "level {}", slow.level);
         let mut back = Vec::new();
         inflate(&out, &mut back).expect("inflate");

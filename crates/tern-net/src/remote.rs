@@ -531,6 +531,10 @@ impl RemoteEndpoint {
             version = agreed.version,
             "connected"
         );
+        // A long path is likely slower than compressing: compress from the
+        // first byte, until the link's rate says otherwise.
+        let rtt_ms = conn.path_report().rtt_ms.unwrap_or(0.0);
+        squeezed.set_far(rtt_ms >= LAN_RTT.as_secs_f64() * 1e3);
         let counts = Arc::new(Counts::default());
         // The login: Auth and the root's Stat, sent together and waited
         // for once.
