@@ -847,8 +847,7 @@ impl Scanner<'_> {
                 let by_delta = ctx.opts.delta && se.size >= DELTA_MIN && old_size.is_some_and(|n| n >= DELTA_MIN);
                 if se.size > ctx.opts.chunk_size || by_delta {
                     let first = self.sizes.insert(se.size);
-                    let has_basis = de.as_ref().is_some_and(|d| d.kind == Kind::File);
-                    if ctx.opts.delta && !first && !has_basis {
+                    if ctx.opts.delta && !first && old_size.is_none() {
                         self.copies.push(task(src, src_rel, dst_rel, se, de));
                         return;
                     }

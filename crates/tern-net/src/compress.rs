@@ -43,7 +43,13 @@ impl Compression {
         }
     }
 
-    /// The choice as [`tern_proto::RunOptions`] carries it.
+    /// `features` (a Hello's) with the compression bits this choice offers
+    /// in place of whatever they had.
+    pub fn offer(self, features: u64) -> u64 {
+        features & !(FEATURE_ZSTD | FEATURE_ZSTD_ALWAYS) | self.features()
+    }
+
+    /// The choice as [`tern_proto::PullExtra`] carries it.
     pub fn to_wire(self) -> u8 {
         match self {
             Compression::Never => 0,
@@ -67,6 +73,12 @@ impl Compression {
             (true, true) => Compression::Always,
         }
     }
+}
+
+/// Fills `buf` with the data `tern bench` moves: incompressible, so that the
+/// link is measured whatever either side's compression says.
+pub(crate) fn bench_filler(buf: &mut [u8]) {
+    blake3::Hasher::new().update(b"tern bench").finalize_xof().fill(buf);
 }
 
 /// Bytes that crossed compressed, in either direction, on the streams that
@@ -155,7 +167,7 @@ pub(crate) struct Squeeze {
     skip: u32,
     backoff: u32,
     since_probe: u32,
-    counts: Arc<Squeezed>,
+    pub(crate) counts: Arc<Squeezed>,
 }
 
 impl Squeeze {

@@ -68,12 +68,8 @@ fn bench_stream(s: &mut Stream, upload: bool, bytes: u64) -> Result<()> {
     s.send(&Msg::Bench { upload, bytes })?;
     s.flush()?;
     let block = tern_proto::BENCH_BLOCK;
-    // Incompressible: the link is measured, whatever --compress says.
     let mut buf = vec![0u8; block];
-    blake3::Hasher::new()
-        .update(b"tern bench")
-        .finalize_xof()
-        .fill(&mut buf);
+    crate::compress::bench_filler(&mut buf);
     let mut left = bytes;
     while left > 0 {
         let n = left.min(block as u64) as usize;
@@ -423,7 +419,7 @@ fn login(
 fn our_hello(compress: Compression) -> Hello {
     let mut ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
     ours.version_max = version_max();
-    ours.features = ours.features & !(tern_proto::FEATURE_ZSTD | tern_proto::FEATURE_ZSTD_ALWAYS) | compress.features();
+    ours.features = compress.offer(ours.features);
     ours
 }
 

@@ -308,7 +308,7 @@ impl Server {
         }
         if !self.compress {
             // Neither side then sends a container.
-            ours.features &= !(tern_proto::FEATURE_ZSTD | tern_proto::FEATURE_ZSTD_ALWAYS);
+            ours.features = crate::compress::Compression::Never.offer(ours.features);
         }
         s.send(&Msg::Hello(ours.clone()))?;
         let agreed = negotiate(&ours, &theirs)?;
@@ -789,8 +789,7 @@ fn bench(s: &mut Stream, upload: bool, bytes: u64, buf: &mut Vec<u8>) -> Result<
     let block = tern_proto::BENCH_BLOCK;
     buf.clear();
     buf.resize(block, 0);
-    // Incompressible: the link is measured, whatever the client's --compress.
-    blake3::Hasher::new().update(b"tern bench").finalize_xof().fill(buf);
+    crate::compress::bench_filler(buf);
     let mut left = bytes;
     while left > 0 {
         let n = left.min(block as u64) as usize;

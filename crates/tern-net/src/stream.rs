@@ -55,12 +55,10 @@ pub struct Stream {
     tcp: Option<Arc<TcpConn>>,
     /// The TLS session's exporter value (see `proof::EXPORTER_LABEL`).
     exporter: Option<[u8; 32]>,
-    /// Compresses what is sent, once both sides agreed to it.
+    /// Compresses what is sent, once both sides agreed to it; while there
+    /// is one, containers are accepted from the peer too, and counted
+    /// where it counts its own.
     squeeze: Option<Squeeze>,
-    /// Containers are accepted from the peer (it was told they may come).
-    inflates: bool,
-    /// Where containers received are counted.
-    squeezed: Option<Arc<Squeezed>>,
     /// The frames of the last container received, from `ipos` on.
     inflated: Vec<u8>,
     ipos: usize,
@@ -95,8 +93,6 @@ impl Stream {
             tcp: None,
             exporter: None,
             squeeze: None,
-            inflates: false,
-            squeezed: None,
             inflated: Vec::new(),
             ipos: 0,
             in_container: false,
@@ -108,10 +104,7 @@ impl Stream {
     /// them, and sent when they pay. `counts` adds up what crossed
     /// compressed.
     pub fn compress(&mut self, agreed: u64, counts: Arc<Squeezed>) {
-        let mode = Compression::agreed(agreed);
-        self.inflates = mode != Compression::Never;
-        self.squeeze = Squeeze::new(mode, counts.clone());
-        self.squeezed = Some(counts);
+        self.squeeze = Squeeze::new(Compression::agreed(agreed), counts);
     }
 
     /// Records the exporter value of the TLS session under the stream.
@@ -250,15 +243,12 @@ impl Stream {
                     frame.extend_from_slice(&header);
                     frame.extend_from_slice(p);
                     s.write_packed(Some(level), &frame)?;
-                } else if s.squeeze.is_some() {
-                    // What is queued may go in a container: whole frames
-                    // only, so this header goes after it, with its payload.
+                } else {
+                    // What is queued may go in a container, which holds
+                    // whole frames only: this header goes after it, with
+                    // its payload.
                     s.flush_inner()?;
                     s.write_all(&header)?;
-                    s.write_all(p)?;
-                } else {
-                    s.wbuf.extend_from_slice(&header);
-                    s.flush_inner()?;
                     s.write_all(p)?;
                 }
             }
@@ -392,18 +382,17 @@ impl Stream {
             if h.kind != FrameKind::Zstd {
                 return Ok(Some(h));
             }
-            if !self.inflates {
+            let Some(z) = &self.squeeze else {
                 return Err(bad("a compressed frame on a stream that did not agree to them"));
-            }
+            };
+            let counts = z.counts.clone();
             let mut packed = vec![0u8; h.len as usize];
             if !self.read_exact(&mut packed)? && h.len > 0 {
                 return Err(NetError::Closed);
             }
             crate::compress::inflate(&packed, &mut self.inflated).map_err(|e| bad(&e))?;
             self.ipos = 0;
-            if let Some(c) = &self.squeezed {
-                c.add(self.inflated.len(), HEADER_LEN + packed.len());
-            }
+            counts.add(self.inflated.len(), HEADER_LEN + packed.len());
         }
     }
 
