@@ -1620,6 +1620,9 @@ impl Ctx {
                     return Err(Error::Internal("sink missing".into()));
                 };
                 let sent = literals.len() as u64;
+                if let Some(th) = &self.throttle {
+                    th.take(sent);
+                }
                 Ok(w.write_delta(i, off, len, pieces, &literals, &cv)?
                     .then_some((cv, Sent::Delta(sent))))
             };

@@ -841,6 +841,18 @@ fn copies_of_a_file_cross_once() {
     fs::create_dir(&module).expect("mkdir");
     let d = daemon(t.path(), &module, false);
     let size = one.len() as u64;
+    let landed_as_sent = |root: &Path| {
+        for k in 0..10 {
+            let rel = format!("d{}/copy{k}.img", k % 3);
+            assert_eq!(
+                b3(&root.join(&rel)),
+                b3(&src.join(&rel)),
+                "{}",
+                root.join(&rel).display()
+            );
+        }
+        assert!(side_files(root).is_empty());
+    };
     for (flags, dst, written, dedup) in [(vec![], "once", size, 9 * size), (vec!["-W"], "whole", 10 * size, 0)] {
         let out = ok(d
             .auth(client(t.path()).args(["copy", "--json"]).args(&flags))
@@ -853,11 +865,7 @@ fn copies_of_a_file_cross_once() {
             (Some(written), Some(dedup)),
             "{flags:?}: {out}"
         );
-        for k in 0..10 {
-            let rel = format!("d{}/copy{k}.img", k % 3);
-            assert_eq!(b3(&module.join(dst).join(&rel)), b3(&src.join(&rel)), "{rel}");
-        }
-        assert!(side_files(&module).is_empty());
+        landed_as_sent(&module.join(dst));
     }
     // Pulled into an empty directory: the daemon says each file's hash, and
     // only the first crosses.
@@ -872,11 +880,7 @@ fn copies_of_a_file_cross_once() {
         (Some(size), Some(9 * size)),
         "pull: {out}"
     );
-    for k in 0..10 {
-        let rel = format!("d{}/copy{k}.img", k % 3);
-        assert_eq!(b3(&back.join(&rel)), b3(&src.join(&rel)), "pulled {rel}");
-    }
-    assert!(side_files(&back).is_empty());
+    landed_as_sent(&back);
 }
 
 /// Issue 15: a delta interrupted by `kill -9` leaves the old version in
