@@ -210,6 +210,43 @@ enum Op {
     Pack {
         cut: u16,
     },
+    /// The signatures of old versions a batch will replace.
+    BasisSignatures(Vec<(P, u16)>),
+    /// Small files read as deltas: basis flags (as many as the files or
+    /// not), each flagged item's signature part following.
+    ReadFilesDelta {
+        items: Vec<(P, u16, bool)>,
+        bases: Vec<bool>,
+        avg_shift: u8,
+        chunks: Vec<(u8, u16)>,
+        xattrs: bool,
+    },
+    /// A batch of files built from their old versions: any recipe, the
+    /// literal bytes as announced or not, the hash right or not.
+    BatchDelta(Vec<(P, Vec<(bool, u16, u16)>, u16, u8, bool)>),
+}
+
+/// Recipe pieces: copies anywhere, literals of any length.
+fn recipe(v: &[(bool, u16, u16)]) -> Vec<tern_proto::WirePiece> {
+    v.iter()
+        .take(32)
+        .map(|&(copy, at, len)| match copy {
+            true => tern_proto::WirePiece::Copy {
+                offset: u64::from(at),
+                len: u32::from(len),
+            },
+            false => tern_proto::WirePiece::Literal { len: u32::from(len) },
+        })
+        .collect()
+}
+
+fn pieces_len(pieces: &[tern_proto::WirePiece]) -> u64 {
+    pieces
+        .iter()
+        .map(|p| match *p {
+            tern_proto::WirePiece::Copy { len, .. } | tern_proto::WirePiece::Literal { len } => u64::from(len),
+        })
+        .sum()
 }
 
 fn entry(name: &[u8], size: u64, real_mtime: bool) -> WireEntry {
@@ -342,6 +379,81 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 data(&sent, &mut out);
                 continue;
             }
+            Op::BasisSignatures(items) => Msg::BasisSignatures {
+                items: items.iter().take(40).map(|(p, n)| (p.bytes(), u64::from(*n))).collect(),
+            },
+            Op::ReadFilesDelta {
+                items,
+                bases,
+                avg_shift,
+                chunks,
+                xattrs,
+            } => {
+                let bases: Vec<bool> = bases.iter().take(40).copied().collect();
+                msg(
+                    Msg::ReadFilesDelta {
+                        items: items
+                            .iter()
+                            .take(40)
+                            .map(|(p, size, real)| (p.bytes(), entry(b"f", u64::from(*size % 8), *real)))
+                            .collect(),
+                        bases: bases.clone(),
+                        xattrs: *xattrs,
+                    },
+                    &mut out,
+                );
+                for _ in bases.iter().filter(|b| **b) {
+                    msg(
+                        Msg::Signature {
+                            avg: 1 << (10 + avg_shift % 12),
+                            chunks: chunks
+                                .iter()
+                                .take(64)
+                                .map(|&(id, len)| ([id; 8], u32::from(len)))
+                                .collect(),
+                            last: true,
+                        },
+                        &mut out,
+                    );
+                }
+                continue;
+            }
+            Op::BatchDelta(items) => {
+                let items: Vec<_> = items.iter().take(40).collect();
+                let recipes: Vec<Vec<tern_proto::WirePiece>> = items.iter().map(|(_, r, ..)| recipe(r)).collect();
+                let batch = Batch {
+                    items: items
+                        .iter()
+                        .zip(&recipes)
+                        .map(|((p, _, sent, fill, good), recipe)| BatchItem {
+                            path: p.bytes(),
+                            meta: WireMeta {
+                                mode: 0o644,
+                                ..WireMeta::default()
+                            },
+                            body: BatchBody::Delta {
+                                size: pieces_len(recipe),
+                                pieces: recipe.clone(),
+                                literal: u64::from(*sent),
+                                hash: match good {
+                                    true => *blake3::hash(b"hello").as_bytes(),
+                                    false => [*fill; 32],
+                                },
+                                xattrs: Vec::new(),
+                                changed: (0, 0),
+                            },
+                        })
+                        .collect(),
+                    owner: false,
+                    sync: true,
+                    verify: true,
+                };
+                msg(Msg::Batch(batch), &mut out);
+                for (_, _, sent, fill, _) in &items {
+                    data(&vec![*fill; usize::from(*sent)], &mut out);
+                }
+                continue;
+            }
             Op::BasisSignature(h) => Msg::BasisSignature {
                 handle: u64::from(*h % 8),
             },
@@ -382,25 +494,8 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             } => {
                 let cs = chunk_size(*chunk_shift);
                 let offset = u64::from(*index % 16) * cs;
-                let pieces: Vec<tern_proto::WirePiece> = pieces
-                    .iter()
-                    .take(32)
-                    .map(|&(copy, at, len)| match copy {
-                        true => tern_proto::WirePiece::Copy {
-                            offset: u64::from(at),
-                            len: u32::from(len),
-                        },
-                        false => tern_proto::WirePiece::Literal { len: u32::from(len) },
-                    })
-                    .collect();
-                let len: u64 = pieces
-                    .iter()
-                    .map(|p| match *p {
-                        tern_proto::WirePiece::Copy { len, .. } | tern_proto::WirePiece::Literal { len } => {
-                            u64::from(len)
-                        }
-                    })
-                    .sum();
+                let pieces = recipe(pieces);
+                let len = pieces_len(&pieces);
                 msg(
                     Msg::WriteDelta {
                         handle: u64::from(*h % 8),

@@ -374,6 +374,27 @@ pub fn plan_file(
     Ok(worth(plan.matched, size).then_some(plan))
 }
 
+/// The most pieces one grid chunk's recipe may have (a peer refuses more).
+pub const MAX_PIECES: usize = 16 << 10;
+
+/// Plans a file held whole in memory, of one grid chunk, against the basis
+/// `sig`: its recipe, or `None` when a delta does not pay (too little
+/// matches, the recipe is too long) or `sig` is not one this module cuts
+/// with.
+pub fn plan_bytes(data: &[u8], sig: &Signature) -> Option<Vec<Piece>> {
+    let params = Params { avg: sig.avg };
+    if data.is_empty() || !params.valid() || sig.chunks.len() > MAX_SIGNATURE_CHUNKS {
+        return None;
+    }
+    let size = data.len() as u64;
+    let mut p = plan(&cut_bytes(data, 0, params), sig, size, size);
+    let pieces = p
+        .chunks
+        .pop()
+        .filter(|c| p.chunks.is_empty() && c.len() <= MAX_PIECES)?;
+    worth(p.matched, size).then_some(pieces)
+}
+
 /// Matches the new version's `cuts` (of a file of `size` bytes) against
 /// the basis `sig`, and lays the result out over the grid of
 /// `chunk_size`.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use blake3::hazmat::ChainingValue;
 
+use crate::delta::{Piece, Signature};
 use crate::entry::{Entry, Kind, Meta};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
@@ -51,12 +52,23 @@ pub trait Source: Send + Sync {
     /// Reads several small files (at most one chunk each) whole, with
     /// their extended attributes if `xattrs`; one result per item, in
     /// order. Each file must still match its entry, before and after it is
-    /// read. A remote endpoint asks for all of them in one request and
-    /// receives them as one stream.
-    fn read_files(&self, items: &[(&Path, &Entry)], xattrs: bool) -> Vec<Result<SmallFile>> {
+    /// read. Where `bases` gives item `i` the signature of the file it
+    /// replaces, it comes as a delta against that when one pays
+    /// ([`SmallFile::delta`]). A remote endpoint asks for all of them in
+    /// one request, plans where the files are, and receives them as one
+    /// stream.
+    fn read_files(
+        &self,
+        items: &[(&Path, &Entry)],
+        bases: &[Option<&Signature>],
+        xattrs: bool,
+    ) -> Vec<Result<SmallFile>> {
         items
             .iter()
-            .map(|(rel, e)| read_file_whole(self, rel, e, xattrs))
+            .enumerate()
+            .map(|(i, (rel, e))| {
+                read_file_whole(self, rel, e, xattrs).map(|f| f.against(bases.get(i).copied().flatten()))
+            })
             .collect()
     }
     /// Tells the endpoint that the tree under `rel` is about to be listed
@@ -72,12 +84,42 @@ pub trait Source: Send + Sync {
 /// A small file read whole, for a batch.
 #[derive(Debug, Clone)]
 pub struct SmallFile {
-    /// Its bytes, holes zero-filled.
+    /// Its bytes, holes zero-filled; for a delta, only the bytes of its
+    /// literal pieces, in order.
     pub data: Vec<u8>,
-    /// Zero ranges that need not be written.
+    /// Zero ranges that need not be written (none in a delta).
     pub holes: Vec<(u64, u64)>,
     /// Its extended attributes, if asked for.
     pub xattrs: Xattrs,
+    /// Set when the file comes as a delta against the old version it
+    /// replaces.
+    pub delta: Option<SmallDelta>,
+}
+
+/// How a small file is built from the old version it replaces.
+#[derive(Debug, Clone)]
+pub struct SmallDelta {
+    /// Its recipe, the whole file as one grid chunk.
+    pub pieces: Vec<Piece>,
+    /// The BLAKE3 of the file built, as its source read it.
+    pub hash: Hash,
+}
+
+impl SmallFile {
+    /// The file as a delta against the basis `sig` when one pays, else as
+    /// it is.
+    pub fn against(self, sig: Option<&Signature>) -> SmallFile {
+        let Some(pieces) = sig.and_then(|s| crate::delta::plan_bytes(&self.data, s)) else {
+            return self;
+        };
+        let hash = crate::hash::hash_bytes(&self.data);
+        SmallFile {
+            data: crate::delta::literals(&pieces, 0, &self.data),
+            holes: Vec::new(),
+            xattrs: self.xattrs,
+            delta: Some(SmallDelta { pieces, hash }),
+        }
+    }
 }
 
 /// Reads the small file `rel` of `src` whole through the single-file calls:
@@ -88,7 +130,12 @@ pub fn read_file_whole(src: &(impl Source + ?Sized), rel: &Path, e: &Entry, xatt
     let holes = crate::engine::read_whole(&*rf, e.size, &mut data)?;
     rf.check_unchanged()?;
     let xattrs = if xattrs { src.xattrs(rel)? } else { Vec::new() };
-    Ok(SmallFile { data, holes, xattrs })
+    Ok(SmallFile {
+        data,
+        holes,
+        xattrs,
+        delta: None,
+    })
 }
 
 /// An open source file.
@@ -203,9 +250,11 @@ pub trait WriteFile: Send + Sync {
     }
     /// Writes chunk `index` (`len` bytes at `offset`) built from the basis
     /// by `pieces`, taking the literal pieces' bytes from `literals` in
-    /// order, once it hashes to `cv`. `Ok(false)` when it does not (the
-    /// basis changed, or is not what the recipe was made from): nothing is
-    /// written, and the caller sends the chunk whole.
+    /// order, once it hashes to `cv` (for a file of one chunk, `cv` is the
+    /// file's BLAKE3 hash). Without a basis chosen before, the file at the
+    /// final name is the basis. `Ok(false)` when the chunk does not hash to
+    /// `cv` (the basis changed, or is not what the recipe was made from):
+    /// nothing is written, and the caller sends the chunk whole.
     fn write_delta(
         &self,
         _index: u64,
@@ -251,6 +300,20 @@ pub enum BatchBody {
         /// Its target.
         target: PathBuf,
     },
+    /// A regular file of at most one chunk built from the old version at
+    /// its path (whose signature [`Dest::basis_signatures`] gave).
+    Delta {
+        /// Its recipe.
+        pieces: Vec<Piece>,
+        /// The bytes of its literal pieces, in order.
+        literals: Vec<u8>,
+        /// BLAKE3 of the file to build.
+        hash: Hash,
+        /// Extended attributes to set.
+        xattrs: Xattrs,
+        /// What the destination is told about the file.
+        spec: FileSpec,
+    },
 }
 
 /// How [`Dest::write_batch`] commits.
@@ -285,18 +348,30 @@ pub fn write_batch_each(dest: &(impl Dest + ?Sized), items: Vec<BatchItem>, opts
         match item.body {
             BatchBody::Symlink { target } => results.push(dest.symlink(&item.rel, &target, &item.meta, opts.owner)),
             BatchBody::File {
-                data,
-                holes,
-                hash,
-                xattrs,
-                spec,
+                ref spec, ref xattrs, ..
+            }
+            | BatchBody::Delta {
+                ref spec, ref xattrs, ..
             } => {
-                let written = dest.create(&item.rel, &spec).and_then(|w| {
-                    match w
-                        .write_chunk(0, 0, &data, &holes, None)
-                        .and_then(|()| w.set_meta(&item.meta, opts.owner, &xattrs))
-                    {
-                        Ok(()) => Ok(w),
+                let written = dest.create(&item.rel, spec).and_then(|w| {
+                    let hash = match &item.body {
+                        BatchBody::File { data, holes, hash, .. } => {
+                            w.write_chunk(0, 0, data, holes, None).map(|()| *hash)
+                        }
+                        BatchBody::Delta {
+                            pieces, literals, hash, ..
+                        } => match w.write_delta(0, 0, spec.size, pieces, literals, hash.as_bytes()) {
+                            Ok(true) => Ok(*hash),
+                            Ok(false) => Err(Error::Other {
+                                path: PathBuf::from(dest.describe(&item.rel)),
+                                message: "its old version changed since its signature was taken; not built".into(),
+                            }),
+                            Err(e) => Err(e),
+                        },
+                        BatchBody::Symlink { .. } => Err(Error::Internal("a symlink as a file".into())),
+                    };
+                    match hash.and_then(|h| w.set_meta(&item.meta, opts.owner, xattrs).map(|()| h)) {
+                        Ok(h) => Ok((w, h)),
                         Err(e) => {
                             w.abort(false);
                             Err(e)
@@ -304,7 +379,7 @@ pub fn write_batch_each(dest: &(impl Dest + ?Sized), items: Vec<BatchItem>, opts
                     }
                 });
                 match written {
-                    Ok(w) => {
+                    Ok((w, hash)) => {
                         pending.push((results.len(), w, hash, item.rel));
                         results.push(Ok(()));
                     }
@@ -377,6 +452,16 @@ pub trait Dest: Source {
     fn barrier(&self) -> Result<()>;
     /// True when the endpoint can preserve owners (running privileged).
     fn can_chown(&self) -> bool;
+    /// The signatures of the regular files at `items` (path, size as
+    /// listed), made where they are, one per item in order: the bases that
+    /// small files replacing them are sent as deltas against
+    /// ([`BatchBody::Delta`]). `None` where there is no such file, it is no
+    /// longer of the size listed, it cannot be read, or this endpoint
+    /// cannot build from one. A remote endpoint
+    /// asks for all of them in one request.
+    fn basis_signatures(&self, items: &[(&Path, u64)]) -> Vec<Option<Signature>> {
+        items.iter().map(|_| None).collect()
+    }
     /// Creates several small files and symlinks at once; one result per
     /// item, in order. A remote endpoint sends them as one request.
     fn write_batch(&self, items: Vec<BatchItem>, opts: &BatchOptions) -> Vec<Result<()>> {

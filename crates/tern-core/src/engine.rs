@@ -40,13 +40,14 @@ use crate::hash::{self, Hash};
 pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 
 const BATCH_FILES: usize = 256;
-/// With delta on, a changed file of at least this size whose old version
-/// is at least this size too goes on its own (as a large file does) to be
-/// sent as its difference, not whole in a batch. Each such file costs a
-/// few round trips (shared with the other workers' files): on a path of
-/// high bandwidth and long RTT, many small rewritten files are quicker
-/// with `-W`.
-const DELTA_MIN: u64 = 64 << 10;
+/// With delta on, a changed small file (at most one chunk) of at least
+/// this size whose old version is a file of this size too is sent in its
+/// batch as a delta against that old version: smaller files have too few
+/// content-defined chunks for a delta to find much.
+const DELTA_MIN: u64 = 16 << 10;
+/// Old versions larger than this are not a basis for a small file: cutting
+/// them costs more than the small file's bytes.
+const BASIS_MAX: u64 = 4 * DEFAULT_CHUNK_SIZE;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Files compared by content are gathered in larger batches: nothing but
 /// their hashes crosses, and each batch costs a far endpoint a round trip
@@ -843,11 +844,10 @@ impl Scanner<'_> {
                     return;
                 }
                 ctx.obs.planned(1, se.size);
-                let old_size = de.as_ref().filter(|d| d.kind == Kind::File).map(|d| d.size);
-                let by_delta = ctx.opts.delta && se.size >= DELTA_MIN && old_size.is_some_and(|n| n >= DELTA_MIN);
-                if se.size > ctx.opts.chunk_size || by_delta {
+                if se.size > ctx.opts.chunk_size {
                     let first = self.sizes.insert(se.size);
-                    if ctx.opts.delta && !first && old_size.is_none() {
+                    let replaces = de.as_ref().is_some_and(|d| d.kind == Kind::File);
+                    if ctx.opts.delta && !first && !replaces {
                         self.copies.push(task(src, src_rel, dst_rel, se, de));
                         return;
                     }
@@ -1162,7 +1162,7 @@ fn worker(ctx: &Ctx, rx: &Mutex<Receiver<Work>>) {
         };
         let Ok(work) = work else { return };
         match work {
-            Work::Batch(tasks) => ctx.batch(tasks),
+            Work::Batch(tasks) => ctx.batch(tasks, ctx.opts.delta),
             Work::Large(l) => ctx.large(&l, &mut buf),
             Work::Compare(t) => ctx.compare(t, &mut buf),
             Work::Check(t) => ctx.check(t, &mut buf),
@@ -1280,10 +1280,16 @@ impl Ctx {
         }
     }
 
-    fn batch(&self, tasks: Vec<Task>) {
+    /// Sends small files and symlinks as one batch; with `delta`, those
+    /// replacing an old version as deltas against it where that pays.
+    fn batch(&self, tasks: Vec<Task>, delta: bool) {
         if self.cancelled() {
             return;
         }
+        let bases = match delta {
+            true => self.bases(&tasks),
+            false => tasks.iter().map(|_| None).collect(),
+        };
         // The files of each source are read with one call: one request,
         // its answer one stream, when the source is remote.
         let mut read: Vec<Option<Result<BatchBody>>> = tasks.iter().map(|_| None).collect();
@@ -1292,7 +1298,8 @@ impl Ctx {
                 .iter()
                 .map(|&i| (tasks[i].src_rel.as_path(), &tasks[i].entry))
                 .collect();
-            let mut files = src.read_files(&items, self.opts.xattrs).into_iter();
+            let sigs: Vec<_> = idx.iter().map(|&i| bases[i].as_ref()).collect();
+            let mut files = src.read_files(&items, &sigs, self.opts.xattrs).into_iter();
             for &i in &idx {
                 let t = &tasks[i];
                 read[i] = Some(match files.next() {
@@ -1334,24 +1341,78 @@ impl Ctx {
             verify: self.opts.verify,
             cancel: self.opts.cancel.clone(),
         };
+        let literal: Vec<Option<u64>> = items
+            .iter()
+            .map(|it| match &it.body {
+                BatchBody::Delta { literals, .. } => Some(literals.len() as u64),
+                _ => None,
+            })
+            .collect();
         let results = self.dest.write_batch(items, &opts);
-        for (t, r) in kept.iter().zip(results) {
+        let mut again = Vec::new();
+        for ((t, r), literal) in kept.into_iter().zip(results).zip(literal) {
             let file = t.entry.kind != Kind::Symlink;
             match r {
                 Ok(()) if file => {
+                    let written = literal.unwrap_or(t.entry.size);
                     add(&self.stats.copied, 1);
                     add(&self.stats.bytes_total, t.entry.size);
-                    add(&self.stats.bytes_written, t.entry.size);
+                    add(&self.stats.bytes_written, written);
+                    add(&self.stats.bytes_matched, t.entry.size - written);
                     self.obs.progress(t.entry.size);
-                    tracing::debug!(path = %t.dst_rel.display(), "committed");
+                    tracing::debug!(path = %t.dst_rel.display(), literal = ?literal, "committed");
                 }
                 Ok(()) => add(&self.stats.symlinks, 1),
+                // Not built from its old version (which changed since its
+                // signature, or a short id matched the wrong chunk): sent
+                // again whole.
+                Err(e) if literal.is_some() && !e.is_interrupted() => {
+                    tracing::info!(path = %t.dst_rel.display(), error = %e, "delta failed; sending the file whole");
+                    again.push(t);
+                    continue;
+                }
                 Err(e) => self.fail(e),
             }
             if file {
                 self.obs.file_done();
             }
         }
+        if !again.is_empty() {
+            self.batch(again, false);
+        }
+    }
+
+    /// Per task, the signature of the old version it replaces, when it is
+    /// a file to send as a delta against it: asked of the destination in
+    /// one call.
+    fn bases(&self, tasks: &[Task]) -> Vec<Option<crate::delta::Signature>> {
+        let mut out: Vec<_> = tasks.iter().map(|_| None).collect();
+        let wanted: Vec<usize> = (0..tasks.len())
+            .filter(|&i| {
+                let t = &tasks[i];
+                t.entry.kind == Kind::File
+                    && t.entry.size >= DELTA_MIN
+                    && t.existing
+                        .as_ref()
+                        .is_some_and(|d| d.kind == Kind::File && (DELTA_MIN..=BASIS_MAX).contains(&d.size))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return out;
+        }
+        let items: Vec<(&Path, u64)> = wanted
+            .iter()
+            .map(|&i| {
+                (
+                    tasks[i].dst_rel.as_path(),
+                    tasks[i].existing.as_ref().map_or(0, |d| d.size),
+                )
+            })
+            .collect();
+        for (i, sig) in wanted.into_iter().zip(self.dest.basis_signatures(&items)) {
+            out[i] = sig;
+        }
+        out
     }
 
     /// Verifies (if asked) and renames a written, synced file into place.
@@ -1370,12 +1431,22 @@ impl Ctx {
         Ok(())
     }
 
-    /// A small file read whole, hashed, as a batch item's body.
+    /// A small file read whole (hashed here) or as a delta, as a batch
+    /// item's body.
     fn small_body(&self, t: &Task, f: SmallFile) -> BatchBody {
-        let hash = hash::hash_bytes(&f.data);
         if let Some(th) = &self.throttle {
-            th.take(t.entry.size);
+            th.take(f.data.len() as u64);
         }
+        if let Some(d) = f.delta {
+            return BatchBody::Delta {
+                pieces: d.pieces,
+                literals: f.data,
+                hash: d.hash,
+                xattrs: f.xattrs,
+                spec: self.spec(&t.entry, false),
+            };
+        }
+        let hash = hash::hash_bytes(&f.data);
         BatchBody::File {
             data: f.data,
             holes: f.holes,
@@ -1872,7 +1943,7 @@ impl Ctx {
         }
         let mut small = small.into_iter().peekable();
         while small.peek().is_some() {
-            self.batch(small.by_ref().take(self.batch_files).collect());
+            self.batch(small.by_ref().take(self.batch_files).collect(), self.opts.delta);
         }
     }
 

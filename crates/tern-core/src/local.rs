@@ -645,6 +645,31 @@ impl Dest for LocalEndpoint {
         }
     }
 
+    fn basis_signatures(&self, items: &[(&Path, u64)]) -> Vec<Option<crate::delta::Signature>> {
+        items
+            .iter()
+            .map(|&(rel, listed)| {
+                let shown = self.path(rel);
+                let sig = self
+                    .at(rel)
+                    .map_err(|e| Error::io(&shown, "open the old version", e))
+                    .and_then(|at| open_basis(&at, &shown))
+                    .and_then(|basis| {
+                        let Some((f, size)) = basis.filter(|b| b.1 == listed) else {
+                            return Ok(None);
+                        };
+                        let read =
+                            |off: u64, buf: &mut [u8]| f.read_exact_at(buf, off).ctx(&shown, "read the old version");
+                        crate::delta::signature(&read, size, 1).map(Some)
+                    });
+                sig.unwrap_or_else(|e| {
+                    tracing::debug!(error = %e, "no delta: the old version cannot be read");
+                    None
+                })
+            })
+            .collect()
+    }
+
     fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>> {
         let shown = self.path(rel);
         let at = self.at(rel).ctx(&shown, "create")?;
@@ -1111,11 +1136,21 @@ struct LocalWriteFile {
     /// The file's bytes, taken from the endpoint's quota.
     charge: Option<Charge>,
     /// The basis of a delta transfer and its size: the file at the final
-    /// name when the transfer began, opened by `basis_signature`, or the
-    /// one `use_basis` opened.
+    /// name when it was first needed, or the one `use_basis` opened.
     basis: std::sync::OnceLock<Option<(File, u64)>>,
     /// The endpoint, to resolve another basis's path as any other.
     ep: LocalEndpoint,
+}
+
+impl LocalWriteFile {
+    /// The basis chosen with `use_basis`, else the file at the final name,
+    /// opened the first time it is asked for.
+    fn basis(&self) -> Result<Option<&(File, u64)>> {
+        if self.basis.get().is_none() {
+            let _ = self.basis.set(open_basis(&self.final_path, &self.shown)?);
+        }
+        Ok(self.basis.get().and_then(Option::as_ref))
+    }
 }
 
 impl WriteFile for LocalWriteFile {
@@ -1321,10 +1356,7 @@ impl WriteFile for LocalWriteFile {
     }
 
     fn basis_signature(&self) -> Result<Option<crate::delta::Signature>> {
-        if self.basis.get().is_none() {
-            let _ = self.basis.set(open_basis(&self.final_path, &self.shown)?);
-        }
-        let Some(Some((f, size))) = self.basis.get() else {
+        let Some((f, size)) = self.basis()? else {
             return Ok(None);
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -1341,7 +1373,7 @@ impl WriteFile for LocalWriteFile {
         literals: &[u8],
         cv: &ChainingValue,
     ) -> Result<bool> {
-        let Some(Some((basis, size))) = self.basis.get() else {
+        let Some((basis, size)) = self.basis()? else {
             return Ok(false);
         };
         let mut built = Vec::new();
@@ -1349,7 +1381,11 @@ impl WriteFile for LocalWriteFile {
             path: self.shown.clone(),
             message,
         })?;
-        if hash::chunk_cv(offset, &built) != *cv {
+        let found = match offset == 0 && len == self.size {
+            true => *hash::hash_bytes(&built).as_bytes(),
+            false => hash::chunk_cv(offset, &built),
+        };
+        if found != *cv {
             tracing::debug!(path = ?self.shown, index, "the old version changed: chunk sent whole");
             return Ok(false);
         }

@@ -152,32 +152,50 @@ fn copies_of_a_file_in_the_run_are_built_from_the_first() {
 }
 
 /// Issue 15: files smaller than a chunk are sent as their difference too,
-/// down to 64 KiB; smaller ones travel whole in batches.
+/// in their batch, down to 16 KiB; smaller ones travel whole.
 #[test]
 fn files_under_a_chunk_cross_as_their_changes() {
     let t = tempfile::tempdir().expect("tempdir");
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     fs::create_dir_all(&src).expect("mkdir");
     fs::create_dir_all(&dst).expect("mkdir");
-    let sizes = [64 << 10, 100 << 10, 300 << 10, 700 << 10, (1 << 20) - 1, 32 << 10];
+    let sizes = [
+        64 << 10,
+        100 << 10,
+        300 << 10,
+        700 << 10,
+        (1 << 20) - 1,
+        32 << 10,
+        8 << 10,
+    ];
     let mut total = 0;
     for (k, &n) in sizes.iter().enumerate() {
         let old = random(n, 10 + k as u64);
-        fs::write(dst.join(format!("f{k}")), &old).expect("write");
-        // An older version: same size, older time.
-        let f = fs::File::options()
-            .write(true)
-            .open(dst.join(format!("f{k}")))
-            .expect("open");
-        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000))
-            .expect("mtime");
+        older(&dst.join(format!("f{k}")), &old);
         let mut new = old.clone();
         new[n / 2..n / 2 + 100].fill(0xEE);
         fs::write(src.join(format!("f{k}")), &new).expect("write");
         total += n as u64;
     }
     let s = copy(&src, &dst, true);
-    for k in 0..sizes.len() {
+    same_trees(&src, &dst, sizes.len(), &s);
+    // The 8 KiB file whole; each of the others a few 0.5-8 KiB chunks.
+    assert!(s.bytes_written < (8 << 10) + 6 * (24 << 10), "{s:?}");
+    assert!(s.bytes_matched > total - (8 << 10) - 6 * (24 << 10), "{s:?}");
+    assert_eq!(s.bytes_written + s.bytes_matched, total);
+}
+
+/// Writes `data` at `path` with a time long past, as an old version.
+fn older(path: &Path, data: &[u8]) {
+    fs::write(path, data).expect("write");
+    let f = fs::File::options().write(true).open(path).expect("open");
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000))
+        .expect("mtime");
+}
+
+/// Files `f0`.. `f{n-1}` are the same in both trees.
+fn same_trees(src: &Path, dst: &Path, n: usize, s: &Summary) {
+    for k in 0..n {
         let name = format!("f{k}");
         let (got, want) = (
             fs::read(dst.join(&name)).expect("read"),
@@ -191,7 +209,107 @@ fn files_under_a_chunk_cross_as_their_changes() {
             want.len()
         );
     }
-    // The 32 KiB file whole; each of the others a few 2-8 KiB chunks.
-    assert!(s.bytes_written < (32 << 10) + 5 * (24 << 10), "{s:?}");
-    assert_eq!(s.bytes_written + s.bytes_matched, total);
+}
+
+/// A local destination whose old versions are rewritten right after their
+/// signatures are taken, as another writer might.
+struct Rewritten(LocalEndpoint, PathBuf, std::sync::atomic::AtomicUsize);
+
+impl tern_core::Source for Rewritten {
+    fn describe(&self, rel: &Path) -> String {
+        self.0.describe(rel)
+    }
+    fn stat(&self, rel: &Path) -> tern_core::Result<Option<tern_core::Entry>> {
+        self.0.stat(rel)
+    }
+    fn read_dir(&self, rel: &Path) -> tern_core::Result<Vec<tern_core::Entry>> {
+        self.0.read_dir(rel)
+    }
+    fn open(&self, rel: &Path, expect: &tern_core::Entry) -> tern_core::Result<Box<dyn tern_core::ReadFile>> {
+        self.0.open(rel, expect)
+    }
+    fn xattrs(&self, rel: &Path) -> tern_core::Result<tern_core::Xattrs> {
+        self.0.xattrs(rel)
+    }
+}
+
+impl Dest for Rewritten {
+    fn make_dir(&self, rel: &Path) -> tern_core::Result<()> {
+        self.0.make_dir(rel)
+    }
+    fn create(&self, rel: &Path, spec: &FileSpec) -> tern_core::Result<Box<dyn tern_core::WriteFile>> {
+        self.0.create(rel, spec)
+    }
+    fn symlink(&self, rel: &Path, target: &Path, meta: &Meta, owner: bool) -> tern_core::Result<()> {
+        self.0.symlink(rel, target, meta, owner)
+    }
+    fn hard_link(&self, existing: &Path, rel: &Path) -> tern_core::Result<bool> {
+        self.0.hard_link(existing, rel)
+    }
+    fn set_meta(
+        &self,
+        rel: &Path,
+        kind: tern_core::Kind,
+        meta: &Meta,
+        owner: bool,
+        xattrs: Option<&tern_core::Xattrs>,
+    ) -> tern_core::Result<()> {
+        self.0.set_meta(rel, kind, meta, owner, xattrs)
+    }
+    fn remove(&self, rel: &Path) -> tern_core::Result<()> {
+        self.0.remove(rel)
+    }
+    fn barrier(&self) -> tern_core::Result<()> {
+        self.0.barrier()
+    }
+    fn can_chown(&self) -> bool {
+        self.0.can_chown()
+    }
+    fn basis_signatures(&self, items: &[(&Path, u64)]) -> Vec<Option<tern_core::delta::Signature>> {
+        let sigs = self.0.basis_signatures(items);
+        let given = sigs.iter().filter(|s| s.is_some()).count();
+        self.2.fetch_add(given, std::sync::atomic::Ordering::Relaxed);
+        for (rel, size) in items {
+            let mut b = fs::read(self.1.join(rel)).expect("read");
+            b.iter_mut().take(size.div_ceil(2) as usize).for_each(|x| *x = !*x);
+            fs::write(self.1.join(rel), b).expect("rewrite");
+        }
+        sigs
+    }
+}
+
+/// Issue 15: a small file whose old version changes between its signature
+/// and its delta is not built from it: it is sent again whole, and lands as
+/// its source is.
+#[test]
+fn a_small_file_whose_basis_changed_is_sent_again_whole() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::create_dir_all(&dst).expect("mkdir");
+    let n = 200 << 10;
+    let old = random(n, 40);
+    older(&dst.join("f0"), &old);
+    let mut new = old.clone();
+    new[n - 100..].fill(1);
+    fs::write(src.join("f0"), &new).expect("write");
+    let dest = Arc::new(Rewritten(LocalEndpoint::new(&dst), dst.clone(), Default::default()));
+    let s = tern_core::run(
+        vec![Root {
+            src: Arc::new(LocalEndpoint::new(&src)),
+            dst_rel: PathBuf::new(),
+        }],
+        dest.clone(),
+        Options {
+            fsync: false,
+            delta: true,
+            ..Options::default()
+        },
+        Arc::new(Quiet),
+    );
+    assert_eq!((s.errors, s.copied), (0, 1), "{s:?}");
+    same_trees(&src, &dst, 1, &s);
+    assert_eq!((s.bytes_written, s.bytes_matched), (n as u64, 0), "{s:?}");
+    // A delta was tried: the old version's signature was taken.
+    assert_eq!(dest.2.load(std::sync::atomic::Ordering::Relaxed), 1);
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
+use tern_core::delta::Signature;
 use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions, SmallFile};
 use tern_core::{Dest, Entry, Error, FileSpec, Kind, Meta, ReadFile, Source, WriteFile, Xattrs};
 use tern_proto::{negotiate, Auth, Hello, Msg, Welcome, WriteChunk};
@@ -985,8 +986,10 @@ impl RemoteEndpoint {
         Ok(out)
     }
 
-    /// A file of a `ReadFiles` answer: `FileData` and its bytes.
+    /// A file of a `ReadFiles` answer: `FileData` and its bytes (or, for
+    /// `ReadFilesDelta`, `FileDelta` and its literal bytes).
     fn recv_small(&self, s: &mut Stream, rel: &Path, e: &Entry) -> Result<tern_core::Result<SmallFile>> {
+        let malformed = |m: String| NetError::Proto(tern_proto::ProtoError::Malformed(m));
         let (size, holes, hash, xattrs) = match s.recv_opt()? {
             Some(Msg::FileData {
                 size,
@@ -994,6 +997,33 @@ impl RemoteEndpoint {
                 hash,
                 xattrs,
             }) => (size, holes, hash, xattrs),
+            Some(Msg::FileDelta {
+                size,
+                pieces,
+                literal,
+                hash,
+                xattrs,
+            }) => {
+                let recipe = wire::unrecipe(pieces, size).filter(|r| r.1 == literal);
+                let Some((pieces, literal)) = recipe.filter(|_| size == e.size && size <= crate::server::MAX_CHUNK)
+                else {
+                    return Err(malformed(format!(
+                        "a delta of a file of {} bytes that does not add up",
+                        e.size
+                    )));
+                };
+                let mut data = vec![0u8; literal as usize];
+                s.recv_data(&mut data)?;
+                return Ok(Ok(SmallFile {
+                    data,
+                    holes: Vec::new(),
+                    xattrs: wire::unxattrs(xattrs),
+                    delta: Some(tern_core::endpoint::SmallDelta {
+                        pieces,
+                        hash: blake3::Hash::from_bytes(hash),
+                    }),
+                }));
+            }
             Some(Msg::FileFailed(m)) => return Ok(Err(wire::unerror(m, self.shown(rel)))),
             Some(Msg::Error(m)) => return Err(NetError::Remote(m)),
             _ => {
@@ -1022,6 +1052,7 @@ impl RemoteEndpoint {
             data,
             holes,
             xattrs: wire::unxattrs(xattrs),
+            delta: None,
         }))
     }
 
@@ -1361,23 +1392,46 @@ impl Source for RemoteEndpoint {
         Some(out)
     }
 
-    fn read_files(&self, items: &[(&Path, &Entry)], xattrs: bool) -> Vec<tern_core::Result<SmallFile>> {
+    fn read_files(
+        &self,
+        items: &[(&Path, &Entry)],
+        bases: &[Option<&Signature>],
+        xattrs: bool,
+    ) -> Vec<tern_core::Result<SmallFile>> {
         if !self.inner.pipelined {
             return items
                 .iter()
                 .map(|(rel, e)| tern_core::endpoint::read_file_whole(self, rel, e, xattrs))
                 .collect();
         }
+        let delta = self.inner.features & tern_proto::FEATURE_BATCH_DELTA != 0;
         let mut out = Vec::with_capacity(items.len());
-        for part in items.chunks(tern_proto::MAX_BATCH_FILES) {
-            let req = Msg::ReadFiles {
-                items: part.iter().map(|(rel, e)| (self.full(rel), wire::entry(e))).collect(),
-                xattrs,
+        for (k, part) in items.chunks(tern_proto::MAX_BATCH_FILES).enumerate() {
+            let from = k * tern_proto::MAX_BATCH_FILES;
+            let sigs: Vec<&Signature> = match delta {
+                true => (from..from + part.len())
+                    .filter_map(|i| bases.get(i).copied().flatten())
+                    .collect(),
+                false => Vec::new(),
+            };
+            let wanted = part.iter().map(|(rel, e)| (self.full(rel), wire::entry(e))).collect();
+            let req = match sigs.is_empty() {
+                true => Msg::ReadFiles { items: wanted, xattrs },
+                false => Msg::ReadFilesDelta {
+                    items: wanted,
+                    bases: (from..from + part.len())
+                        .map(|i| bases.get(i).copied().flatten().is_some())
+                        .collect(),
+                    xattrs,
+                },
             };
             let mut got = Vec::with_capacity(part.len());
-            tracing::debug!(files = part.len(), "reading a batch");
+            tracing::debug!(files = part.len(), deltas = sigs.len(), "reading a batch");
             let r = self.request(Path::new(""), |s| {
                 s.send(&req)?;
+                for sig in &sigs {
+                    wire::send_signature(s, Some(sig))?;
+                }
                 s.flush()?;
                 for (rel, e) in part {
                     got.push(self.recv_small(s, rel, e)?);
@@ -1798,6 +1852,38 @@ impl Dest for RemoteEndpoint {
         self.inner.welcome.can_chown
     }
 
+    fn basis_signatures(&self, items: &[(&Path, u64)]) -> Vec<Option<Signature>> {
+        if !self.inner.pipelined || self.inner.features & tern_proto::FEATURE_BATCH_DELTA == 0 {
+            return items.iter().map(|_| None).collect();
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for part in items.chunks(tern_proto::MAX_BATCH_FILES) {
+            let req = Msg::BasisSignatures {
+                items: part.iter().map(|&(rel, size)| (self.full(rel), size)).collect(),
+            };
+            let start = out.len();
+            let r = self.request(Path::new(""), |s| {
+                s.send(&req)?;
+                s.flush()?;
+                for _ in part {
+                    out.push(wire::recv_signature(
+                        s,
+                        tern_core::delta::MAX_SIGNATURE_CHUNKS,
+                        &mut |_| Ok(()),
+                    )?);
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                // The files are then sent whole.
+                tracing::debug!(error = %e, "no signatures for a batch");
+                out.truncate(start);
+                out.extend(part.iter().map(|_| None));
+            }
+        }
+        out
+    }
+
     fn write_batch(&self, items: Vec<BatchItem>, opts: &BatchOptions) -> Vec<tern_core::Result<()>> {
         let n = items.len();
         let mut wire_items = Vec::with_capacity(n);
@@ -1820,6 +1906,20 @@ impl Dest for RemoteEndpoint {
                 BatchBody::Symlink { target } => tern_proto::BatchBody::Symlink {
                     target: wire::path_bytes(target),
                 },
+                BatchBody::Delta {
+                    pieces,
+                    literals,
+                    hash,
+                    xattrs,
+                    spec,
+                } => tern_proto::BatchBody::Delta {
+                    size: spec.size,
+                    pieces: pieces.iter().map(|&p| wire::piece(p)).collect(),
+                    literal: literals.len() as u64,
+                    hash: *hash.as_bytes(),
+                    xattrs: wire::xattrs(xattrs),
+                    changed: (spec.source_changed.sec, spec.source_changed.nsec),
+                },
             };
             wire_items.push(tern_proto::BatchItem {
                 path: self.full(&it.rel),
@@ -1838,8 +1938,10 @@ impl Dest for RemoteEndpoint {
             self.after_ops(s)?;
             s.send(&Msg::Batch(batch))?;
             for it in &items {
-                if let BatchBody::File { data, holes, .. } = &it.body {
-                    s.send_data(&pack_around_holes(data, 0, holes))?;
+                match &it.body {
+                    BatchBody::File { data, holes, .. } => s.send_data(&pack_around_holes(data, 0, holes))?,
+                    BatchBody::Delta { literals, .. } => s.send_data(literals)?,
+                    BatchBody::Symlink { .. } => {}
                 }
             }
             s.recv()
@@ -1943,26 +2045,8 @@ impl WriteFile for RemoteWriteFile {
         self.ep.inner.counts.waits.fetch_add(1, Ordering::Relaxed);
         self.ep.with(&self.rel, |s| {
             s.send(&Msg::BasisSignature { handle: self.handle })?;
-            let mut sig = tern_core::delta::Signature::default();
-            loop {
-                let Msg::Signature { avg, chunks, last } = s.recv()? else {
-                    return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
-                        "expected a signature".into(),
-                    )));
-                };
-                if sig.chunks.len() + chunks.len() > tern_core::delta::MAX_SIGNATURE_CHUNKS
-                    || (!sig.chunks.is_empty() && avg != sig.avg)
-                {
-                    return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
-                        "a signature too large or of mixed parts".into(),
-                    )));
-                }
-                sig.avg = avg;
-                sig.chunks.extend(chunks.into_iter().map(wire::unid));
-                if last {
-                    return Ok((!sig.chunks.is_empty()).then_some(sig));
-                }
-            }
+            s.flush()?;
+            wire::recv_signature(s, tern_core::delta::MAX_SIGNATURE_CHUNKS, &mut |_| Ok(()))
         })
     }
 

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
+use tern_core::delta::Signature;
+use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions, SmallFile};
 use tern_core::{hash, Dest, Error, LocalEndpoint, ReadFile, Source, WriteFile};
 use tern_proto::{negotiate, Batch, ErrorCode, ErrorMsg, Hello, Msg, PullExtra, Welcome, WriteChunk};
 
@@ -680,6 +681,9 @@ impl WHandle {
     }
 }
 
+/// Memory a signature entry is charged, received or planned.
+const SIGNATURE_ENTRY: u64 = 16;
+
 /// How long a wait for chunks goes on without one arriving, once a stream
 /// of the session broke.
 const LOST_CHUNK_GRACE: Duration = Duration::from_secs(2);
@@ -1231,7 +1235,15 @@ impl Session {
                 .change(&m)
                 .unwrap_or_else(|| Err(ErrorMsg::new(ErrorCode::Protocol, "not a change"))),
             Msg::Walk(w) => return self.walk(s, w),
-            Msg::ReadFiles { items, xattrs } => return self.read_files(s, items, xattrs, buf),
+            Msg::ReadFiles { items, xattrs } => return self.read_files(s, items, Vec::new(), xattrs, buf),
+            Msg::ReadFilesDelta { items, bases, xattrs } => {
+                if bases.len() != items.len() {
+                    return Err(proto("a basis flag per file, or none"));
+                }
+                let sigs = self.recv_bases(s, &bases)?;
+                return self.read_files(s, items, sigs, xattrs, buf);
+            }
+            Msg::BasisSignatures { items } => return self.basis_signatures(s, items),
             Msg::HashFiles { items } => self.hash_files(items, buf),
             Msg::Commit(c) => self.commit(c),
             Msg::OpsStream | Msg::After { .. } | Msg::Settle => {
@@ -1447,22 +1459,70 @@ impl Session {
         s.flush()
     }
 
-    /// Answers `ReadFiles`: each file read whole, checked unchanged, sent
-    /// as `FileData` and its bytes, or `FileFailed`; one stream, no wait
-    /// between files.
+    /// The signatures that follow a `ReadFilesDelta`, one per item whose
+    /// flag is set, their memory taken from the budget as they arrive;
+    /// `None` for the others.
+    fn recv_bases(&self, s: &mut Stream, bases: &[bool]) -> Result<Vec<(Option<Signature>, Vec<Permit>)>> {
+        if bases.len() > tern_proto::MAX_BATCH_FILES {
+            return Err(proto("too many files in one request"));
+        }
+        let mut left = tern_core::delta::MAX_SIGNATURE_CHUNKS;
+        let mut out = Vec::with_capacity(bases.len());
+        for &b in bases {
+            let mut held = Vec::new();
+            let sig = match b {
+                true => wire::recv_signature(s, left, &mut |n| {
+                    held.push(self.mem_permit(n as u64 * SIGNATURE_ENTRY).map_err(NetError::Remote)?);
+                    Ok(())
+                })?,
+                false => None,
+            };
+            left -= sig.as_ref().map_or(0, |g| g.chunks.len());
+            out.push((sig, held));
+        }
+        Ok(out)
+    }
+
+    /// Answers `BasisSignatures`: each old version's signature, made here.
+    fn basis_signatures(&self, s: &mut Stream, items: Vec<(Vec<u8>, u64)>) -> Result<()> {
+        if items.len() > tern_proto::MAX_BATCH_FILES {
+            return Err(proto("too many files in one request"));
+        }
+        // One file is open at a time.
+        let fds = self.fd_permit(1, Instant::now() + self.fd_wait());
+        for (path, size) in items {
+            // Only where the session may write: the old version of a file
+            // it is about to replace.
+            let sig = match (&fds, self.may_write().and_then(|()| self.new_path(&path))) {
+                (Ok(_), Ok(rel)) if size <= MAX_CHUNK => self.ep.basis_signatures(&[(&rel, size)]).pop().flatten(),
+                _ => None,
+            };
+            wire::send_signature(s, sig.as_ref())?;
+        }
+        s.flush()
+    }
+
+    /// Answers `ReadFiles` (and `ReadFilesDelta`, where `sigs` has the
+    /// client's old versions' signatures): each file read whole, checked
+    /// unchanged, sent as `FileData` and its bytes (or `FileDelta` and its
+    /// literal bytes, where a delta pays), or `FileFailed`; one stream, no
+    /// wait between files.
     fn read_files(
         &self,
         s: &mut Stream,
         items: Vec<(Vec<u8>, tern_proto::WireEntry)>,
+        sigs: Vec<(Option<Signature>, Vec<Permit>)>,
         xattrs: bool,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
         if items.len() > tern_proto::MAX_BATCH_FILES {
             return Err(proto("too many files in one request"));
         }
+        let mut sigs = sigs.into_iter();
         // One file is open at a time.
         let fds = self.fd_permit(1, Instant::now() + self.fd_wait());
         for (path, expect) in items {
+            let sig = sigs.next().and_then(|(sig, _held)| sig);
             let read = fds.as_ref().map_err(Clone::clone).and_then(|_| {
                 let p = self.path(&path)?;
                 let e =
@@ -1473,13 +1533,33 @@ impl Session {
                         format!("a file of {} bytes is not small", e.size),
                     ));
                 }
-                let held = self.mem_permit(e.size)?;
+                // With a basis, its literals too.
+                let held = self.mem_permit(e.size * (1 + u64::from(sig.is_some())))?;
                 let f =
                     tern_core::endpoint::read_file_whole(&self.ep, &p, &e, xattrs).map_err(|e| wire::error_msg(&e))?;
-                Ok((f, held))
+                Ok((f.against(sig.as_ref()), e.size, held))
             });
             match read {
-                Ok((f, _held)) => {
+                Ok((
+                    SmallFile {
+                        data,
+                        xattrs,
+                        delta: Some(d),
+                        ..
+                    },
+                    size,
+                    _held,
+                )) => {
+                    s.send(&Msg::FileDelta {
+                        size,
+                        pieces: d.pieces.iter().map(|&p| wire::piece(p)).collect(),
+                        literal: data.len() as u64,
+                        hash: *d.hash.as_bytes(),
+                        xattrs: wire::xattrs(&xattrs),
+                    })?;
+                    s.send_data(&data)?;
+                }
+                Ok((f, _, _held)) => {
                     s.send(&Msg::FileData {
                         size: f.data.len() as u64,
                         hash: *blake3::hash(&f.data).as_bytes(),
@@ -1634,8 +1714,8 @@ impl Session {
         (avg, chunks, last): (u32, Vec<([u8; 8], u32)>, bool),
         (size, chunk_size): (u64, u64),
     ) -> Result<()> {
-        use tern_core::delta::{Params, Signature};
-        const ENTRY: u64 = 16;
+        use tern_core::delta::Params;
+        const ENTRY: u64 = SIGNATURE_ENTRY;
         let f = self.rhandle(handle).map_err(NetError::Remote)?;
         if chunks.len() > tern_proto::SIGNATURE_PART || !(Params { avg }).valid() {
             return Err(proto(
@@ -1791,29 +1871,9 @@ impl Session {
             },
             Err(_) => Err(ErrorMsg::new(ErrorCode::Server, "poisoned lock")),
         });
-        let sig = match sig {
-            Ok(sig) => sig.filter(|g| !g.chunks.is_empty() && g.chunks.len() <= tern_core::delta::MAX_SIGNATURE_CHUNKS),
-            Err(e) => {
-                s.send(&Msg::Error(e))?;
-                return s.flush();
-            }
-        };
-        let Some(sig) = sig else {
-            s.send(&Msg::Signature {
-                avg: 0,
-                chunks: Vec::new(),
-                last: true,
-            })?;
-            return s.flush();
-        };
-        let parts = sig.chunks.chunks(tern_proto::SIGNATURE_PART);
-        let n = parts.len();
-        for (i, part) in parts.enumerate() {
-            s.send(&Msg::Signature {
-                avg: sig.avg,
-                chunks: part.iter().map(|&c| wire::id(c)).collect(),
-                last: i + 1 == n,
-            })?;
+        match sig {
+            Ok(sig) => wire::send_signature(s, sig.as_ref())?,
+            Err(e) => s.send(&Msg::Error(e))?,
         }
         s.flush()
     }
@@ -1882,14 +1942,30 @@ impl Session {
         let mut early: Vec<Option<ErrorMsg>> = Vec::with_capacity(b.items.len());
         let mut total = 0u64;
         for it in &b.items {
-            if let tern_proto::BatchBody::File { size, .. } = it.body {
-                total = total.saturating_add(size);
+            match it.body {
+                tern_proto::BatchBody::File { size, .. } => total = total.saturating_add(size),
+                // Its literals and the file built from them.
+                tern_proto::BatchBody::Delta { size, literal, .. } => {
+                    total = total.saturating_add(size).saturating_add(literal)
+                }
+                tern_proto::BatchBody::Symlink { .. } => {}
             }
         }
         if total > 2 * MAX_CHUNK {
             return Err(proto("batch too large"));
         }
         let _held = self.mem_permit(total).map_err(NetError::Remote)?;
+        let spec = |size: u64, meta: &tern_core::Meta, changed: (i64, u32)| tern_core::FileSpec {
+            size,
+            chunk_size: size.next_power_of_two().max(hash::MIN_CHUNK_SIZE),
+            resumable: false,
+            durable: b.sync,
+            source_meta: meta.clone(),
+            source_changed: tern_core::Time {
+                sec: changed.0,
+                nsec: changed.1.min(999_999_999),
+            },
+        };
         for it in b.items {
             match it.body {
                 tern_proto::BatchBody::File {
@@ -1913,17 +1989,7 @@ impl Session {
                     items.push(BatchItem {
                         rel: wire::bytes_path(&it.path),
                         body: BatchBody::File {
-                            spec: tern_core::FileSpec {
-                                size,
-                                chunk_size: size.next_power_of_two().max(hash::MIN_CHUNK_SIZE),
-                                resumable: false,
-                                durable: b.sync,
-                                source_meta: meta.clone(),
-                                source_changed: tern_core::Time {
-                                    sec: changed.0,
-                                    nsec: changed.1.min(999_999_999),
-                                },
-                            },
+                            spec: spec(size, &meta, changed),
                             data,
                             holes,
                             hash: blake3::Hash::from_bytes(hash),
@@ -1932,6 +1998,32 @@ impl Session {
                         meta,
                     });
                     early.push(problem);
+                }
+                tern_proto::BatchBody::Delta {
+                    size,
+                    pieces,
+                    literal,
+                    hash,
+                    xattrs,
+                    changed,
+                } => {
+                    let recipe = wire::unrecipe(pieces, size).filter(|r| r.1 == literal);
+                    let (pieces, literal) = recipe.ok_or_else(|| proto("a delta recipe that does not add up"))?;
+                    let mut literals = vec![0u8; literal as usize];
+                    s.recv_data(&mut literals)?;
+                    early.push(self.new_path(&it.path).err());
+                    let meta = wire::unmeta(&it.meta);
+                    items.push(BatchItem {
+                        rel: wire::bytes_path(&it.path),
+                        body: BatchBody::Delta {
+                            spec: spec(size, &meta, changed),
+                            pieces,
+                            literals,
+                            hash: blake3::Hash::from_bytes(hash),
+                            xattrs: wire::unxattrs(xattrs),
+                        },
+                        meta,
+                    });
                 }
                 tern_proto::BatchBody::Symlink { target } => {
                     early.push(self.new_path(&it.path).err());
@@ -1963,7 +2055,7 @@ impl Session {
         let deadline = Instant::now() + self.fd_wait();
         let most = half(&self.fds);
         let cost = |it: &BatchItem| match &it.body {
-            BatchBody::File { spec, .. } => LocalEndpoint::descriptors_for(spec),
+            BatchBody::File { spec, .. } | BatchBody::Delta { spec, .. } => LocalEndpoint::descriptors_for(spec),
             BatchBody::Symlink { .. } => 0,
         };
         let mut results: Vec<Option<ErrorMsg>> = Vec::with_capacity(ok_items.len());
@@ -1994,7 +2086,7 @@ impl Session {
                                 results.push(None);
                                 links.push((start + i, it));
                             }
-                            BatchBody::File { .. } => results.push(Some(e.clone())),
+                            BatchBody::File { .. } | BatchBody::Delta { .. } => results.push(Some(e.clone())),
                         }
                     }
                     let (at, links): (Vec<_>, Vec<_>) = links.into_iter().unzip();

@@ -4,8 +4,12 @@ use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+use tern_core::delta::{Piece, Signature};
 use tern_core::{Entry, Error, FileSpec, Kind, Meta, Time, Xattrs};
-use tern_proto::{ErrorCode, ErrorMsg, WireEntry, WireKind, WireMeta, WireSpec};
+use tern_proto::{ErrorCode, ErrorMsg, Msg, WireEntry, WireKind, WireMeta, WireSpec};
+
+use crate::error::{NetError, Result};
+use crate::stream::Stream;
 
 /// A path as bytes.
 pub fn path_bytes(p: &Path) -> Vec<u8> {
@@ -200,4 +204,77 @@ pub fn id((id, len): (u64, u32)) -> ([u8; 8], u32) {
 /// A signature entry from the wire.
 pub fn unid((id, len): ([u8; 8], u32)) -> (u64, u32) {
     (u64::from_le_bytes(id), len)
+}
+
+/// A recipe from the wire for a chunk of `len` bytes, and the literal
+/// bytes it takes; `None` when it has more than [`tern_proto::MAX_PIECES`]
+/// pieces or does not add up to `len`.
+pub fn unrecipe(pieces: Vec<tern_proto::WirePiece>, len: u64) -> Option<(Vec<Piece>, u64)> {
+    if pieces.len() > tern_proto::MAX_PIECES {
+        return None;
+    }
+    let pieces: Vec<Piece> = pieces.into_iter().map(unpiece).collect();
+    let total = pieces.iter().try_fold(0u64, |n, p| n.checked_add(p.len()))?;
+    let literal = pieces
+        .iter()
+        .filter(|p| matches!(p, Piece::Literal { .. }))
+        .map(Piece::len)
+        .sum();
+    (total == len).then_some((pieces, literal))
+}
+
+/// Sends `sig` as [`Msg::Signature`] parts, or one empty part for none.
+pub fn send_signature(s: &mut Stream, sig: Option<&Signature>) -> Result<()> {
+    let sig = sig.filter(|g| !g.chunks.is_empty() && g.chunks.len() <= tern_core::delta::MAX_SIGNATURE_CHUNKS);
+    let Some(sig) = sig else {
+        return s.send(&Msg::Signature {
+            avg: 0,
+            chunks: Vec::new(),
+            last: true,
+        });
+    };
+    let parts = sig.chunks.chunks(tern_proto::SIGNATURE_PART);
+    let n = parts.len();
+    for (i, part) in parts.enumerate() {
+        s.send(&Msg::Signature {
+            avg: sig.avg,
+            chunks: part.iter().map(|&c| id(c)).collect(),
+            last: i + 1 == n,
+        })?;
+    }
+    Ok(())
+}
+
+/// Receives what [`send_signature`] sent: at most `max` entries, each
+/// part's count given to `take` before the part is kept (a daemon charges
+/// its memory there). `None` for no signature.
+pub fn recv_signature(
+    s: &mut Stream,
+    max: usize,
+    take: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<Option<Signature>> {
+    let malformed = |m: &str| NetError::Proto(tern_proto::ProtoError::Malformed(m.into()));
+    let mut sig = Signature::default();
+    loop {
+        let Msg::Signature { avg, chunks, last } = s.recv()? else {
+            return Err(malformed("expected a signature"));
+        };
+        if chunks.len() > tern_proto::SIGNATURE_PART
+            || sig.chunks.len() + chunks.len() > max
+            || (!sig.chunks.is_empty() && avg != sig.avg)
+            || (!chunks.is_empty() && !(tern_core::delta::Params { avg }).valid())
+        {
+            return Err(malformed(
+                "a signature too large, of mixed parts, or of a chunk size tern does not cut with",
+            ));
+        }
+        take(chunks.len())?;
+        if !chunks.is_empty() {
+            sig.avg = avg;
+        }
+        sig.chunks.extend(chunks.into_iter().map(unid));
+        if last {
+            return Ok((!sig.chunks.is_empty()).then_some(sig));
+        }
+    }
 }

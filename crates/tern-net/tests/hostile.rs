@@ -2623,3 +2623,204 @@ fn a_named_basis_stays_inside_the_module() {
     assert_eq!(len, first.len() as u64, "the signature is not of the named file");
     st.outside_untouched();
 }
+
+/// The signatures of one `BasisSignatures` answer, in order: `None` for an
+/// empty one.
+fn basis_signatures(s: &mut Stream, items: &[(&[u8], u64)]) -> Vec<Option<usize>> {
+    s.send(&Msg::BasisSignatures {
+        items: items.iter().map(|&(p, n)| (p.to_vec(), n)).collect(),
+    })
+    .expect("send");
+    let mut out = Vec::new();
+    for _ in items {
+        let mut chunks = 0;
+        loop {
+            match s.recv().expect("signature") {
+                Msg::Signature { chunks: c, last, .. } => {
+                    chunks += c.len();
+                    if last {
+                        break;
+                    }
+                }
+                m => panic!("not a signature: {m:?}"),
+            }
+        }
+        out.push((chunks > 0).then_some(chunks));
+    }
+    out
+}
+
+/// Issue 15: small files built in their batch from their old versions. A
+/// client learns the signature only of a file it may replace, inside the
+/// module; a recipe builds only from the old version at the item's own
+/// path, only what it promised, or the item is refused and the old version
+/// stays.
+#[test]
+fn batched_deltas_build_only_from_their_own_old_version() {
+    use tern_proto::WirePiece;
+    let st = setup();
+    let module = st.root.join("module");
+    let old: Vec<u8> = (0..32u32 << 10).map(|i| (i % 251) as u8).collect();
+    for n in 1..=3 {
+        fs::write(module.join(format!("sub/b{n}")), &old).expect("write");
+    }
+    let size = old.len() as u64;
+    let secret = fs::metadata(st.root.join("outside/secret")).expect("stat").len();
+
+    // Signatures: of a file the session may replace, and of nothing else.
+    let mut ro = st.session("data", RO_TOKEN, false).expect("session");
+    let asked: [(&[u8], u64); 1] = [(b"sub/b1", size)];
+    assert_eq!(basis_signatures(&mut ro, &asked), vec![None], "a read-only session");
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let asked: [(&[u8], u64); 6] = [
+        (b"sub/b1", size),
+        (b"sub/b1", size - 1),
+        (b"out/secret", secret),
+        (b"../outside/secret", secret),
+        (b"sub", 0),
+        (b"sub/none", size),
+    ];
+    let got = basis_signatures(&mut s, &asked);
+    assert!(got[0].is_some(), "{got:?}");
+    assert!(got[1..].iter().all(Option::is_none), "{got:?}");
+
+    let delta = |path: &str, pieces: Vec<WirePiece>, literal: u64, want: &[u8]| BatchItem {
+        path: path.as_bytes().to_vec(),
+        meta: WireMeta {
+            mode: 0o644,
+            ..WireMeta::default()
+        },
+        body: BatchBody::Delta {
+            size,
+            pieces,
+            literal,
+            hash: *blake3::hash(want).as_bytes(),
+            xattrs: Vec::new(),
+            changed: (0, 0),
+        },
+    };
+    let mut want = old.clone();
+    want[100..110].copy_from_slice(b"0123456789");
+    let edit = vec![
+        WirePiece::Copy { offset: 0, len: 100 },
+        WirePiece::Literal { len: 10 },
+        WirePiece::Copy {
+            offset: 110,
+            len: size as u32 - 110,
+        },
+    ];
+    let whole = vec![WirePiece::Copy {
+        offset: 0,
+        len: size as u32,
+    }];
+    let past = vec![WirePiece::Copy {
+        offset: 100,
+        len: size as u32,
+    }];
+    let items = vec![
+        delta("sub/b1", edit.clone(), 10, &want),
+        // The old version does not hash to what was promised.
+        delta("sub/b2", whole.clone(), 0, &want),
+        // Reads past the end of the old version.
+        delta("sub/b3", past, 0, &want),
+        // Builds from a file outside the module, through a symlink.
+        delta("out/secret", whole, 0, &old),
+        delta("../outside/g", edit, 10, &want),
+    ];
+    let n = items.len();
+    s.send(&Msg::Batch(Batch {
+        items,
+        owner: false,
+        sync: false,
+        verify: true,
+    }))
+    .expect("send");
+    for lit in [&b"0123456789"[..], b"", b"", b"", b"0123456789"] {
+        s.send_data(lit).expect("data");
+    }
+    match s.recv().expect("reply") {
+        Msg::BatchReply(r) => {
+            assert_eq!(r.len(), n);
+            assert!(r[0].is_none(), "{r:?}");
+            assert!(r[1..].iter().all(Option::is_some), "{r:?}");
+            let past = r[2].as_ref().map(|e| e.message.clone()).unwrap_or_default();
+            assert!(past.contains("past the basis"), "{past}");
+        }
+        m => panic!("unexpected {m:?}"),
+    }
+    assert_eq!(fs::read(module.join("sub/b1")).expect("read"), want);
+    for n in 2..=3 {
+        assert_eq!(fs::read(module.join(format!("sub/b{n}"))).expect("read"), old);
+    }
+    assert!(!st.root.join("outside/g").exists());
+
+    // A recipe that does not add up to its file: the stream ends.
+    s.send(&Msg::Batch(Batch {
+        items: vec![delta(
+            "sub/b2",
+            vec![WirePiece::Literal { len: 1 << 30 }],
+            1 << 30,
+            &want,
+        )],
+        owner: false,
+        sync: false,
+        verify: false,
+    }))
+    .expect("send");
+    assert!(s.recv().is_err(), "a recipe of a GiB for a 32 KiB file was taken");
+    assert_eq!(fs::read(module.join("sub/b2")).expect("read"), old);
+    st.outside_untouched();
+}
+
+/// Issue 15: a client reading small files may send its old versions'
+/// signatures for the daemon to plan against; the daemon answers with the
+/// recipe and the literal bytes only, and a request whose signatures do
+/// not match its files ends the stream.
+#[test]
+fn small_files_read_as_deltas_carry_only_their_literals() {
+    let st = setup();
+    let module = st.root.join("module");
+    let mut data = vec![0u8; 40 << 10];
+    blake3::Hasher::new().finalize_xof().fill(&mut data);
+    fs::write(module.join("sub/f"), &data).expect("write");
+    let mut old = data.clone();
+    old[20 << 10..(20 << 10) + 100].fill(7);
+    let read = |off: u64, b: &mut [u8]| {
+        b.copy_from_slice(&old[off as usize..off as usize + b.len()]);
+        Ok(())
+    };
+    let sig = tern_core::delta::signature(&read, old.len() as u64, 1).expect("signature");
+    let mut s = st.session("data", TOKEN, false).expect("session");
+    let entry = stat_entry(&mut s, b"sub/f");
+    s.send(&Msg::ReadFilesDelta {
+        items: vec![(b"sub/f".to_vec(), entry.clone())],
+        bases: vec![true],
+        xattrs: false,
+    })
+    .expect("send");
+    s.send(&Msg::Signature {
+        avg: sig.avg,
+        chunks: sig.chunks.iter().map(|&(id, len)| (id.to_le_bytes(), len)).collect(),
+        last: true,
+    })
+    .expect("send");
+    match s.recv().expect("reply") {
+        Msg::FileDelta {
+            size, literal, hash, ..
+        } => {
+            assert_eq!((size, hash), (data.len() as u64, *blake3::hash(&data).as_bytes()));
+            assert!(literal > 0 && literal < 16 << 10, "{literal} literal bytes");
+            let mut lits = vec![0u8; literal as usize];
+            s.recv_data(&mut lits).expect("literals");
+        }
+        m => panic!("not a delta: {m:?}"),
+    }
+    // A basis flag per file, or the stream ends.
+    s.send(&Msg::ReadFilesDelta {
+        items: vec![(b"sub/f".to_vec(), entry)],
+        bases: vec![true, true],
+        xattrs: false,
+    })
+    .expect("send");
+    assert!(s.recv().is_err(), "basis flags that are not one per file were taken");
+}

@@ -53,6 +53,9 @@ pub const FEATURE_ZSTD_ALWAYS: u64 = 32;
 /// Feature bit: the daemon builds a file from another file of the module
 /// ([`Msg::UseBasis`]) and takes [`Msg::PullWith`].
 pub const FEATURE_COPIES: u64 = 64;
+/// Feature bit: small files cross as deltas in their batches
+/// ([`Msg::BasisSignatures`], [`BatchBody::Delta`], [`Msg::ReadFilesDelta`]).
+pub const FEATURE_BATCH_DELTA: u64 = 128;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
 pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_BENCH
@@ -60,7 +63,8 @@ pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_DELTA
     | FEATURE_ZSTD
     | FEATURE_ZSTD_ALWAYS
-    | FEATURE_COPIES;
+    | FEATURE_COPIES
+    | FEATURE_BATCH_DELTA;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -529,6 +533,43 @@ pub enum Msg {
         /// The options added since.
         extra: PullExtra,
     },
+    // Feature [`FEATURE_BATCH_DELTA`].
+    /// Client: the signatures of the module's files at `items` (at most
+    /// [`MAX_BATCH_FILES`]), the old versions that a batch's files will be
+    /// built from. Answered per item, in order, by its [`Msg::Signature`]
+    /// parts; one empty part where there is no such file, it is no longer
+    /// of the size listed, or it is too large to be a basis.
+    BasisSignatures {
+        /// (module-relative path, size as listed) of each file.
+        items: Vec<(Vec<u8>, u64)>,
+    },
+    /// Client: [`Msg::ReadFiles`], each file planned as a delta against
+    /// the client's old version of it where `bases` is set: that item's
+    /// signature follows the request as [`Msg::Signature`] parts, items in
+    /// order. Answered like `ReadFiles`, with [`Msg::FileDelta`] for a file
+    /// whose delta pays.
+    ReadFilesDelta {
+        /// (module-relative path, the entry as listed) of each file.
+        items: Vec<(Vec<u8>, WireEntry)>,
+        /// Per item, whether its signature follows.
+        bases: Vec<bool>,
+        /// Also send each file's extended attributes.
+        xattrs: bool,
+    },
+    /// Server: one file of a [`Msg::ReadFilesDelta`] as its recipe against
+    /// the client's old version; its `literal` bytes follow as data frames.
+    FileDelta {
+        /// Length of the file.
+        size: u64,
+        /// The recipe, the whole file as one chunk, at most [`MAX_PIECES`].
+        pieces: Vec<WirePiece>,
+        /// Bytes of its literal pieces.
+        literal: u64,
+        /// BLAKE3 of the file as the server read it.
+        hash: [u8; 32],
+        /// Extended attributes, if asked for.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 /// One part of a [`Msg::WriteDelta`] recipe.
@@ -893,6 +934,23 @@ pub enum BatchBody {
     Symlink {
         /// Target.
         target: Vec<u8>,
+    },
+    /// A regular file of `size` bytes built from the module's file at the
+    /// same path by `pieces` (feature [`FEATURE_BATCH_DELTA`]); the
+    /// `literal` bytes of its literal pieces are in the batch's data.
+    Delta {
+        /// File length.
+        size: u64,
+        /// The recipe, the whole file as one chunk, at most [`MAX_PIECES`].
+        pieces: Vec<WirePiece>,
+        /// Bytes of its literal pieces.
+        literal: u64,
+        /// The file's BLAKE3.
+        hash: [u8; 32],
+        /// Extended attributes.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Source ctime.
+        changed: (i64, u32),
     },
 }
 

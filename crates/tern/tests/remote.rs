@@ -957,47 +957,83 @@ fn an_interrupted_delta_resumes_as_a_delta() {
 #[test]
 fn files_under_a_chunk_are_sent_as_a_delta_or_whole() {
     let t = tempfile::tempdir().expect("tempdir");
-    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    let (src, module, other) = (t.path().join("src"), t.path().join("module"), t.path().join("other"));
     fs::create_dir(&module).expect("mkdir");
-    let d = daemon(t.path(), &module, false);
-    let old = data(1 << 20, 31);
-    let mut edited = old.clone();
-    edited[300_000..300_100].fill(9);
-    write(&src.join("edited.bin"), &edited);
-    write(&src.join("rewritten.bin"), &data(1 << 20, 32));
-    for name in ["edited.bin", "rewritten.bin"] {
-        write(&module.join(name), &old);
-        let f = fs::File::options().write(true).open(module.join(name)).expect("open");
-        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1000))
-            .expect("mtime");
+    fs::create_dir(&other).expect("mkdir");
+    let client_fp = ok(client(t.path()).arg("fingerprint")).trim().to_string();
+    let d = daemon_with(t.path(), &module, false, 0, &["--allow-key".into(), client_fp]);
+    let e = daemon(&t.path().join("e"), &other, false);
+    write(
+        &t.path().join("client/known_hosts"),
+        format!(
+            "127.0.0.1:{} {}\n127.0.0.1:{} {}\n",
+            d.port, d.fingerprint, e.port, e.fingerprint
+        )
+        .as_bytes(),
+    );
+    // Files of a batch: 1 MiB and 20 KiB edited, 1 MiB rewritten, 8 KiB
+    // edited (too small for a delta).
+    let names = ["edited.bin", "small.bin", "rewritten.bin", "tiny.bin"];
+    let olds = [
+        data(1 << 20, 31),
+        data(20 << 10, 33),
+        data(1 << 20, 31),
+        data(8 << 10, 34),
+    ];
+    let mut news = olds.clone();
+    news[0][300_000..300_100].fill(9);
+    news[1][10_000..10_010].fill(9);
+    news[2] = data(1 << 20, 32);
+    news[3][100] ^= 1;
+    for (name, new) in names.iter().zip(&news) {
+        write(&src.join(name), new);
     }
+    let olden = |dir: &Path| {
+        for (name, old) in names.iter().zip(&olds) {
+            write(&dir.join(name), old);
+            let f = fs::File::options().write(true).open(dir.join(name)).expect("open");
+            f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1000))
+                .expect("mtime");
+        }
+    };
+    let total: u64 = news.iter().map(|n| n.len() as u64).sum();
+    // The edits cost a few chunks each; the rewritten and tiny files
+    // crossed whole.
+    let whole = (1 << 20) + (8 << 10);
+    let check = |out: &str, dir: &Path, what: &str| {
+        let j = json(out);
+        assert_eq!(
+            (j["errors"].as_u64(), j["copied"].as_u64()),
+            (Some(0), Some(4)),
+            "{what}: {out}"
+        );
+        for name in names {
+            assert_eq!(b3(&dir.join(name)), b3(&src.join(name)), "{what}: {name}");
+        }
+        let (written, matched) = (j["bytes_written"].as_u64().unwrap_or(0), j["bytes_matched"].as_u64());
+        assert!((whole..whole + (64 << 10)).contains(&written), "{what}: {out}");
+        assert_eq!(matched, Some(total - written), "{what}: {out}");
+    };
+    olden(&module);
     let out = ok(d
         .auth(client(t.path()).args(["copy", "--json"]))
         .arg(format!("{}/", src.display()))
         .arg(d.url("")));
-    let j = json(&out);
-    assert_eq!(
-        (j["errors"].as_u64(), j["copied"].as_u64()),
-        (Some(0), Some(2)),
-        "{out}"
-    );
-    for name in ["edited.bin", "rewritten.bin"] {
-        assert_eq!(b3(&module.join(name)), b3(&src.join(name)), "{name}");
-    }
-    // The edit cost a few chunks; the rewritten file crossed whole.
-    let written = j["bytes_written"].as_u64().unwrap_or(0);
-    assert!(((1 << 20)..(1 << 20) + (64 << 10)).contains(&written), "{out}");
+    check(&out, &module, "push");
     // And back onto old versions here.
     let back = t.path().join("back");
-    for name in ["edited.bin", "rewritten.bin"] {
-        write(&back.join(name), &old);
-    }
+    olden(&back);
     let out = ok(d
         .auth(client(t.path()).args(["copy", "--json"]))
         .arg(d.url(""))
         .arg(&back));
-    assert_eq!(json(&out)["errors"], 0, "{out}");
-    for name in ["edited.bin", "rewritten.bin"] {
-        assert_eq!(b3(&back.join(name)), b3(&src.join(name)), "pulled {name}");
-    }
+    check(&out, &back, "pull");
+    // From one daemon to another, through the client.
+    olden(&other);
+    let out = ok(client(t.path())
+        .args(["copy", "--json", "--token-file"])
+        .arg(&e.token)
+        .arg(d.url(""))
+        .arg(e.url("")));
+    check(&out, &other, "remote to remote");
 }
