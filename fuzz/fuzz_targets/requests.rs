@@ -14,8 +14,8 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use tern_net::server::Server;
 use tern_proto::{
-    data_header, encode_control, Auth, Batch, BatchBody, BatchItem, Hello, Msg, WireEntry, WireKind, WireMeta,
-    WireSpec, WriteChunk,
+    data_header, encode_control, Auth, Batch, BatchBody, BatchItem, Hello, Msg, ShortIds, WireDelta, WireEntry,
+    WireKind, WireMeta, WireSpec, WriteChunk,
 };
 
 /// One component of a path.
@@ -186,6 +186,7 @@ enum Op {
         h: u8,
         avg_shift: u8,
         chunks: Vec<(u8, u16)>,
+        ids: Ids,
         last: bool,
         size: u32,
         chunk_shift: u8,
@@ -219,11 +220,64 @@ enum Op {
         bases: Vec<bool>,
         avg_shift: u8,
         chunks: Vec<(u8, u16)>,
+        ids: Ids,
         xattrs: bool,
     },
     /// A batch of files built from their old versions: any recipe, the
     /// literal bytes as announced or not, the hash right or not.
-    BatchDelta(Vec<(P, Vec<(bool, u16, u16)>, u16, u8, bool)>),
+    BatchDelta(Vec<(P, Vec<(bool, u16, u16)>, u16, u8, bool, Option<P>)>),
+}
+
+/// How a signature's ids cross: eight bytes each, or cut to any number of
+/// bytes (none and more than eight included), the id bytes whole or one
+/// short.
+#[derive(Arbitrary, Debug)]
+struct Ids {
+    full: bool,
+    id_bytes: u8,
+    ragged: bool,
+}
+
+impl Ids {
+    /// Signature entries `chunks` as `Ids` says they cross.
+    fn part(&self, chunks: &[(u8, u16)]) -> SigPart {
+        let entries: Vec<(u64, u32)> = chunks
+            .iter()
+            .take(64)
+            .map(|&(id, len)| (u64::from_le_bytes([id; 8]), u32::from(len)))
+            .collect();
+        if self.full {
+            return SigPart::Full(entries.iter().map(|&(id, len)| (id.to_le_bytes(), len)).collect());
+        }
+        let mut short = ShortIds::new(self.id_bytes % 8 + 1, &entries);
+        short.id_bytes = self.id_bytes % 10;
+        if self.ragged {
+            short.ids.pop();
+        }
+        SigPart::Short(short)
+    }
+
+    /// A signature part of `chunks` for `ReadFilesDelta`.
+    fn signature(&self, avg: u32, chunks: &[(u8, u16)]) -> Msg {
+        match self.part(chunks) {
+            SigPart::Full(chunks) => Msg::Signature {
+                avg,
+                chunks,
+                last: true,
+            },
+            SigPart::Short(chunks) => Msg::ShortSignature {
+                avg,
+                chunks,
+                last: true,
+            },
+        }
+    }
+}
+
+/// A signature part's entries, as [`Ids`] makes them.
+enum SigPart {
+    Full(Vec<([u8; 8], u32)>),
+    Short(ShortIds),
 }
 
 /// Recipe pieces: copies anywhere, literals of any length.
@@ -387,6 +441,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 bases,
                 avg_shift,
                 chunks,
+                ids,
                 xattrs,
             } => {
                 let bases: Vec<bool> = bases.iter().take(40).copied().collect();
@@ -403,18 +458,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                     &mut out,
                 );
                 for _ in bases.iter().filter(|b| **b) {
-                    msg(
-                        Msg::Signature {
-                            avg: 1 << (10 + avg_shift % 12),
-                            chunks: chunks
-                                .iter()
-                                .take(64)
-                                .map(|&(id, len)| ([id; 8], u32::from(len)))
-                                .collect(),
-                            last: true,
-                        },
-                        &mut out,
-                    );
+                    msg(ids.signature(1 << (10 + avg_shift % 12), chunks), &mut out);
                 }
                 continue;
             }
@@ -425,13 +469,8 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                     items: items
                         .iter()
                         .zip(&recipes)
-                        .map(|((p, _, sent, fill, good), recipe)| BatchItem {
-                            path: p.bytes(),
-                            meta: WireMeta {
-                                mode: 0o644,
-                                ..WireMeta::default()
-                            },
-                            body: BatchBody::Delta {
+                        .map(|((p, _, sent, fill, good, basis), recipe)| {
+                            let delta = WireDelta {
                                 size: pieces_len(recipe),
                                 pieces: recipe.clone(),
                                 literal: u64::from(*sent),
@@ -441,7 +480,21 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                                 },
                                 xattrs: Vec::new(),
                                 changed: (0, 0),
-                            },
+                            };
+                            BatchItem {
+                                path: p.bytes(),
+                                meta: WireMeta {
+                                    mode: 0o644,
+                                    ..WireMeta::default()
+                                },
+                                body: match basis {
+                                    None => BatchBody::Delta(delta),
+                                    Some(b) => BatchBody::DeltaFrom {
+                                        basis: b.bytes(),
+                                        delta,
+                                    },
+                                },
+                            }
                         })
                         .collect(),
                     owner: false,
@@ -449,7 +502,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                     verify: true,
                 };
                 msg(Msg::Batch(batch), &mut out);
-                for (_, _, sent, fill, _) in &items {
+                for (_, _, sent, fill, ..) in &items {
                     data(&vec![*fill; usize::from(*sent)], &mut out);
                 }
                 continue;
@@ -465,21 +518,32 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 h,
                 avg_shift,
                 chunks,
+                ids,
                 last,
                 size,
                 chunk_shift,
-            } => Msg::DeltaBasis {
-                handle: u64::from(*h % 8),
-                avg: 1 << (10 + avg_shift % 12),
-                chunks: chunks
-                    .iter()
-                    .take(64)
-                    .map(|&(id, len)| ([id; 8], u32::from(len)))
-                    .collect(),
-                last: *last,
-                size: u64::from(*size % (1 << 22)),
-                chunk_size: chunk_size(*chunk_shift),
-            },
+            } => {
+                let (handle, avg) = (u64::from(*h % 8), 1 << (10 + avg_shift % 12));
+                let (size, chunk_size) = (u64::from(*size % (1 << 22)), chunk_size(*chunk_shift));
+                match ids.part(chunks) {
+                    SigPart::Full(chunks) => Msg::DeltaBasis {
+                        handle,
+                        avg,
+                        chunks,
+                        last: *last,
+                        size,
+                        chunk_size,
+                    },
+                    SigPart::Short(chunks) => Msg::ShortDeltaBasis {
+                        handle,
+                        avg,
+                        chunks,
+                        last: *last,
+                        size,
+                        chunk_size,
+                    },
+                }
+            }
             Op::ReadDelta { h, index } => Msg::ReadDelta {
                 handle: u64::from(*h % 8),
                 index: u64::from(*index % 16),

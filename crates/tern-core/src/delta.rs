@@ -61,20 +61,55 @@ impl Params {
     }
 }
 
-/// The basis's chunks: a short id (the first 8 bytes of the chunk's BLAKE3)
-/// and the length of each, in file order.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The basis's chunks: a short id (the first bytes of the chunk's BLAKE3,
+/// as a little-endian `u64`) and the length of each, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signature {
     /// The parameters the basis was cut with.
     pub avg: u32,
     /// `(id, len)` per chunk.
     pub chunks: Vec<(u64, u32)>,
+    /// How many bytes of each id count, 1 to 8: a signature that crossed
+    /// with its ids cut short holds them so, and a new version's chunks are
+    /// compared on as many.
+    pub id_bytes: u8,
+}
+
+impl Default for Signature {
+    fn default() -> Signature {
+        Signature {
+            avg: 0,
+            chunks: Vec::new(),
+            id_bytes: 8,
+        }
+    }
 }
 
 impl Signature {
     /// The length of the basis the signature describes.
     pub fn size(&self) -> u64 {
         self.chunks.iter().map(|&(_, l)| u64::from(l)).sum()
+    }
+
+    /// The bits of an id that count.
+    fn mask(&self) -> u64 {
+        match self.id_bytes {
+            1..=7 => (1u64 << (8 * u32::from(self.id_bytes))) - 1,
+            _ => u64::MAX,
+        }
+    }
+
+    /// How many bytes each id needs so that a new version of `new_size`
+    /// bytes, cut and looked up chunk by chunk, falsely matches one of this
+    /// signature's chunks about once in 65,536 files or fewer: 16 bits more
+    /// than the two chunk counts' bits, as the chance of a false match
+    /// is their product over 2^bits. A false match costs the file's
+    /// transfer again (the whole-file hash finds it), never a wrong file.
+    pub fn id_bytes_for(&self, new_size: u64) -> u8 {
+        let bits = |n: u64| u64::BITS - n.max(1).saturating_sub(1).leading_zeros();
+        let new_chunks = new_size / u64::from(self.avg.max(1));
+        let need = 16 + bits(self.chunks.len() as u64) + bits(new_chunks);
+        need.div_ceil(8).clamp(2, 8) as u8
     }
 }
 
@@ -243,6 +278,7 @@ pub fn signature(read: ReadAt<'_>, size: u64, threads: usize) -> Result<Signatur
     Ok(Signature {
         avg: params.avg,
         chunks: cuts.into_iter().map(|c| (c.id, c.len)).collect(),
+        id_bytes: 8,
     })
 }
 
@@ -289,23 +325,27 @@ impl Plan {
 }
 
 /// The basis's chunks by id and length, each at its first offset.
-pub struct Index(HashMap<(u64, u32), u64>);
+pub struct Index {
+    at: HashMap<(u64, u32), u64>,
+    mask: u64,
+}
 
 impl Index {
     /// Indexes `sig`.
     pub fn new(sig: &Signature) -> Index {
+        let mask = sig.mask();
         let mut index = HashMap::with_capacity(sig.chunks.len());
         let mut at = 0u64;
         for &(id, len) in &sig.chunks {
-            index.entry((id, len)).or_insert(at);
+            index.entry((id & mask, len)).or_insert(at);
             at += u64::from(len);
         }
-        Index(index)
+        Index { at: index, mask }
     }
 
     /// Where in the basis a chunk like `c` starts, if it holds one.
     pub fn find(&self, c: &Cut) -> Option<u64> {
-        self.0.get(&(c.id, c.len)).copied()
+        self.at.get(&(c.id & self.mask, c.len)).copied()
     }
 }
 
@@ -538,6 +578,7 @@ mod tests {
         Signature {
             avg: p.avg,
             chunks: cut_segments(data, p).into_iter().map(|c| (c.id, c.len)).collect(),
+            id_bytes: 8,
         }
     }
 
@@ -576,6 +617,46 @@ mod tests {
         assert_eq!(Params::for_size(u64::MAX).avg, 1 << 20);
         assert!(Params::for_size(5 << 20).valid());
         assert!(!Params { avg: 3000 }.valid());
+    }
+
+    #[test]
+    fn ids_cut_short_still_find_the_basis_and_only_it() {
+        let basis = random(4 << 20, 21);
+        let mut new = random(64 << 10, 22);
+        new.extend_from_slice(&basis);
+        let full = sig_of(&basis);
+        let n = full.id_bytes_for(new.len() as u64);
+        // 2 KiB chunks: 11 bits for each side's count, and 16 more.
+        assert_eq!((full.avg, n), (2 << 10, 5));
+        let mut short = full.clone();
+        short.id_bytes = n;
+        let mask = (1u64 << (8 * n)) - 1;
+        for c in &mut short.chunks {
+            c.0 &= mask;
+        }
+        let cuts = cut_segments(&new, Params { avg: full.avg });
+        let a = plan(&cuts, &full, new.len() as u64, 8 << 20);
+        let b = plan(&cuts, &short, new.len() as u64, 8 << 20);
+        assert_eq!(a.chunks, b.chunks);
+        assert!(b.matched >= basis.len() as u64 - 3 * u64::from(full.avg));
+        // Unrelated data finds nothing, its ids cut short or not.
+        let other = random(4 << 20, 23);
+        let cuts = cut_segments(&other, Params { avg: full.avg });
+        assert_eq!(plan(&cuts, &short, other.len() as u64, 8 << 20).matched, 0);
+        // Fewer chunks need fewer bytes, and never fewer than two.
+        let tiny = Signature {
+            avg: 2 << 10,
+            chunks: vec![(1, 4096)],
+            id_bytes: 8,
+        };
+        assert_eq!(tiny.id_bytes_for(4096), 3);
+        assert_eq!(tiny.id_bytes_for(0), 2);
+        let huge = Signature {
+            avg: 16 << 10,
+            chunks: vec![(1, 4096); 1 << 16],
+            id_bytes: 8,
+        };
+        assert_eq!(huge.id_bytes_for(1 << 30), 6);
     }
 
     #[test]

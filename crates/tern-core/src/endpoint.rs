@@ -301,8 +301,13 @@ pub enum BatchBody {
         target: PathBuf,
     },
     /// A regular file of at most one chunk built from the old version at
-    /// its path (whose signature [`Dest::basis_signatures`] gave).
+    /// its path (whose signature [`Dest::basis_signatures`] gave), or from
+    /// `basis`.
     Delta {
+        /// Another file of the destination to build from, relative to its
+        /// root: one written earlier in the run, which this one copies (see
+        /// [`WriteFile::use_basis`]).
+        basis: Option<PathBuf>,
         /// Its recipe.
         pieces: Vec<Piece>,
         /// The bytes of its literal pieces, in order.
@@ -359,15 +364,26 @@ pub fn write_batch_each(dest: &(impl Dest + ?Sized), items: Vec<BatchItem>, opts
                             w.write_chunk(0, 0, data, holes, None).map(|()| *hash)
                         }
                         BatchBody::Delta {
-                            pieces, literals, hash, ..
-                        } => match w.write_delta(0, 0, spec.size, pieces, literals, hash.as_bytes()) {
-                            Ok(true) => Ok(*hash),
-                            Ok(false) => Err(Error::Other {
+                            basis,
+                            pieces,
+                            literals,
+                            hash,
+                            ..
+                        } => {
+                            let unbuilt = |why: &str| Error::Other {
                                 path: PathBuf::from(dest.describe(&item.rel)),
-                                message: "its old version changed since its signature was taken; not built".into(),
-                            }),
-                            Err(e) => Err(e),
-                        },
+                                message: format!("{why}; not built"),
+                            };
+                            match basis.as_deref().map_or(Ok(true), |b| w.use_basis(b)) {
+                                Ok(true) => match w.write_delta(0, 0, spec.size, pieces, literals, hash.as_bytes()) {
+                                    Ok(true) => Ok(*hash),
+                                    Ok(false) => Err(unbuilt("what it was to be built from changed since")),
+                                    Err(e) => Err(e),
+                                },
+                                Ok(false) => Err(unbuilt("the file it copies cannot be built from")),
+                                Err(e) => Err(e),
+                            }
+                        }
                         BatchBody::Symlink { .. } => Err(Error::Internal("a symlink as a file".into())),
                     };
                     match hash.and_then(|h| w.set_meta(&item.meta, opts.owner, xattrs).map(|()| h)) {

@@ -48,6 +48,11 @@ const DELTA_MIN: u64 = 16 << 10;
 /// Old versions larger than this are not a basis for a small file: cutting
 /// them costs more than the small file's bytes.
 const BASIS_MAX: u64 = 4 * DEFAULT_CHUNK_SIZE;
+/// With delta on, a small file of at least this size identical to one
+/// that landed earlier in the run is built from that one at the
+/// destination, its bytes not sent: below it, the item's own description
+/// costs about as much as the bytes.
+const COPY_MIN: u64 = 512;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Files compared by content are gathered in larger batches: nothing but
 /// their hashes crosses, and each batch costs a far endpoint a round trip
@@ -291,11 +296,11 @@ enum Work {
     Check(Vec<Task>),
 }
 
-/// The tasks of `tasks` that `want` picks, grouped by source endpoint (by
-/// identity), as indexes in order.
-fn by_source(tasks: &[Task], want: impl Fn(&Task) -> bool) -> Vec<(Arc<dyn Source>, Vec<usize>)> {
+/// The tasks of `tasks` that `want` picks (by index), grouped by source
+/// endpoint (by identity), as indexes in order.
+fn by_source(tasks: &[Task], want: impl Fn(usize) -> bool) -> Vec<(Arc<dyn Source>, Vec<usize>)> {
     let mut groups: Vec<(Arc<dyn Source>, Vec<usize>)> = Vec::new();
-    for (i, t) in tasks.iter().enumerate().filter(|(_, t)| want(t)) {
+    for (i, t) in tasks.iter().enumerate().filter(|&(i, _)| want(i)) {
         match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &t.src)) {
             Some((_, v)) => v.push(i),
             None => groups.push((t.src.clone(), vec![i])),
@@ -332,6 +337,38 @@ struct Ctx {
     batch_files: usize,
     /// Large files published in this run, by size: bases for their copies.
     landed: Mutex<HashMap<u64, Vec<Arc<Landed>>>>,
+    /// The small files sent in this run.
+    small: Mutex<SmallSent>,
+    /// Small files identical to one in flight when they were read: sent
+    /// once everything else has landed, as copies of it.
+    twins: Mutex<Vec<Task>>,
+    /// Those are being sent: none is held back again.
+    twins_last: AtomicBool,
+}
+
+/// The small files sent in a run, for [`Ctx::twin`].
+#[derive(Default)]
+struct SmallSent {
+    /// How many files of each size were batched.
+    sizes: HashMap<u64, u32>,
+    /// By size and BLAKE3: the destination path of the first sent.
+    sent: HashMap<(u64, Hash), SmallAt>,
+}
+
+/// A small file sent in the run, by its destination path.
+enum SmallAt {
+    InFlight(PathBuf),
+    Landed(PathBuf),
+}
+
+/// What [`Ctx::twin`] makes of a small file.
+enum Twin {
+    /// Send it: the first of its contents, or a copy of nothing that landed.
+    Send,
+    /// Hold it back until the one identical to it, in flight, has landed.
+    Defer,
+    /// Build it at the destination from this file, which landed.
+    Copy(PathBuf),
 }
 
 /// A large file published in this run.
@@ -383,6 +420,9 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         throttle,
         batch_files,
         landed: Mutex::default(),
+        small: Mutex::default(),
+        twins: Mutex::default(),
+        twins_last: AtomicBool::new(false),
     });
     let spawn = |rx: Receiver<Work>| {
         let rx = Arc::new(Mutex::new(rx));
@@ -438,11 +478,27 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
     drop(tx);
     ctx.obs.scan_done();
     join(workers);
-    if !copies.is_empty() && !ctx.cancelled() {
+    let twins = ctx
+        .twins
+        .lock()
+        .map(|mut t| std::mem::take(&mut *t))
+        .unwrap_or_default();
+    if (!copies.is_empty() || !twins.is_empty()) && !ctx.cancelled() {
         // Possible copies of files that have landed now: each is sent as a
-        // delta against the one it copies, when a sample says it does.
+        // delta against the one it copies, when a sample says it does; a
+        // small file, as a copy of the one it was found identical to.
         let (tx, rx) = sync_channel::<Work>(jobs * 2);
         let workers = spawn(rx);
+        ctx.twins_last.store(true, Ordering::Relaxed);
+        let mut twins = twins.into_iter().peekable();
+        while twins.peek().is_some() {
+            if tx
+                .send(Work::Batch(twins.by_ref().take(batch_files).collect()))
+                .is_err()
+            {
+                break;
+            }
+        }
         for t in copies {
             let large = Arc::new(Large::new(t, ctx.opts.chunk_size, jobs));
             for _ in 0..large.participants {
@@ -1290,10 +1346,26 @@ impl Ctx {
             true => self.bases(&tasks),
             false => tasks.iter().map(|_| None).collect(),
         };
+        // Files identical to others of the run: known before they are read
+        // where their source hashes them cheaply (a daemon), else once read.
+        let mut read: Vec<Option<Result<BatchBody>>> = tasks.iter().map(|_| None).collect();
+        let mut defer = vec![false; tasks.len()];
+        if delta {
+            for (i, h) in self.hashes_of_twins(&tasks) {
+                match self.twin(&tasks[i], h) {
+                    Twin::Copy(basis) if !self.opts.xattrs => {
+                        read[i] = Some(Ok(self.copy_body(&tasks[i], basis, h, Xattrs::new())));
+                    }
+                    Twin::Defer => defer[i] = true,
+                    _ => {}
+                }
+            }
+        }
         // The files of each source are read with one call: one request,
         // its answer one stream, when the source is remote.
-        let mut read: Vec<Option<Result<BatchBody>>> = tasks.iter().map(|_| None).collect();
-        for (src, idx) in by_source(&tasks, |t| t.entry.kind != Kind::Symlink) {
+        let unread = |t: &Task, i: usize| t.entry.kind != Kind::Symlink && read[i].is_none() && !defer[i];
+        let wanted: Vec<bool> = tasks.iter().enumerate().map(|(i, t)| unread(t, i)).collect();
+        for (src, idx) in by_source(&tasks, |i| wanted[i]) {
             let items: Vec<(&Path, &Entry)> = idx
                 .iter()
                 .map(|&i| (tasks[i].src_rel.as_path(), &tasks[i].entry))
@@ -1303,16 +1375,34 @@ impl Ctx {
             for &i in &idx {
                 let t = &tasks[i];
                 read[i] = Some(match files.next() {
-                    Some(f) => f.map(|f| self.small_body(t, f)),
+                    Some(Ok(f)) if delta && f.delta.is_none() => {
+                        let h = hash::hash_bytes(&f.data);
+                        match self.twin(t, h) {
+                            Twin::Copy(basis) => Ok(self.copy_body(t, basis, h, f.xattrs)),
+                            Twin::Defer => {
+                                defer[i] = true;
+                                continue;
+                            }
+                            Twin::Send => Ok(self.small_body(t, f, Some(h))),
+                        }
+                    }
+                    Some(f) => f.map(|f| self.small_body(t, f, None)),
                     None => Err(Error::Internal(format!("{}: not read", t.src.describe(&t.src_rel)))),
                 });
             }
         }
         let mut items = Vec::with_capacity(tasks.len());
         let mut kept = Vec::with_capacity(tasks.len());
-        for (t, r) in tasks.into_iter().zip(read) {
+        for ((t, r), defer) in tasks.into_iter().zip(read).zip(defer) {
             if self.cancelled() {
                 break;
+            }
+            if defer {
+                if let Ok(mut w) = self.twins.lock() {
+                    tracing::debug!(path = %t.dst_rel.display(), "identical to a file in flight; sent after it");
+                    w.push(t);
+                }
+                continue;
             }
             let body = match r {
                 None => BatchBody::Symlink {
@@ -1341,16 +1431,22 @@ impl Ctx {
             verify: self.opts.verify,
             cancel: self.opts.cancel.clone(),
         };
-        let literal: Vec<Option<u64>> = items
+        // Per item: its literal bytes if it is a delta, whether it copies
+        // another file of the run, and its hash.
+        let sent: Vec<(Option<u64>, bool, Option<Hash>)> = items
             .iter()
             .map(|it| match &it.body {
-                BatchBody::Delta { literals, .. } => Some(literals.len() as u64),
-                _ => None,
+                BatchBody::Delta {
+                    literals, basis, hash, ..
+                } => (Some(literals.len() as u64), basis.is_some(), Some(*hash)),
+                BatchBody::File { hash, .. } => (None, false, Some(*hash)),
+                BatchBody::Symlink { .. } => (None, false, None),
             })
             .collect();
         let results = self.dest.write_batch(items, &opts);
         let mut again = Vec::new();
-        for ((t, r), literal) in kept.into_iter().zip(results).zip(literal) {
+        let mut landed = Vec::new();
+        for ((t, r), (literal, copy, hash)) in kept.into_iter().zip(results).zip(sent) {
             let file = t.entry.kind != Kind::Symlink;
             match r {
                 Ok(()) if file => {
@@ -1358,9 +1454,12 @@ impl Ctx {
                     add(&self.stats.copied, 1);
                     add(&self.stats.bytes_total, t.entry.size);
                     add(&self.stats.bytes_written, written);
-                    add(&self.stats.bytes_matched, t.entry.size - written);
+                    add(self.found_stat(copy), t.entry.size - written);
                     self.obs.progress(t.entry.size);
-                    tracing::debug!(path = %t.dst_rel.display(), literal = ?literal, "committed");
+                    tracing::debug!(path = %t.dst_rel.display(), literal = ?literal, copy, "committed");
+                    if let (Some(h), true) = (hash, delta && t.entry.size >= COPY_MIN) {
+                        landed.push(((t.entry.size, h), t.dst_rel.clone()));
+                    }
                 }
                 Ok(()) => add(&self.stats.symlinks, 1),
                 // Not built from its old version (which changed since its
@@ -1375,6 +1474,16 @@ impl Ctx {
             }
             if file {
                 self.obs.file_done();
+            }
+        }
+        if let (false, Ok(mut s)) = (landed.is_empty(), self.small.lock()) {
+            for (k, rel) in landed {
+                match s.sent.get(&k) {
+                    Some(SmallAt::Landed(_)) => {}
+                    _ => {
+                        s.sent.insert(k, SmallAt::Landed(rel));
+                    }
+                }
             }
         }
         if !again.is_empty() {
@@ -1431,14 +1540,84 @@ impl Ctx {
         Ok(())
     }
 
-    /// A small file read whole (hashed here) or as a delta, as a batch
-    /// item's body.
-    fn small_body(&self, t: &Task, f: SmallFile) -> BatchBody {
+    /// The BLAKE3 of each file of `tasks` that may be identical to another
+    /// small file of the run (another of its size was seen), where its
+    /// source computes them without sending the files: by task index.
+    fn hashes_of_twins(&self, tasks: &[Task]) -> Vec<(usize, Hash)> {
+        let mut twins = vec![false; tasks.len()];
+        if let Ok(mut s) = self.small.lock() {
+            for t in tasks.iter().filter(|t| t.entry.kind == Kind::File) {
+                *s.sizes.entry(t.entry.size).or_default() += 1;
+            }
+            for (i, t) in tasks.iter().enumerate() {
+                twins[i] = t.entry.kind == Kind::File
+                    && t.entry.size >= COPY_MIN
+                    && s.sizes.get(&t.entry.size).is_some_and(|&n| n > 1);
+            }
+        }
+        let mut out = Vec::new();
+        for (src, idx) in by_source(tasks, |i| twins[i]) {
+            let items: Vec<(&Path, &Entry)> = idx
+                .iter()
+                .map(|&i| (tasks[i].src_rel.as_path(), &tasks[i].entry))
+                .collect();
+            let Some(hashes) = src.file_hashes(&items) else {
+                continue;
+            };
+            out.extend(idx.into_iter().zip(hashes).filter_map(|(i, h)| Some((i, h.ok()?))));
+        }
+        out
+    }
+
+    /// What to do with small file `t`, whose BLAKE3 is `hash`, given the
+    /// files sent earlier in the run; a file sent first is noted in flight.
+    fn twin(&self, t: &Task, hash: Hash) -> Twin {
+        let size = t.entry.size;
+        let Ok(mut s) = self.small.lock() else {
+            return Twin::Send;
+        };
+        if size < COPY_MIN || u32::try_from(size).is_err() {
+            return Twin::Send;
+        }
+        match s.sent.get(&(size, hash)) {
+            Some(SmallAt::Landed(rel)) if *rel != t.dst_rel => Twin::Copy(rel.clone()),
+            Some(SmallAt::InFlight(rel)) if *rel != t.dst_rel && !self.twins_last.load(Ordering::Relaxed) => {
+                Twin::Defer
+            }
+            Some(_) => Twin::Send,
+            None => {
+                s.sent.insert((size, hash), SmallAt::InFlight(t.dst_rel.clone()));
+                Twin::Send
+            }
+        }
+    }
+
+    /// Small file `t` as a copy of `basis`, a file of the destination that
+    /// landed earlier in the run with the same BLAKE3.
+    fn copy_body(&self, t: &Task, basis: PathBuf, hash: Hash, xattrs: Xattrs) -> BatchBody {
+        tracing::debug!(path = %t.dst_rel.display(), basis = %basis.display(), "a copy");
+        BatchBody::Delta {
+            basis: Some(basis),
+            pieces: vec![Piece::Copy {
+                offset: 0,
+                len: u32::try_from(t.entry.size).unwrap_or(u32::MAX),
+            }],
+            literals: Vec::new(),
+            hash,
+            xattrs,
+            spec: self.spec(&t.entry, false),
+        }
+    }
+
+    /// A small file read whole or as a delta, as a batch item's body;
+    /// `hash` when the caller hashed it already.
+    fn small_body(&self, t: &Task, f: SmallFile, hash: Option<Hash>) -> BatchBody {
         if let Some(th) = &self.throttle {
             th.take(f.data.len() as u64);
         }
         if let Some(d) = f.delta {
             return BatchBody::Delta {
+                basis: None,
                 pieces: d.pieces,
                 literals: f.data,
                 hash: d.hash,
@@ -1446,11 +1625,10 @@ impl Ctx {
                 spec: self.spec(&t.entry, false),
             };
         }
-        let hash = hash::hash_bytes(&f.data);
         BatchBody::File {
+            hash: hash.unwrap_or_else(|| hash::hash_bytes(&f.data)),
             data: f.data,
             holes: f.holes,
-            hash,
             xattrs: f.xattrs,
             spec: self.spec(&t.entry, false),
         }

@@ -151,6 +151,55 @@ fn copies_of_a_file_in_the_run_are_built_from_the_first() {
     assert_eq!((s.bytes_written, s.bytes_deduplicated), (60 * mib, 0));
 }
 
+/// Issue 15: copies of small files cost one each, however the copies fall
+/// into batches (the same batch, batches in flight together, or later
+/// ones): the others are built at the destination from the first that
+/// landed. Files under 512 bytes and files that only share a size travel
+/// whole.
+#[test]
+fn copies_of_small_files_in_the_run_are_built_from_the_first() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    let (mut unique, mut total) = (0u64, 0u64);
+    let mut files = Vec::new();
+    for k in 0..40u64 {
+        let f = random(1000 + 97 * k as usize, k);
+        unique += f.len() as u64;
+        files.push(f);
+    }
+    // Eight copies of the tree: 320 files, more than one batch holds.
+    for c in 0..8 {
+        for (k, f) in files.iter().enumerate() {
+            let p = src.join(format!("copy{c}/f{k}"));
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(&p, f).expect("write");
+            total += f.len() as u64;
+        }
+    }
+    // Same size as f0, other bytes; and a tiny file, twice.
+    let other = random(1000, 99);
+    fs::write(src.join("other"), &other).expect("write");
+    fs::write(src.join("tiny-a"), b"tiny").expect("write");
+    fs::write(src.join("tiny-b"), b"tiny").expect("write");
+
+    let s = copy(&src, &dst, true);
+    for c in 0..8 {
+        for (k, f) in files.iter().enumerate() {
+            let p = format!("copy{c}/f{k}");
+            assert!(fs::read(dst.join(&p)).expect("read") == *f, "{p}");
+        }
+    }
+    assert_eq!(fs::read(dst.join("other")).expect("read"), other);
+    assert_eq!(fs::read(dst.join("tiny-b")).expect("read"), b"tiny");
+    assert_eq!(s.copied, 323);
+    assert_eq!(s.bytes_written, unique + 1000 + 8, "{s:?}");
+    assert_eq!(s.bytes_deduplicated, total - unique, "{s:?}");
+
+    // Without delta, every copy is written.
+    let s = copy(&src, &t.path().join("dst2"), false);
+    assert_eq!((s.bytes_written, s.bytes_deduplicated), (total + 1008, 0));
+}
+
 /// Issue 15: files smaller than a chunk are sent as their difference too,
 /// in their batch, down to 16 KiB; smaller ones travel whole.
 #[test]

@@ -452,7 +452,7 @@ fn handshake_reply(
         }
     };
     let agreed = negotiate(&ours, &theirs)?;
-    s.compress(agreed.features, squeezed.clone());
+    s.agree(agreed.features, squeezed.clone());
     match s.recv()? {
         Msg::Welcome(w) => Ok((w, agreed)),
         _ => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
@@ -1408,9 +1408,10 @@ impl Source for RemoteEndpoint {
         let mut out = Vec::with_capacity(items.len());
         for (k, part) in items.chunks(tern_proto::MAX_BATCH_FILES).enumerate() {
             let from = k * tern_proto::MAX_BATCH_FILES;
-            let sigs: Vec<&Signature> = match delta {
+            let sigs: Vec<(&Signature, u64)> = match delta {
                 true => (from..from + part.len())
-                    .filter_map(|i| bases.get(i).copied().flatten())
+                    .zip(part)
+                    .filter_map(|(i, (_, e))| Some((bases.get(i).copied().flatten()?, e.size)))
                     .collect(),
                 false => Vec::new(),
             };
@@ -1429,8 +1430,8 @@ impl Source for RemoteEndpoint {
             tracing::debug!(files = part.len(), deltas = sigs.len(), "reading a batch");
             let r = self.request(Path::new(""), |s| {
                 s.send(&req)?;
-                for sig in &sigs {
-                    wire::send_signature(s, Some(sig))?;
+                for &(sig, size) in &sigs {
+                    wire::send_signature(s, Some(sig), size)?;
                 }
                 s.flush()?;
                 for (rel, e) in part {
@@ -1519,16 +1520,27 @@ impl ReadFile for RemoteReadFile {
         self.ep.with(&self.rel, |s| {
             let parts: Vec<&[(u64, u32)]> = sig.chunks.chunks(tern_proto::SIGNATURE_PART).collect();
             let n = parts.len().max(1);
+            let id_bytes = sig.id_bytes_for(self.size).min(sig.id_bytes);
             for i in 0..n {
-                s.send(&Msg::DeltaBasis {
-                    handle: self.handle,
-                    avg: sig.avg,
-                    chunks: parts
-                        .get(i)
-                        .map_or_else(Vec::new, |p| p.iter().map(|&c| wire::id(c)).collect()),
-                    last: i + 1 == n,
-                    size: self.size,
-                    chunk_size,
+                let part = parts.get(i).copied().unwrap_or_default();
+                let (handle, avg, last, size) = (self.handle, sig.avg, i + 1 == n, self.size);
+                s.send(&match s.has(tern_proto::FEATURE_SHORT_IDS) {
+                    true => Msg::ShortDeltaBasis {
+                        handle,
+                        avg,
+                        chunks: tern_proto::ShortIds::new(id_bytes, part),
+                        last,
+                        size,
+                        chunk_size,
+                    },
+                    false => Msg::DeltaBasis {
+                        handle,
+                        avg,
+                        chunks: part.iter().map(|&c| wire::id(c)).collect(),
+                        last,
+                        size,
+                        chunk_size,
+                    },
                 })?;
             }
             let bad = |m: &str| NetError::Proto(tern_proto::ProtoError::Malformed(m.into()));
@@ -1885,6 +1897,28 @@ impl Dest for RemoteEndpoint {
     }
 
     fn write_batch(&self, items: Vec<BatchItem>, opts: &BatchOptions) -> Vec<tern_core::Result<()>> {
+        let copies = |it: &BatchItem| matches!(it.body, BatchBody::Delta { basis: Some(_), .. });
+        if self.inner.features & tern_proto::FEATURE_BATCH_COPIES == 0 && items.iter().any(copies) {
+            // A daemon that cannot build a file of a batch from another
+            // fails those items, which are then sent whole.
+            let (can, cannot): (Vec<_>, Vec<_>) = items.into_iter().enumerate().partition(|(_, it)| !copies(it));
+            let (at, can): (Vec<usize>, Vec<BatchItem>) = can.into_iter().unzip();
+            let mut out: Vec<tern_core::Result<()>> = cannot
+                .iter()
+                .map(|(_, it)| {
+                    Err(tern_core::Error::Other {
+                        path: self.shown(&it.rel),
+                        message: "the daemon cannot build it from a copy; not built".into(),
+                    })
+                })
+                .collect();
+            let mut order: Vec<usize> = cannot.iter().map(|(i, _)| *i).collect();
+            order.extend(at);
+            out.extend(self.write_batch(can, opts));
+            let mut by: Vec<(usize, tern_core::Result<()>)> = order.into_iter().zip(out).collect();
+            by.sort_by_key(|(i, _)| *i);
+            return by.into_iter().map(|(_, r)| r).collect();
+        }
         let n = items.len();
         let mut wire_items = Vec::with_capacity(n);
         let mut rels = Vec::with_capacity(n);
@@ -1907,19 +1941,29 @@ impl Dest for RemoteEndpoint {
                     target: wire::path_bytes(target),
                 },
                 BatchBody::Delta {
+                    basis,
                     pieces,
                     literals,
                     hash,
                     xattrs,
                     spec,
-                } => tern_proto::BatchBody::Delta {
-                    size: spec.size,
-                    pieces: pieces.iter().map(|&p| wire::piece(p)).collect(),
-                    literal: literals.len() as u64,
-                    hash: *hash.as_bytes(),
-                    xattrs: wire::xattrs(xattrs),
-                    changed: (spec.source_changed.sec, spec.source_changed.nsec),
-                },
+                } => {
+                    let delta = tern_proto::WireDelta {
+                        size: spec.size,
+                        pieces: pieces.iter().map(|&p| wire::piece(p)).collect(),
+                        literal: literals.len() as u64,
+                        hash: *hash.as_bytes(),
+                        xattrs: wire::xattrs(xattrs),
+                        changed: (spec.source_changed.sec, spec.source_changed.nsec),
+                    };
+                    match basis {
+                        None => tern_proto::BatchBody::Delta(delta),
+                        Some(b) => tern_proto::BatchBody::DeltaFrom {
+                            basis: self.full(b),
+                            delta,
+                        },
+                    }
+                }
             };
             wire_items.push(tern_proto::BatchItem {
                 path: self.full(&it.rel),

@@ -292,7 +292,7 @@ impl Server {
         s.authenticated();
         // Only now: a container inflates to 2 MiB, more than a stranger's
         // stream is allowed to cost.
-        s.compress(features, session.squeezed.clone());
+        s.agree(features, session.squeezed.clone());
         s.send(&Msg::Welcome(session.welcome()))?;
         Ok(session)
     }
@@ -1110,7 +1110,21 @@ impl Session {
                 last,
                 size,
                 chunk_size,
-            } => return self.delta_basis(s, handle, (avg, chunks, last), (size, chunk_size)),
+            } => {
+                let chunks = wire::SigPart::Full(chunks);
+                return self.delta_basis(s, handle, (avg, chunks, last), (size, chunk_size));
+            }
+            Msg::ShortDeltaBasis {
+                handle,
+                avg,
+                chunks,
+                last,
+                size,
+                chunk_size,
+            } => {
+                let chunks = wire::SigPart::Short(chunks);
+                return self.delta_basis(s, handle, (avg, chunks, last), (size, chunk_size));
+            }
             Msg::ReadDelta { handle, index } => return self.read_delta(s, handle, index, buf),
             Msg::Hash { path, expect } => self.path(&path).and_then(|p| {
                 let e = wire::unentry(expect).ok_or_else(|| ErrorMsg::new(ErrorCode::Protocol, "bad entry"))?;
@@ -1497,7 +1511,7 @@ impl Session {
                 (Ok(_), Ok(rel)) if size <= MAX_CHUNK => self.ep.basis_signatures(&[(&rel, size)]).pop().flatten(),
                 _ => None,
             };
-            wire::send_signature(s, sig.as_ref())?;
+            wire::send_signature(s, sig.as_ref(), size)?;
         }
         s.flush()
     }
@@ -1711,7 +1725,7 @@ impl Session {
         &self,
         s: &mut Stream,
         handle: u64,
-        (avg, chunks, last): (u32, Vec<([u8; 8], u32)>, bool),
+        (avg, chunks, last): (u32, wire::SigPart, bool),
         (size, chunk_size): (u64, u64),
     ) -> Result<()> {
         use tern_core::delta::Params;
@@ -1723,17 +1737,18 @@ impl Session {
             ));
         }
         let held = self.mem_permit(chunks.len() as u64 * ENTRY).map_err(NetError::Remote)?;
-        let chunks: Vec<(u64, u32)> = chunks.into_iter().map(wire::unid).collect();
+        let (chunks, id_bytes) =
+            wire::sig_part(chunks).ok_or_else(|| proto("a signature whose ids do not divide into its chunks"))?;
         let (sig, permits) = {
             let mut d = self.deltas.lock().map_err(|_| proto("poisoned lock"))?;
             match d.remove(&handle) {
-                Some(DeltaState::Receiving(mut sig, mut permits)) if sig.avg == avg => {
+                Some(DeltaState::Receiving(mut sig, mut permits)) if sig.avg == avg && sig.id_bytes == id_bytes => {
                     sig.chunks.extend(chunks);
                     permits.push(held);
                     (sig, permits)
                 }
                 Some(_) => return Err(proto("a signature of mixed parts, or after its plan")),
-                None => (Signature { avg, chunks }, vec![held]),
+                None => (Signature { avg, chunks, id_bytes }, vec![held]),
             }
         };
         if sig.chunks.len() > tern_core::delta::MAX_SIGNATURE_CHUNKS {
@@ -1866,13 +1881,16 @@ impl Session {
     fn basis_signature(&self, s: &mut Stream, handle: u64) -> Result<()> {
         let sig = self.whandle(handle).and_then(|h| match h.file.read() {
             Ok(f) => match f.as_ref() {
-                Some(f) => f.basis_signature().map_err(|e| wire::error_msg(&e)),
+                Some(f) => f
+                    .basis_signature()
+                    .map(|g| (g, h.size))
+                    .map_err(|e| wire::error_msg(&e)),
                 None => Err(ErrorMsg::new(ErrorCode::Protocol, "file already closed")),
             },
             Err(_) => Err(ErrorMsg::new(ErrorCode::Server, "poisoned lock")),
         });
         match sig {
-            Ok(sig) => wire::send_signature(s, sig.as_ref())?,
+            Ok((sig, size)) => wire::send_signature(s, sig.as_ref(), size)?,
             Err(e) => s.send(&Msg::Error(e))?,
         }
         s.flush()
@@ -1945,8 +1963,8 @@ impl Session {
             match it.body {
                 tern_proto::BatchBody::File { size, .. } => total = total.saturating_add(size),
                 // Its literals and the file built from them.
-                tern_proto::BatchBody::Delta { size, literal, .. } => {
-                    total = total.saturating_add(size).saturating_add(literal)
+                tern_proto::BatchBody::Delta(ref d) | tern_proto::BatchBody::DeltaFrom { delta: ref d, .. } => {
+                    total = total.saturating_add(d.size).saturating_add(d.literal)
                 }
                 tern_proto::BatchBody::Symlink { .. } => {}
             }
@@ -1967,7 +1985,11 @@ impl Session {
             },
         };
         for it in b.items {
-            match it.body {
+            let (from, body) = match it.body {
+                tern_proto::BatchBody::DeltaFrom { basis, delta } => (Some(basis), tern_proto::BatchBody::Delta(delta)),
+                body => (None, body),
+            };
+            match body {
                 tern_proto::BatchBody::File {
                     size,
                     holes,
@@ -1999,23 +2021,38 @@ impl Session {
                     });
                     early.push(problem);
                 }
-                tern_proto::BatchBody::Delta {
+                tern_proto::BatchBody::Delta(tern_proto::WireDelta {
                     size,
                     pieces,
                     literal,
                     hash,
                     xattrs,
                     changed,
-                } => {
+                }) => {
                     let recipe = wire::unrecipe(pieces, size).filter(|r| r.1 == literal);
                     let (pieces, literal) = recipe.ok_or_else(|| proto("a delta recipe that does not add up"))?;
                     let mut literals = vec![0u8; literal as usize];
                     s.recv_data(&mut literals)?;
-                    early.push(self.new_path(&it.path).err());
+                    // Another file as the basis: one the session may name,
+                    // not a side file of some transfer.
+                    let basis = from.map(|b| {
+                        self.path(&b).and_then(|p| {
+                            match p.file_name().is_some_and(|n| !tern_core::local::is_side_file(n)) {
+                                true => Ok(p),
+                                false => Err(ErrorMsg::new(ErrorCode::Forbidden, "not a file to build from")),
+                            }
+                        })
+                    });
+                    early.push(
+                        self.new_path(&it.path)
+                            .err()
+                            .or_else(|| basis.as_ref().and_then(|b| b.as_ref().err().cloned())),
+                    );
                     let meta = wire::unmeta(&it.meta);
                     items.push(BatchItem {
                         rel: wire::bytes_path(&it.path),
                         body: BatchBody::Delta {
+                            basis: basis.and_then(|b| b.ok()),
                             spec: spec(size, &meta, changed),
                             pieces,
                             literals,
@@ -2025,6 +2062,8 @@ impl Session {
                         meta,
                     });
                 }
+                // Made a `Delta` above.
+                tern_proto::BatchBody::DeltaFrom { .. } => return Err(proto("a delta from another file")),
                 tern_proto::BatchBody::Symlink { target } => {
                     early.push(self.new_path(&it.path).err());
                     items.push(BatchItem {

@@ -64,6 +64,8 @@ pub struct Stream {
     ipos: usize,
     /// The frame being read came out of `inflated`.
     in_container: bool,
+    /// The features both sides agreed on, once they have.
+    agreed: u64,
 }
 
 impl Drop for Stream {
@@ -96,15 +98,22 @@ impl Stream {
             inflated: Vec::new(),
             ipos: 0,
             in_container: false,
+            agreed: 0,
         }
     }
 
-    /// Compression as both sides agreed (`agreed` from the Hellos'
-    /// features): containers are accepted from the peer if it may send
-    /// them, and sent when they pay. `counts` adds up what crossed
-    /// compressed.
-    pub fn compress(&mut self, agreed: u64, counts: Arc<Squeezed>) {
+    /// Records the features both sides agreed on (from the Hellos), and
+    /// compresses as they agreed: containers are accepted from the peer if
+    /// it may send them, and sent when they pay. `counts` adds up what
+    /// crossed compressed.
+    pub fn agree(&mut self, agreed: u64, counts: Arc<Squeezed>) {
+        self.agreed = agreed;
         self.squeeze = Squeeze::new(Compression::agreed(agreed), counts);
+    }
+
+    /// Whether both sides agreed on feature `bit`.
+    pub fn has(&self, bit: u64) -> bool {
+        self.agreed & bit != 0
     }
 
     /// Records the exporter value of the TLS session under the stream.
@@ -569,8 +578,8 @@ mod tests {
             .expect("runtime");
         let (mut tx, mut rx) = pair(&rt);
         let counts = Arc::new(Squeezed::default());
-        tx.compress(tern_proto::FEATURES, counts.clone());
-        rx.compress(tern_proto::FEATURES, Arc::default());
+        tx.agree(tern_proto::FEATURES, counts.clone());
+        rx.agree(tern_proto::FEATURES, Arc::default());
         let text: Vec<u8> = b"tern copies files; ".iter().copied().cycle().take(300 << 10).collect();
         let mut noise = vec![0u8; 300 << 10];
         blake3::Hasher::new().finalize_xof().fill(&mut noise);

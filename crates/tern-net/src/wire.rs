@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tern_core::delta::{Piece, Signature};
 use tern_core::{Entry, Error, FileSpec, Kind, Meta, Time, Xattrs};
-use tern_proto::{ErrorCode, ErrorMsg, Msg, WireEntry, WireKind, WireMeta, WireSpec};
+use tern_proto::{ErrorCode, ErrorMsg, Msg, ShortIds, WireEntry, WireKind, WireMeta, WireSpec};
 
 use crate::error::{NetError, Result};
 use crate::stream::Stream;
@@ -223,9 +223,12 @@ pub fn unrecipe(pieces: Vec<tern_proto::WirePiece>, len: u64) -> Option<(Vec<Pie
     (total == len).then_some((pieces, literal))
 }
 
-/// Sends `sig` as [`Msg::Signature`] parts, or one empty part for none.
-pub fn send_signature(s: &mut Stream, sig: Option<&Signature>) -> Result<()> {
+/// Sends `sig` as [`Msg::Signature`] parts, or one empty part for none:
+/// as [`Msg::ShortSignature`] parts, each id cut to what a new version of
+/// `new_size` bytes needs, where the peer takes them.
+pub fn send_signature(s: &mut Stream, sig: Option<&Signature>, new_size: u64) -> Result<()> {
     let sig = sig.filter(|g| !g.chunks.is_empty() && g.chunks.len() <= tern_core::delta::MAX_SIGNATURE_CHUNKS);
+    let short = s.has(tern_proto::FEATURE_SHORT_IDS);
     let Some(sig) = sig else {
         return s.send(&Msg::Signature {
             avg: 0,
@@ -233,16 +236,57 @@ pub fn send_signature(s: &mut Stream, sig: Option<&Signature>) -> Result<()> {
             last: true,
         });
     };
+    let id_bytes = sig.id_bytes_for(new_size).min(sig.id_bytes);
     let parts = sig.chunks.chunks(tern_proto::SIGNATURE_PART);
     let n = parts.len();
     for (i, part) in parts.enumerate() {
-        s.send(&Msg::Signature {
-            avg: sig.avg,
-            chunks: part.iter().map(|&c| id(c)).collect(),
-            last: i + 1 == n,
+        let last = i + 1 == n;
+        s.send(&match short {
+            true => Msg::ShortSignature {
+                avg: sig.avg,
+                chunks: ShortIds::new(id_bytes, part),
+                last,
+            },
+            false => Msg::Signature {
+                avg: sig.avg,
+                chunks: part.iter().map(|&c| id(c)).collect(),
+                last,
+            },
         })?;
     }
     Ok(())
+}
+
+/// A signature part's entries from the wire, with the bytes of each id that
+/// count; `None` when its ids are malformed.
+pub fn sig_part(chunks: SigPart) -> Option<(Vec<(u64, u32)>, u8)> {
+    match chunks {
+        SigPart::Full(c) => Some((c.into_iter().map(unid).collect(), 8)),
+        SigPart::Short(c) => Some((c.entries()?, c.id_bytes)),
+    }
+}
+
+/// The entries of a signature part as they crossed.
+pub enum SigPart {
+    /// Eight bytes per id ([`Msg::Signature`], [`Msg::DeltaBasis`]).
+    Full(Vec<([u8; 8], u32)>),
+    /// Ids cut short ([`Msg::ShortSignature`], [`Msg::ShortDeltaBasis`]).
+    Short(ShortIds),
+}
+
+impl SigPart {
+    /// How many chunks the part holds.
+    pub fn len(&self) -> usize {
+        match self {
+            SigPart::Full(c) => c.len(),
+            SigPart::Short(c) => c.lens.len(),
+        }
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Receives what [`send_signature`] sent: at most `max` entries, each
@@ -256,8 +300,10 @@ pub fn recv_signature(
     let malformed = |m: &str| NetError::Proto(tern_proto::ProtoError::Malformed(m.into()));
     let mut sig = Signature::default();
     loop {
-        let Msg::Signature { avg, chunks, last } = s.recv()? else {
-            return Err(malformed("expected a signature"));
+        let (avg, chunks, last) = match s.recv()? {
+            Msg::Signature { avg, chunks, last } => (avg, SigPart::Full(chunks), last),
+            Msg::ShortSignature { avg, chunks, last } => (avg, SigPart::Short(chunks), last),
+            _ => return Err(malformed("expected a signature")),
         };
         if chunks.len() > tern_proto::SIGNATURE_PART
             || sig.chunks.len() + chunks.len() > max
@@ -269,10 +315,18 @@ pub fn recv_signature(
             ));
         }
         take(chunks.len())?;
-        if !chunks.is_empty() {
+        let first = sig.chunks.is_empty();
+        let Some((entries, id_bytes)) = sig_part(chunks) else {
+            return Err(malformed("a signature whose ids do not divide into its chunks"));
+        };
+        if !entries.is_empty() {
+            if !first && id_bytes != sig.id_bytes {
+                return Err(malformed("a signature of mixed parts"));
+            }
             sig.avg = avg;
+            sig.id_bytes = id_bytes;
         }
-        sig.chunks.extend(chunks.into_iter().map(unid));
+        sig.chunks.extend(entries);
         if last {
             return Ok((!sig.chunks.is_empty()).then_some(sig));
         }

@@ -128,7 +128,7 @@ impl Setup {
         };
         // As a client does: compressed both ways (always, as this Hello
         // asks), so every request here also crosses in containers.
-        s.compress(theirs.features & tern_proto::FEATURES, Default::default());
+        s.agree(theirs.features & tern_proto::FEATURES, Default::default());
         match s.recv()? {
             Msg::Welcome(_) => Ok(s),
             m => panic!("unexpected {m:?}"),
@@ -1371,7 +1371,7 @@ fn before_authentication_a_peer_gets_one_stream_and_small_messages() {
         }))
         .expect("send");
     assert!(matches!(first.recv().expect("hello"), Msg::Hello(_)));
-    first.compress(tern_proto::FEATURES, Default::default());
+    first.agree(tern_proto::FEATURES, Default::default());
     assert!(matches!(first.recv().expect("welcome"), Msg::Welcome(_)));
     // Authenticated: more streams, and large messages.
     let mut second = c.open().expect("a second stream once authenticated");
@@ -2358,14 +2358,10 @@ fn delta_recipes_build_only_from_the_basis_and_only_what_they_promise() {
         s.send(&Msg::BasisSignature { handle }).expect("send");
         let mut chunks = 0;
         loop {
-            match s.recv().expect("signature") {
-                Msg::Signature { chunks: c, last, .. } => {
-                    chunks += c.len();
-                    if last {
-                        break;
-                    }
-                }
-                m => panic!("not a signature: {m:?}"),
+            let (lens, last) = signature_part(s.recv().expect("signature"));
+            chunks += lens.len();
+            if last {
+                break;
             }
         }
         assert!(chunks > 0, "the basis has no signature");
@@ -2533,6 +2529,47 @@ fn delta_reads_stay_within_their_plan() {
     open_read(&mut s, 1, b"sub/f");
     s.send(&Msg::ReadDelta { handle: 1, index: 0 }).expect("send");
     assert!(s.recv().is_err(), "a delta read with no plan was answered");
+
+    // The same signature with its ids cut to five bytes plans the same.
+    let short = |ids: tern_proto::ShortIds| Msg::ShortDeltaBasis {
+        handle: 1,
+        avg: sig.avg,
+        chunks: ids,
+        last: true,
+        size: data.len() as u64,
+        chunk_size: 1024,
+    };
+    let mut s = st.session("data", TOKEN, false).expect("session");
+    open_read(&mut s, 1, b"sub/f");
+    s.send(&short(tern_proto::ShortIds::new(5, &sig.chunks))).expect("send");
+    let mut again = Vec::new();
+    loop {
+        match s.recv().expect("plan") {
+            Msg::DeltaPlan { chunks: c, last, .. } => {
+                again.extend(c);
+                if last {
+                    break;
+                }
+            }
+            m => panic!("not a plan: {m:?}"),
+        }
+    }
+    assert_eq!(again, recipes, "short ids planned otherwise");
+    // Ids that do not divide into the chunks, or of no bytes at all, are a
+    // protocol error.
+    let mut ragged = tern_proto::ShortIds::new(5, &sig.chunks);
+    ragged.ids.pop();
+    let none = tern_proto::ShortIds {
+        id_bytes: 0,
+        ids: Vec::new(),
+        lens: vec![1024],
+    };
+    for ids in [ragged, none] {
+        let mut s = st.session("data", TOKEN, false).expect("session");
+        open_read(&mut s, 1, b"sub/f");
+        s.send(&short(ids)).expect("send");
+        assert!(s.recv().is_err(), "malformed short ids were taken");
+    }
     st.outside_untouched();
 }
 
@@ -2553,7 +2590,7 @@ fn compressed_frames_before_authentication_are_refused() {
         .expect("send");
     };
     let mut s = st.stream(Transport::Tcp);
-    s.compress(tern_proto::FEATURES, Default::default());
+    s.agree(tern_proto::FEATURES, Default::default());
     login(&mut s);
     match s.recv() {
         Err(NetError::Remote(m)) => assert!(m.message.contains("compressed"), "{}", m.message),
@@ -2610,18 +2647,27 @@ fn a_named_basis_stays_inside_the_module() {
     s.send(&Msg::BasisSignature { handle: 1 }).expect("send");
     let mut len = 0u64;
     loop {
-        match s.recv().expect("signature") {
-            Msg::Signature { chunks, last, .. } => {
-                len += chunks.iter().map(|c| u64::from(c.1)).sum::<u64>();
-                if last {
-                    break;
-                }
-            }
-            m => panic!("not a signature: {m:?}"),
+        let (lens, last) = signature_part(s.recv().expect("signature"));
+        len += lens.iter().map(|&l| u64::from(l)).sum::<u64>();
+        if last {
+            break;
         }
     }
     assert_eq!(len, first.len() as u64, "the signature is not of the named file");
     st.outside_untouched();
+}
+
+/// The chunk lengths of a signature part, whichever way its ids crossed,
+/// and whether it is the last.
+fn signature_part(m: Msg) -> (Vec<u32>, bool) {
+    match m {
+        Msg::Signature { chunks, last, .. } => (chunks.iter().map(|c| c.1).collect(), last),
+        Msg::ShortSignature { chunks, last, .. } => {
+            assert_eq!(chunks.entries().map(|e| e.len()), Some(chunks.lens.len()), "ragged ids");
+            (chunks.lens, last)
+        }
+        m => panic!("not a signature: {m:?}"),
+    }
 }
 
 /// The signatures of one `BasisSignatures` answer, in order: `None` for an
@@ -2635,14 +2681,10 @@ fn basis_signatures(s: &mut Stream, items: &[(&[u8], u64)]) -> Vec<Option<usize>
     for _ in items {
         let mut chunks = 0;
         loop {
-            match s.recv().expect("signature") {
-                Msg::Signature { chunks: c, last, .. } => {
-                    chunks += c.len();
-                    if last {
-                        break;
-                    }
-                }
-                m => panic!("not a signature: {m:?}"),
+            let (lens, last) = signature_part(s.recv().expect("signature"));
+            chunks += lens.len();
+            if last {
+                break;
             }
         }
         out.push((chunks > 0).then_some(chunks));
@@ -2690,14 +2732,14 @@ fn batched_deltas_build_only_from_their_own_old_version() {
             mode: 0o644,
             ..WireMeta::default()
         },
-        body: BatchBody::Delta {
+        body: BatchBody::Delta(tern_proto::WireDelta {
             size,
             pieces,
             literal,
             hash: *blake3::hash(want).as_bytes(),
             xattrs: Vec::new(),
             changed: (0, 0),
-        },
+        }),
     };
     let mut want = old.clone();
     want[100..110].copy_from_slice(b"0123456789");
@@ -2724,7 +2766,7 @@ fn batched_deltas_build_only_from_their_own_old_version() {
         // Reads past the end of the old version.
         delta("sub/b3", past, 0, &want),
         // Builds from a file outside the module, through a symlink.
-        delta("out/secret", whole, 0, &old),
+        delta("out/secret", whole.clone(), 0, &old),
         delta("../outside/g", edit, 10, &want),
     ];
     let n = items.len();
@@ -2769,6 +2811,54 @@ fn batched_deltas_build_only_from_their_own_old_version() {
     .expect("send");
     assert!(s.recv().is_err(), "a recipe of a GiB for a 32 KiB file was taken");
     assert_eq!(fs::read(module.join("sub/b2")).expect("read"), old);
+
+    // Built from another file of the module: a copy of it lands; a basis
+    // outside the module, through a symlink out of it, a transfer's side
+    // file, or one that does not hash as promised builds nothing.
+    fs::write(module.join("sub/.b1.tern.tmp"), &old).expect("write");
+    let from = |path: &str, basis: &str, want: &[u8]| {
+        let mut it = delta(path, whole.clone(), 0, want);
+        let BatchBody::Delta(d) = it.body else {
+            unreachable!("made as a delta");
+        };
+        it.body = BatchBody::DeltaFrom {
+            basis: basis.as_bytes().to_vec(),
+            delta: d,
+        };
+        it
+    };
+    let mut s = st.session("data", TOKEN, true).expect("session");
+    let items = vec![
+        from("sub/copy", "sub/b2", &old),
+        from("sub/c1", "../outside/secret", &old),
+        from("sub/c2", "out/secret", &old),
+        from("sub/c3", "sub/.b1.tern.tmp", &old),
+        from("sub/c4", "sub/b1", &old),
+        from("sub/c5", "sub/none", &old),
+    ];
+    let n = items.len();
+    s.send(&Msg::Batch(Batch {
+        items,
+        owner: false,
+        sync: false,
+        verify: true,
+    }))
+    .expect("send");
+    for _ in 0..n {
+        s.send_data(b"").expect("data");
+    }
+    match s.recv().expect("reply") {
+        Msg::BatchReply(r) => {
+            assert_eq!(r.len(), n);
+            assert!(r[0].is_none(), "{r:?}");
+            assert!(r[1..].iter().all(Option::is_some), "{r:?}");
+        }
+        m => panic!("unexpected {m:?}"),
+    }
+    assert_eq!(fs::read(module.join("sub/copy")).expect("read"), old);
+    for c in 1..=5 {
+        assert!(!module.join(format!("sub/c{c}")).exists(), "sub/c{c} was built");
+    }
     st.outside_untouched();
 }
 

@@ -56,6 +56,13 @@ pub const FEATURE_COPIES: u64 = 64;
 /// Feature bit: small files cross as deltas in their batches
 /// ([`Msg::BasisSignatures`], [`BatchBody::Delta`], [`Msg::ReadFilesDelta`]).
 pub const FEATURE_BATCH_DELTA: u64 = 128;
+/// Feature bit: signatures may cross with their ids cut to as few bytes
+/// as the chunk counts need ([`Msg::ShortSignature`],
+/// [`Msg::ShortDeltaBasis`]).
+pub const FEATURE_SHORT_IDS: u64 = 256;
+/// Feature bit: a batch's file may be built from another file of the
+/// module, one written earlier in the run ([`BatchBody::DeltaFrom`]).
+pub const FEATURE_BATCH_COPIES: u64 = 512;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
 pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_BENCH
@@ -64,7 +71,9 @@ pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_ZSTD
     | FEATURE_ZSTD_ALWAYS
     | FEATURE_COPIES
-    | FEATURE_BATCH_DELTA;
+    | FEATURE_BATCH_DELTA
+    | FEATURE_SHORT_IDS
+    | FEATURE_BATCH_COPIES;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -570,6 +579,76 @@ pub enum Msg {
         /// Extended attributes, if asked for.
         xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     },
+    // Feature [`FEATURE_SHORT_IDS`].
+    /// [`Msg::Signature`], its ids cut short.
+    ShortSignature {
+        /// The average chunk size the basis was cut with.
+        avg: u32,
+        /// The chunks, at most [`SIGNATURE_PART`].
+        chunks: ShortIds,
+        /// The last part.
+        last: bool,
+    },
+    /// [`Msg::DeltaBasis`], its ids cut short.
+    ShortDeltaBasis {
+        /// Handle from `OpenRead`.
+        handle: u64,
+        /// The average chunk size the basis was cut with.
+        avg: u32,
+        /// The chunks, at most [`SIGNATURE_PART`].
+        chunks: ShortIds,
+        /// The last part.
+        last: bool,
+        /// The file's size.
+        size: u64,
+        /// The grid the plan is laid over.
+        chunk_size: u64,
+    },
+}
+
+/// Signature entries whose ids are the first `id_bytes` bytes of each
+/// chunk's BLAKE3: as many as the chunk counts on both sides need, so that
+/// a false match (found by the whole file's hash, and paid for by sending
+/// the file again) stays rare.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShortIds {
+    /// Bytes per id, 1 to 8.
+    pub id_bytes: u8,
+    /// The ids, `id_bytes` each, in chunk order.
+    pub ids: Vec<u8>,
+    /// Each chunk's length.
+    pub lens: Vec<u32>,
+}
+
+impl ShortIds {
+    /// `(id, len)` per chunk, each id in the low bytes of a little-endian
+    /// `u64`; `None` when the ids do not divide into `lens.len()` ids of
+    /// 1 to 8 bytes.
+    pub fn entries(&self) -> Option<Vec<(u64, u32)>> {
+        let n = usize::from(self.id_bytes);
+        if !(1..=8).contains(&n) || self.ids.len() != self.lens.len().checked_mul(n)? {
+            return None;
+        }
+        let ids = self.ids.chunks_exact(n).map(|b| {
+            let mut id = [0u8; 8];
+            id[..n].copy_from_slice(b);
+            u64::from_le_bytes(id)
+        });
+        Some(ids.zip(self.lens.iter().copied()).collect())
+    }
+
+    /// `entries` with each id cut to its first `id_bytes` bytes (1 to 8).
+    pub fn new(id_bytes: u8, entries: &[(u64, u32)]) -> ShortIds {
+        let n = usize::from(id_bytes.clamp(1, 8));
+        ShortIds {
+            id_bytes: n as u8,
+            ids: entries
+                .iter()
+                .flat_map(|&(id, _)| id.to_le_bytes().into_iter().take(n))
+                .collect(),
+            lens: entries.iter().map(|&(_, len)| len).collect(),
+        }
+    }
 }
 
 /// One part of a [`Msg::WriteDelta`] recipe.
@@ -935,23 +1014,37 @@ pub enum BatchBody {
         /// Target.
         target: Vec<u8>,
     },
-    /// A regular file of `size` bytes built from the module's file at the
-    /// same path by `pieces` (feature [`FEATURE_BATCH_DELTA`]); the
-    /// `literal` bytes of its literal pieces are in the batch's data.
-    Delta {
-        /// File length.
-        size: u64,
-        /// The recipe, the whole file as one chunk, at most [`MAX_PIECES`].
-        pieces: Vec<WirePiece>,
-        /// Bytes of its literal pieces.
-        literal: u64,
-        /// The file's BLAKE3.
-        hash: [u8; 32],
-        /// Extended attributes.
-        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-        /// Source ctime.
-        changed: (i64, u32),
+    /// A regular file built from the module's file at the same path by its
+    /// recipe (feature [`FEATURE_BATCH_DELTA`]); its literal bytes are in
+    /// the batch's data.
+    Delta(WireDelta),
+    /// [`BatchBody::Delta`] built from the module's file at `basis`, one
+    /// written earlier in the run, not from the file at the item's path
+    /// (feature [`FEATURE_BATCH_COPIES`]): a copy of it, when the recipe
+    /// copies it whole.
+    DeltaFrom {
+        /// Module-relative path of the file to build from.
+        basis: Vec<u8>,
+        /// What to build.
+        delta: WireDelta,
     },
+}
+
+/// A file of a batch built by a recipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireDelta {
+    /// File length.
+    pub size: u64,
+    /// The recipe, the whole file as one chunk, at most [`MAX_PIECES`].
+    pub pieces: Vec<WirePiece>,
+    /// Bytes of its literal pieces.
+    pub literal: u64,
+    /// The file's BLAKE3.
+    pub hash: [u8; 32],
+    /// Extended attributes.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Source ctime.
+    pub changed: (i64, u32),
 }
 
 /// What a side speaks.
@@ -1096,5 +1189,32 @@ mod tests {
         h.magic = *b"RSYN";
         assert_eq!(negotiate(&hello(1, 1, 0), &h), Err(ProtoError::BadMagic));
         assert!(negotiate(&hello(1, 1, 0), &hello(2, 1, 0)).is_err(), "inverted range");
+    }
+
+    #[test]
+    fn short_ids_keep_their_low_bytes_and_refuse_a_ragged_list() {
+        let e = [(0x0807_0605_0403_0201u64, 4096u32), (0x1817_1615_1413_1211, 100)];
+        let s = ShortIds::new(3, &e);
+        assert_eq!(s.ids, [1, 2, 3, 0x11, 0x12, 0x13]);
+        assert_eq!(s.entries(), Some(vec![(0x03_0201, 4096), (0x13_1211, 100)]));
+        assert_eq!(ShortIds::new(8, &e).entries(), Some(e.to_vec()));
+        let ragged = ShortIds {
+            id_bytes: 3,
+            ids: vec![1, 2],
+            lens: vec![7],
+        };
+        assert_eq!(ragged.entries(), None);
+        let wide = ShortIds {
+            id_bytes: 9,
+            ids: vec![0; 9],
+            lens: vec![7],
+        };
+        assert_eq!(wide.entries(), None);
+        let none = ShortIds {
+            id_bytes: 0,
+            ids: vec![],
+            lens: vec![7],
+        };
+        assert_eq!(none.entries(), None);
     }
 }

@@ -883,6 +883,60 @@ fn copies_of_a_file_cross_once() {
     landed_as_sent(&back);
 }
 
+/// Issue 15: copies of small files pushed to a daemon, or pulled from one,
+/// cross once: the daemon builds a copy from the first that landed, and a
+/// pull asks the daemon for the hashes of files that share a size before
+/// reading them.
+#[test]
+fn copies_of_small_files_cross_once() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    let files: Vec<Vec<u8>> = (0..30).map(|k| data(3000 + 111 * k, k as u64)).collect();
+    let unique: u64 = files.iter().map(|f| f.len() as u64).sum();
+    for c in 0..6 {
+        for (k, f) in files.iter().enumerate() {
+            write(&src.join(format!("c{c}/f{k}")), f);
+        }
+    }
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let landed_as_sent = |root: &Path| {
+        for c in 0..6 {
+            for k in 0..files.len() {
+                let rel = format!("c{c}/f{k}");
+                assert_eq!(
+                    b3(&root.join(&rel)),
+                    b3(&src.join(&rel)),
+                    "{}",
+                    root.join(&rel).display()
+                );
+            }
+        }
+        assert!(side_files(root).is_empty());
+    };
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json"]))
+        .arg(format!("{}/", src.display()))
+        .arg(d.url("tree")));
+    let j = json(&out);
+    assert_eq!(j["errors"], 0, "{out}");
+    let counted = |j: &serde_json::Value| (j["bytes_written"].as_u64(), j["bytes_deduplicated"].as_u64());
+    assert_eq!(counted(&j), (Some(unique), Some(5 * unique)), "push: {out}");
+    let wire = |j: &serde_json::Value, k: &str| j["paths"][0][k].as_u64().unwrap_or(u64::MAX);
+    assert!(wire(&j, "wire_bytes_sent") < 2 * unique, "push: {out}");
+    landed_as_sent(&module.join("tree"));
+
+    let back = t.path().join("back");
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json"]))
+        .arg(d.url("tree/"))
+        .arg(&back));
+    let j = json(&out);
+    assert_eq!(counted(&j), (Some(unique), Some(5 * unique)), "pull: {out}");
+    assert!(wire(&j, "wire_bytes_received") < 2 * unique, "pull: {out}");
+    landed_as_sent(&back);
+}
+
 /// Issue 15: a delta interrupted by `kill -9` leaves the old version in
 /// place; the rerun keeps the chunks already built and builds the rest
 /// from the old version again, to the source's BLAKE3.
