@@ -18,6 +18,7 @@
 //! directory times) runs after the workers finish.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -285,6 +286,10 @@ struct Task {
     entry: Entry,
     /// The destination entry it replaces, if any.
     existing: Option<Entry>,
+    /// Where it has no old version: a large file of its size that only the
+    /// destination has, in a directory the scan walked; perhaps this file
+    /// under its old name, a basis for it.
+    moved: Option<PathBuf>,
 }
 
 enum Work {
@@ -459,6 +464,7 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         hashed_bytes: 0,
         sizes: HashSet::new(),
         copies: Vec::new(),
+        extras: HashMap::new(),
     };
     for root in &roots {
         if ctx.cancelled() {
@@ -704,6 +710,9 @@ struct Scanner<'a> {
     /// Large files with no old version and the size of one sent before:
     /// perhaps copies, sent once the others have landed.
     copies: Vec<Task>,
+    /// Large files only the destination has, in the directories walked so
+    /// far, by size: perhaps old names of files the source has.
+    extras: HashMap<u64, PathBuf>,
 }
 
 impl Scanner<'_> {
@@ -907,11 +916,11 @@ impl Scanner<'_> {
                         self.copies.push(task(src, src_rel, dst_rel, se, de));
                         return;
                     }
-                    let large = Arc::new(Large::new(
-                        task(src, src_rel, dst_rel, se, de),
-                        ctx.opts.chunk_size,
-                        self.jobs,
-                    ));
+                    let mut t = task(src, src_rel, dst_rel, se, de);
+                    if ctx.opts.delta && !replaces {
+                        t.moved = self.extras.get(&t.entry.size).cloned();
+                    }
+                    let large = Arc::new(Large::new(t, ctx.opts.chunk_size, self.jobs));
                     for _ in 0..large.participants {
                         self.send(Work::Large(large.clone()));
                     }
@@ -1072,6 +1081,18 @@ impl Scanner<'_> {
             } else {
                 Vec::new()
             };
+            if self.ctx.opts.delta && !dst_entries.is_empty() {
+                let names: HashSet<&OsStr> = src_entries.iter().map(|e| e.name.as_os_str()).collect();
+                for de in &dst_entries {
+                    if de.kind == Kind::File
+                        && de.size > self.ctx.opts.chunk_size
+                        && !names.contains(de.name.as_os_str())
+                        && !crate::local::is_side_file(&de.name)
+                    {
+                        self.extras.entry(de.size).or_insert_with(|| d.join(&de.name));
+                    }
+                }
+            }
             let mut subdirs = Vec::new();
             let mut di = dst_entries.into_iter().peekable();
             for se in src_entries {
@@ -1136,6 +1157,7 @@ fn task(src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, entry: Entry, exi
         dst_rel: dst_rel.to_path_buf(),
         entry,
         existing,
+        moved: None,
     }
 }
 
@@ -1714,21 +1736,32 @@ impl Ctx {
         if !self.opts.delta {
             return None;
         }
+        let mut moved = false;
         if !t.existing.as_ref().is_some_and(|e| e.kind == Kind::File) {
             // A copy of a file that landed earlier in the run: each chunk
             // that hashes as the other's at its place is built from there.
-            let (rel, cvs, exact) = self.copied_from(t, src)?;
-            if !matches!(w.use_basis(&rel), Ok(true)) {
+            if let Some((rel, cvs, exact)) = self.copied_from(t, src) {
+                if !matches!(w.use_basis(&rel), Ok(true)) {
+                    return None;
+                }
+                tracing::debug!(path = %t.dst_rel.display(), basis = %rel.display(), exact, "a copy");
+                let mut plan = crate::delta::Plan::in_place(t.entry.size, self.opts.chunk_size, cvs.to_vec());
+                if exact {
+                    // The same file hash, so the same chunk hashes: no chunk
+                    // need be read from the source.
+                    plan.cvs = cvs.to_vec();
+                }
+                return Some((Arc::new(plan), true));
+            }
+            // Else perhaps this file under an old name the destination still
+            // has: a delta against that, its matches counted as found in
+            // another file.
+            let old = t.moved.as_ref()?;
+            if !matches!(w.use_basis(old), Ok(true)) {
                 return None;
             }
-            tracing::debug!(path = %t.dst_rel.display(), basis = %rel.display(), exact, "a copy");
-            let mut plan = crate::delta::Plan::in_place(t.entry.size, self.opts.chunk_size, cvs.to_vec());
-            if exact {
-                // The same file hash, so the same chunk hashes: no chunk
-                // need be read from the source.
-                plan.cvs = cvs.to_vec();
-            }
-            return Some((Arc::new(plan), true));
+            tracing::debug!(path = %t.dst_rel.display(), basis = %old.display(), "perhaps moved");
+            moved = true;
         }
         let sig = match w.basis_signature() {
             Ok(Some(sig)) => sig,
@@ -1758,7 +1791,7 @@ impl Ctx {
             }
         };
         tracing::debug!(path = %t.dst_rel.display(), matched = plan.matched, literal = plan.literal, "delta");
-        Some((Arc::new(plan), false))
+        Some((Arc::new(plan), moved))
     }
 
     /// Where the bytes a delta took from its basis are counted: from the

@@ -883,6 +883,48 @@ fn copies_of_a_file_cross_once() {
     landed_as_sent(&back);
 }
 
+/// Issue 15: a large file renamed at the source crosses as what changed
+/// against its old name, which only the destination has, in a push and a
+/// pull; `sync --delete` removes the old name once the new one landed.
+#[test]
+fn a_renamed_file_crosses_as_its_changes_against_its_old_name() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    let big = data(12 << 20, 31);
+    let mut edited = big.clone();
+    edited[5 << 20..(5 << 20) + 4096].fill(9);
+    write(&src.join("d/big.new"), &edited);
+    write(&module.join("tree/d/big.old"), &big);
+    let d = daemon(t.path(), &module, false);
+    let size = big.len() as u64;
+    let out = ok(d
+        .auth(client(t.path()).args(["sync", "--delete", "--json"]))
+        .arg(format!("{}/", src.display()))
+        .arg(d.url("tree/")));
+    let j = json(&out);
+    assert_eq!(j["errors"], 0, "{out}");
+    let (written, found) = (j["bytes_written"].as_u64(), j["bytes_deduplicated"].as_u64());
+    assert!(written.is_some_and(|w| w < 256 << 10), "push: {out}");
+    assert!(found.is_some_and(|f| f > size - (256 << 10)), "push: {out}");
+    assert_eq!(b3(&module.join("tree/d/big.new")), b3(&src.join("d/big.new")));
+    assert!(!module.join("tree/d/big.old").exists(), "the old name was kept");
+
+    // Pulled back into a tree that has it under yet another name.
+    let back = t.path().join("back");
+    write(&back.join("d/big.older"), &big);
+    let out = ok(d
+        .auth(client(t.path()).args(["sync", "--delete", "--json"]))
+        .arg(d.url("tree/"))
+        .arg(format!("{}/", back.display())));
+    let j = json(&out);
+    let (written, found) = (j["bytes_written"].as_u64(), j["bytes_deduplicated"].as_u64());
+    assert!(written.is_some_and(|w| w < 256 << 10), "pull: {out}");
+    assert!(found.is_some_and(|f| f > size - (256 << 10)), "pull: {out}");
+    assert_eq!(b3(&back.join("d/big.new")), b3(&src.join("d/big.new")));
+    assert!(!back.join("d/big.older").exists(), "the old name was kept");
+    assert!(side_files(&back).is_empty() && side_files(&module).is_empty());
+}
+
 /// Issue 15: copies of small files pushed to a daemon, or pulled from one,
 /// cross once: the daemon builds a copy from the first that landed, and a
 /// pull asks the daemon for the hashes of files that share a size before
