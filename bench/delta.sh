@@ -175,6 +175,8 @@ run() {
     rsync/pull) out=$("${IN_A[@]}" rsync "${rflags[@]}" "$RSYNC_URL/" "$WORK/local/") ;;
   esac
   t1=$(date +%s.%N)
+  # The last run's report, for a closer look.
+  printf '%s\n' "$out" >"$WORK/last-$c-$tool-$dir.out"
   local sent
   case $tool in
     rsync) sent=$(echo "$out" | awk -F': ' '/^Total bytes sent/ {gsub(",", "", $2); s=$2} /^Total bytes received/ {gsub(",", "", $2); r=$2} END {print s + r}') ;;

@@ -293,6 +293,12 @@ impl Server {
         // Only now: a container inflates to 2 MiB, more than a stranger's
         // stream is allowed to cost.
         s.agree(features, session.squeezed.clone());
+        // As a client does: a long path is likely slower than compressing,
+        // so what this side sends is compressed from the first byte, until
+        // the link's rate says otherwise.
+        if s.tcp_rtt().is_some_and(|r| r >= crate::remote::LAN_RTT) {
+            session.squeezed.set_far(true);
+        }
         s.send(&Msg::Welcome(session.welcome()))?;
         Ok(session)
     }

@@ -128,6 +128,12 @@ impl Stream {
         self.exporter
     }
 
+    /// The round trip its TCP connection measured so far, if it is one and
+    /// has.
+    pub fn tcp_rtt(&self) -> Option<Duration> {
+        self.tcp.as_ref().map(|t| t.sample().rtt).filter(|r| !r.is_zero())
+    }
+
     /// Ties the stream to its TCP connection's counters.
     pub fn with_tcp(mut self, conn: Arc<TcpConn>) -> Stream {
         self.tcp = Some(conn);

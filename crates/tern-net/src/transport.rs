@@ -16,7 +16,7 @@ use tokio::runtime::Handle;
 
 use crate::error::{NetError, Result};
 use crate::identity::fingerprint;
-use crate::path::{tcp_report, tune_tcp, PathReport, TcpConn};
+use crate::path::{tcp_report, PathReport, TcpConn};
 use crate::stream::Stream;
 
 /// Which transport.
@@ -812,7 +812,8 @@ async fn tcp_conn(
     gate: Arc<Gate>,
 ) -> Result<()> {
     sock.set_nodelay(true)?;
-    tune_tcp(sock.as_raw_fd());
+    // Tunes the socket, and lets the session read its round trip.
+    let tcp = TcpConn::new(sock.as_raw_fd());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let left = gate.deadline().saturating_duration_since(std::time::Instant::now());
     let s = tokio::time::timeout(left, async {
@@ -844,7 +845,9 @@ async fn tcp_conn(
     };
     let exporter = tls_exporter(s.get_ref().1);
     let (r, w) = tokio::io::split(s);
-    let mut stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle).with_exporter(exporter);
+    let mut stream = Stream::new(Handle::current(), Box::pin(r), Box::pin(w), limits.idle)
+        .with_exporter(exporter)
+        .with_tcp(tcp);
     let left = peer
         .gate
         .deadline()
