@@ -102,9 +102,65 @@ pub struct Options {
     /// Send a changed large file as a delta against the destination's old
     /// version where both ends can (see [`crate::delta`]).
     pub delta: bool,
+    /// Rules that leave some files alone.
+    pub select: Select,
     /// Set to stop the run: in-flight chunks finish, partial files stay
     /// resumable.
     pub cancel: Arc<AtomicBool>,
+}
+
+/// rsync's transfer rules: files they leave alone neither cross nor
+/// change, and, unlike filtered ones, still count as the source's for
+/// `--delete`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Select {
+    /// A file of the same size at the destination is unchanged, whatever
+    /// its times (`--size-only`).
+    pub size_only: bool,
+    /// A file the destination has is left alone (`--ignore-existing`).
+    pub ignore_existing: bool,
+    /// A file modified later at the destination is left alone (`--update`).
+    pub update: bool,
+    /// Modification times at most this many seconds apart are the same,
+    /// compared in whole seconds (`--modify-window`); `None`: only equal
+    /// times, nanoseconds included.
+    pub modify_window: Option<u64>,
+    /// Files smaller than this are left alone (`--min-size`).
+    pub min_size: Option<u64>,
+    /// Files larger than this are left alone (`--max-size`).
+    pub max_size: Option<u64>,
+}
+
+impl Select {
+    /// Whether a rule is set.
+    pub fn any(&self) -> bool {
+        *self != Select::default()
+    }
+
+    /// Whether modification times `a` and `b` count as the same.
+    pub fn same_time(&self, a: &crate::entry::Time, b: &crate::entry::Time) -> bool {
+        match self.modify_window {
+            None => a == b,
+            Some(w) => a.sec.abs_diff(b.sec) <= w,
+        }
+    }
+
+    /// Why source file `se` is left alone, given what the destination has
+    /// there (`de`); `None` to go on comparing.
+    fn leaves(&self, se: &Entry, de: Option<&Entry>) -> Option<&'static str> {
+        if self.min_size.is_some_and(|m| se.size < m) {
+            return Some("smaller than --min-size");
+        }
+        if self.max_size.is_some_and(|m| se.size > m) {
+            return Some("larger than --max-size");
+        }
+        let d = de.filter(|d| d.kind != Kind::Dir)?;
+        if self.ignore_existing {
+            return Some("exists (--ignore-existing)");
+        }
+        // rsync: a file of the same time but another size is still sent.
+        (self.update && d.kind == Kind::File && d.meta.mtime > se.meta.mtime).then_some("newer there (--update)")
+    }
 }
 
 impl Default for Options {
@@ -123,6 +179,7 @@ impl Default for Options {
             xattrs: false,
             bwlimit: None,
             delta: false,
+            select: Select::default(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -163,6 +220,8 @@ pub enum Action {
     Delete,
     /// A device, FIFO or socket was skipped.
     SkipSpecial,
+    /// A file a transfer rule ([`Select`]) left alone.
+    Skip,
     /// `check`: present in the source only.
     Missing,
     /// `check`: present in the destination only.
@@ -228,6 +287,8 @@ pub struct Summary {
     pub deleted: u64,
     /// Special files skipped.
     pub skipped_special: u64,
+    /// Files a transfer rule ([`Select`]) left alone.
+    pub skipped: u64,
     /// `check`: paths that differ, are missing or extra.
     pub differences: u64,
     /// Number of failures.
@@ -267,6 +328,7 @@ struct Stats {
     meta_updated: AtomicU64,
     deleted: AtomicU64,
     skipped_special: AtomicU64,
+    skipped: AtomicU64,
     differences: AtomicU64,
     errors: AtomicU64,
     messages: Mutex<Vec<String>>,
@@ -539,6 +601,7 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         meta_updated: get(&s.meta_updated),
         deleted: get(&s.deleted),
         skipped_special: get(&s.skipped_special),
+        skipped: get(&s.skipped),
         differences: get(&s.differences),
         errors,
         error_messages: s.messages.lock().map(|m| m.clone()).unwrap_or_default(),
@@ -588,7 +651,7 @@ impl Ctx {
 
     fn meta_differs(&self, a: &Meta, b: &Meta, kind: Kind) -> bool {
         (kind != Kind::Symlink && a.mode != b.mode)
-            || a.mtime != b.mtime
+            || !self.opts.select.same_time(&a.mtime, &b.mtime)
             || (self.owner && (a.uid != b.uid || a.gid != b.gid))
     }
 
@@ -887,6 +950,11 @@ impl Scanner<'_> {
                         self.links.insert(id, dst_rel.to_path_buf());
                     }
                 }
+                if let Some(why) = ctx.opts.select.leaves(&se, de.as_ref()) {
+                    tracing::debug!(path = %dst_rel.display(), why, "left alone");
+                    add(&ctx.stats.skipped, 1);
+                    return ctx.act(Action::Skip, dst_rel, se.size);
+                }
                 if let Some(d) = &de {
                     if d.kind == Kind::Dir && !self.clear_conflict(dst_rel, d, Kind::File) {
                         return;
@@ -896,7 +964,8 @@ impl Scanner<'_> {
                             ctx.obs.planned(1, se.size);
                             return self.push_hashed(task(src, src_rel, dst_rel, se, de));
                         }
-                        if se.same_size_and_mtime(d) {
+                        let sel = &ctx.opts.select;
+                        if sel.size_only || sel.same_time(&se.meta.mtime, &d.meta.mtime) {
                             return self.unchanged(src, src_rel, dst_rel, se, d.clone());
                         }
                     }

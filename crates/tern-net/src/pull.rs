@@ -107,6 +107,8 @@ fn options(r: &RunOptions, extra: PullExtra, cancel: Arc<AtomicBool>) -> std::re
         bwlimit: r.bwlimit,
         // Its sources are other daemons, which plan the delta themselves.
         delta: extra.delta,
+        // Not passed on yet: a client with rules set copies through itself.
+        select: Default::default(),
         cancel,
     })
 }

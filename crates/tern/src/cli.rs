@@ -267,6 +267,29 @@ pub struct TransferArgs {
     /// modification time.
     #[arg(short = 'c', long)]
     pub checksum: bool,
+    /// Files of the same size at the destination are unchanged, whatever
+    /// their modification times (their times are then updated).
+    #[arg(long)]
+    pub size_only: bool,
+    /// Leave alone every file the destination already has; send only new
+    /// ones.
+    #[arg(long)]
+    pub ignore_existing: bool,
+    /// Leave alone files modified later at the destination than at the
+    /// source (one of the same time but another size is still sent).
+    #[arg(short = 'u', long)]
+    pub update: bool,
+    /// Modification times at most SECS apart count as the same, compared
+    /// in whole seconds (e.g. 2 for FAT and exFAT); by default only equal
+    /// times do, nanoseconds included.
+    #[arg(short = '@', long, value_name = "SECS")]
+    pub modify_window: Option<u64>,
+    /// Leave alone files smaller than SIZE (suffixes K, M, G, T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub min_size: Option<u64>,
+    /// Leave alone files larger than SIZE (suffixes K, M, G, T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: Option<u64>,
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]
@@ -299,9 +322,9 @@ pub struct TransferArgs {
     /// destination's old version (the default between local paths).
     #[arg(short = 'W', long)]
     pub whole_file: bool,
-    /// Send a changed file of 64 KiB or more as its difference from the old version
-    /// also between local paths (the default when a local file goes to a
-    /// daemon).
+    /// Send a changed file of 16 KiB or more as its difference from the old
+    /// version also between local paths (the default when a local file goes
+    /// to a daemon).
     #[arg(long, conflicts_with = "whole_file")]
     pub no_whole_file: bool,
     #[command(flatten)]

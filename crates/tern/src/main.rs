@@ -161,6 +161,14 @@ fn options(t: &TransferArgs, m: &ArgMatches, cancel: Arc<AtomicBool>) -> anyhow:
         xattrs: t.xattrs,
         bwlimit: t.bwlimit,
         delta: t.no_whole_file,
+        select: tern_core::engine::Select {
+            size_only: t.size_only,
+            ignore_existing: t.ignore_existing,
+            update: t.update,
+            modify_window: t.modify_window,
+            min_size: t.min_size,
+            max_size: t.max_size,
+        },
         cancel,
         ..Options::default()
     })
@@ -486,7 +494,14 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             // first needed.
             r.open_streams_ahead(opts.jobs + 2);
         }
-        if let Some((dr, sources, tickets)) = plan.direct {
+        if plan.direct.is_some() && opts.select.any() {
+            // The daemons' run does not take them yet.
+            console.note(
+                "--size-only, --ignore-existing, --update, --modify-window, --min-size and --max-size \
+                 are applied here: the data goes through this machine",
+            );
+        }
+        if let Some((dr, sources, tickets)) = plan.direct.filter(|_| !opts.select.any()) {
             let req = PullRequest {
                 sources,
                 opts: tern_net::pull::run_options(&opts),

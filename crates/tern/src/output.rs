@@ -144,6 +144,7 @@ impl Console {
                 (s.meta_updated, "metadata updated"),
                 (s.deleted, "deleted"),
                 (s.skipped_special, "special files skipped"),
+                (s.skipped, "left alone by a rule"),
             ] {
                 if n > 0 {
                     parts.push(format!("{n} {what}"));
@@ -259,6 +260,7 @@ fn label(a: Action) -> &'static str {
         Action::HardLink => "hardlink",
         Action::Delete => "delete",
         Action::SkipSpecial => "skip-special",
+        Action::Skip => "skip",
         Action::Missing => "missing",
         Action::Extra => "extra",
         Action::Differ => "differ",

@@ -425,6 +425,27 @@ fn remote_to_remote_goes_daemon_to_daemon_when_both_allow_it() {
         assert_eq!(json(&stdout)["direct"], false);
         same_tree(&src, &other.join(&run));
     }
+
+    // Issue 20: transfer rules are applied by the client, so the data goes
+    // through it, and it says so.
+    write(&dst.join("rules/small/f3"), b"kept");
+    let o = go(to(&b, &["copy", "--json", "--ignore-existing"])
+        .arg(a.url(""))
+        .arg(b.url("rules")));
+    let (code, stdout, stderr) = outcome(&o);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("the data goes through this machine"), "{stderr}");
+    let j = json(&stdout);
+    assert_eq!(
+        (j["direct"].as_bool(), j["skipped"].as_u64()),
+        (Some(false), Some(1)),
+        "{stdout}"
+    );
+    assert_eq!(fs::read(dst.join("rules/small/f3")).expect("read"), b"kept");
+    assert_eq!(
+        fs::read(dst.join("rules/big.bin")).expect("read"),
+        fs::read(src.join("big.bin")).expect("read")
+    );
 }
 
 /// A file large enough to be written with O_DIRECT, with a hole and a tail

@@ -1,0 +1,221 @@
+//! Issue 20: rsync's transfer rules (`--size-only`, `--ignore-existing`,
+//! `--update`, `--modify-window`, `--min-size`, `--max-size`): the files
+//! they leave alone neither cross nor change, and `sync --delete` keeps
+//! them.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::server::*;
+use common::*;
+
+/// Sets `p`'s modification time to `secs` after the epoch, plus `nanos`.
+fn set_mtime(p: &Path, secs: u64, nanos: u32) {
+    let t = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+    let f = fs::File::options().write(true).open(p).expect("open");
+    f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .expect("set times");
+}
+
+fn mtime(p: &Path) -> SystemTime {
+    fs::metadata(p).and_then(|m| m.modified()).expect("mtime")
+}
+
+/// `tern copy --json --no-fsync ARGS... SRC/ DST/`, which must succeed:
+/// its summary.
+fn run_copy(src: &Path, dst: &Path, args: &[&str]) -> serde_json::Value {
+    let mut cmd = tern();
+    cmd.args(["copy", "--json", "--no-fsync"]).args(args);
+    cmd.arg(format!("{}/", src.display()))
+        .arg(format!("{}/", dst.display()));
+    let out = cmd.output().expect("run tern");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "tern copy {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&stdout)
+}
+
+#[test]
+fn size_only_takes_a_file_of_the_same_size_as_unchanged_and_fixes_its_time() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write(&src.join("same"), b"source!");
+    write(&dst.join("same"), b"destine");
+    write(&src.join("other"), b"longer source");
+    write(&dst.join("other"), b"short");
+    set_mtime(&src.join("same"), 1_700_000_000, 0);
+    set_mtime(&dst.join("same"), 1_600_000_000, 0);
+
+    let j = run_copy(&src, &dst, &["--size-only"]);
+    assert_eq!(
+        (j["copied"].as_u64(), j["unchanged"].as_u64()),
+        (Some(1), Some(1)),
+        "{j}"
+    );
+    assert_eq!(fs::read(dst.join("same")).expect("read"), b"destine");
+    assert_eq!(mtime(&dst.join("same")), mtime(&src.join("same")), "time not updated");
+    assert_eq!(fs::read(dst.join("other")).expect("read"), b"longer source");
+
+    // Without it the time differs, so the file is sent.
+    let j = run_copy(&src, &dst, &[]);
+    assert_eq!(j["copied"].as_u64(), Some(0), "{j}");
+    set_mtime(&dst.join("same"), 1_600_000_000, 0);
+    let j = run_copy(&src, &dst, &[]);
+    assert_eq!(j["copied"].as_u64(), Some(1), "{j}");
+    assert_eq!(fs::read(dst.join("same")).expect("read"), b"source!");
+}
+
+#[test]
+fn ignore_existing_sends_only_new_files() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write(&src.join("old"), b"new content");
+    write(&dst.join("old"), b"kept");
+    write(&src.join("d/new"), b"fresh");
+    let before = mtime(&dst.join("old"));
+
+    let j = run_copy(&src, &dst, &["--ignore-existing"]);
+    assert_eq!((j["copied"].as_u64(), j["skipped"].as_u64()), (Some(1), Some(1)), "{j}");
+    assert_eq!(fs::read(dst.join("old")).expect("read"), b"kept");
+    assert_eq!(mtime(&dst.join("old")), before, "its time was changed");
+    assert_eq!(fs::read(dst.join("d/new")).expect("read"), b"fresh");
+}
+
+#[test]
+fn update_leaves_files_newer_at_the_destination() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    for (name, s, d) in [
+        ("newer-there", 100, 200),
+        ("older-there", 200, 100),
+        ("same-time", 150, 150),
+    ] {
+        write(&src.join(name), format!("src {name}").as_bytes());
+        write(&dst.join(name), b"dst");
+        set_mtime(&src.join(name), 1_700_000_000 + s, 0);
+        set_mtime(&dst.join(name), 1_700_000_000 + d, 0);
+    }
+    let j = run_copy(&src, &dst, &["-u"]);
+    assert_eq!((j["copied"].as_u64(), j["skipped"].as_u64()), (Some(2), Some(1)), "{j}");
+    assert_eq!(fs::read(dst.join("newer-there")).expect("read"), b"dst");
+    assert_eq!(fs::read(dst.join("older-there")).expect("read"), b"src older-there");
+    // The same time but another size: sent, as rsync does.
+    assert_eq!(fs::read(dst.join("same-time")).expect("read"), b"src same-time");
+}
+
+#[test]
+fn modify_window_takes_times_within_it_as_equal() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write(&src.join("f"), b"source");
+    write(&dst.join("f"), b"dest!!");
+    set_mtime(&src.join("f"), 1_700_000_001, 500_000_000);
+    set_mtime(&dst.join("f"), 1_700_000_000, 0);
+    let before = mtime(&dst.join("f"));
+
+    let j = run_copy(&src, &dst, &["--modify-window", "1"]);
+    assert_eq!(
+        (j["copied"].as_u64(), j["unchanged"].as_u64()),
+        (Some(0), Some(1)),
+        "{j}"
+    );
+    assert_eq!(fs::read(dst.join("f")).expect("read"), b"dest!!");
+    assert_eq!(mtime(&dst.join("f")), before, "a time within the window was changed");
+    // Two seconds apart is outside a window of one.
+    set_mtime(&dst.join("f"), 1_699_999_999, 0);
+    let j = run_copy(&src, &dst, &["-@", "1"]);
+    assert_eq!(j["copied"].as_u64(), Some(1), "{j}");
+    assert_eq!(fs::read(dst.join("f")).expect("read"), b"source");
+    // By default a difference in nanoseconds alone is a change.
+    set_mtime(&dst.join("f"), 1_700_000_001, 0);
+    fs::write(dst.join("f"), b"dest!!").expect("write");
+    set_mtime(&dst.join("f"), 1_700_000_001, 0);
+    let j = run_copy(&src, &dst, &[]);
+    assert_eq!(j["copied"].as_u64(), Some(1), "{j}");
+}
+
+#[test]
+fn size_limits_leave_files_and_sync_delete_keeps_them() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write(&src.join("tiny"), &data(100, 1));
+    write(&src.join("mid"), &data(5000, 2));
+    write(&src.join("big"), &data(300 << 10, 3));
+    write(&dst.join("big"), b"old big");
+    write(&dst.join("gone"), b"not in the source");
+
+    let out = expect(
+        0,
+        &[
+            &"sync",
+            &"--delete",
+            &"--json",
+            &"--min-size",
+            &"1K",
+            &"--max-size",
+            &"100K",
+            &format!("{}/", src.display()),
+            &dst,
+        ],
+    );
+    let j = json(&out);
+    assert_eq!(
+        (j["copied"].as_u64(), j["skipped"].as_u64(), j["deleted"].as_u64()),
+        (Some(1), Some(2), Some(1)),
+        "{j}"
+    );
+    assert!(!dst.join("tiny").exists(), "a file under --min-size was sent");
+    assert_eq!(fs::read(dst.join("mid")).expect("read"), data(5000, 2));
+    assert_eq!(fs::read(dst.join("big")).expect("read"), b"old big", "--max-size");
+    assert!(!dst.join("gone").exists());
+    // A bad size is refused before anything is done.
+    let (code, _, err) = outcome(&run(&[&"copy", &"--max-size", &"12Q", &src, &dst]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-size") && err.contains("12Q"), "{err}");
+}
+
+/// The rules hold for a push to a daemon and a pull from one, where the
+/// client compares the two sides.
+#[test]
+fn rules_hold_to_and_from_a_daemon() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    write(&src.join("old"), b"new content");
+    write(&src.join("new"), b"fresh");
+    write(&module.join("tree/old"), b"kept");
+    let d = daemon(t.path(), &module, false);
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json", "--ignore-existing"]))
+        .arg(format!("{}/", src.display()))
+        .arg(d.url("tree/")));
+    let j = json(&out);
+    assert_eq!(
+        (j["copied"].as_u64(), j["skipped"].as_u64()),
+        (Some(1), Some(1)),
+        "{out}"
+    );
+    assert_eq!(fs::read(module.join("tree/old")).expect("read"), b"kept");
+    assert_eq!(fs::read(module.join("tree/new")).expect("read"), b"fresh");
+
+    let back = t.path().join("back");
+    write(&back.join("new"), b"local");
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json", "--max-size", "4"]))
+        .arg(d.url("tree/"))
+        .arg(format!("{}/", back.display())));
+    let j = json(&out);
+    // "kept" (4 bytes) comes; "fresh" (5) is left as it is here.
+    assert_eq!(
+        (j["copied"].as_u64(), j["skipped"].as_u64()),
+        (Some(1), Some(1)),
+        "{out}"
+    );
+    assert_eq!(fs::read(back.join("new")).expect("read"), b"local");
+    assert_eq!(fs::read(back.join("old")).expect("read"), b"kept");
+}
