@@ -261,10 +261,33 @@ fn byte_matches(tok: &Tok, b: u8) -> bool {
     }
 }
 
-/// An ordered list of rules.
+/// An ordered list of rules, and perhaps a list of the only paths to
+/// transfer (`--files-from`).
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     rules: Vec<Rule>,
+    only: Option<std::sync::Arc<Only>>,
+}
+
+/// The paths a `--files-from` list names, relative to the transfer root:
+/// a named file, a named directory and everything beneath it, and the
+/// directories on the way to them (entered, but only for what is named).
+#[derive(Debug, Default)]
+struct Only {
+    named: std::collections::HashSet<Vec<u8>>,
+    on_the_way: std::collections::HashSet<Vec<u8>>,
+}
+
+/// A line of a `--files-from` list that names no path inside the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}, line {line}: {why}")]
+pub struct ListError {
+    /// The list.
+    pub file: String,
+    /// Where in it, from 1.
+    pub line: usize,
+    /// What is wrong.
+    pub why: String,
 }
 
 impl Filter {
@@ -317,10 +340,84 @@ impl Filter {
     pub fn included(&self, path: &Path, is_dir: bool) -> bool {
         use std::os::unix::ffi::OsStrExt;
         let bytes = path.as_os_str().as_bytes();
-        self.rules
-            .iter()
-            .find(|r| r.matches(bytes, is_dir))
-            .is_none_or(|r| r.include)
+        self.only.as_ref().is_none_or(|o| o.holds(bytes, is_dir))
+            && self
+                .rules
+                .iter()
+                .find(|r| r.matches(bytes, is_dir))
+                .is_none_or(|r| r.include)
+    }
+
+    /// Transfers only the paths `list` names, besides what the rules say
+    /// (rsync's `--files-from`): one path a line (or a NUL-separated
+    /// list with `nul`), relative to the source, blank lines and lines
+    /// starting with `#` or `;` skipped; a leading `/` or `./` is dropped.
+    /// `under` is where the source lands under the transfer root. `file`
+    /// names the list in errors.
+    pub fn only_from(&mut self, list: &[u8], nul: bool, under: &Path, file: &str) -> Result<(), ListError> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut only = Only::default();
+        let sep = if nul { 0 } else { b'\n' };
+        for (i, line) in list.split(|&b| b == sep).enumerate() {
+            let line = if nul {
+                line
+            } else {
+                line.strip_suffix(b"\r").unwrap_or(line)
+            };
+            if line.is_empty() || (!nul && (line[0] == b'#' || line[0] == b';')) {
+                continue;
+            }
+            let bad = |why: &str| ListError {
+                file: file.to_string(),
+                line: i + 1,
+                why: why.to_string(),
+            };
+            let mut rel = under.to_path_buf();
+            for c in Path::new(std::ffi::OsStr::from_bytes(line)).components() {
+                match c {
+                    std::path::Component::Normal(n) => rel.push(n),
+                    std::path::Component::RootDir | std::path::Component::CurDir => {}
+                    _ => return Err(bad("a path that leaves the source (\"..\")")),
+                }
+            }
+            let named = rel.as_os_str().as_bytes().to_vec();
+            if named.is_empty() {
+                return Err(bad("the source itself: name what is inside it"));
+            }
+            for a in rel.ancestors().skip(1) {
+                let a = a.as_os_str().as_bytes();
+                if !a.is_empty() {
+                    only.on_the_way.insert(a.to_vec());
+                }
+            }
+            only.named.insert(named);
+        }
+        self.only = Some(std::sync::Arc::new(only));
+        Ok(())
+    }
+
+    /// Whether a `--files-from` list restricts the paths.
+    pub fn has_list(&self) -> bool {
+        self.only.is_some()
+    }
+}
+
+impl Only {
+    fn holds(&self, path: &[u8], is_dir: bool) -> bool {
+        if is_dir && self.on_the_way.contains(path) {
+            return true;
+        }
+        // The path itself or a directory above it is named.
+        let mut at = path.len();
+        loop {
+            if self.named.contains(&path[..at]) {
+                return true;
+            }
+            match path[..at].iter().rposition(|&b| b == b'/') {
+                Some(i) => at = i,
+                None => return false,
+            }
+        }
     }
 }
 
@@ -338,6 +435,31 @@ mod tests {
 
     fn inc(f: &Filter, p: &str, dir: bool) -> bool {
         f.included(Path::new(p), dir)
+    }
+
+    #[test]
+    fn a_list_names_files_trees_and_the_way_to_them() {
+        let mut x = f(&[("*.log", false)]);
+        let list = b"a/b/file.txt\n# a comment\n\n./tree/\n/top.log\r\n";
+        x.only_from(list, false, Path::new(""), "list").expect("list");
+        assert!(inc(&x, "a", true) && inc(&x, "a/b", true));
+        assert!(inc(&x, "a/b/file.txt", false));
+        assert!(!inc(&x, "a/b/other.txt", false), "not named");
+        assert!(!inc(&x, "a/b", false), "a file where the way goes");
+        assert!(inc(&x, "tree", true) && inc(&x, "tree/deep/x", false));
+        assert!(!inc(&x, "top.log", false), "named, but the rules exclude it");
+        assert!(!inc(&x, "treetop", false));
+        // Under a root that lands in a directory of the destination.
+        let mut y = Filter::new();
+        y.only_from(b"x\0y/z", true, Path::new("src"), "list").expect("list");
+        assert!(inc(&y, "src", true) && inc(&y, "src/x", false) && inc(&y, "src/y/z", false));
+        assert!(!inc(&y, "src/y/w", false));
+        let e = Filter::new()
+            .only_from(b"ok\n../etc/passwd\n", false, Path::new(""), "list")
+            .expect_err("leaves");
+        assert_eq!(e.line, 2);
+        assert!(e.to_string().contains("list, line 2"), "{e}");
+        assert!(Filter::new().only_from(b"./\n", false, Path::new(""), "l").is_err());
     }
 
     #[test]

@@ -284,6 +284,15 @@ pub struct TransferArgs {
     /// times do, nanoseconds included.
     #[arg(short = '@', long, value_name = "SECS")]
     pub modify_window: Option<u64>,
+    /// Transfer only the paths FILE lists, one a line, relative to the
+    /// source (`-` reads stdin; `#` and `;` lines are comments); a listed
+    /// directory comes with everything in it. The filters still apply.
+    #[arg(long, value_name = "FILE")]
+    pub files_from: Option<PathBuf>,
+    /// The --files-from list is separated by NUL bytes, not lines (as
+    /// `find -print0` writes).
+    #[arg(short = '0', long, requires = "files_from")]
+    pub from0: bool,
     /// Leave alone files smaller than SIZE (suffixes K, M, G, T).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub min_size: Option<u64>,

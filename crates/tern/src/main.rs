@@ -174,6 +174,23 @@ fn options(t: &TransferArgs, m: &ArgMatches, cancel: Arc<AtomicBool>) -> anyhow:
     })
 }
 
+/// The `--files-from` list, read whole (from stdin for `-`): its bytes,
+/// whether it is NUL-separated, and how to name it in errors.
+fn read_list(t: &TransferArgs) -> anyhow::Result<Option<(Vec<u8>, bool, String)>> {
+    let Some(f) = &t.files_from else {
+        return Ok(None);
+    };
+    let (data, name) = if f.as_os_str() == "-" {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut v).context("--files-from -: reading stdin")?;
+        (v, "--files-from (stdin)".to_string())
+    } else {
+        let v = std::fs::read(f).with_context(|| format!("--files-from {}", f.display()))?;
+        (v, f.display().to_string())
+    };
+    Ok(Some((data, t.from0, name)))
+}
+
 fn ends_with_slash(p: &OsStr) -> bool {
     let b = p.as_bytes();
     b.ends_with(b"/") || b.ends_with(b"/.") || b == b"."
@@ -467,6 +484,10 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     let rsync_p =
         matches!(&cli.command, Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } if t.partial_progress);
     let console = Arc::new(Console::new(out, list, rsync_p));
+    let files_from = match &cli.command {
+        Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => read_list(t)?,
+        _ => None,
+    };
     let mut attempt = 0;
     loop {
         let mut remotes = Vec::new();
@@ -483,6 +504,14 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         let mut opts = jobs_for_path(&opts, jobs_given, &remotes);
         // Like rsync: a delta where bytes cross a network, unless -W.
         opts.delta |= !remotes.is_empty() && !whole_file;
+        if let Some((list, nul, name)) = &files_from {
+            let [root] = plan.roots.as_slice() else {
+                return Err(UsageError("--files-from takes one source, whose paths it lists".into()).into());
+            };
+            opts.filter
+                .only_from(list, *nul, &root.dst_rel, name)
+                .map_err(|e| UsageError(e.to_string()))?;
+        }
         if opts.delete && !opts.dry_run {
             if let Some((src, dst, name)) = &plan.renamed {
                 refuse_renamed_mirror(&plan, &opts, src, dst, name)?;
@@ -494,14 +523,15 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             // first needed.
             r.open_streams_ahead(opts.jobs + 2);
         }
-        if plan.direct.is_some() && opts.select.any() {
+        let here = opts.select.any() || opts.filter.has_list();
+        if plan.direct.is_some() && here {
             // The daemons' run does not take them yet.
             console.note(
-                "--size-only, --ignore-existing, --update, --modify-window, --min-size and --max-size \
-                 are applied here: the data goes through this machine",
+                "--files-from, --size-only, --ignore-existing, --update, --modify-window, --min-size and \
+                 --max-size are applied here: the data goes through this machine",
             );
         }
-        if let Some((dr, sources, tickets)) = plan.direct.filter(|_| !opts.select.any()) {
+        if let Some((dr, sources, tickets)) = plan.direct.filter(|_| !here) {
             let req = PullRequest {
                 sources,
                 opts: tern_net::pull::run_options(&opts),

@@ -218,4 +218,99 @@ fn rules_hold_to_and_from_a_daemon() {
     );
     assert_eq!(fs::read(back.join("new")).expect("read"), b"local");
     assert_eq!(fs::read(back.join("old")).expect("read"), b"kept");
+
+    // A list, pulled.
+    let list = t.path().join("list");
+    fs::write(
+        &list, "new
+",
+    )
+    .expect("write");
+    let listed = t.path().join("listed");
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "--json", "--files-from"]).arg(&list))
+        .arg(d.url("tree/"))
+        .arg(format!("{}/", listed.display())));
+    assert_eq!(json(&out)["copied"].as_u64(), Some(1), "{out}");
+    assert_eq!(fs::read(listed.join("new")).expect("read"), b"fresh");
+    assert!(!listed.join("old").exists());
+}
+
+/// `--files-from`: only the listed files and trees cross, the directories
+/// on the way are made, the filters still apply, and `sync --delete`
+/// deletes only within what the list names.
+#[test]
+fn files_from_sends_only_what_it_lists() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    for p in [
+        "a/b/keep.txt",
+        "a/b/not.txt",
+        "a/skip.txt",
+        "tree/x",
+        "tree/deep/y",
+        "tree/z.log",
+        "top",
+    ] {
+        write(&src.join(p), p.as_bytes());
+    }
+    write(&dst.join("tree/stale"), b"stale");
+    write(&dst.join("outside"), b"outside the list");
+    let list = t.path().join("list");
+    fs::write(&list, "# what to send\na/b/keep.txt\n./tree/\n/top\n").expect("write");
+    let out = expect(
+        0,
+        &[
+            &"sync",
+            &"--delete",
+            &"--json",
+            &"--exclude",
+            &"*.log",
+            &"--files-from",
+            &list,
+            &format!("{}/", src.display()),
+            &dst,
+        ],
+    );
+    let j = json(&out);
+    assert_eq!(
+        (j["copied"].as_u64(), j["deleted"].as_u64()),
+        (Some(4), Some(1)),
+        "{out}"
+    );
+    for p in ["a/b/keep.txt", "tree/x", "tree/deep/y", "top"] {
+        assert_eq!(fs::read(dst.join(p)).expect("read"), p.as_bytes(), "{p}");
+    }
+    for p in ["a/b/not.txt", "a/skip.txt", "tree/z.log", "tree/stale"] {
+        assert!(!dst.join(p).exists(), "{p}");
+    }
+    assert_eq!(fs::read(dst.join("outside")).expect("read"), b"outside the list");
+
+    // NUL-separated, from stdin, into a directory named after the source.
+    let other = t.path().join("other");
+    let mut cmd = tern();
+    cmd.args(["copy", "--json", "--files-from", "-", "-0"])
+        .arg(&src)
+        .arg(&other);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), b"a/skip.txt\0top").expect("write");
+    let o = child.wait_with_output().expect("wait");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fs::read(other.join("src/a/skip.txt")).expect("read"), b"a/skip.txt");
+    assert_eq!(fs::read(other.join("src/top")).expect("read"), b"top");
+    assert!(!other.join("src/tree").exists());
+
+    // A line that leaves the source is refused, by file and line.
+    fs::write(&list, "top\n../etc/passwd\n").expect("write");
+    let (code, _, err) = outcome(&run(&[&"copy", &"--files-from", &list, &src, &dst]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("line 2") && err.contains(&list.display().to_string()),
+        "{err}"
+    );
+    let (code, _, err) = outcome(&run(&[&"copy", &"--files-from", &list, &src, &src, &dst]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("one source"), "{err}");
 }
