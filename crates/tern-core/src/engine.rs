@@ -79,6 +79,9 @@ pub struct Options {
     /// Remove destination entries the source does not have (after all data
     /// is in place).
     pub delete: bool,
+    /// With `delete`, also remove destination entries the filter excludes
+    /// (rsync's `--delete-excluded`).
+    pub delete_excluded: bool,
     /// Report what would be done; change nothing.
     pub dry_run: bool,
     /// Decide what changed by BLAKE3 instead of size and mtime.
@@ -168,6 +171,7 @@ impl Default for Options {
         Options {
             mode: Mode::Transfer,
             delete: false,
+            delete_excluded: false,
             dry_run: false,
             checksum: false,
             filter: Filter::new(),
@@ -1178,6 +1182,9 @@ impl Scanner<'_> {
                 let cs = s.join(&se.name);
                 let cd = d.join(&se.name);
                 if !self.ctx.opts.filter.included(&cd, se.kind == Kind::Dir) {
+                    if let (Some(de), true) = (de, self.ctx.opts.delete_excluded) {
+                        self.extra(&d, de);
+                    }
                     continue;
                 }
                 if se.kind == Kind::Dir {
@@ -1199,7 +1206,8 @@ impl Scanner<'_> {
     fn extra(&mut self, dir: &Path, de: Entry) {
         let ctx = self.ctx;
         let rel = dir.join(&de.name);
-        if !ctx.opts.filter.included(&rel, de.kind == Kind::Dir) {
+        let purge = ctx.opts.delete && ctx.opts.delete_excluded && ctx.opts.mode == Mode::Transfer;
+        if !purge && !ctx.opts.filter.included(&rel, de.kind == Kind::Dir) {
             return;
         }
         if ctx.opts.mode == Mode::Check {

@@ -95,6 +95,7 @@ fn options(r: &RunOptions, extra: PullExtra, cancel: Arc<AtomicBool>) -> std::re
     Ok(Options {
         mode: if r.check { Mode::Check } else { Mode::Transfer },
         delete: r.delete,
+        delete_excluded: false,
         dry_run: r.dry_run,
         checksum: r.checksum,
         filter,

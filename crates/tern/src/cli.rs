@@ -85,6 +85,11 @@ pub enum Command {
         /// replace entries of the wrong kind).
         #[arg(long)]
         delete: bool,
+        /// Also remove destination entries the filters exclude (implies
+        /// --delete), as rsync does: `--exclude '*.o' --delete-excluded`
+        /// clears old object files out of a mirror.
+        #[arg(long)]
+        delete_excluded: bool,
         #[command(flatten)]
         opts: TransferArgs,
     },

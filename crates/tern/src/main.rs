@@ -452,9 +452,15 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     let cancel = cancel_flag()?;
     let (opts, out, remote, verb) = match &cli.command {
         Command::Copy { opts: t, .. } => (options(t, m, cancel.clone())?, &t.out, &t.remote, "copied"),
-        Command::Sync { delete, opts: t, .. } => {
+        Command::Sync {
+            delete,
+            delete_excluded,
+            opts: t,
+            ..
+        } => {
             let mut o = options(t, m, cancel.clone())?;
-            o.delete = *delete;
+            o.delete = *delete || *delete_excluded;
+            o.delete_excluded = *delete_excluded;
             (o, &t.out, &t.remote, "copied")
         }
         Command::Check { out, jobs, remote, .. } => {
@@ -523,12 +529,12 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             // first needed.
             r.open_streams_ahead(opts.jobs + 2);
         }
-        let here = opts.select.any() || opts.filter.has_list();
+        let here = opts.select.any() || opts.filter.has_list() || opts.delete_excluded;
         if plan.direct.is_some() && here {
             // The daemons' run does not take them yet.
             console.note(
-                "--files-from, --size-only, --ignore-existing, --update, --modify-window, --min-size and \
-                 --max-size are applied here: the data goes through this machine",
+                "--files-from, --delete-excluded, --size-only, --ignore-existing, --update, --modify-window, \
+                 --min-size and --max-size are applied here: the data goes through this machine",
             );
         }
         if let Some((dr, sources, tickets)) = plan.direct.filter(|_| !here) {

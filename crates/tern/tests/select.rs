@@ -314,3 +314,48 @@ fn files_from_sends_only_what_it_lists() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("one source"), "{err}");
 }
+
+/// `--delete-excluded`: what the filters exclude goes from the destination
+/// too, files and directories alike; plain `--delete` keeps it.
+#[test]
+fn delete_excluded_clears_what_the_filters_exclude() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write(&src.join("main.c"), b"int main;");
+    write(&src.join("main.o"), b"object");
+    write(&src.join("build/out"), b"built");
+    write(&dst.join("main.o"), b"old object");
+    write(&dst.join("build/out"), b"old build");
+    write(&dst.join("lib/x.o"), b"stale object");
+    let sync = |extra: &str| {
+        let out = expect(
+            0,
+            &[
+                &"sync",
+                &"--json",
+                &extra,
+                &"--exclude",
+                &"*.o",
+                &"--exclude",
+                &"/build/",
+                &format!("{}/", src.display()),
+                &dst,
+            ],
+        );
+        json(&out)
+    };
+    let j = sync("--delete");
+    assert_eq!(j["deleted"].as_u64(), Some(1), "{j}");
+    assert!(dst.join("main.o").exists() && dst.join("build/out").exists());
+    assert!(
+        !dst.join("lib").exists(),
+        "lib/ (only x.o, excluded) is not the source's"
+    );
+    write(&dst.join("lib/x.o"), b"stale object");
+    let j = sync("--delete-excluded");
+    assert_eq!(j["deleted"].as_u64(), Some(3), "{j}");
+    for p in ["main.o", "build", "lib"] {
+        assert!(!dst.join(p).exists(), "{p} kept");
+    }
+    assert_eq!(fs::read(dst.join("main.c")).expect("read"), b"int main;");
+}
