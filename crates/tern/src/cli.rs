@@ -126,6 +126,13 @@ pub enum Command {
     /// throughput of each transport; then say which transport and how many
     /// workers a copy would use, and why.
     Bench(BenchArgs),
+    /// List what a local path or a daemon's path (tern://HOST[:PORT]/MODULE/PATH)
+    /// holds: a directory's entries, directories with a trailing `/`.
+    ///
+    /// Names are printed with rsync's escapes (`\#012` for a newline), so
+    /// every line is one entry. Examples: `tern ls -l tern://nas/photos/2024`,
+    /// `tern ls -R ./src`.
+    Ls(LsArgs),
     /// Print a key fingerprint: this client's (presented to daemons that
     /// authorize keys), or with --server / --state-dir a daemon's. The key
     /// is created if it does not exist yet.
@@ -137,6 +144,21 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+}
+
+/// `tern ls` options.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// What to list.
+    pub path: OsString,
+    /// Also show permissions, size and modification time (UTC).
+    #[arg(short = 'l', long)]
+    pub long: bool,
+    /// List everything beneath, as paths relative to PATH.
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `tern bench` options.

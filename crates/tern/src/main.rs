@@ -8,6 +8,7 @@
 mod bench;
 mod cli;
 mod credentials;
+mod ls;
 mod net;
 mod output;
 
@@ -443,6 +444,15 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             return net::serve(a);
         }
         Command::Fingerprint { server, state_dir } => return net::fingerprint(*server, state_dir.as_deref()),
+        Command::Ls(a) => {
+            init_log_level(tracing::Level::WARN);
+            let src = open_source(&a.path, &a.remote, &mut Vec::new())?;
+            let name = src.name.clone().unwrap_or_else(|| PathBuf::from(&a.path));
+            let mut out = std::io::stdout().lock();
+            let failed = ls::list(&*src.ep, &name, a.long, a.recursive, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            return Ok(if failed > 0 { Exit::Partial } else { Exit::Ok });
+        }
         Command::Bench(a) => {
             init_log_level(tracing::Level::WARN);
             return bench::run(a);
@@ -473,7 +483,9 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             };
             (o, out, remote, "checked")
         }
-        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) => unreachable!("handled above"),
+        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) | Command::Ls(_) => {
+            unreachable!("handled above")
+        }
     };
     let whole_file = match &cli.command {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => t.whole_file,
@@ -750,6 +762,6 @@ fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             };
             Ok(Plan::new(d, vec![(root, s.remote)]))
         }
-        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) => bail!("not a transfer"),
+        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) | Command::Ls(_) => bail!("not a transfer"),
     }
 }
