@@ -274,8 +274,9 @@ pub struct Summary {
     /// Bytes of delta transfers taken from the destination's old version
     /// instead of being sent (not in `bytes_written`).
     pub bytes_matched: u64,
-    /// Bytes taken from another file written earlier in the run (a copy of
-    /// it), instead of being sent again (not in `bytes_written`).
+    /// Bytes taken from another file, instead of being sent again: one
+    /// written earlier in the run (a copy of it), or one the destination
+    /// had under another name (not in `bytes_written`).
     pub bytes_deduplicated: u64,
     /// Total size of the files copied.
     pub bytes_total: u64,

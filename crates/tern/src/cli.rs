@@ -311,6 +311,10 @@ pub struct TransferArgs {
     /// times do, nanoseconds included.
     #[arg(short = '@', long, value_name = "SECS")]
     pub modify_window: Option<u64>,
+    /// After the run, print rsync's statistics block on stdout (files
+    /// transferred, literal and matched data, bytes sent and received).
+    #[arg(long, conflicts_with = "json")]
+    pub stats: bool,
     /// Transfer only the paths FILE lists, one a line, relative to the
     /// source (`-` reads stdin; `#` and `;` lines are comments); a listed
     /// directory comes with everything in it. The filters still apply.
@@ -395,6 +399,7 @@ pub struct OutputArgs {
     /// Print one JSON summary on stdout (and nothing else there).
     #[arg(long)]
     pub json: bool,
+
     /// List each change (-v); add log messages (-vv, -vvv).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -501,7 +501,8 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     let list = opts.dry_run || opts.mode == Mode::Check;
     let rsync_p =
         matches!(&cli.command, Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } if t.partial_progress);
-    let console = Arc::new(Console::new(out, list, rsync_p));
+    let stats = matches!(&cli.command, Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } if t.stats);
+    let console = Arc::new(Console::new(out, list, rsync_p).with_stats(stats));
     let files_from = match &cli.command {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => read_list(t)?,
         _ => None,

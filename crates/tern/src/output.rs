@@ -18,6 +18,8 @@ pub struct Console {
     quiet: bool,
     /// Change lines go to stderr when stdout carries JSON.
     json: bool,
+    /// `--stats`.
+    stats: bool,
     /// -v: explain the network's part in every summary.
     verbose: bool,
     files_planned: AtomicU64,
@@ -47,10 +49,17 @@ impl Console {
             list: !out.quiet && (list || out.verbose > 0),
             quiet: out.quiet,
             json: out.json,
+            stats: false,
             verbose: out.verbose > 0,
             files_planned: AtomicU64::new(0),
             files_done: AtomicU64::new(0),
         }
+    }
+
+    /// Also prints rsync's `--stats` block after the summary.
+    pub fn with_stats(mut self, stats: bool) -> Console {
+        self.stats = stats;
+        self
     }
 
     fn line(&self, to_stdout: bool, s: &str) {
@@ -127,7 +136,7 @@ impl Console {
                 }
                 if s.bytes_deduplicated > 0 {
                     from.push(format!(
-                        "{} from files already sent, which others copy",
+                        "{} from other files (copies sent in the run, or old names at the destination)",
                         HumanBytes(s.bytes_deduplicated)
                     ));
                 }
@@ -176,6 +185,9 @@ impl Console {
             None => {}
         }
         eprintln!("{}", parts.join(", "));
+        if self.stats && verb != "checked" {
+            print_stats(s, paths);
+        }
         let slow = s.bytes_total >= SLOW_BYTES && s.bytes_per_sec < SLOW_RATE;
         if self.verbose || slow {
             for p in paths.iter().filter(|p| p.packets_sent > 0) {
@@ -183,6 +195,47 @@ impl Console {
             }
         }
     }
+}
+
+/// rsync's `--stats` block, on stdout, with the lines scripts parse named
+/// and counted as rsync does: literal data is what was sent of the files,
+/// matched data what was built from what the destination had. Without a
+/// daemon the bytes sent are the file data written.
+fn print_stats(s: &Summary, paths: &[PathReport]) {
+    let n = |v: u64| {
+        let d = v.to_string();
+        let mut out = String::new();
+        for (i, c) in d.chars().enumerate() {
+            if i > 0 && (d.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    };
+    let (sent, received) = match paths.is_empty() {
+        true => (s.bytes_written, 0),
+        false => (
+            paths.iter().map(|p| p.wire_bytes_sent).sum(),
+            paths.iter().map(|p| p.wire_bytes_received).sum(),
+        ),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nNumber of files: {}\nNumber of created directories: {}\nNumber of deleted files: {}\n\
+         Number of regular files transferred: {}\nTotal transferred file size: {} bytes\n\
+         Literal data: {} bytes\nMatched data: {} bytes\nTotal bytes sent: {}\nTotal bytes received: {}\n",
+        n(s.files),
+        n(s.dirs_created),
+        n(s.deleted),
+        n(s.copied),
+        n(s.bytes_total),
+        n(s.bytes_written),
+        n(s.bytes_matched + s.bytes_deduplicated + s.bytes_resumed + s.bytes_cloned),
+        n(sent),
+        n(received)
+    );
 }
 
 /// A transfer this large moving slower than this gets the network's part

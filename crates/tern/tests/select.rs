@@ -359,3 +359,49 @@ fn delete_excluded_clears_what_the_filters_exclude() {
     }
     assert_eq!(fs::read(dst.join("main.c")).expect("read"), b"int main;");
 }
+
+/// `--stats` prints rsync's statistics block on stdout, with the numbers
+/// a script that parses rsync's reads: a delta's literal and matched data.
+#[test]
+fn stats_prints_rsyncs_block() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    let old = data(3 << 20, 5);
+    let mut new = old.clone();
+    new[1 << 20..(1 << 20) + 100].fill(1);
+    write(&src.join("big"), &new);
+    write(&dst.join("big"), &old);
+    set_mtime(&dst.join("big"), 1_600_000_000, 0);
+    write(&src.join("small"), b"12345");
+    let out = expect(
+        0,
+        &[
+            &"copy",
+            &"--stats",
+            &"--no-whole-file",
+            &"--chunk-size",
+            &"1M",
+            &format!("{}/", src.display()),
+            &dst,
+        ],
+    );
+    let field = |name: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} in {out}"));
+        line[name.len()..]
+            .trim()
+            .trim_end_matches(" bytes")
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{line}"))
+    };
+    assert_eq!(field("Number of regular files transferred:"), 2);
+    assert_eq!(field("Total transferred file size:"), (3 << 20) + 5);
+    let (literal, matched) = (field("Literal data:"), field("Matched data:"));
+    assert_eq!(literal + matched, (3 << 20) + 5, "{out}");
+    assert!(literal < 256 << 10, "{out}");
+    assert_eq!(field("Total bytes sent:"), literal);
+    assert_eq!(fs::read(dst.join("big")).expect("read"), new);
+}
