@@ -82,6 +82,9 @@ pub struct Options {
     /// With `delete`, also remove destination entries the filter excludes
     /// (rsync's `--delete-excluded`).
     pub delete_excluded: bool,
+    /// With `delete`, remove nothing if more than this many entries would
+    /// go, everything inside a removed directory counted.
+    pub max_delete: Option<u64>,
     /// Report what would be done; change nothing.
     pub dry_run: bool,
     /// Decide what changed by BLAKE3 instead of size and mtime.
@@ -172,6 +175,7 @@ impl Default for Options {
             mode: Mode::Transfer,
             delete: false,
             delete_excluded: false,
+            max_delete: None,
             dry_run: false,
             checksum: false,
             filter: Filter::new(),
@@ -668,6 +672,34 @@ impl Ctx {
         }
     }
 
+    /// How many entries deleting `deletions` removes, everything inside a
+    /// directory counted; counting stops once past `max`. An entry that
+    /// cannot be listed counts as one.
+    fn count_deletions(&self, deletions: &[PathBuf], max: u64) -> u64 {
+        let mut n = 0u64;
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for rel in deletions {
+            n += 1;
+            if let Ok(Some(e)) = self.dest.stat(rel) {
+                if e.kind == Kind::Dir {
+                    dirs.push(rel.clone());
+                }
+            }
+        }
+        while let Some(d) = dirs.pop() {
+            if n > max {
+                break;
+            }
+            for e in self.dest.read_dir(&d).unwrap_or_default() {
+                n += 1;
+                if e.kind == Kind::Dir {
+                    dirs.push(d.join(&e.name));
+                }
+            }
+        }
+        n
+    }
+
     /// Work that must wait until all data is in place.
     fn finish(
         &self,
@@ -705,7 +737,20 @@ impl Ctx {
         if !deletions.is_empty() {
             self.settle();
         }
-        let safe_to_delete = self.stats.errors.load(Ordering::Relaxed) == 0 && !self.cancelled();
+        let mut safe_to_delete = self.stats.errors.load(Ordering::Relaxed) == 0 && !self.cancelled();
+        if let (true, false, Some(max)) = (safe_to_delete, deletions.is_empty(), self.opts.max_delete) {
+            let n = self.count_deletions(&deletions, max);
+            if n > max {
+                self.fail(Error::Other {
+                    path: PathBuf::from(self.dest.describe(Path::new(""))),
+                    message: format!(
+                        "{} entries or more would be deleted, over --max-delete {max}; nothing was deleted",
+                        n
+                    ),
+                });
+                safe_to_delete = false;
+            }
+        }
         if safe_to_delete {
             for rel in deletions {
                 match self.dest.remove(&rel) {

@@ -96,6 +96,7 @@ fn options(r: &RunOptions, extra: PullExtra, cancel: Arc<AtomicBool>) -> std::re
         mode: if r.check { Mode::Check } else { Mode::Transfer },
         delete: r.delete,
         delete_excluded: false,
+        max_delete: None,
         dry_run: r.dry_run,
         checksum: r.checksum,
         filter,

@@ -90,6 +90,11 @@ pub enum Command {
         /// clears old object files out of a mirror.
         #[arg(long)]
         delete_excluded: bool,
+        /// With --delete, delete nothing (and fail) if more than N entries
+        /// would go, everything inside a directory counted: a guard against
+        /// a wrong source. (rsync deletes the first N.)
+        #[arg(long, value_name = "N")]
+        max_delete: Option<u64>,
         #[command(flatten)]
         opts: TransferArgs,
     },

@@ -465,12 +465,14 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         Command::Sync {
             delete,
             delete_excluded,
+            max_delete,
             opts: t,
             ..
         } => {
             let mut o = options(t, m, cancel.clone())?;
             o.delete = *delete || *delete_excluded;
             o.delete_excluded = *delete_excluded;
+            o.max_delete = *max_delete;
             (o, &t.out, &t.remote, "copied")
         }
         Command::Check { out, jobs, remote, .. } => {
@@ -542,12 +544,12 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             // first needed.
             r.open_streams_ahead(opts.jobs + 2);
         }
-        let here = opts.select.any() || opts.filter.has_list() || opts.delete_excluded;
+        let here = opts.select.any() || opts.filter.has_list() || opts.delete_excluded || opts.max_delete.is_some();
         if plan.direct.is_some() && here {
             // The daemons' run does not take them yet.
             console.note(
-                "--files-from, --delete-excluded, --size-only, --ignore-existing, --update, --modify-window, \
-                 --min-size and --max-size are applied here: the data goes through this machine",
+                "--files-from, --delete-excluded, --max-delete, --size-only, --ignore-existing, --update, \
+                 --modify-window, --min-size and --max-size are applied here: the data goes through this machine",
             );
         }
         if let Some((dr, sources, tickets)) = plan.direct.filter(|_| !here) {

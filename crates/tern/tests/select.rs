@@ -405,3 +405,40 @@ fn stats_prints_rsyncs_block() {
     assert_eq!(field("Total bytes sent:"), literal);
     assert_eq!(fs::read(dst.join("big")).expect("read"), new);
 }
+
+/// `--max-delete N`: past N entries (a directory's contents counted) the
+/// run deletes nothing, fails, and says why; within it, all goes.
+#[test]
+fn max_delete_guards_against_deleting_too_much() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write(&src.join("keep"), b"k");
+    write(&dst.join("extra"), b"e");
+    for i in 0..3 {
+        write(&dst.join(format!("old/f{i}")), b"o");
+    }
+    let sync = |max: &str| {
+        run(&[
+            &"sync",
+            &"--delete",
+            &"--json",
+            &"--max-delete",
+            &max,
+            &format!("{}/", src.display()),
+            &dst,
+        ])
+    };
+    let (code, out, err) = outcome(&sync("4"));
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        err.contains("--max-delete 4") && err.contains("nothing was deleted"),
+        "{err}"
+    );
+    assert_eq!(json(&out)["deleted"].as_u64(), Some(0));
+    assert!(dst.join("extra").exists() && dst.join("old/f2").exists());
+    assert_eq!(fs::read(dst.join("keep")).expect("read"), b"k", "the data still came");
+    let (code, out, err) = outcome(&sync("5"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(json(&out)["deleted"].as_u64(), Some(2), "{out}");
+    assert!(!dst.join("extra").exists() && !dst.join("old").exists());
+}
