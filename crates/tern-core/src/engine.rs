@@ -238,6 +238,26 @@ pub enum Action {
     Differ,
 }
 
+/// What differs between a source entry and the destination's, as rsync's
+/// `--itemize-changes` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// The destination had nothing there (or something of another kind).
+    pub new: bool,
+    /// The contents differ by hash (`--checksum`), or a symlink's target.
+    pub content: bool,
+    /// The sizes differ.
+    pub size: bool,
+    /// The modification times differ.
+    pub time: bool,
+    /// The permissions differ.
+    pub perms: bool,
+    /// The owners differ (and are kept).
+    pub owner: bool,
+    /// The groups differ (and are kept).
+    pub group: bool,
+}
+
 /// Receives what the engine does, as it does it. Called from several
 /// threads.
 pub trait Observer: Send + Sync {
@@ -251,6 +271,9 @@ pub trait Observer: Send + Sync {
     fn file_done(&self) {}
     /// An action on `path` (relative to the destination root).
     fn action(&self, _action: Action, _path: &Path, _size: u64) {}
+    /// The same action with what differs, for rsync's `--itemize-changes`:
+    /// `kind` is the source entry's (the removed entry's for a deletion).
+    fn itemize(&self, _action: Action, _kind: Kind, _path: &Path, _diff: Diff) {}
     /// Something failed; the run goes on with other files.
     fn error(&self, _error: &Error) {}
 }
@@ -658,6 +681,28 @@ impl Ctx {
         self.obs.action(action, path, size);
     }
 
+    /// Tells the observer what differs about `path`, whose source entry is
+    /// `se` and destination entry `de`.
+    fn itemize(&self, action: Action, path: &Path, se: &Entry, de: Option<&Entry>) {
+        let same_kind = de.filter(|d| d.kind == se.kind);
+        let diff = match same_kind {
+            None => Diff {
+                new: true,
+                ..Diff::default()
+            },
+            Some(d) => Diff {
+                new: false,
+                content: se.kind == Kind::Symlink && se.target != d.target,
+                size: se.kind == Kind::File && se.size != d.size,
+                time: se.kind != Kind::Symlink && !self.opts.select.same_time(&se.meta.mtime, &d.meta.mtime),
+                perms: se.kind != Kind::Symlink && se.meta.mode != d.meta.mode,
+                owner: self.owner && se.meta.uid != d.meta.uid,
+                group: self.owner && se.meta.gid != d.meta.gid,
+            },
+        };
+        self.obs.itemize(action, se.kind, path, diff);
+    }
+
     fn meta_differs(&self, a: &Meta, b: &Meta, kind: Kind) -> bool {
         (kind != Kind::Symlink && a.mode != b.mode)
             || !self.opts.select.same_time(&a.mtime, &b.mtime)
@@ -757,6 +802,7 @@ impl Ctx {
                     Ok(()) => {
                         add(&self.stats.deleted, 1);
                         self.act(Action::Delete, &rel, 0);
+                        self.obs.itemize(Action::Delete, Kind::File, &rel, Diff::default());
                     }
                     Err(e) => self.fail(e),
                 }
@@ -944,6 +990,7 @@ impl Scanner<'_> {
             return false;
         }
         ctx.act(Action::Delete, dst_rel, 0);
+        ctx.obs.itemize(Action::Delete, found.kind, dst_rel, Diff::default());
         if ctx.opts.dry_run {
             return true;
         }
@@ -994,6 +1041,7 @@ impl Scanner<'_> {
                     if let Some(id) = se.file_id {
                         if let Some(first) = self.links.get(&id) {
                             ctx.act(Action::HardLink, dst_rel, 0);
+                            ctx.itemize(Action::HardLink, dst_rel, &se, None);
                             self.deferred_links.push((first.clone(), dst_rel.to_path_buf(), se));
                             return;
                         }
@@ -1021,7 +1069,9 @@ impl Scanner<'_> {
                     }
                 }
                 let update = de.as_ref().is_some_and(|d| d.kind != Kind::Dir);
-                ctx.act(if update { Action::Update } else { Action::New }, dst_rel, se.size);
+                let what = if update { Action::Update } else { Action::New };
+                ctx.act(what, dst_rel, se.size);
+                ctx.itemize(what, dst_rel, &se, de.as_ref());
                 if ctx.opts.dry_run {
                     add(&ctx.stats.copied, 1);
                     add(&ctx.stats.bytes_total, se.size);
@@ -1089,6 +1139,7 @@ impl Scanner<'_> {
         };
         if !exists {
             ctx.act(Action::Dir, dst_rel, 0);
+            ctx.itemize(Action::Dir, dst_rel, se, None);
             if !ctx.opts.dry_run {
                 if let Err(e) = ctx.dest.make_dir(dst_rel) {
                     ctx.fail(e);
@@ -1117,6 +1168,7 @@ impl Scanner<'_> {
         }
         if ctx.meta_differs(&de.meta, &se.meta, se.kind) {
             ctx.act(Action::Meta, dst_rel, 0);
+            ctx.itemize(Action::Meta, dst_rel, &se, Some(&de));
             add(&ctx.stats.meta_updated, 1);
         }
         if ctx.opts.dry_run {
@@ -1137,6 +1189,7 @@ impl Scanner<'_> {
     fn push_small(&mut self, src: &Arc<dyn Source>, src_rel: &Path, dst_rel: &Path, se: Entry, de: Option<Entry>) {
         if se.kind == Kind::Symlink {
             self.ctx.act(Action::Symlink, dst_rel, 0);
+            self.ctx.itemize(Action::Symlink, dst_rel, &se, de.as_ref());
             if self.ctx.opts.dry_run {
                 return;
             }
@@ -1265,6 +1318,7 @@ impl Scanner<'_> {
         } else if ctx.opts.delete {
             if ctx.opts.dry_run {
                 ctx.act(Action::Delete, &rel, 0);
+                ctx.obs.itemize(Action::Delete, de.kind, &rel, Diff::default());
                 add(&ctx.stats.deleted, 1);
             } else {
                 self.deletions.push(rel);
@@ -2257,6 +2311,11 @@ impl Ctx {
                 Ok(true) => self.compared_equal(&t),
                 Ok(false) => {
                     self.act(Action::Update, &t.dst_rel, t.entry.size);
+                    let diff = Diff {
+                        content: true,
+                        ..Diff::default()
+                    };
+                    self.obs.itemize(Action::Update, Kind::File, &t.dst_rel, diff);
                     if self.opts.dry_run {
                         add(&self.stats.copied, 1);
                         add(&self.stats.bytes_total, t.entry.size);
@@ -2289,6 +2348,7 @@ impl Ctx {
         self.obs.file_done();
         if self.meta_differs(&de.meta, &t.entry.meta, Kind::File) || self.opts.xattrs {
             self.act(Action::Meta, &t.dst_rel, 0);
+            self.itemize(Action::Meta, &t.dst_rel, &t.entry, Some(de));
             add(&self.stats.meta_updated, 1);
             if !self.opts.dry_run {
                 let r = self.xattrs_of(&*t.src, &t.src_rel).and_then(|x| {

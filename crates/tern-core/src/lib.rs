@@ -27,7 +27,7 @@ mod sys;
 pub use sys::{drop_cache, open_file_budget, AlignedBuf};
 
 pub use endpoint::{Dest, FileSpec, ReadFile, Source, WriteFile, Xattrs};
-pub use engine::{hash_file, run, Action, Mode, Observer, Options, Root, Summary};
+pub use engine::{hash_file, run, Action, Diff, Mode, Observer, Options, Root, Summary};
 pub use entry::{Entry, Kind, Meta, Time};
 pub use error::{Error, Result};
 pub use local::LocalEndpoint;

@@ -316,6 +316,12 @@ pub struct TransferArgs {
     /// times do, nanoseconds included.
     #[arg(short = '@', long, value_name = "SECS")]
     pub modify_window: Option<u64>,
+    /// Print each change as rsync's `-i` does, on stdout: `YXcstpoguax
+    /// PATH`, e.g. `>f+++++++++ new.txt`, `>f.st...... changed.txt`,
+    /// `cd+++++++++ dir/`, `*deleting   old.txt` (`<` for files sent to a
+    /// daemon).
+    #[arg(short = 'i', long)]
+    pub itemize_changes: bool,
     /// After the run, print rsync's statistics block on stdout (files
     /// transferred, literal and matched data, bytes sent and received).
     #[arg(long, conflicts_with = "json")]

@@ -175,6 +175,16 @@ fn options(t: &TransferArgs, m: &ArgMatches, cancel: Arc<AtomicBool>) -> anyhow:
     })
 }
 
+/// Whether the command's destination is a daemon (what `-i` marks `<`).
+fn pushes(cmd: &Command) -> bool {
+    let dst = match cmd {
+        Command::Copy { paths, .. } => paths.last(),
+        Command::Sync { dst, .. } => Some(dst),
+        _ => None,
+    };
+    dst.is_some_and(|d| matches!(net::parse_loc(d), Ok(Loc::Remote(_))))
+}
+
 /// The `--files-from` list, read whole (from stdin for `-`): its bytes,
 /// whether it is NUL-separated, and how to name it in errors.
 fn read_list(t: &TransferArgs) -> anyhow::Result<Option<(Vec<u8>, bool, String)>> {
@@ -503,8 +513,15 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     let list = opts.dry_run || opts.mode == Mode::Check;
     let rsync_p =
         matches!(&cli.command, Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } if t.partial_progress);
-    let stats = matches!(&cli.command, Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } if t.stats);
-    let console = Arc::new(Console::new(out, list, rsync_p).with_stats(stats));
+    let (stats, itemize) = match &cli.command {
+        Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => (t.stats, t.itemize_changes),
+        _ => (false, false),
+    };
+    let console = Arc::new(
+        Console::new(out, list, rsync_p)
+            .with_stats(stats)
+            .with_itemize(itemize, pushes(&cli.command)),
+    );
     let files_from = match &cli.command {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => read_list(t)?,
         _ => None,
@@ -544,12 +561,14 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             // first needed.
             r.open_streams_ahead(opts.jobs + 2);
         }
-        let here = opts.select.any() || opts.filter.has_list() || opts.delete_excluded || opts.max_delete.is_some();
+        let here =
+            opts.select.any() || opts.filter.has_list() || opts.delete_excluded || opts.max_delete.is_some() || itemize;
         if plan.direct.is_some() && here {
             // The daemons' run does not take them yet.
             console.note(
-                "--files-from, --delete-excluded, --max-delete, --size-only, --ignore-existing, --update, \
-                 --modify-window, --min-size and --max-size are applied here: the data goes through this machine",
+                "--files-from, --delete-excluded, --max-delete, --itemize-changes, --size-only, \
+                 --ignore-existing, --update, --modify-window, --min-size and --max-size are applied here: \
+                 the data goes through this machine",
             );
         }
         if let Some((dr, sources, tickets)) = plan.direct.filter(|_| !here) {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tern_core::{Action, Error, Observer, Summary};
+use tern_core::{Action, Diff, Error, Kind, Observer, Summary};
 use tern_net::path::PathReport;
 
 use crate::cli::OutputArgs;
@@ -20,6 +20,8 @@ pub struct Console {
     json: bool,
     /// `--stats`.
     stats: bool,
+    /// `-i`, and whether the files are sent to a daemon.
+    itemize: Option<bool>,
     /// -v: explain the network's part in every summary.
     verbose: bool,
     files_planned: AtomicU64,
@@ -50,6 +52,7 @@ impl Console {
             quiet: out.quiet,
             json: out.json,
             stats: false,
+            itemize: None,
             verbose: out.verbose > 0,
             files_planned: AtomicU64::new(0),
             files_done: AtomicU64::new(0),
@@ -59,6 +62,16 @@ impl Console {
     /// Also prints rsync's `--stats` block after the summary.
     pub fn with_stats(mut self, stats: bool) -> Console {
         self.stats = stats;
+        self
+    }
+
+    /// Prints each change as rsync's `--itemize-changes` does, instead of
+    /// the `-v` lines; `push` when the files go to a daemon (`<`, sent).
+    pub fn with_itemize(mut self, itemize: bool, push: bool) -> Console {
+        self.itemize = itemize.then_some(push);
+        if itemize {
+            self.list = false;
+        }
         self
     }
 
@@ -353,7 +366,62 @@ impl Observer for Console {
         }
     }
 
+    fn itemize(&self, action: Action, kind: Kind, path: &Path, diff: Diff) {
+        use std::os::unix::ffi::OsStrExt;
+        let Some(push) = self.itemize else {
+            return;
+        };
+        let mut name = crate::ls::escape(path.as_os_str().as_bytes());
+        if name.is_empty() {
+            name.push('.');
+        }
+        if kind == Kind::Dir && action != Action::Delete {
+            name.push('/');
+        }
+        self.line(!self.json, &format!("{} {name}", item_code(action, kind, diff, push)));
+    }
+
     fn error(&self, e: &Error) {
         self.line(false, &format!("error: {e}"));
     }
+}
+
+/// rsync's eleven-letter `YXcstpoguax` code for a change: `>f+++++++++` a
+/// file received new, `<f.st......` one sent with another size and time,
+/// `cd+++++++++` a directory made, `.f..t......` a time fixed, `*deleting`.
+fn item_code(action: Action, kind: Kind, d: Diff, push: bool) -> String {
+    if action == Action::Delete {
+        return "*deleting  ".into();
+    }
+    let x = match kind {
+        Kind::File => 'f',
+        Kind::Dir => 'd',
+        Kind::Symlink => 'L',
+        Kind::Special => 'S',
+    };
+    let y = match action {
+        Action::HardLink => 'h',
+        Action::Meta => '.',
+        _ if kind == Kind::File => {
+            if push {
+                '<'
+            } else {
+                '>'
+            }
+        }
+        _ => 'c',
+    };
+    if d.new {
+        return format!("{y}{x}+++++++++");
+    }
+    let f = |on: bool, c: char| if on { c } else { '.' };
+    format!(
+        "{y}{x}{}{}{}{}{}{}...",
+        f(d.content, 'c'),
+        f(d.size, 's'),
+        f(d.time, 't'),
+        f(d.perms, 'p'),
+        f(d.owner, 'o'),
+        f(d.group, 'g')
+    )
 }

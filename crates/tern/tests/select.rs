@@ -442,3 +442,61 @@ fn max_delete_guards_against_deleting_too_much() {
     assert_eq!(json(&out)["deleted"].as_u64(), Some(2), "{out}");
     assert!(!dst.join("extra").exists() && !dst.join("old").exists());
 }
+
+/// `-i` prints rsync's change codes, one change a line on stdout.
+#[test]
+fn itemize_changes_prints_rsyncs_codes() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write(&src.join("d/new"), b"new");
+    write(&src.join("changed"), b"longer now");
+    write(&dst.join("changed"), b"short");
+    write(&src.join("touched"), b"same");
+    write(&dst.join("touched"), b"same");
+    set_mtime(&dst.join("changed"), 1_600_000_000, 0);
+    set_mtime(&dst.join("touched"), 1_600_000_000, 0);
+    std::os::unix::fs::symlink("changed", src.join("link")).expect("symlink");
+    write(&dst.join("gone"), b"x");
+    let out = expect(
+        0,
+        &[
+            &"sync",
+            &"--delete",
+            &"-i",
+            &"--no-fsync",
+            &format!("{}/", src.display()),
+            &dst,
+        ],
+    );
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "*deleting   gone",
+            ">f+++++++++ d/new",
+            ">f..t...... touched",
+            ">f.st...... changed",
+            "cL+++++++++ link",
+            "cd+++++++++ d/",
+        ],
+        "{out}"
+    );
+    // A time fixed alone, and nothing else to say.
+    set_mtime(&dst.join("touched"), 1_600_000_000, 0);
+    let out = expect(
+        0,
+        &[&"copy", &"-i", &"--size-only", &format!("{}/", src.display()), &dst],
+    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), [".f..t...... touched"], "{out}");
+
+    // Sent to a daemon: `<`.
+    let module = t.path().join("module");
+    fs::create_dir(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let out = ok(d
+        .auth(client(t.path()).args(["copy", "-i"]))
+        .arg(src.join("touched"))
+        .arg(d.url("")));
+    assert_eq!(out.trim(), "<f+++++++++ touched", "{out}");
+}
