@@ -291,6 +291,17 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             let path = PathBuf::from(&p);
             let ep = LocalEndpoint::following_root(path.clone());
             let root = ep.stat(Path::new(""))?;
+            // Missing parents are made, as rsync's --mkpath does, whether
+            // a directory or a single file lands there.
+            if let (true, None, Some(parent)) = (write, &root, path.parent()) {
+                if !parent.as_os_str().is_empty() {
+                    if let Some(file) = parent.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
+                        bail!("destination {}: {} is not a directory", path.display(), file.display());
+                    }
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("destination {}: making its parent directories", path.display()))?;
+                }
+            }
             Ok(Dst {
                 ep: Arc::new(ep),
                 root,

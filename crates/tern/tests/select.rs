@@ -500,3 +500,27 @@ fn itemize_changes_prints_rsyncs_codes() {
         .arg(d.url("")));
     assert_eq!(out.trim(), "<f+++++++++ touched", "{out}");
 }
+
+/// Issue 20: a single file copied to a path whose parents are missing gets
+/// them made, as directory copies do; a destination that cannot be is a
+/// fatal error (exit 1) that says why.
+#[test]
+fn missing_parents_of_the_destination_are_made() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let f = t.path().join("f");
+    write(&f, b"file");
+    let to = t.path().join("a/b/c.txt");
+    expect(0, &[&"copy", &f, &to]);
+    assert_eq!(fs::read(&to).expect("read"), b"file");
+    // A dry run makes nothing.
+    let dry = t.path().join("x/y/z");
+    expect(0, &[&"copy", &"-n", &f, &dry]);
+    assert!(!t.path().join("x").exists());
+    // Under a file: exit 1, naming it.
+    let (code, _, err) = outcome(&run(&[&"copy", &f, &f.join("under/it")]));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is not a directory") && err.contains(&f.display().to_string()),
+        "{err}"
+    );
+}
