@@ -138,6 +138,19 @@ pub enum Command {
     /// every line is one entry. Examples: `tern ls -l tern://nas/photos/2024`,
     /// `tern ls -R ./src`.
     Ls(LsArgs),
+    /// Print a shell completion script: `tern completions bash >
+    /// /etc/bash_completion.d/tern`, or for zsh, fish, elvish, powershell.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print tern's man page (roff) on stdout, or with DIR write tern.1 and a
+    /// page per command (tern-copy.1, ...) there: `tern man | man -l -`.
+    Man {
+        /// Directory to write the pages to.
+        dir: Option<PathBuf>,
+    },
     /// Print a key fingerprint: this client's (presented to daemons that
     /// authorize keys), or with --server / --state-dir a daemon's. The key
     /// is created if it does not exist yet.

@@ -175,6 +175,32 @@ fn options(t: &TransferArgs, m: &ArgMatches, cancel: Arc<AtomicBool>) -> anyhow:
     })
 }
 
+/// `tern man`: the page for tern on stdout, or pages for tern and each of
+/// its commands written to `dir`.
+fn man(dir: Option<&Path>) -> anyhow::Result<Exit> {
+    let cmd = Cli::command();
+    let Some(dir) = dir else {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        std::io::Write::write_all(&mut std::io::stdout(), &page).context("writing the page")?;
+        return Ok(Exit::Ok);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let write = |name: &str, c: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(c).title(name.to_string()).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("{}", path.display()))?;
+        Ok(())
+    };
+    write("tern", cmd.clone())?;
+    for sub in cmd.get_subcommands() {
+        let name = format!("tern-{}", sub.get_name());
+        write(&name, sub.clone())?;
+    }
+    Ok(Exit::Ok)
+}
+
 /// Whether the command's destination is a daemon (what `-i` marks `<`).
 fn pushes(cmd: &Command) -> bool {
     let dst = match cmd {
@@ -465,6 +491,15 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             return net::serve(a);
         }
         Command::Fingerprint { server, state_dir } => return net::fingerprint(*server, state_dir.as_deref()),
+        Command::Completions { shell } => {
+            // Into memory first: the generator panics on a write error
+            // (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "tern", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).context("writing the script")?;
+            return Ok(Exit::Ok);
+        }
+        Command::Man { dir } => return man(dir.as_deref()),
         Command::Ls(a) => {
             init_log_level(tracing::Level::WARN);
             let src = open_source(&a.path, &a.remote, &mut Vec::new())?;
@@ -506,9 +541,12 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             };
             (o, out, remote, "checked")
         }
-        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) | Command::Ls(_) => {
-            unreachable!("handled above")
-        }
+        Command::Serve(_)
+        | Command::Fingerprint { .. }
+        | Command::Bench(_)
+        | Command::Ls(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => unreachable!("handled above"),
     };
     let whole_file = match &cli.command {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => t.whole_file,
@@ -795,6 +833,11 @@ fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             };
             Ok(Plan::new(d, vec![(root, s.remote)]))
         }
-        Command::Serve(_) | Command::Fingerprint { .. } | Command::Bench(_) | Command::Ls(_) => bail!("not a transfer"),
+        Command::Serve(_)
+        | Command::Fingerprint { .. }
+        | Command::Bench(_)
+        | Command::Ls(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => bail!("not a transfer"),
     }
 }
