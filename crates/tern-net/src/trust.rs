@@ -82,7 +82,7 @@ pub fn check(policy: &TrustPolicy, host: &str, fp: &str) -> Result<()> {
         Some((known, line)) => Err(NetError::Trust(format!(
             "THE SERVER'S KEY HAS CHANGED: {host} now presents {fp}, but {}:{line} pins {known}. \
              Someone may be intercepting the connection, or the daemon's state directory was reset. \
-             If you trust the new key, delete that line and connect again.",
+             If you trust the new key, run `tern forget-host {host}` and connect again.",
             policy.known_hosts.display()
         ))),
         None => {
@@ -97,6 +97,52 @@ pub fn check(policy: &TrustPolicy, host: &str, fp: &str) -> Result<()> {
             tracing::info!(%host, fingerprint = %fp, file = %policy.known_hosts.display(), "pinned a new host key");
             Ok(())
         }
+    }
+}
+
+/// Removes the pinned keys of `host` from the known-hosts file `file`:
+/// `HOST:PORT` that entry alone, `HOST` the entries of every port. The file
+/// is replaced atomically, comments and other entries kept. Returns the
+/// lines removed.
+pub fn forget(file: &Path, host: &str) -> Result<Vec<String>> {
+    let err = |e: std::io::Error| NetError::Config(format!("{}: {e}", file.display()));
+    let text = match fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(err(e)),
+    };
+    let (want_host, want_port) = split_authority(host);
+    let matches = |entry: &str| {
+        let (h, p) = split_authority(entry);
+        h == want_host && (want_port.is_none() || p == want_port)
+    };
+    let (mut kept, mut gone) = (String::new(), Vec::new());
+    for line in text.lines() {
+        let entry = line.split_whitespace().next().unwrap_or("");
+        if !entry.starts_with('#') && !entry.is_empty() && matches(entry) {
+            gone.push(line.to_string());
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if !gone.is_empty() {
+        let tmp = file.with_extension("tmp");
+        fs::write(&tmp, kept).map_err(err)?;
+        fs::rename(&tmp, file).map_err(err)?;
+    }
+    Ok(gone)
+}
+
+/// `HOST:PORT`, `[V6]:PORT`, `HOST` or `V6` as the host and the port, if
+/// one is given.
+fn split_authority(a: &str) -> (&str, Option<&str>) {
+    if let Some((h, tail)) = a.strip_prefix('[').and_then(|r| r.split_once(']')) {
+        return (h, tail.strip_prefix(':'));
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        _ => (a, None),
     }
 }
 
@@ -118,6 +164,23 @@ fn ask(host: &str, fp: &str) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgetting_a_host_removes_its_entries_only() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let kh = d.path().join("known_hosts");
+        let text = "# pinned\nnas:7373 aaa\nnas:9000 bbb\nnasty:7373 ccc\n[::1]:7373 ddd\n10.0.0.1:7373 eee\n";
+        fs::write(&kh, text).expect("write");
+        assert_eq!(forget(&kh, "nas:9000").expect("forget"), ["nas:9000 bbb"]);
+        assert_eq!(forget(&kh, "nas").expect("forget"), ["nas:7373 aaa"]);
+        assert_eq!(forget(&kh, "::1").expect("forget"), ["[::1]:7373 ddd"]);
+        assert!(forget(&kh, "nas").expect("forget").is_empty());
+        assert_eq!(
+            fs::read_to_string(&kh).expect("read"),
+            "# pinned\nnasty:7373 ccc\n10.0.0.1:7373 eee\n"
+        );
+        assert!(forget(&d.path().join("none"), "x").expect("no file").is_empty());
+    }
 
     #[test]
     fn first_use_pins_then_a_change_is_refused() {

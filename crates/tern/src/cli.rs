@@ -138,6 +138,13 @@ pub enum Command {
     /// every line is one entry. Examples: `tern ls -l tern://nas/photos/2024`,
     /// `tern ls -R ./src`.
     Ls(LsArgs),
+    /// Forget the pinned key of a daemon (HOST:PORT, or HOST for every
+    /// port), after its key changed for a known reason: the next connection
+    /// asks again, or takes --accept-new-host / --fingerprint.
+    ForgetHost {
+        /// The daemon, as in its tern:// URLs.
+        host: String,
+    },
     /// Print a shell completion script: `tern completions bash >
     /// /etc/bash_completion.d/tern`, or for zsh, fish, elvish, powershell.
     Completions {

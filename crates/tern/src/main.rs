@@ -500,6 +500,18 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             return Ok(Exit::Ok);
         }
         Command::Man { dir } => return man(dir.as_deref()),
+        Command::ForgetHost { host } => {
+            let file = tern_net::trust::config_dir().join("known_hosts");
+            let gone = tern_net::trust::forget(&file, host)?;
+            if gone.is_empty() {
+                eprintln!("tern: no key pinned for {host} in {}", file.display());
+                return Ok(Exit::Fatal);
+            }
+            for line in gone {
+                println!("forgot {line}");
+            }
+            return Ok(Exit::Ok);
+        }
         Command::Ls(a) => {
             init_log_level(tracing::Level::WARN);
             let src = open_source(&a.path, &a.remote, &mut Vec::new())?;
@@ -546,7 +558,8 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         | Command::Bench(_)
         | Command::Ls(_)
         | Command::Completions { .. }
-        | Command::Man { .. } => unreachable!("handled above"),
+        | Command::Man { .. }
+        | Command::ForgetHost { .. } => unreachable!("handled above"),
     };
     let whole_file = match &cli.command {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => t.whole_file,
@@ -838,6 +851,7 @@ fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
         | Command::Bench(_)
         | Command::Ls(_)
         | Command::Completions { .. }
-        | Command::Man { .. } => bail!("not a transfer"),
+        | Command::Man { .. }
+        | Command::ForgetHost { .. } => bail!("not a transfer"),
     }
 }

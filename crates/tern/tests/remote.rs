@@ -171,6 +171,31 @@ fn server_keys_are_pinned_on_first_use_and_a_change_is_a_hard_error() {
         "not the expected",
     );
     assert!(!module.join("z").exists());
+    // Issue 20: once the change is understood, forget-host drops the pin
+    // (and only it), and the next connection pins the key it finds.
+    let host = format!("127.0.0.1:{}", d.port);
+    fs::write(
+        &kh,
+        format!(
+            "# mine\n{host} b3:{}\nother:7373 b3:{}\n",
+            "0".repeat(64),
+            "2".repeat(64)
+        ),
+    )
+    .expect("write");
+    let out = ok(client(t.path()).args(["forget-host", &host]));
+    assert!(out.contains("forgot") && out.contains(&host), "{out}");
+    assert_eq!(
+        fs::read_to_string(&kh).expect("read"),
+        format!("# mine\nother:7373 b3:{}\n", "2".repeat(64))
+    );
+    fails(client(t.path()).args(["forget-host", &host]), 1, "no key pinned");
+    ok(client(t.path())
+        .args(["copy", "--accept-new-host", "--token-file"])
+        .arg(tok())
+        .arg(&src)
+        .arg(d.url("z")));
+    assert!(fs::read_to_string(&kh).expect("read").contains(&d.fingerprint));
 }
 
 #[test]
