@@ -85,6 +85,9 @@ pub struct Options {
     /// With `delete`, remove nothing if more than this many entries would
     /// go, everything inside a removed directory counted.
     pub max_delete: Option<u64>,
+    /// Make a new directory only when something lands in or beneath it
+    /// (rsync's `--prune-empty-dirs`).
+    pub prune_empty_dirs: bool,
     /// Report what would be done; change nothing.
     pub dry_run: bool,
     /// Decide what changed by BLAKE3 instead of size and mtime.
@@ -176,6 +179,7 @@ impl Default for Options {
             delete: false,
             delete_excluded: false,
             max_delete: None,
+            prune_empty_dirs: false,
             dry_run: false,
             checksum: false,
             filter: Filter::new(),
@@ -552,6 +556,7 @@ pub fn run(roots: Vec<Root>, dest: Arc<dyn Dest>, opts: Options, obs: Arc<dyn Ob
         deletions: Vec::new(),
         links: HashMap::new(),
         deferred_links: Vec::new(),
+        unmade: Vec::new(),
         batch_files,
         jobs,
         hashed: Vec::new(),
@@ -860,6 +865,10 @@ struct Scanner<'a> {
     /// (first name, other name, source entry): linked at the end if the
     /// first name then holds this entry's version.
     deferred_links: Vec<(PathBuf, PathBuf, Entry)>,
+    /// With `prune_empty_dirs`, the new directories on the current path not
+    /// made yet, shallowest first: (destination path, source entry,
+    /// source, source path).
+    unmade: Vec<(PathBuf, Entry, Arc<dyn Source>, PathBuf)>,
     jobs: usize,
     /// Small files to compare by content, gathered like a batch.
     hashed: Vec<Task>,
@@ -1018,6 +1027,9 @@ impl Scanner<'_> {
         if ctx.opts.mode == Mode::Check {
             return self.check_entry(src, src_rel, dst_rel, se, de);
         }
+        if se.kind != Kind::Special && !self.make_way(dst_rel) {
+            return;
+        }
         match se.kind {
             Kind::Dir => {} // planned above
             Kind::Special => {
@@ -1137,16 +1149,14 @@ impl Scanner<'_> {
             }
             None => false,
         };
-        if !exists {
-            ctx.act(Action::Dir, dst_rel, 0);
-            ctx.itemize(Action::Dir, dst_rel, se, None);
-            if !ctx.opts.dry_run {
-                if let Err(e) = ctx.dest.make_dir(dst_rel) {
-                    ctx.fail(e);
-                    return None;
-                }
-                add(&ctx.stats.dirs_created, 1);
-            }
+        if !exists && ctx.opts.prune_empty_dirs && !dst_rel.as_os_str().is_empty() {
+            // Made when something lands in it, if anything does.
+            self.unmade
+                .push((dst_rel.to_path_buf(), se.clone(), src.clone(), src_rel.to_path_buf()));
+            return Some(false);
+        }
+        if !exists && !self.make_dir(dst_rel, se) {
+            return None;
         }
         // Every directory is revisited at the end: writing or deleting inside
         // it changes its mtime even when it matched during the scan.
@@ -1155,6 +1165,40 @@ impl Scanner<'_> {
                 .push((dst_rel.to_path_buf(), se.clone(), src.clone(), src_rel.to_path_buf()));
         }
         Some(exists)
+    }
+
+    /// Makes the new directory `dst_rel`; false if that failed (counted).
+    fn make_dir(&mut self, dst_rel: &Path, se: &Entry) -> bool {
+        let ctx = self.ctx;
+        ctx.act(Action::Dir, dst_rel, 0);
+        ctx.itemize(Action::Dir, dst_rel, se, None);
+        if !ctx.opts.dry_run {
+            if let Err(e) = ctx.dest.make_dir(dst_rel) {
+                ctx.fail(e);
+                return false;
+            }
+            add(&ctx.stats.dirs_created, 1);
+        }
+        true
+    }
+
+    /// Makes the directories not made yet on the way to `dst_rel`, which is
+    /// about to be planned; those not on its way stayed empty and are never
+    /// made. False if one could not be made.
+    fn make_way(&mut self, dst_rel: &Path) -> bool {
+        if self.unmade.is_empty() {
+            return true;
+        }
+        self.unmade.retain(|(d, ..)| dst_rel.starts_with(d));
+        for (d, se, src, src_rel) in std::mem::take(&mut self.unmade) {
+            if !self.make_dir(&d, &se) {
+                return false;
+            }
+            if !self.ctx.opts.dry_run {
+                self.dirs.push((d, se, src, src_rel));
+            }
+        }
+        true
     }
 
     /// An entry whose content is in place; its metadata may still differ.

@@ -97,6 +97,7 @@ fn options(r: &RunOptions, extra: PullExtra, cancel: Arc<AtomicBool>) -> std::re
         delete: r.delete,
         delete_excluded: false,
         max_delete: None,
+        prune_empty_dirs: false,
         dry_run: r.dry_run,
         checksum: r.checksum,
         filter,

@@ -336,6 +336,10 @@ pub struct TransferArgs {
     /// times do, nanoseconds included.
     #[arg(short = '@', long, value_name = "SECS")]
     pub modify_window: Option<u64>,
+    /// Make a new directory only when something lands in or beneath it,
+    /// so a filtered copy brings no empty directory chains.
+    #[arg(short = 'm', long)]
+    pub prune_empty_dirs: bool,
     /// Print each change as rsync's `-i` does, on stdout: `YXcstpoguax
     /// PATH`, e.g. `>f+++++++++ new.txt`, `>f.st...... changed.txt`,
     /// `cd+++++++++ dir/`, `*deleting   old.txt` (`<` for files sent to a

@@ -162,6 +162,7 @@ fn options(t: &TransferArgs, m: &ArgMatches, cancel: Arc<AtomicBool>) -> anyhow:
         xattrs: t.xattrs,
         bwlimit: t.bwlimit,
         delta: t.no_whole_file,
+        prune_empty_dirs: t.prune_empty_dirs,
         select: tern_core::engine::Select {
             size_only: t.size_only,
             ignore_existing: t.ignore_existing,
@@ -623,12 +624,16 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             // first needed.
             r.open_streams_ahead(opts.jobs + 2);
         }
-        let here =
-            opts.select.any() || opts.filter.has_list() || opts.delete_excluded || opts.max_delete.is_some() || itemize;
+        // What the daemons' run does not take yet.
+        let here = opts.select.any()
+            || opts.filter.has_list()
+            || opts.delete_excluded
+            || opts.max_delete.is_some()
+            || opts.prune_empty_dirs
+            || itemize;
         if plan.direct.is_some() && here {
-            // The daemons' run does not take them yet.
             console.note(
-                "--files-from, --delete-excluded, --max-delete, --itemize-changes, --size-only, \
+                "--files-from, --delete-excluded, --max-delete, --prune-empty-dirs, --itemize-changes, --size-only, \
                  --ignore-existing, --update, --modify-window, --min-size and --max-size are applied here: \
                  the data goes through this machine",
             );

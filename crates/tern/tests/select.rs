@@ -524,3 +524,36 @@ fn missing_parents_of_the_destination_are_made() {
         "{err}"
     );
 }
+
+/// `-m`: a filtered copy makes only the directories something lands in or
+/// beneath; without it, every directory comes.
+#[test]
+fn prune_empty_dirs_makes_only_directories_that_hold_something() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    write(&src.join("a/b/keep.txt"), b"k");
+    write(&src.join("a/c/skip.log"), b"s");
+    write(&src.join("d/e/skip.log"), b"s");
+    fs::create_dir_all(src.join("empty/deeper")).expect("mkdir");
+    let copy = |dst: &Path, extra: &[&str]| {
+        let mut cmd = tern();
+        cmd.args(["copy", "--json", "--exclude", "*.log"]).args(extra);
+        cmd.arg(format!("{}/", src.display())).arg(dst);
+        let out = cmd.output().expect("run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        json(&String::from_utf8_lossy(&out.stdout))
+    };
+    let pruned = t.path().join("pruned");
+    let j = copy(&pruned, &["-m"]);
+    assert_eq!(tree(&pruned), tree_of(&["a", "a/b", "a/b/keep.txt"]), "{j}");
+    assert_eq!(j["dirs_created"].as_u64(), Some(3), "the root, a and a/b: {j}");
+    let all = t.path().join("all");
+    copy(&all, &[]);
+    for d in ["a/c", "d/e", "empty/deeper"] {
+        assert!(all.join(d).is_dir(), "{d}");
+    }
+}
+
+fn tree_of(paths: &[&str]) -> Vec<std::path::PathBuf> {
+    paths.iter().map(std::path::PathBuf::from).collect()
+}
