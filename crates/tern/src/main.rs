@@ -38,11 +38,17 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let sub = matches.subcommand().map(|(_, m)| m.clone()).unwrap_or_default();
+    let json = sub.try_get_one::<bool>("json").ok().flatten().copied().unwrap_or(false);
     match run(cli, &sub) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("tern: {e:#}");
             let code = if e.is::<UsageError>() { Exit::Usage } else { Exit::Fatal };
+            if json {
+                // A script reading --json gets an answer either way.
+                let v = serde_json::json!({ "error": format!("{e:#}"), "exit": code as u8 });
+                println!("{v}");
+            }
             ExitCode::from(code as u8)
         }
     }
@@ -89,10 +95,13 @@ fn init_logging_at(out: &OutputArgs, base: tracing::Level) {
 }
 
 fn init_log_level(level: tracing::Level) {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only for a terminal, not into a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

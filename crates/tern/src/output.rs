@@ -124,13 +124,18 @@ impl Console {
         let mut parts = Vec::new();
         if verb == "checked" {
             parts.push(format!("checked {} files", s.files));
-            parts.push(format!("{} difference(s)", s.differences));
+            parts.push(format!(
+                "{} {}",
+                s.differences,
+                plural(s.differences, "difference", "differences")
+            ));
         } else {
             let what = if s.dry_run { "would copy" } else { verb };
             parts.push(format!(
-                "{what} {} of {} files ({})",
+                "{what} {} of {} {} ({})",
                 s.copied,
                 s.files,
+                plural(s.files, "file", "files"),
                 HumanBytes(s.bytes_total)
             ));
             if s.unchanged > 0 {
@@ -159,17 +164,17 @@ impl Console {
                     from.join(", ")
                 ));
             }
-            for (n, what) in [
-                (s.dirs_created, "dirs created"),
-                (s.symlinks, "symlinks"),
-                (s.hard_links, "hard links"),
-                (s.meta_updated, "metadata updated"),
-                (s.deleted, "deleted"),
-                (s.skipped_special, "special files skipped"),
-                (s.skipped, "left alone by a rule"),
+            for (n, one, many) in [
+                (s.dirs_created, "dir created", "dirs created"),
+                (s.symlinks, "symlink", "symlinks"),
+                (s.hard_links, "hard link", "hard links"),
+                (s.meta_updated, "metadata updated", "metadata updated"),
+                (s.deleted, "deleted", "deleted"),
+                (s.skipped_special, "special file skipped", "special files skipped"),
+                (s.skipped, "left alone by a rule", "left alone by a rule"),
             ] {
                 if n > 0 {
-                    parts.push(format!("{n} {what}"));
+                    parts.push(format!("{n} {}", plural(n, one, many)));
                 }
             }
             if !s.dry_run {
@@ -184,7 +189,7 @@ impl Console {
             }
         }
         if s.errors > 0 {
-            parts.push(format!("{} error(s)", s.errors));
+            parts.push(format!("{} {}", s.errors, plural(s.errors, "error", "errors")));
         }
         if s.interrupted {
             parts.push("INTERRUPTED: rerun the same command to resume".into());

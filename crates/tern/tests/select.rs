@@ -557,3 +557,19 @@ fn prune_empty_dirs_makes_only_directories_that_hold_something() {
 fn tree_of(paths: &[&str]) -> Vec<std::path::PathBuf> {
     paths.iter().map(std::path::PathBuf::from).collect()
 }
+
+/// Issue 20: `--json` answers on stdout even when the run cannot start.
+#[test]
+fn json_reports_a_run_that_could_not_start() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (code, out, err) = outcome(&run(&[
+        &"copy",
+        &"--json",
+        &t.path().join("missing"),
+        &t.path().join("d"),
+    ]));
+    assert_eq!(code, 1, "{err}");
+    let j = json(&out);
+    assert_eq!(j["exit"].as_u64(), Some(1), "{out}");
+    assert!(j["error"].as_str().is_some_and(|e| e.contains("missing")), "{out}");
+}
