@@ -251,8 +251,12 @@ pub struct ServeArgs {
     /// /var/lib/tern for root, or ~/.local/state/tern].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    #[command(flatten)]
-    pub out: OutputArgs,
+    /// Log debug detail too.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log errors only.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 /// How to reach tern daemons.

@@ -497,7 +497,11 @@ fn exit_for(s: &Summary) -> Exit {
 fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
     match &cli.command {
         Command::Serve(a) => {
-            init_logging_at(&a.out, tracing::Level::INFO);
+            init_log_level(match (a.quiet, a.verbose) {
+                (true, _) => tracing::Level::ERROR,
+                (_, 0) => tracing::Level::INFO,
+                _ => tracing::Level::DEBUG,
+            });
             return net::serve(a);
         }
         Command::Fingerprint { server, state_dir } => return net::fingerprint(*server, state_dir.as_deref()),
