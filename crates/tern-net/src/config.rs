@@ -425,6 +425,33 @@ pub fn read_token_file(p: &Path) -> Result<String> {
     check_token(t, &format!("the token in {}", p.display()))
 }
 
+/// Reads the token in `p` ([`read_token_file`]), or, where there is no
+/// such file, makes a random one (48 hex digits) and writes it there, only
+/// its owner able to read it; true when it was made.
+pub fn token_file_or_create(p: &Path) -> Result<(String, bool)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::symlink_metadata(p).is_ok() {
+        return Ok((read_token_file(p)?, false));
+    }
+    let mut raw = [0u8; 24];
+    crate::server::getrandom(&mut raw)?;
+    let t: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let err = |e: std::io::Error| NetError::Config(format!("{}: cannot create the token file: {e}", p.display()));
+    if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).map_err(err)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+        .map_err(err)?;
+    writeln!(file, "{t}").map_err(err)?;
+    Ok((t, true))
+}
+
 /// The permission bits of `p` if group or others have any access to it.
 fn open_to_others(p: &Path) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
@@ -501,7 +528,14 @@ impl ServerConfig {
         for t in f.tokens {
             let token = match (t.token, t.token_file) {
                 (Some(t), None) => check_token(t, "a `token` in [[tokens]]")?,
-                (None, Some(p)) => read_token_file(&abs(&p))?,
+                (None, Some(p)) => {
+                    let p = abs(&p);
+                    let (t, created) = token_file_or_create(&p)?;
+                    if created {
+                        tracing::info!(file = %p.display(), "made a new random token (give it to the clients)");
+                    }
+                    t
+                }
                 _ => {
                     return Err(NetError::Config(
                         "each [[tokens]] needs exactly one of `token` and `token_file`".into(),
@@ -675,6 +709,26 @@ partial_max_age_days = 2
         assert_eq!(c.grants[1].access, Access::Read);
         assert_eq!(c.limits.idle, Duration::from_secs(5));
         assert_eq!(c.partial_max_age, Some(Duration::from_secs(2 * 86_400)));
+        // A token file not there yet is made, as `--token-file` makes it:
+        // random, readable by its owner only, and then used.
+        let made = ServerConfig::from_toml(
+            "[modules.data]\npath = \"data\"\n[[tokens]]\ntoken_file = \"new/tok\"\nmodules = [\"data\"]\n",
+            d.path(),
+        )
+        .expect("parse");
+        let tok = std::fs::read_to_string(d.path().join("new/tok")).expect("made");
+        assert_eq!(tok.trim().len(), 48);
+        assert_eq!(made.grants[0].token_hash, Some(blake3::hash(tok.trim().as_bytes())));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(d.path().join("new/tok")).expect("stat").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let again = ServerConfig::from_toml(
+            "[modules.data]\npath = \"data\"\n[[tokens]]\ntoken_file = \"new/tok\"\nmodules = [\"data\"]\n",
+            d.path(),
+        )
+        .expect("parse");
+        assert_eq!(again.grants[0].token_hash, made.grants[0].token_hash, "made again");
         let never = ServerConfig::from_toml("[limits]\npartial_max_age_days = 0\n", d.path()).expect("parse");
         assert_eq!(never.partial_max_age, None);
         assert_eq!(

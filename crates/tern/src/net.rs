@@ -3,7 +3,6 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -119,24 +118,7 @@ pub fn fingerprint(server: bool, state_dir: Option<&Path>) -> anyhow::Result<Exi
 
 /// Reads the token in `f`, or makes one and writes it there.
 fn token_in(f: &Path) -> anyhow::Result<(String, bool)> {
-    if f.exists() {
-        return Ok((config::read_token_file(f)?, false));
-    }
-    let mut raw = [0u8; 24];
-    tern_net::server::getrandom(&mut raw)?;
-    let t: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    if let Some(d) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(f)
-        .with_context(|| format!("{}: cannot create token file", f.display()))?;
-    writeln!(file, "{t}").with_context(|| f.display().to_string())?;
-    Ok((t, true))
+    Ok(config::token_file_or_create(f)?)
 }
 
 /// `tern serve`.
