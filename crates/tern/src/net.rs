@@ -231,10 +231,18 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
         }
         writeln!(o, "clients authenticate with --token-file FILE or TERN_TOKEN=<token>")?;
     }
-    if let (Some(a), Some(m)) = (daemon.addrs().first(), cfg.modules.keys().next()) {
+    // A push to a module clients may write, else a listing of one.
+    let writable = cfg.modules.iter().find(|(_, m)| m.access == config::Access::ReadWrite);
+    let example = match (writable, cfg.modules.keys().next()) {
+        (Some((m, _)), _) => Some(format!("tern copy FILE tern://{{a}}/{m}/")),
+        (None, Some(m)) => Some(format!("tern ls tern://{{a}}/{m}/")),
+        (None, None) => None,
+    };
+    if let (Some(a), Some(example)) = (daemon.addrs().first(), example) {
         writeln!(
             o,
-            "try: tern copy FILE tern://{a}/{m}/ --fingerprint {} --token-file TOKENFILE",
+            "try: {} --fingerprint {} --token-file TOKENFILE",
+            example.replace("{a}", &a.to_string()),
             id.fingerprint()
         )?;
     }

@@ -18,9 +18,16 @@ use common::*;
 /// banner's lines, what it wrote to stderr, and whether it had to be
 /// stopped (false: it exited on its own).
 fn quick_start(dir: &Path) -> (Vec<String>, String, bool) {
+    quick_start_with(dir, &["--read-write"])
+}
+
+/// [`quick_start`] with `flags` in place of `--read-write`.
+fn quick_start_with(dir: &Path, flags: &[&str]) -> (Vec<String>, String, bool) {
     fs::create_dir_all(dir.join("m")).expect("mkdir");
     let mut child = tern()
-        .args(["serve", "--listen", "127.0.0.1:0", "--read-write", "--token-file"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(flags)
+        .arg("--token-file")
         .arg(dir.join("tok"))
         .arg("--state-dir")
         .arg(dir.join("state"))
@@ -70,6 +77,13 @@ fn the_quick_start_prints_its_token_only_when_it_creates_it() {
     assert!(again.iter().all(|l| !l.contains(token)), "token shown again: {again:?}");
     let named = format!("token: in {}", t.path().join("tok").display());
     assert!(again.contains(&named), "{again:?}");
+    // The example is a push to a writable module, a listing of a
+    // read-only one.
+    let try_line = |lines: &[String]| lines.last().cloned().unwrap_or_default();
+    assert!(try_line(&again).starts_with("try: tern copy FILE tern://"), "{again:?}");
+    let (ro, _, up) = quick_start_with(t.path(), &[]);
+    assert!(up, "{ro:?}");
+    assert!(try_line(&ro).starts_with("try: tern ls tern://"), "{ro:?}");
 }
 
 #[test]
