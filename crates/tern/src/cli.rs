@@ -41,7 +41,9 @@ Exit status:
     version,
     about = "Copy, sync and check files fast, verified end to end with BLAKE3, resumable after any interruption",
     after_help = AFTER_HELP,
-    propagate_version = true
+    propagate_version = true,
+    // An option given again (after the defaults file's) takes the new value.
+    args_override_self = true
 )]
 pub struct Cli {
     /// What to do.

@@ -8,6 +8,7 @@
 mod bench;
 mod cli;
 mod credentials;
+mod defaults;
 mod ls;
 mod net;
 mod output;
@@ -32,7 +33,11 @@ use output::Console;
 
 fn main() -> ExitCode {
     keep_freed_buffers();
-    let matches = Cli::command().get_matches();
+    let args = defaults::apply(
+        std::env::args_os().collect(),
+        &tern_net::trust::config_dir().join("defaults"),
+    );
+    let matches = Cli::command().get_matches_from(args);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

@@ -573,3 +573,38 @@ fn json_reports_a_run_that_could_not_start() {
     assert_eq!(j["exit"].as_u64(), Some(1), "{out}");
     assert!(j["error"].as_str().is_some_and(|e| e.contains("missing")), "{out}");
 }
+
+/// Issue 20: the defaults file's options come before the command line's:
+/// a filter from it applies, a value typed wins, and `sync:` lines are
+/// for sync alone.
+#[test]
+fn the_defaults_file_gives_options_the_command_line_can_override() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, conf) = (t.path().join("src"), t.path().join("conf"));
+    write(&src.join("a.txt"), b"a");
+    write(&src.join("b.tmp"), b"b");
+    write(&src.join("big"), &data(5000, 1));
+    write(
+        &conf.join("defaults"),
+        b"# mine\n--exclude *.tmp --max-size 1K\nsync: --delete\n",
+    );
+    let go = |args: &[&str], dst: &Path| {
+        let mut cmd = tern();
+        cmd.env("TERN_CONFIG_DIR", &conf).args(args);
+        cmd.arg(format!("{}/", src.display())).arg(dst);
+        let o = cmd.output().expect("run");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        json(&String::from_utf8_lossy(&o.stdout))
+    };
+    let d1 = t.path().join("d1");
+    go(&["copy", "--json"], &d1);
+    assert!(d1.join("a.txt").exists() && !d1.join("b.tmp").exists() && !d1.join("big").exists());
+    // A value typed on the command line replaces the default.
+    let d2 = t.path().join("d2");
+    go(&["copy", "--json", "--max-size", "1M"], &d2);
+    assert!(d2.join("big").exists() && !d2.join("b.tmp").exists());
+    // sync gets --delete from its own line.
+    write(&d2.join("stale"), b"s");
+    let j = go(&["sync", "--json", "--max-size", "1M"], &d2);
+    assert_eq!(j["deleted"].as_u64(), Some(1), "{j}");
+}

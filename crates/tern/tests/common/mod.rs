@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub fn tern() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tern"));
     c.env_remove("RUST_LOG");
+    // Not the user's own defaults, credentials or pinned keys (`client`
+    // points it at a test's directory).
+    c.env("TERN_CONFIG_DIR", "/nonexistent/tern-test-config");
     c
 }
 
