@@ -3,7 +3,8 @@
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tern_core::{Action, Diff, Error, Kind, Observer, Summary};
@@ -26,6 +27,12 @@ pub struct Console {
     verbose: bool,
     files_planned: AtomicU64,
     files_done: AtomicU64,
+    bytes_planned: AtomicU64,
+    bytes_done: AtomicU64,
+    /// The file last started.
+    current: Mutex<String>,
+    /// Progress lines without a bar: when the last was printed.
+    plain: Option<Mutex<Option<Instant>>>,
 }
 
 impl Console {
@@ -34,9 +41,13 @@ impl Console {
     /// `--progress` does (rsync's `-P`).
     pub fn new(out: &OutputArgs, list: bool, progress: bool) -> Console {
         let tty = std::io::stderr().is_terminal();
-        let show_bar = !out.quiet && !out.no_progress && (out.progress || progress || tty);
+        let wanted = !out.quiet && !out.no_progress && (out.progress || progress || tty);
+        // A bar needs a terminal; asked for without one, a line a second.
+        let show_bar = wanted && tty;
         let bar = show_bar.then(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(4));
+            // Drawn from the first planned file on, not as a full bar of
+            // nothing while the scan starts.
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
             let style = ProgressStyle::with_template(
                 "{bar:30.cyan/blue} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta:>4} {msg}",
             )
@@ -56,7 +67,42 @@ impl Console {
             verbose: out.verbose > 0,
             files_planned: AtomicU64::new(0),
             files_done: AtomicU64::new(0),
+            bytes_planned: AtomicU64::new(0),
+            bytes_done: AtomicU64::new(0),
+            current: Mutex::new(String::new()),
+            plain: (wanted && !tty).then(|| Mutex::new(None)),
         }
+    }
+
+    /// The progress message: files done of planned, and the file being
+    /// written.
+    fn message(&self) -> String {
+        let (d, n) = (
+            self.files_done.load(Ordering::Relaxed),
+            self.files_planned.load(Ordering::Relaxed),
+        );
+        let name = self.current.lock().map(|c| c.clone()).unwrap_or_default();
+        format!("{d}/{n} {} {name}", plural(n, "file", "files"))
+    }
+
+    /// Without a terminal, with progress asked for: a line at most a second.
+    fn plain_line(&self) {
+        let Some(last) = &self.plain else {
+            return;
+        };
+        let Ok(mut last) = last.lock() else {
+            return;
+        };
+        if last.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let (done, total) = (
+            self.bytes_done.load(Ordering::Relaxed),
+            self.bytes_planned.load(Ordering::Relaxed),
+        );
+        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(100);
+        eprintln!("{}/{} ({pct}%) {}", HumanBytes(done), HumanBytes(total), self.message());
     }
 
     /// Also prints rsync's `--stats` block after the summary.
@@ -340,27 +386,39 @@ fn label(a: Action) -> &'static str {
 
 impl Observer for Console {
     fn planned(&self, files: u64, bytes: u64) {
-        let n = self.files_planned.fetch_add(files, Ordering::Relaxed) + files;
+        let before = self.files_planned.fetch_add(files, Ordering::Relaxed);
+        self.bytes_planned.fetch_add(bytes, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
+            if before == 0 && files > 0 {
+                bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+            }
             bar.inc_length(bytes);
-            bar.set_message(format!("{}/{n} files", self.files_done.load(Ordering::Relaxed)));
+            bar.set_message(self.message());
         }
     }
 
     fn progress(&self, bytes: u64) {
+        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
         }
+        self.plain_line();
     }
 
     fn file_done(&self) {
-        let d = self.files_done.fetch_add(1, Ordering::Relaxed) + 1;
+        self.files_done.fetch_add(1, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
-            bar.set_message(format!("{d}/{} files", self.files_planned.load(Ordering::Relaxed)));
+            bar.set_message(self.message());
         }
+        self.plain_line();
     }
 
     fn action(&self, action: Action, path: &Path, _size: u64) {
+        if matches!(action, Action::New | Action::Update) {
+            if let Ok(mut c) = self.current.lock() {
+                *c = path.display().to_string();
+            }
+        }
         if self.list {
             let shown = if path.as_os_str().is_empty() {
                 Path::new(".")

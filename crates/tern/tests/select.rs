@@ -608,3 +608,22 @@ fn the_defaults_file_gives_options_the_command_line_can_override() {
     let j = go(&["sync", "--json", "--max-size", "1M"], &d2);
     assert_eq!(j["deleted"].as_u64(), Some(1), "{j}");
 }
+
+/// Issue 20: `--progress` without a terminal prints progress lines (no
+/// bar can be drawn), naming the file; without it, nothing of the kind.
+#[test]
+fn progress_without_a_terminal_prints_lines() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    write(&src.join("one.bin"), &data(3 << 20, 1));
+    write(&src.join("two.txt"), b"two");
+    let (code, _, err) = outcome(&run(&[&"copy", &"--progress", &src, &t.path().join("a")]));
+    assert_eq!(code, 0, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("%)"))
+        .unwrap_or_else(|| panic!("no progress line: {err}"));
+    assert!(line.contains(" files ") || line.contains(" file "), "{line}");
+    let (_, _, quiet) = outcome(&run(&[&"copy", &src, &t.path().join("b")]));
+    assert!(!quiet.contains("%)"), "{quiet}");
+}
