@@ -33,6 +33,9 @@ pub struct Console {
     current: Mutex<String>,
     /// Progress lines without a bar: when the last was printed.
     plain: Option<Mutex<Option<Instant>>>,
+    /// With `--json`, the changes listed (check, dry runs, -v), for the
+    /// summary's `changes`.
+    changes: Mutex<Vec<serde_json::Value>>,
 }
 
 impl Console {
@@ -71,6 +74,7 @@ impl Console {
             bytes_done: AtomicU64::new(0),
             current: Mutex::new(String::new()),
             plain: (wanted && !tty).then(|| Mutex::new(None)),
+            changes: Mutex::new(Vec::new()),
         }
     }
 
@@ -153,6 +157,11 @@ impl Console {
         if self.json {
             let mut out = std::io::stdout().lock();
             let mut v = serde_json::to_value(s).unwrap_or_default();
+            if let (Some(o), Ok(changes)) = (v.as_object_mut(), self.changes.lock()) {
+                if self.list {
+                    o.insert("changes".into(), serde_json::Value::Array(changes.clone()));
+                }
+            }
             if let (Some(t), Some(o)) = (transport, v.as_object_mut()) {
                 o.insert("transport".into(), t.into());
                 o.insert("direct".into(), direct.into());
@@ -426,6 +435,13 @@ impl Observer for Console {
                 path
             };
             self.line(!self.json, &format!("{:<8} {}", label(action), shown.display()));
+            if self.json {
+                use std::os::unix::ffi::OsStrExt;
+                let path = crate::ls::escape(shown.as_os_str().as_bytes());
+                if let Ok(mut c) = self.changes.lock() {
+                    c.push(serde_json::json!({ "action": label(action), "path": path }));
+                }
+            }
         }
     }
 

@@ -627,3 +627,36 @@ fn progress_without_a_terminal_prints_lines() {
     let (_, _, quiet) = outcome(&run(&[&"copy", &src, &t.path().join("b")]));
     assert!(!quiet.contains("%)"), "{quiet}");
 }
+
+/// Issue 20: `check --json` lists what differs, not only how many.
+#[test]
+fn check_json_lists_the_differences() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    write(&a.join("same"), b"s");
+    write(&b.join("same"), b"s");
+    write(&a.join("differs"), b"one");
+    write(&b.join("differs"), b"two");
+    write(&a.join("only-a"), b"a");
+    write(&b.join("only-b"), b"b");
+    let (code, out, err) = outcome(&run(&[&"check", &"--json", &a, &b]));
+    assert_eq!(code, 4, "{err}");
+    let j = json(&out);
+    let mut got: Vec<(String, String)> = j["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no changes: {out}"))
+        .iter()
+        .map(|c| {
+            (
+                c["action"].as_str().unwrap_or("").into(),
+                c["path"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, String)> = [("differ", "differs"), ("extra", "only-b"), ("missing", "only-a")]
+        .iter()
+        .map(|(x, y)| (x.to_string(), y.to_string()))
+        .collect();
+    assert_eq!(got, want, "{out}");
+}
