@@ -54,6 +54,9 @@ const BASIS_MAX: u64 = 4 * DEFAULT_CHUNK_SIZE;
 /// destination, its bytes not sent: below it, the item's own description
 /// costs about as much as the bytes.
 const COPY_MIN: u64 = 512;
+/// Small files (and sizes) remembered for that, at most: about 130 bytes
+/// each, so 8 MiB; later ones are sent as they are.
+const COPIES_REMEMBERED: usize = 64 << 10;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Files compared by content are gathered in larger batches: nothing but
 /// their hashes crosses, and each batch costs a far endpoint a round trip
@@ -1302,6 +1305,7 @@ impl Scanner<'_> {
                 for de in &dst_entries {
                     if de.kind == Kind::File
                         && de.size > self.ctx.opts.chunk_size
+                        && self.extras.len() < COPIES_REMEMBERED
                         && !names.contains(de.name.as_os_str())
                         && !crate::local::is_side_file(&de.name)
                     {
@@ -1721,11 +1725,14 @@ impl Ctx {
         }
         if let (false, Ok(mut s)) = (landed.is_empty(), self.small.lock()) {
             for (k, rel) in landed {
-                match s.sent.get(&k) {
+                let room = s.sent.len() < COPIES_REMEMBERED;
+                match s.sent.get_mut(&k) {
                     Some(SmallAt::Landed(_)) => {}
-                    _ => {
+                    Some(at) => *at = SmallAt::Landed(rel),
+                    None if room => {
                         s.sent.insert(k, SmallAt::Landed(rel));
                     }
+                    None => {}
                 }
             }
         }
@@ -1790,7 +1797,14 @@ impl Ctx {
         let mut twins = vec![false; tasks.len()];
         if let Ok(mut s) = self.small.lock() {
             for t in tasks.iter().filter(|t| t.entry.kind == Kind::File) {
-                *s.sizes.entry(t.entry.size).or_default() += 1;
+                let full = s.sizes.len() >= COPIES_REMEMBERED;
+                match s.sizes.get_mut(&t.entry.size) {
+                    Some(n) => *n += 1,
+                    None if !full => {
+                        s.sizes.insert(t.entry.size, 1);
+                    }
+                    None => {}
+                }
             }
             for (i, t) in tasks.iter().enumerate() {
                 twins[i] = t.entry.kind == Kind::File
@@ -1829,7 +1843,9 @@ impl Ctx {
             }
             Some(_) => Twin::Send,
             None => {
-                s.sent.insert((size, hash), SmallAt::InFlight(t.dst_rel.clone()));
+                if s.sent.len() < COPIES_REMEMBERED {
+                    s.sent.insert((size, hash), SmallAt::InFlight(t.dst_rel.clone()));
+                }
                 Twin::Send
             }
         }
