@@ -99,7 +99,7 @@ impl LocalEndpoint {
     /// confined), the resume journal, and a second, O_DIRECT descriptor
     /// for a large file.
     pub fn descriptors_for(spec: &FileSpec) -> usize {
-        2 + usize::from(spec.resumable) + usize::from(spec.size >= DIRECT_MIN)
+        2 + usize::from(spec.resumable) + usize::from(writes_direct(spec))
     }
 
     /// An endpoint for a directory exported to untrusted clients. Every path
@@ -691,7 +691,7 @@ impl Dest for LocalEndpoint {
             unnamed,
             durable: spec.durable,
             write_lock: std::sync::Mutex::new(sys::AlignedBuf::default()),
-            direct: (spec.size >= DIRECT_MIN).then(|| sys::reopen_direct(&file)).flatten(),
+            direct: writes_direct(spec).then(|| sys::reopen_direct(&file)).flatten(),
             direct_failed: std::sync::atomic::AtomicBool::new(false),
             reused: !resumed.is_empty(),
             file,
@@ -930,6 +930,15 @@ impl LocalEndpoint {
 /// Files at least this large are written with O_DIRECT where the file
 /// system allows it (smaller ones gain little and are often read soon).
 const DIRECT_MIN: u64 = 32 << 20;
+
+/// Whether a file to `spec` is written with O_DIRECT: a large one that is
+/// to be durable, whose pages would otherwise be written twice (copied into
+/// the cache, then flushed by the fsync). One not made durable
+/// (`--no-fsync`) goes to the page cache, as `cp` puts it there: its user
+/// asked for speed, and a file that fits in memory lands at memory speed.
+fn writes_direct(spec: &FileSpec) -> bool {
+    spec.durable && spec.size >= DIRECT_MIN
+}
 
 /// Group commit for barriers: a barrier asked for while a sync runs waits
 /// for the next sync, which serves every request made before it started.

@@ -471,3 +471,65 @@ fn a_destination_root_that_is_a_symlink_is_written_through() {
     );
     assert_eq!(tree(&real), paths(&["a.txt", "empty", "sub", "sub/b.txt"]));
 }
+
+/// Pages of `path` resident in the page cache, by mincore.
+fn resident_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).expect("open");
+    let len = f.metadata().expect("stat").len() as usize;
+    // SAFETY: a read-only shared mapping of an open file of `len` bytes,
+    // unmapped before returning; mincore fills one byte per page.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        let pages = len.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        let r = libc::mincore(addr, len, vec.as_mut_ptr());
+        libc::munmap(addr, len);
+        assert_eq!(r, 0, "mincore");
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+}
+
+/// Issue 14: `--no-fsync` writes a large file through the page cache, as
+/// `cp` does (it is then resident); a durable copy writes it with O_DIRECT
+/// where the file system takes it, leaving the cache alone.
+#[test]
+fn no_fsync_writes_through_the_page_cache_and_a_durable_copy_does_not() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("big");
+    write(&src, &data(40 << 20, 9));
+    let pages = (40 << 20) / 4096;
+    let cached = t.path().join("cached");
+    expect(0, &[&"copy", &"--no-fsync", &src, &cached]);
+    let fast = resident_pages(&cached);
+    assert_eq!(b3(&cached), b3(&src));
+    assert!(fast > pages * 9 / 10, "{fast} of {pages} pages cached after --no-fsync");
+    let durable = t.path().join("durable");
+    expect(0, &[&"copy", &src, &durable]);
+    // Before reading it back, which would bring it into the cache.
+    let direct = resident_pages(&durable);
+    assert_eq!(b3(&durable), b3(&src));
+    // tmpfs and some file systems refuse O_DIRECT: then the cache is used.
+    let takes_direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(t.path().join("big"))
+            .is_ok()
+    };
+    if takes_direct {
+        assert!(
+            direct < pages / 10,
+            "{direct} of {pages} pages cached after a durable copy"
+        );
+    }
+}
