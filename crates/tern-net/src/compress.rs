@@ -219,11 +219,12 @@ impl Squeeze {
         // this stream's writes drain at, its share of the path). The
         // highest level that keeps up with the link sends the fewest bytes
         // in no more time; if none does, level 1 still pays where it
-        // compresses faster than the link takes plain bytes with half a
-        // core, the rest being the run's.
+        // compresses faster than the link takes plain bytes. Either way
+        // with half a core: the rest is the run's (reading, hashing, the
+        // other streams).
         let ratio = self.ratio.clamp(0.02, 1.0);
         let link = self.counts.link.lock().map(|l| *l).unwrap_or_default();
-        let keeps_up = |f: f64| speed * f >= link.per_sec() / ratio;
+        let keeps_up = |f: f64| speed * f / 2.0 >= link.per_sec() / ratio;
         let fits = LEVELS
             .iter()
             .rev()
@@ -388,10 +389,12 @@ mod tests {
             }
             z.level(1 << 20)
         };
-        // 100 Mbit/s takes 62 MB/s of raw bytes: level 9 (69 MB/s) keeps
-        // up. At 240 Mbit/s (150 MB/s) level 6 (126 MB/s) falls behind and
-        // level 3 (377 MB/s) does not.
-        assert_eq!(level_for(12.5e6), Some(9));
+        // 40 Mbit/s takes 25 MB/s of raw bytes: level 9 (35 MB/s on half a
+        // core) keeps up. 100 Mbit/s takes 62 MB/s: level 6 (63 MB/s) does.
+        // At 240 Mbit/s (150 MB/s) level 6 falls behind and level 3
+        // (189 MB/s) does not.
+        assert_eq!(level_for(5e6), Some(9));
+        assert_eq!(level_for(12.5e6), Some(6));
         assert_eq!(level_for(30e6), Some(3));
         // 2 Gbit/s: none keeps up, and level 1 (315 MB/s with half a core)
         // still beats sending plainly.
