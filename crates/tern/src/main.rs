@@ -332,6 +332,17 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             let path = PathBuf::from(&p);
             let ep = LocalEndpoint::following_root(path.clone());
             let root = ep.stat(Path::new(""))?;
+            // A destination nothing can be written to fails the run at once
+            // (exit 1), not each file in turn.
+            if let (true, Some(e)) = (write, &root) {
+                let dir = match e.kind {
+                    tern_core::Kind::Dir => path.clone(),
+                    _ => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                };
+                if let Err(why) = writable(&dir) {
+                    bail!("destination {}: cannot be written to: {why}", path.display());
+                }
+            }
             // Missing parents are made, as rsync's --mkpath does, whether
             // a directory or a single file lands there.
             if let (true, None, Some(parent)) = (write, &root, path.parent()) {
@@ -365,6 +376,22 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
                 remote: Some(ep),
             })
         }
+    }
+}
+
+/// Whether the directory `dir` ("" for the current one) may be written
+/// to, as the kernel decides (a read-only mount, permissions).
+fn writable(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated path; access only reads it.
+    match unsafe { libc::access(c.as_ptr(), libc::W_OK) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

@@ -660,3 +660,28 @@ fn check_json_lists_the_differences() {
         .collect();
     assert_eq!(got, want, "{out}");
 }
+
+/// Issue 20: a destination on a read-only file system fails the run at
+/// once with exit 1 and says so, rather than failing each file (exit 3).
+#[test]
+fn a_destination_that_cannot_be_written_is_a_fatal_error() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    write(&src.join("a"), b"a");
+    let ro = t.path().join("ro");
+    if !mount_tmpfs(&ro, "1M") {
+        return skipped("mounting a tmpfs needs root");
+    }
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&ro)
+        .status()
+        .is_ok_and(|s| s.success());
+    let result = remounted.then(|| outcome(&run(&[&"copy", &format!("{}/", src.display()), &ro])));
+    let _ = std::process::Command::new("umount").arg(&ro).status();
+    let Some((code, _, err)) = result else {
+        return skipped("remounting the tmpfs read-only failed");
+    };
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot be written") && err.contains("Read-only"), "{err}");
+}
