@@ -105,11 +105,12 @@ impl Signature {
     /// than the two chunk counts' bits, as the chance of a false match
     /// is their product over 2^bits. A false match costs the file's
     /// transfer again (the whole-file hash finds it), never a wrong file.
+    /// Never more than the signature holds ([`Signature::id_bytes`]).
     pub fn id_bytes_for(&self, new_size: u64) -> u8 {
         let bits = |n: u64| u64::BITS - n.max(1).saturating_sub(1).leading_zeros();
         let new_chunks = new_size / u64::from(self.avg.max(1));
         let need = 16 + bits(self.chunks.len() as u64) + bits(new_chunks);
-        need.div_ceil(8).clamp(2, 8) as u8
+        (need.div_ceil(8).clamp(2, 8) as u8).min(self.id_bytes.clamp(1, 8))
     }
 }
 
@@ -657,6 +658,9 @@ mod tests {
             id_bytes: 8,
         };
         assert_eq!(huge.id_bytes_for(1 << 30), 6);
+        // A signature that crossed cut short cannot be sent on longer.
+        let cut = Signature { id_bytes: 3, ..huge };
+        assert_eq!(cut.id_bytes_for(1 << 30), 3);
     }
 
     #[test]

@@ -1520,7 +1520,7 @@ impl ReadFile for RemoteReadFile {
         self.ep.with(&self.rel, |s| {
             let parts: Vec<&[(u64, u32)]> = sig.chunks.chunks(tern_proto::SIGNATURE_PART).collect();
             let n = parts.len().max(1);
-            let id_bytes = sig.id_bytes_for(self.size).min(sig.id_bytes);
+            let id_bytes = sig.id_bytes_for(self.size);
             for i in 0..n {
                 let part = parts.get(i).copied().unwrap_or_default();
                 let (handle, avg, last, size) = (self.handle, sig.avg, i + 1 == n, self.size);

@@ -236,7 +236,7 @@ pub fn send_signature(s: &mut Stream, sig: Option<&Signature>, new_size: u64) ->
             last: true,
         });
     };
-    let id_bytes = sig.id_bytes_for(new_size).min(sig.id_bytes);
+    let id_bytes = sig.id_bytes_for(new_size);
     let parts = sig.chunks.chunks(tern_proto::SIGNATURE_PART);
     let n = parts.len();
     for (i, part) in parts.enumerate() {

@@ -116,11 +116,6 @@ pub fn fingerprint(server: bool, state_dir: Option<&Path>) -> anyhow::Result<Exi
     Ok(Exit::Ok)
 }
 
-/// Reads the token in `f`, or makes one and writes it there.
-fn token_in(f: &Path) -> anyhow::Result<(String, bool)> {
-    Ok(config::token_file_or_create(f)?)
-}
-
 /// `tern serve`.
 pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
     let mut cfg = match &a.config {
@@ -185,7 +180,7 @@ pub fn serve(a: &ServeArgs) -> anyhow::Result<Exit> {
         (None, false) => None,
     };
     if let Some(f) = token_file.filter(|_| !cli_modules.is_empty() || cfg.grants.is_empty()) {
-        let (t, created) = token_in(&f)?;
+        let (t, created) = config::token_file_or_create(&f)?;
         let modules = if cli_modules.is_empty() {
             vec!["*".to_string()]
         } else {
