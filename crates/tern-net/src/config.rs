@@ -345,20 +345,8 @@ impl PullPeer {
             )));
         };
         let fingerprint = normalize_fingerprint(fp).map_err(|_| bad())?;
-        let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
-            let (h, after) = rest.split_once(']').ok_or_else(bad)?;
-            match after.strip_prefix(':') {
-                Some(p) => (h, Some(p.parse().map_err(|_| bad())?)),
-                None if after.is_empty() => (h, None),
-                None => return Err(bad()),
-            }
-        } else {
-            match addr.rsplit_once(':') {
-                Some((h, p)) if !h.contains(':') => (h, Some(p.parse().map_err(|_| bad())?)),
-                Some(_) => (addr, None),
-                None => (addr, None),
-            }
-        };
+        let (host, port) = crate::url::split_authority(addr).ok_or_else(bad)?;
+        let port = port.map(|p| p.parse::<u16>().map_err(|_| bad())).transpose()?;
         if host.is_empty() || host.contains(['/', ' ', '*']) {
             return Err(bad());
         }

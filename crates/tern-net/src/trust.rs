@@ -111,9 +111,12 @@ pub fn forget(file: &Path, host: &str) -> Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(err(e)),
     };
-    let (want_host, want_port) = split_authority(host);
+    fn split(a: &str) -> (&str, Option<&str>) {
+        crate::url::split_authority(a).unwrap_or((a, None))
+    }
+    let (want_host, want_port) = split(host);
     let matches = |entry: &str| {
-        let (h, p) = split_authority(entry);
+        let (h, p) = split(entry);
         h == want_host && (want_port.is_none() || p == want_port)
     };
     let (mut kept, mut gone) = (String::new(), Vec::new());
@@ -132,18 +135,6 @@ pub fn forget(file: &Path, host: &str) -> Result<Vec<String>> {
         fs::rename(&tmp, file).map_err(err)?;
     }
     Ok(gone)
-}
-
-/// `HOST:PORT`, `[V6]:PORT`, `HOST` or `V6` as the host and the port, if
-/// one is given.
-fn split_authority(a: &str) -> (&str, Option<&str>) {
-    if let Some((h, tail)) = a.strip_prefix('[').and_then(|r| r.split_once(']')) {
-        return (h, tail.strip_prefix(':'));
-    }
-    match a.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, Some(p)),
-        _ => (a, None),
-    }
 }
 
 /// Asks on the terminal, if there is one.

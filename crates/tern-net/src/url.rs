@@ -63,6 +63,24 @@ fn bad(arg: &str, why: &str) -> NetError {
     ))
 }
 
+/// `HOST`, `HOST:PORT`, `[V6]`, `[V6]:PORT` or a bare IPv6 address, as
+/// the host (brackets removed) and the port as written, if there is one;
+/// `None` for an unclosed `[` or anything but a port after the `]`.
+pub fn split_authority(a: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(rest) = a.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        return match after.strip_prefix(':') {
+            Some(p) => Some((h, Some(p))),
+            None if after.is_empty() => Some((h, None)),
+            None => None,
+        };
+    }
+    Some(match a.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        _ => (a, None),
+    })
+}
+
 /// The host (brackets removed) and what follows it.
 fn split_host<'a>(arg: &str, s: &'a str) -> Result<(String, &'a str)> {
     if let Some(r) = s.strip_prefix('[') {
