@@ -1901,23 +1901,25 @@ impl Dest for RemoteEndpoint {
         if self.inner.features & tern_proto::FEATURE_BATCH_COPIES == 0 && items.iter().any(copies) {
             // A daemon that cannot build a file of a batch from another
             // fails those items, which are then sent whole.
-            let (can, cannot): (Vec<_>, Vec<_>) = items.into_iter().enumerate().partition(|(_, it)| !copies(it));
-            let (at, can): (Vec<usize>, Vec<BatchItem>) = can.into_iter().unzip();
-            let mut out: Vec<tern_core::Result<()>> = cannot
-                .iter()
-                .map(|(_, it)| {
-                    Err(tern_core::Error::Other {
-                        path: self.shown(&it.rel),
+            let unbuilt: Vec<Option<PathBuf>> = items.iter().map(|it| copies(it).then(|| it.rel.clone())).collect();
+            let rest: Vec<BatchItem> = items.into_iter().filter(|it| !copies(it)).collect();
+            let mut sent = match rest.is_empty() {
+                true => Vec::new(),
+                false => self.write_batch(rest, opts),
+            }
+            .into_iter();
+            return unbuilt
+                .into_iter()
+                .map(|u| match u {
+                    Some(rel) => Err(tern_core::Error::Other {
+                        path: self.shown(&rel),
                         message: "the daemon cannot build it from a copy; not built".into(),
-                    })
+                    }),
+                    None => sent
+                        .next()
+                        .unwrap_or_else(|| Err(tern_core::Error::Internal("a batch answered short".into()))),
                 })
                 .collect();
-            let mut order: Vec<usize> = cannot.iter().map(|(i, _)| *i).collect();
-            order.extend(at);
-            out.extend(self.write_batch(can, opts));
-            let mut by: Vec<(usize, tern_core::Result<()>)> = order.into_iter().zip(out).collect();
-            by.sort_by_key(|(i, _)| *i);
-            return by.into_iter().map(|(_, r)| r).collect();
         }
         let n = items.len();
         let mut wire_items = Vec::with_capacity(n);
