@@ -2473,18 +2473,7 @@ fn delta_reads_stay_within_their_plan() {
         chunk_size: 1024,
     };
     s.send(&basis(sig.avg)).expect("send");
-    let mut recipes = Vec::new();
-    loop {
-        match s.recv().expect("plan") {
-            Msg::DeltaPlan { chunks: c, last, .. } => {
-                recipes.extend(c);
-                if last {
-                    break;
-                }
-            }
-            m => panic!("not a plan: {m:?}"),
-        }
-    }
+    let recipes = recv_plan(&mut s);
     assert_eq!(recipes.len(), 64, "one recipe per 1 KiB of 64 KiB");
     let last = 63u64;
     s.send(&Msg::ReadDelta { handle: 1, index: last }).expect("send");
@@ -2542,18 +2531,7 @@ fn delta_reads_stay_within_their_plan() {
     let mut s = st.session("data", TOKEN, false).expect("session");
     open_read(&mut s, 1, b"sub/f");
     s.send(&short(tern_proto::ShortIds::new(5, &sig.chunks))).expect("send");
-    let mut again = Vec::new();
-    loop {
-        match s.recv().expect("plan") {
-            Msg::DeltaPlan { chunks: c, last, .. } => {
-                again.extend(c);
-                if last {
-                    break;
-                }
-            }
-            m => panic!("not a plan: {m:?}"),
-        }
-    }
+    let again = recv_plan(&mut s);
     assert_eq!(again, recipes, "short ids planned otherwise");
     // Ids that do not divide into the chunks, or of no bytes at all, are a
     // protocol error.
@@ -2655,6 +2633,22 @@ fn a_named_basis_stays_inside_the_module() {
     }
     assert_eq!(len, first.len() as u64, "the signature is not of the named file");
     st.outside_untouched();
+}
+
+/// The recipes of a `DeltaPlan` answer, its parts joined.
+fn recv_plan(s: &mut Stream) -> Vec<Vec<tern_proto::WirePiece>> {
+    let mut recipes = Vec::new();
+    loop {
+        match s.recv().expect("plan") {
+            Msg::DeltaPlan { chunks, last, .. } => {
+                recipes.extend(chunks);
+                if last {
+                    return recipes;
+                }
+            }
+            m => panic!("not a plan: {m:?}"),
+        }
+    }
 }
 
 /// The chunk lengths of a signature part, whichever way its ids crossed,
