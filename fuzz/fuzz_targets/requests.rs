@@ -226,6 +226,13 @@ enum Op {
     /// A batch of files built from their old versions: any recipe, the
     /// literal bytes as announced or not, the hash right or not.
     BatchDelta(Vec<(P, Vec<(bool, u16, u16)>, u16, u8, bool, Option<P>)>),
+    /// Backups from now on: in a directory or beside the file, with a
+    /// suffix of tern's temporary names, none, a slash or a plain one.
+    Backup {
+        dir: Option<P>,
+        base: P,
+        suffix: u8,
+    },
 }
 
 /// How a signature's ids cross: eight bytes each, or cut to any number of
@@ -618,6 +625,11 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 xattrs: None,
             },
             Op::Barrier => Msg::Barrier,
+            Op::Backup { dir, base, suffix } => Msg::Backup {
+                dir: dir.as_ref().map(P::bytes),
+                base: base.bytes(),
+                suffix: [&b"~"[..], b"", b".tern.tmp", b"a/b", b".bak"][usize::from(*suffix) % 5].to_vec(),
+            },
             Op::Batch(items) => {
                 let items: Vec<_> = items.iter().take(40).collect();
                 let bodies: Vec<Vec<u8>> = items

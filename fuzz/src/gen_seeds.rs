@@ -116,6 +116,22 @@ fn main() {
             ]),
         ),
         ("write", write),
+        ("modules", frames(&[hello.clone(), Msg::ListModules { proof: None }])),
+        (
+            "backup",
+            frames(&[
+                hello.clone(),
+                auth(true),
+                Msg::Backup {
+                    dir: Some(b"old".to_vec()),
+                    base: b"sub".to_vec(),
+                    suffix: b"~".to_vec(),
+                },
+                Msg::Remove {
+                    path: b"sub/f".to_vec(),
+                },
+            ]),
+        ),
     ];
     for (name, bytes) in &seeds {
         save(&root.join("handshake"), name, bytes);

@@ -18,7 +18,7 @@
 //! directory times) runs after the workers finish.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -116,6 +116,9 @@ pub struct Options {
     pub delta: bool,
     /// Rules that leave some files alone.
     pub select: Select,
+    /// Destination entries the run never deletes or writes over: the
+    /// backups the destination keeps.
+    pub protect: Protect,
     /// Set to stop the run: in-flight chunks finish, partial files stay
     /// resumable.
     pub cancel: Arc<AtomicBool>,
@@ -141,6 +144,31 @@ pub struct Select {
     pub min_size: Option<u64>,
     /// Files larger than this are left alone (`--max-size`).
     pub max_size: Option<u64>,
+}
+
+/// What a run leaves alone at the destination because backups are kept
+/// there (`--backup`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protect {
+    /// A backup directory inside the destination, relative to its root:
+    /// neither deleted nor written into from the source.
+    pub dir: Option<PathBuf>,
+    /// Names ending so are never deleted (backups kept beside their files;
+    /// rsync protects them the same way unless told `--delete-excluded`).
+    pub suffix: Option<OsString>,
+}
+
+impl Protect {
+    /// Whether the destination entry `rel` is one to leave alone.
+    pub fn holds(&self, rel: &Path) -> bool {
+        self.dir.as_ref().is_some_and(|d| rel.starts_with(d))
+            || self.suffix.as_ref().is_some_and(|s| {
+                !s.is_empty()
+                    && rel
+                        .file_name()
+                        .is_some_and(|n| n.as_encoded_bytes().ends_with(s.as_encoded_bytes()))
+            })
+    }
 }
 
 impl Select {
@@ -195,6 +223,7 @@ impl Default for Options {
             bwlimit: None,
             delta: false,
             select: Select::default(),
+            protect: Protect::default(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -1328,6 +1357,9 @@ impl Scanner<'_> {
                 }
                 let cs = s.join(&se.name);
                 let cd = d.join(&se.name);
+                if self.ctx.opts.protect.dir.as_ref().is_some_and(|p| cd.starts_with(p)) {
+                    continue;
+                }
                 if !self.ctx.opts.filter.included(&cd, se.kind == Kind::Dir) {
                     if let (Some(de), true) = (de, self.ctx.opts.delete_excluded) {
                         self.extra(&d, de);
@@ -1353,6 +1385,9 @@ impl Scanner<'_> {
     fn extra(&mut self, dir: &Path, de: Entry) {
         let ctx = self.ctx;
         let rel = dir.join(&de.name);
+        if ctx.opts.mode == Mode::Transfer && ctx.opts.protect.holds(&rel) {
+            return;
+        }
         let purge = ctx.opts.delete && ctx.opts.delete_excluded && ctx.opts.mode == Mode::Transfer;
         if !purge && !ctx.opts.filter.included(&rel, de.kind == Kind::Dir) {
             return;

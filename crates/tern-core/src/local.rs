@@ -26,6 +26,9 @@ use crate::policy::MetaPolicy;
 use crate::quota::{Charge, Quota};
 use crate::sys;
 
+mod backup;
+pub use backup::Backup;
+
 /// A directory tree (or single file) on a local file system.
 #[derive(Debug, Clone)]
 pub struct LocalEndpoint {
@@ -44,6 +47,8 @@ pub struct LocalEndpoint {
     policy: Option<Arc<MetaPolicy>>,
     /// How many bytes writers may keep beneath the root.
     quota: Option<Arc<Quota>>,
+    /// What is kept of replaced and deleted entries.
+    backup: Option<Arc<Backup>>,
 }
 
 /// A path ready for a system call, and the open directory it is relative to
@@ -81,6 +86,7 @@ impl LocalEndpoint {
             confine: None,
             policy: None,
             quota: None,
+            backup: None,
         }
     }
 
@@ -124,6 +130,7 @@ impl LocalEndpoint {
             confine: Some(Arc::new(dir.into())),
             policy: None,
             quota: None,
+            backup: None,
         })
     }
 
@@ -708,6 +715,7 @@ impl Dest for LocalEndpoint {
             charge,
             basis: std::sync::OnceLock::new(),
             ep: self.clone(),
+            rel: rel.to_path_buf(),
         };
         if !spec.resumable {
             // An unnamed file needs no lock, leaves nothing behind if we die,
@@ -813,12 +821,13 @@ impl Dest for LocalEndpoint {
         let done = owner_to_set(self.policy.as_deref(), || owner_of(&tmp), asked)
             .and_then(|o| o.map_or(Ok(()), |o| apply_owner(&tmp, None, o)))
             .and_then(|()| sys::lutimes(&tmp, meta.atime, meta.mtime))
-            .and_then(|()| fs::rename(&tmp, &*at));
-        if let Err(e) = done {
+            .map_err(|e| Error::io(&shown, "create symlink", e))
+            .and_then(|()| self.back_up_replaced(rel, &at))
+            .and_then(|_| fs::rename(&tmp, &*at).ctx(&shown, "create symlink"));
+        if done.is_err() {
             let _ = fs::remove_file(&tmp);
-            return Err(Error::io(&shown, "create symlink", e));
         }
-        Ok(())
+        done
     }
 
     fn hard_link(&self, existing: &Path, rel: &Path) -> Result<bool> {
@@ -836,7 +845,9 @@ impl Dest for LocalEndpoint {
         let _ = fs::remove_file(&tmp);
         // linkat without AT_SYMLINK_FOLLOW: a symlink is linked as itself.
         fs::hard_link(&*from, &tmp).ctx(&shown, "hard link")?;
-        let r = fs::rename(&tmp, &*to).ctx(&shown, "hard link");
+        let r = self
+            .back_up_replaced(rel, &to)
+            .and_then(|_| fs::rename(&tmp, &*to).ctx(&shown, "hard link"));
         let _ = fs::remove_file(&tmp);
         r.map(|()| true)
     }
@@ -874,6 +885,9 @@ impl Dest for LocalEndpoint {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(&shown, "stat", e)),
         };
+        if self.back_up_removed(rel, &p, &md)? {
+            return Ok(());
+        }
         // remove_dir_all descends with O_NOFOLLOW and unlinkat: it never
         // leaves the tree, even if a directory is swapped for a symlink.
         if md.is_dir() {
@@ -1149,6 +1163,8 @@ struct LocalWriteFile {
     basis: std::sync::OnceLock<Option<(File, u64)>>,
     /// The endpoint, to resolve another basis's path as any other.
     ep: LocalEndpoint,
+    /// The file's path below the endpoint's root.
+    rel: PathBuf,
 }
 
 impl LocalWriteFile {
@@ -1306,13 +1322,16 @@ impl WriteFile for LocalWriteFile {
             });
         }
         if self.unnamed {
-            match sys::link_unnamed(&self.file, &self.final_path) {
-                Ok(()) => {
-                    self.charge.take().map(Charge::keep);
-                    return Ok(());
+            // With a backup to keep, whatever is there is kept first.
+            if self.ep.backup.is_none() {
+                match sys::link_unnamed(&self.file, &self.final_path) {
+                    Ok(()) => {
+                        self.charge.take().map(Charge::keep);
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Error::io(&self.shown, "link into place", e)),
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(&self.shown, "link into place", e)),
             }
             // Replacing a file: name ours beside it, then rename over it.
             let _ = fs::remove_file(&self.tmp);
@@ -1335,7 +1354,10 @@ impl WriteFile for LocalWriteFile {
                 _ => return Err(Error::Busy(self.shown.clone())),
             }
         }
-        let replaced = fs::symlink_metadata(&self.final_path).map_or(0, |m| if m.is_file() { m.len() } else { 0 });
+        let mut replaced = fs::symlink_metadata(&self.final_path).map_or(0, |m| if m.is_file() { m.len() } else { 0 });
+        if self.ep.back_up_replaced(&self.rel, &self.final_path)? {
+            replaced = 0;
+        }
         fs::rename(&self.tmp, &self.final_path).ctx(&self.shown, "rename into place")?;
         if let Some(c) = self.charge.take() {
             c.keep().credit(replaced);

@@ -112,6 +112,7 @@ fn options(r: &RunOptions, extra: PullExtra, cancel: Arc<AtomicBool>) -> std::re
         delta: extra.delta,
         // Not passed on yet: a client with rules set copies through itself.
         select: Default::default(),
+        protect: Default::default(),
         cancel,
     })
 }

@@ -416,6 +416,84 @@ fn login(
     Ok((welcome, agreed, root_seen))
 }
 
+/// A client's runtime of `workers` threads, the daemon's address and the
+/// TLS configuration with this client's key.
+fn client_setup(
+    spec: &RemoteSpec,
+    opts: &ConnectOptions,
+    workers: usize,
+) -> Result<(tokio::runtime::Runtime, SocketAddr, rustls::ClientConfig)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .thread_name("tern-net")
+        .build()?;
+    let addr = resolve(spec)?;
+    let identity = match &opts.identity_dir {
+        Some(d) => Some(Identity::load_or_create(d)?),
+        None => None,
+    };
+    Ok((rt, addr, crate::tls::client_config(identity.as_ref())?))
+}
+
+/// The modules of the daemon `spec` names (its module and path unused)
+/// that this client may use, as the daemon's grants for its token or key
+/// allow, sorted by name; over TCP unless QUIC is asked for.
+pub fn list_modules(spec: &RemoteSpec, opts: &ConnectOptions) -> Result<Vec<tern_proto::ModuleInfo>> {
+    let (rt, addr, tls) = client_setup(spec, opts, 1)?;
+    let kind = match opts.transport {
+        TransportChoice::Quic => Transport::Quic,
+        _ => Transport::Tcp,
+    };
+    let (conn, mut s) =
+        Connector::connect(rt.handle().clone(), kind, addr, tls, opts.timeout).map_err(|e| match e {
+            NetError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => NetError::Refused(addr),
+            e => e,
+        })?;
+    let fp = fingerprint(conn.server_cert());
+    crate::trust::check(&opts.trust, &spec.authority(), &fp)?;
+    let proof = match &opts.token {
+        Some(t) => {
+            let exporter = s
+                .exporter()
+                .ok_or_else(|| NetError::Tls("no TLS exporter for the token proof".into()))?;
+            Some(crate::proof::token_proof(
+                blake3::hash(t.as_bytes()).as_bytes(),
+                &fp,
+                &exporter,
+            ))
+        }
+        None => None,
+    };
+    s.send(&Msg::Hello(our_hello(Compression::Never)))?;
+    s.send(&Msg::ListModules { proof })?;
+    s.flush()?;
+    let theirs = match s.recv()? {
+        Msg::Hello(h) => h,
+        _ => {
+            return Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+                "expected Hello".into(),
+            )))
+        }
+    };
+    let old = theirs.features & tern_proto::FEATURE_MODULES == 0;
+    let reply = s.recv();
+    let _ = s.finish();
+    conn.close();
+    match reply {
+        Ok(Msg::Modules(list)) => Ok(list),
+        Err(NetError::Remote(m)) if old && m.code == tern_proto::ErrorCode::Protocol => Err(NetError::Config(format!(
+            "{}: this daemon cannot list its modules; name one (tern://{}/MODULE/) or upgrade tern there",
+            spec.authority(),
+            spec.authority()
+        ))),
+        Ok(_) => Err(NetError::Proto(tern_proto::ProtoError::Malformed(
+            "expected the module list".into(),
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
 /// This client's Hello: compression offered as asked for.
 fn our_hello(compress: Compression) -> Hello {
     let mut ours = Hello::ours(concat!("tern ", env!("CARGO_PKG_VERSION")));
@@ -464,17 +542,7 @@ fn handshake_reply(
 impl RemoteEndpoint {
     /// Connects, checks the server's key, authenticates.
     pub fn connect(spec: &RemoteSpec, opts: &ConnectOptions) -> Result<RemoteEndpoint> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("tern-net")
-            .build()?;
-        let addr = resolve(spec)?;
-        let identity = match &opts.identity_dir {
-            Some(d) => Some(Identity::load_or_create(d)?),
-            None => None,
-        };
-        let tls = crate::tls::client_config(identity.as_ref())?;
+        let (rt, addr, tls) = client_setup(spec, opts, 2)?;
         // `ask`: a pull on a long path, where the daemon sends. TCP serves
         // as well as QUIC there if the daemon's TCP has BBR, at about half
         // the CPU; its Hello says so, over the connection the probe made.
@@ -699,6 +767,27 @@ impl RemoteEndpoint {
                 "expected a ticket".into(),
             ))),
         }
+    }
+
+    /// Asks the daemon to keep what this session replaces or deletes: in
+    /// `dir` (relative to the module's root) at each file's path below
+    /// `base` (module-relative too), or beside the file, with `suffix`
+    /// appended to the name. Before anything is written.
+    pub fn keep_backups(&self, dir: Option<&Path>, base: &Path, suffix: &std::ffi::OsStr) -> tern_core::Result<()> {
+        if self.inner.features & tern_proto::FEATURE_BACKUP == 0 {
+            return Err(Error::Other {
+                path: self.shown(Path::new("")),
+                message: "this daemon cannot keep backups (--backup); upgrade tern there".into(),
+            });
+        }
+        self.done(
+            Path::new(""),
+            Msg::Backup {
+                dir: dir.map(wire::path_bytes),
+                base: wire::path_bytes(base),
+                suffix: suffix.as_encoded_bytes().to_vec(),
+            },
+        )
     }
 
     /// Whether the daemon can run a transfer from other daemons itself.

@@ -250,7 +250,10 @@ impl Server {
     /// Serves one stream until the client closes it.
     pub fn handle(self: &Arc<Self>, mut s: Stream, peer: Peer) {
         match self.open_stream(&mut s, &peer) {
-            Ok(session) => {
+            Ok(None) => {
+                let _ = s.flush();
+            }
+            Ok(Some(session)) => {
                 if let Err(e) = self.serve_requests(&mut s, &session) {
                     match e {
                         NetError::Closed | NetError::Timeout(_) => {
@@ -277,9 +280,13 @@ impl Server {
         let _ = s.finish();
     }
 
-    fn open_stream(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Arc<Session>> {
+    /// The stream's session, or None when the stream asked for the module
+    /// list, which is answered and ends it.
+    fn open_stream(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Option<Arc<Session>>> {
         s.handshaking(peer.gate.deadline());
-        let (session, features) = self.handshake(s, peer)?;
+        let Some((session, features)) = self.handshake(s, peer)? else {
+            return Ok(None);
+        };
         peer.gate.admit().map_err(|full| {
             refuse(
                 ErrorCode::Unavailable,
@@ -300,11 +307,12 @@ impl Server {
             session.squeezed.set_far(true);
         }
         s.send(&Msg::Welcome(session.welcome()))?;
-        Ok(session)
+        Ok(Some(session))
     }
 
-    /// Hello, then Auth or Join: the session the stream belongs to.
-    fn handshake(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<(Arc<Session>, u64)> {
+    /// Hello, then Auth or Join: the session the stream belongs to. Or
+    /// Hello and ListModules, answered here: None.
+    fn handshake(self: &Arc<Self>, s: &mut Stream, peer: &Peer) -> Result<Option<(Arc<Session>, u64)>> {
         let theirs = match s.recv()? {
             Msg::Hello(h) => h,
             _ => return Err(proto("expected Hello")),
@@ -361,9 +369,64 @@ impl Server {
                     }
                 }
             }
+            Msg::ListModules { proof } => {
+                let cred = match (proof, s.exporter()) {
+                    (Some(p), Some(e)) => Credential::Proof(p, e),
+                    (Some(_), None) => return Err(proto("a token proof on a stream without a TLS session")),
+                    (None, _) => Credential::None,
+                };
+                let list = self.list_modules(&cred, peer)?;
+                s.send(&Msg::Modules(list))?;
+                return Ok(None);
+            }
             _ => Err(proto("expected Auth or Join")),
         };
-        Ok((session?, agreed.features))
+        Ok(Some((session?, agreed.features)))
+    }
+
+    /// The modules `cred` or the client's key may use, sorted by name, with
+    /// whether each may be written. A token that opens none counts as a
+    /// failed login, so listing is no faster oracle for guessing tokens.
+    fn list_modules(&self, cred: &Credential, peer: &Peer) -> Result<Vec<tern_proto::ModuleInfo>> {
+        self.may_try(peer)?;
+        let mut list: Vec<tern_proto::ModuleInfo> = self
+            .modules
+            .iter()
+            .filter_map(|(name, m)| {
+                let write = self.granted(name, cred, peer)?;
+                Some(tern_proto::ModuleInfo {
+                    name: name.clone(),
+                    comment: m.cfg.comment.clone().unwrap_or_default(),
+                    write: write && m.cfg.access == Access::ReadWrite,
+                })
+            })
+            .collect();
+        if list.is_empty() && !matches!(cred, Credential::None) {
+            self.note_failure(peer, "a module list with a credential that opens no module");
+        }
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        tracing::debug!(peer = %peer.addr, modules = list.len(), "module list");
+        Ok(list)
+    }
+
+    /// Whether `cred` or the client's key opens module `name`: None, or
+    /// Some(whether a grant lets it write).
+    fn granted(&self, name: &str, cred: &Credential, peer: &Peer) -> Option<bool> {
+        let mut grants = self.grants.iter().filter(|g| g.covers(name)).filter(|g| {
+            // blake3::Hash compares in constant time.
+            let by_token = match (cred, g.token_hash) {
+                (Credential::Token(t), Some(h)) => *t == h,
+                (Credential::Proof(p, exporter), Some(h)) => {
+                    blake3::Hash::from(crate::proof::token_proof(h.as_bytes(), &self.fingerprint, exporter))
+                        == blake3::Hash::from(*p)
+                }
+                _ => false,
+            };
+            let by_key = matches!((&g.client, &peer.client), (Some(x), Some(y)) if x == y);
+            by_token || by_key
+        });
+        let first = grants.next()?;
+        Some(first.access == Access::ReadWrite || grants.any(|g| g.access == Access::ReadWrite))
     }
 
     fn note_failure(&self, peer: &Peer, why: &str) {
@@ -432,20 +495,7 @@ impl Server {
                 format!("no module named `{name}` on this server"),
             ));
         };
-        let mut grants = self.grants.iter().filter(|g| g.covers(name)).filter(|g| {
-            // blake3::Hash compares in constant time.
-            let by_token = match (&cred, g.token_hash) {
-                (Credential::Token(t), Some(h)) => *t == h,
-                (Credential::Proof(p, exporter), Some(h)) => {
-                    blake3::Hash::from(crate::proof::token_proof(h.as_bytes(), &self.fingerprint, exporter))
-                        == blake3::Hash::from(*p)
-                }
-                _ => false,
-            };
-            let by_key = matches!((&g.client, &peer.client), (Some(x), Some(y)) if x == y);
-            by_token || by_key
-        });
-        let Some(first) = grants.next() else {
+        let Some(granted_write) = self.granted(name, &cred, peer) else {
             let why = match (&cred, &peer.client) {
                 (Credential::Token(_) | Credential::Proof(..), _) => {
                     format!("the token is not valid for module `{name}`")
@@ -458,7 +508,6 @@ impl Server {
             self.note_failure(peer, &why);
             return Err(refuse(ErrorCode::Unauthorized, why));
         };
-        let granted_write = first.access == Access::ReadWrite || grants.any(|g| g.access == Access::ReadWrite);
         let writable = granted_write && module.cfg.access == Access::ReadWrite;
         if write && !writable {
             let why = if module.cfg.access != Access::ReadWrite {
@@ -550,6 +599,7 @@ impl Server {
             ops: Mutex::default(),
             ops_changed: Condvar::new(),
             broken: AtomicBool::new(false),
+            backup_ep: std::sync::OnceLock::new(),
         });
         if let Ok(mut m) = self.sessions.lock() {
             m.retain(|_, w| w.strong_count() > 0);
@@ -716,6 +766,8 @@ struct Session {
     secret: [u8; 32],
     module: String,
     ep: LocalEndpoint,
+    /// `ep` keeping backups, once the client asked for them.
+    backup_ep: std::sync::OnceLock<LocalEndpoint>,
     writable: bool,
     /// A session opened on a ticket may see only this part of the module.
     scope: Option<PathBuf>,
@@ -918,6 +970,61 @@ impl Session {
             )),
             Some(_) => Ok(p),
         }
+    }
+
+    /// The endpoint files are written through: keeping backups, if asked.
+    fn wep(&self) -> &LocalEndpoint {
+        self.backup_ep.get().unwrap_or(&self.ep)
+    }
+
+    /// `Backup`: from now on, what the session replaces or deletes is kept
+    /// in `dir` (module-relative) at its path below `base`, or beside it,
+    /// with `suffix` appended.
+    fn keep_backups(&self, dir: Option<&[u8]>, base: &[u8], suffix: &[u8]) -> Reply {
+        self.may_write()?;
+        let bad = |why: &str| Err(ErrorMsg::new(ErrorCode::Forbidden, format!("backups: {why}")));
+        if suffix.len() > 64 || suffix.contains(&b'/') || suffix.contains(&0) {
+            return bad("the suffix must be at most 64 bytes, without `/`");
+        }
+        if dir.is_none() && suffix.is_empty() {
+            return bad("a backup kept beside its file needs a suffix");
+        }
+        let dir = match dir {
+            Some(d) => {
+                let p = self.path(d)?;
+                if p.as_os_str().is_empty() {
+                    return bad("the backup directory cannot be the module's root");
+                }
+                if p.iter().any(tern_core::local::is_side_file) {
+                    return bad("the backup directory's path has a name tern keeps for temporary files");
+                }
+                Some(p)
+            }
+            None => None,
+        };
+        let backup = tern_core::local::Backup {
+            dir,
+            base: self.path(base)?,
+            suffix: wire::bytes_path(suffix).into_os_string(),
+        };
+        if let Some(b) = self.backup_ep.get() {
+            return match b.backup() == Some(&backup) {
+                true => Ok(Msg::Done),
+                false => Err(ErrorMsg::new(
+                    ErrorCode::Conflict,
+                    "backups are already kept otherwise in this session",
+                )),
+            };
+        }
+        let busy = self.writes.lock().map_or(true, |w| !w.is_empty());
+        if busy {
+            return Err(ErrorMsg::new(
+                ErrorCode::Conflict,
+                "backups must be asked for before anything is written",
+            ));
+        }
+        let _ = self.backup_ep.set(self.ep.clone().with_backup(backup));
+        Ok(Msg::Done)
     }
 
     fn may_write(&self) -> std::result::Result<(), ErrorMsg> {
@@ -1151,7 +1258,7 @@ impl Session {
                     f.abort(true);
                 }
                 let fds = self.handle_fds(LocalEndpoint::descriptors_for(&spec))?;
-                let f = self.ep.create(&p, &spec).map_err(err)?;
+                let f = self.wep().create(&p, &spec).map_err(err)?;
                 let resumed = f.resumed().into_iter().collect();
                 let h = WHandle {
                     file: RwLock::new(Some(f)),
@@ -1249,7 +1356,7 @@ impl Session {
             }
             Msg::HardLink { existing, path } => self.new_path(&path).and_then(|p| {
                 let from = self.path(&existing)?;
-                self.ep.hard_link(&from, &p).map(Msg::Linked).map_err(err)
+                self.wep().hard_link(&from, &p).map(Msg::Linked).map_err(err)
             }),
             m @ (Msg::MakeDir { .. } | Msg::Symlink { .. } | Msg::SetMeta { .. } | Msg::Remove { .. }) => self
                 .change(&m)
@@ -1274,7 +1381,8 @@ impl Session {
                 .may_write()
                 .and_then(|()| self.ep.barrier().map(|()| Msg::Done).map_err(err)),
             Msg::Batch(b) => return self.batch(s, b),
-            Msg::Hello(_) | Msg::Auth(_) | Msg::Login(_) | Msg::Join { .. } => {
+            Msg::Backup { dir, base, suffix } => self.keep_backups(dir.as_deref(), &base, &suffix),
+            Msg::Hello(_) | Msg::Auth(_) | Msg::Login(_) | Msg::Join { .. } | Msg::ListModules { .. } => {
                 return Err(proto("handshake message in the middle of a stream"))
             }
             _ => return Err(proto("a reply where a request was expected")),
@@ -1307,7 +1415,7 @@ impl Session {
                 owner,
             } => self.new_path(path).and_then(|p| {
                 let owner = *owner && self.ep.can_chown();
-                self.ep
+                self.wep()
                     .symlink(&p, &wire::bytes_path(target), &wire::unmeta(meta), owner)
                     .map(|()| Msg::Done)
                     .map_err(err)
@@ -1338,7 +1446,7 @@ impl Session {
             }),
             Msg::Remove { path } => self
                 .new_path(path)
-                .and_then(|p| self.ep.remove(&p).map(|()| Msg::Done).map_err(err)),
+                .and_then(|p| self.wep().remove(&p).map(|()| Msg::Done).map_err(err)),
             _ => return None,
         })
     }
@@ -2115,7 +2223,7 @@ impl Session {
             }
             match self.fd_permit(fds, deadline) {
                 Ok(_fds) => results.extend(
-                    self.ep
+                    self.wep()
                         .write_batch(group, &opts)
                         .into_iter()
                         .map(|r| r.err().map(|e| wire::error_msg(&e))),
@@ -2135,7 +2243,7 @@ impl Session {
                         }
                     }
                     let (at, links): (Vec<_>, Vec<_>) = links.into_iter().unzip();
-                    for (i, r) in at.into_iter().zip(self.ep.write_batch(links, &opts)) {
+                    for (i, r) in at.into_iter().zip(self.wep().write_batch(links, &opts)) {
                         results[i] = r.err().map(|e| wire::error_msg(&e));
                     }
                 }

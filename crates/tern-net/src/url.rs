@@ -46,15 +46,26 @@ impl RemoteSpec {
 
 /// `None` if `arg` is a local path; else the remote location it names.
 pub fn parse(arg: &str) -> Option<Result<RemoteSpec>> {
+    parse_any(arg, true)
+}
+
+/// As [`parse`], but a daemon named without a module (`tern://HOST[:PORT]/`,
+/// `HOST:` or `HOST:PORT:`) is taken too, with an empty module: what
+/// `tern ls` lists the modules of.
+pub fn parse_daemon(arg: &str) -> Option<Result<RemoteSpec>> {
+    parse_any(arg, false)
+}
+
+fn parse_any(arg: &str, need_module: bool) -> Option<Result<RemoteSpec>> {
     if let Some(rest) = arg.strip_prefix("tern://") {
-        return Some(parse_url(arg, rest));
+        return Some(parse_url(arg, rest, need_module));
     }
     // Local unless a `:` comes before any `/`.
     let colon = arg.find(':')?;
     if arg[..colon].contains('/') && !arg.starts_with('[') {
         return None;
     }
-    Some(parse_short(arg))
+    Some(parse_short(arg, need_module))
 }
 
 fn bad(arg: &str, why: &str) -> NetError {
@@ -91,9 +102,12 @@ fn split_host<'a>(arg: &str, s: &'a str) -> Result<(String, &'a str)> {
     Ok((s[..end].to_string(), &s[end..]))
 }
 
-fn module_and_path(arg: &str, s: &str) -> Result<(String, PathBuf, bool)> {
+fn module_and_path(arg: &str, s: &str, need_module: bool) -> Result<(String, PathBuf, bool)> {
     let s = s.trim_start_matches('/');
     let (module, path) = s.split_once('/').unwrap_or((s, ""));
+    if module.is_empty() && !need_module {
+        return Ok((String::new(), PathBuf::new(), true));
+    }
     if module.is_empty() {
         return Err(bad(arg, "no module named"));
     }
@@ -109,7 +123,7 @@ fn port(arg: &str, p: &str) -> Result<u16> {
     p.parse().map_err(|_| bad(arg, "bad port number"))
 }
 
-fn parse_url(arg: &str, rest: &str) -> Result<RemoteSpec> {
+fn parse_url(arg: &str, rest: &str, need_module: bool) -> Result<RemoteSpec> {
     let (host, after) = split_host(arg, rest)?;
     let (port, after) = match after.strip_prefix(':') {
         Some(a) => {
@@ -121,10 +135,10 @@ fn parse_url(arg: &str, rest: &str) -> Result<RemoteSpec> {
     if host.is_empty() {
         return Err(bad(arg, "no host"));
     }
-    if !after.starts_with('/') {
+    if !after.starts_with('/') && (need_module || !after.is_empty()) {
         return Err(bad(arg, "no module named"));
     }
-    let (module, path, trailing_slash) = module_and_path(arg, after)?;
+    let (module, path, trailing_slash) = module_and_path(arg, after, need_module)?;
     Ok(RemoteSpec {
         host,
         port,
@@ -134,7 +148,7 @@ fn parse_url(arg: &str, rest: &str) -> Result<RemoteSpec> {
     })
 }
 
-fn parse_short(arg: &str) -> Result<RemoteSpec> {
+fn parse_short(arg: &str, need_module: bool) -> Result<RemoteSpec> {
     let (host, after) = split_host(arg, arg)?;
     let after = after
         .strip_prefix(':')
@@ -147,7 +161,7 @@ fn parse_short(arg: &str) -> Result<RemoteSpec> {
         Some((p, a)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (port(arg, p)?, a),
         _ => (DEFAULT_PORT, after),
     };
-    let (module, path, trailing_slash) = module_and_path(arg, after)?;
+    let (module, path, trailing_slash) = module_and_path(arg, after, need_module)?;
     Ok(RemoteSpec {
         host,
         port,
@@ -190,6 +204,25 @@ mod tests {
         let f = ok("h:m/");
         assert!(f.trailing_slash && f.path.as_os_str().is_empty());
         assert!(!ok("h:m").trailing_slash);
+    }
+
+    #[test]
+    fn a_daemon_without_a_module_parses_only_where_asked() {
+        for (arg, port) in [
+            ("tern://h", DEFAULT_PORT),
+            ("tern://h/", DEFAULT_PORT),
+            ("tern://h:9/", 9),
+            ("h:", DEFAULT_PORT),
+            ("h:9:", 9),
+        ] {
+            let d = parse_daemon(arg).expect("remote").expect("valid");
+            assert_eq!((d.host.as_str(), d.port, d.module.as_str()), ("h", port, ""), "{arg}");
+            assert!(parse(arg).expect("remote").is_err(), "{arg}");
+        }
+        let m = parse_daemon("tern://h/m/x").expect("remote").expect("valid");
+        assert_eq!((m.module.as_str(), m.path.as_path()), ("m", std::path::Path::new("x")));
+        assert!(parse_daemon("tern://h:x/").expect("remote").is_err());
+        assert!(parse_daemon("./h:").is_none());
     }
 
     #[test]

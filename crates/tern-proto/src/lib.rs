@@ -32,12 +32,13 @@ pub use frame::{
     FLAG_LAST, HEADER_LEN, MAX_INFLATED,
 };
 pub use msg::{
-    negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, Commit, ErrorCode, ErrorMsg, HashOutcome, Hello, Login, Msg,
-    PullExtra, PullRequest, PullSource, RunEvent, RunOptions, ShortIds, Ticket, Walk, Welcome, WireDelta, WireEntry,
-    WireKind, WireMeta, WirePiece, WireSpec, WriteChunk, BENCH_BLOCK, BENCH_MAX_BYTES, FEATURES, FEATURE_BATCH_COPIES,
-    FEATURE_BATCH_DELTA, FEATURE_BENCH, FEATURE_COPIES, FEATURE_DELTA, FEATURE_PULL, FEATURE_SHORT_IDS,
-    FEATURE_TCP_BBR, FEATURE_ZSTD, FEATURE_ZSTD_ALWAYS, MAGIC, MAX_BATCH_FILES, MAX_PIECES, SIGNATURE_PART,
-    TICKET_LIFETIME, VERSION_LOGIN, VERSION_MAX, VERSION_MIN, VERSION_PIPELINE,
+    negotiate, Agreed, Auth, Batch, BatchBody, BatchItem, Commit, ErrorCode, ErrorMsg, HashOutcome, Hello, Login,
+    ModuleInfo, Msg, PullExtra, PullRequest, PullSource, RunEvent, RunOptions, ShortIds, Ticket, Walk, Welcome,
+    WireDelta, WireEntry, WireKind, WireMeta, WirePiece, WireSpec, WriteChunk, BENCH_BLOCK, BENCH_MAX_BYTES, FEATURES,
+    FEATURE_BACKUP, FEATURE_BATCH_COPIES, FEATURE_BATCH_DELTA, FEATURE_BENCH, FEATURE_COPIES, FEATURE_DELTA,
+    FEATURE_MODULES, FEATURE_PULL, FEATURE_SHORT_IDS, FEATURE_TCP_BBR, FEATURE_ZSTD, FEATURE_ZSTD_ALWAYS, MAGIC,
+    MAX_BATCH_FILES, MAX_PIECES, SIGNATURE_PART, TICKET_LIFETIME, VERSION_LOGIN, VERSION_MAX, VERSION_MIN,
+    VERSION_PIPELINE,
 };
 
 /// A violation of the protocol by the peer (or a bug in the caller).

@@ -63,6 +63,11 @@ pub const FEATURE_SHORT_IDS: u64 = 256;
 /// Feature bit: a batch's file may be built from another file of the
 /// module, one written earlier in the run ([`BatchBody::DeltaFrom`]).
 pub const FEATURE_BATCH_COPIES: u64 = 512;
+/// Feature bit: the daemon keeps backups of what a session replaces or
+/// deletes when asked to ([`Msg::Backup`]).
+pub const FEATURE_BACKUP: u64 = 1024;
+/// Feature bit: the daemon lists its modules ([`Msg::ListModules`]).
+pub const FEATURE_MODULES: u64 = 2048;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
 pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_BENCH
@@ -73,7 +78,9 @@ pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_COPIES
     | FEATURE_BATCH_DELTA
     | FEATURE_SHORT_IDS
-    | FEATURE_BATCH_COPIES;
+    | FEATURE_BATCH_COPIES
+    | FEATURE_BACKUP
+    | FEATURE_MODULES;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -604,6 +611,40 @@ pub enum Msg {
         /// The grid the plan is laid over.
         chunk_size: u64,
     },
+    // Feature [`FEATURE_BACKUP`].
+    /// Client, before its session writes anything: keep what the session
+    /// replaces or deletes (rsync's `--backup`). Answered `Done`.
+    Backup {
+        /// Module-relative directory the backups go to; `None`: beside the
+        /// file.
+        dir: Option<Vec<u8>>,
+        /// The destination's directory in the module: a backup in `dir`
+        /// goes at the file's path below it, as rsync has it.
+        base: Vec<u8>,
+        /// Appended to each backup's name.
+        suffix: Vec<u8>,
+    },
+    // Feature [`FEATURE_MODULES`].
+    /// Client, after the Hellos and instead of a login: the modules it may
+    /// use. Answered with `Modules`; the stream then ends.
+    ListModules {
+        /// A token's proof, as in [`Login::proof`]; without one only the
+        /// client's key counts.
+        proof: Option<[u8; 32]>,
+    },
+    /// Reply to `ListModules`, sorted by name.
+    Modules(Vec<ModuleInfo>),
+}
+
+/// A module as `ListModules` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    /// Its name.
+    pub name: String,
+    /// The configuration's comment, or empty.
+    pub comment: String,
+    /// The client may write to it.
+    pub write: bool,
 }
 
 /// Signature entries whose ids are the first `id_bytes` bytes of each

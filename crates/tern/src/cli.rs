@@ -137,8 +137,10 @@ pub enum Command {
     /// holds: a directory's entries, directories with a trailing `/`.
     ///
     /// Names are printed with rsync's escapes (`\#012` for a newline), so
-    /// every line is one entry. Examples: `tern ls -l tern://nas/photos/2024`,
-    /// `tern ls -R ./src`.
+    /// every line is one entry. A daemon named without a module
+    /// (tern://HOST[:PORT]/ or HOST:) lists the modules this client may use,
+    /// with `rw` or `ro` and each one's comment. Examples: `tern ls -l
+    /// tern://nas/photos/2024`, `tern ls -R ./src`, `tern ls tern://nas/`.
     Ls(LsArgs),
     /// Forget the pinned key of a daemon (HOST:PORT, or HOST for every
     /// port), after its key changed for a known reason: the next connection
@@ -356,6 +358,21 @@ pub struct TransferArgs {
     /// transferred, literal and matched data, bytes sent and received).
     #[arg(long, conflicts_with = "json")]
     pub stats: bool,
+    /// Keep each file the run replaces or deletes: renamed with --suffix
+    /// beside it, or moved to --backup-dir. A deleted directory is kept
+    /// whole. With --delete, sync never deletes the backups beside files.
+    #[arg(short = 'b', long)]
+    pub backup: bool,
+    /// Keep backups in DIR, each at its path below the destination
+    /// (implies --backup); a relative DIR is relative to the destination,
+    /// and for a daemon must stay inside its module. A run neither deletes
+    /// nor writes into a DIR inside the destination.
+    #[arg(long, value_name = "DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Appended to each backup's name [default: `~`; nothing with
+    /// --backup-dir].
+    #[arg(long, value_name = "SUFFIX")]
+    pub suffix: Option<std::ffi::OsString>,
     /// Transfer only the paths FILE lists, one a line, relative to the
     /// source (`-` reads stdin; `#` and `;` lines are comments); a listed
     /// directory comes with everything in it. The filters still apply.

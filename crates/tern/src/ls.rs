@@ -46,6 +46,26 @@ pub fn list(ep: &dyn Source, name: &Path, long: bool, recursive: bool, out: &mut
     Ok(failed)
 }
 
+/// A daemon's modules, one a line: the name, `rw` or `ro` for what this
+/// client may do there, and the module's comment.
+pub fn modules(list: &[tern_proto::ModuleInfo], out: &mut dyn Write) -> std::io::Result<()> {
+    let width = list
+        .iter()
+        .map(|m| escape(m.name.as_bytes()).chars().count())
+        .max()
+        .unwrap_or(0);
+    for m in list {
+        let access = if m.write { "rw" } else { "ro" };
+        let line = format!(
+            "{:<width$}  {access}  {}",
+            escape(m.name.as_bytes()),
+            escape(m.comment.as_bytes())
+        );
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
 fn line(out: &mut dyn Write, e: &Entry, rel: &Path, long: bool) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let mut name = escape(rel.as_os_str().as_bytes());

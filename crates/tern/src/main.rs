@@ -312,9 +312,64 @@ fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -
     }
 }
 
+/// What `--backup`, `--backup-dir` and `--suffix` ask for.
+struct BackupArgs {
+    dir: Option<PathBuf>,
+    suffix: OsString,
+}
+
+fn backup_args(t: &TransferArgs) -> anyhow::Result<Option<BackupArgs>> {
+    if !t.backup && t.backup_dir.is_none() {
+        if t.suffix.is_some() {
+            return Err(UsageError("--suffix needs --backup or --backup-dir".into()).into());
+        }
+        return Ok(None);
+    }
+    let suffix = t
+        .suffix
+        .clone()
+        .unwrap_or_else(|| if t.backup_dir.is_some() { "" } else { "~" }.into());
+    if suffix.as_bytes().contains(&b'/') {
+        return Err(UsageError(format!("--suffix {suffix:?}: a suffix cannot hold `/`")).into());
+    }
+    if suffix.is_empty() && t.backup_dir.is_none() {
+        return Err(
+            UsageError("--suffix cannot be empty without --backup-dir: the backup would be the file".into()).into(),
+        );
+    }
+    if t.backup_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+        return Err(UsageError("--backup-dir cannot be empty".into()).into());
+    }
+    Ok(Some(BackupArgs {
+        dir: t.backup_dir.clone(),
+        suffix,
+    }))
+}
+
+/// `base.join(rel)` with `.` and `..` taken away, or None if it climbs
+/// above `base`'s own root (a daemon's module).
+fn within(base: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in base.join(rel).components() {
+        match c {
+            std::path::Component::Normal(n) => out.push(n),
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
 /// A destination, opened.
 struct Dst {
     ep: Arc<dyn Dest>,
+    /// What the run leaves alone there: the backups it keeps.
+    protect: tern_core::engine::Protect,
     /// What is at the root now.
     root: Option<tern_core::Entry>,
     slash: bool,
@@ -323,15 +378,49 @@ struct Dst {
     remote: Option<RemoteEndpoint>,
 }
 
-fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteEndpoint>) -> anyhow::Result<Dst> {
+fn open_dest(
+    arg: &OsStr,
+    r: &RemoteArgs,
+    write: bool,
+    backup: Option<&BackupArgs>,
+    remotes: &mut Vec<RemoteEndpoint>,
+) -> anyhow::Result<Dst> {
     if arg.is_empty() {
         bail!("empty destination path");
     }
+    // A dry run keeps nothing, but shows the backups as left alone.
+    let mut protect = tern_core::engine::Protect::default();
     match net::parse_loc(arg)? {
         Loc::Local(p) => {
             let path = PathBuf::from(&p);
-            let ep = LocalEndpoint::following_root(path.clone());
+            let mut ep = LocalEndpoint::following_root(path.clone());
             let root = ep.stat(Path::new(""))?;
+            if let Some(b) = backup {
+                // Relative to the directory things land in, as rsync has it.
+                let base = match &root {
+                    Some(e) if e.kind != tern_core::Kind::Dir => {
+                        path.parent().map(Path::to_path_buf).unwrap_or_default()
+                    }
+                    _ => path.clone(),
+                };
+                let dir = match &b.dir {
+                    Some(d) => Some(
+                        std::path::absolute(base.join(d)).with_context(|| format!("--backup-dir {}", d.display()))?,
+                    ),
+                    None => None,
+                };
+                protect.dir = dir
+                    .as_ref()
+                    .and_then(|d| resolved(d).strip_prefix(resolved(&path)).ok().map(Path::to_path_buf));
+                protect.suffix = dir.is_none().then(|| b.suffix.clone());
+                if write {
+                    ep = ep.with_backup(tern_core::local::Backup {
+                        dir,
+                        base: PathBuf::new(),
+                        suffix: b.suffix.clone(),
+                    });
+                }
+            }
             // A destination nothing can be written to fails the run at once
             // (exit 1), not each file in turn.
             if let (true, Some(e)) = (write, &root) {
@@ -356,6 +445,7 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
             }
             Ok(Dst {
                 ep: Arc::new(ep),
+                protect,
                 root,
                 slash: ends_with_slash(&p),
                 shown: path.display().to_string(),
@@ -366,9 +456,45 @@ fn open_dest(arg: &OsStr, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
         Loc::Remote(spec) => {
             let ep = net::connect(&spec, r, net::Role::Dest, write)?;
             let root = ep.stat_root()?;
+            if let Some(b) = backup {
+                let base = match &root {
+                    Some(e) if e.kind != tern_core::Kind::Dir => spec.path.parent().unwrap_or(Path::new("")),
+                    _ => spec.path.as_path(),
+                };
+                let dir = match &b.dir {
+                    Some(d) if d.is_absolute() => {
+                        return Err(UsageError(format!(
+                            "--backup-dir {}: for a daemon destination give a path relative to it, inside module `{}`",
+                            d.display(),
+                            spec.module
+                        ))
+                        .into())
+                    }
+                    Some(d) => {
+                        let Some(m) = within(base, d).filter(|m| !m.as_os_str().is_empty()) else {
+                            return Err(UsageError(format!(
+                                "--backup-dir {}: leads outside module `{}`",
+                                d.display(),
+                                spec.module
+                            ))
+                            .into());
+                        };
+                        Some(m)
+                    }
+                    None => None,
+                };
+                if write {
+                    ep.keep_backups(dir.as_deref(), base, &b.suffix)?;
+                }
+                protect.dir = dir
+                    .as_ref()
+                    .and_then(|d| d.strip_prefix(&spec.path).ok().map(Path::to_path_buf));
+                protect.suffix = dir.is_none().then(|| b.suffix.clone());
+            }
             remotes.push(ep.clone());
             Ok(Dst {
                 ep: Arc::new(ep.clone()),
+                protect,
                 root,
                 slash: spec.trailing_slash,
                 shown: spec.display(),
@@ -402,6 +528,8 @@ fn dst_is_dir(d: &Dst) -> bool {
 /// The endpoints of a run.
 struct Plan {
     dest: Arc<dyn Dest>,
+    /// What the run leaves alone at the destination.
+    protect: tern_core::engine::Protect,
     roots: Vec<Root>,
     /// Set when the destination and every source are on daemons: the
     /// destination daemon may then run the transfer itself (remote to
@@ -444,6 +572,7 @@ impl Plan {
         });
         Plan {
             dest: d.ep,
+            protect: d.protect,
             roots: roots.into_iter().map(|(r, _)| r).collect(),
             direct,
             renamed: None,
@@ -456,10 +585,11 @@ fn copy_roots(
     paths: &[OsString],
     r: &RemoteArgs,
     write: bool,
+    backup: Option<&BackupArgs>,
     remotes: &mut Vec<RemoteEndpoint>,
 ) -> anyhow::Result<Plan> {
     let (dst, srcs) = paths.split_last().context("need SRC... DST")?;
-    let d = open_dest(dst, r, write, remotes)?;
+    let d = open_dest(dst, r, write, backup, remotes)?;
     let into_dir = srcs.len() > 1 || d.slash || dst_is_dir(&d);
     let mut roots = Vec::new();
     for s in srcs {
@@ -560,6 +690,27 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         }
         Command::Ls(a) => {
             init_log_level(tracing::Level::WARN);
+            if let Some(spec) = a
+                .path
+                .to_str()
+                .and_then(tern_net::url::parse_daemon)
+                .transpose()?
+                .filter(|s| s.module.is_empty())
+            {
+                let list = net::list_modules(&spec, &a.remote)?;
+                if list.is_empty() {
+                    eprintln!(
+                        "tern: tern://{}/ has no module this client may use: pass --token-file, set TERN_TOKEN, \
+                         or have the daemon grant this client's key (`tern fingerprint`)",
+                        spec.authority()
+                    );
+                    return Ok(Exit::Fatal);
+                }
+                let mut out = std::io::stdout().lock();
+                ls::modules(&list, &mut out)?;
+                std::io::Write::flush(&mut out)?;
+                return Ok(Exit::Ok);
+            }
             let src = open_source(&a.path, &a.remote, &mut Vec::new())?;
             let name = src.name.clone().unwrap_or_else(|| PathBuf::from(&a.path));
             let mut out = std::io::stdout().lock();
@@ -629,10 +780,14 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
         Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => read_list(t)?,
         _ => None,
     };
+    let backup = match &cli.command {
+        Command::Copy { opts: t, .. } | Command::Sync { opts: t, .. } => backup_args(t)?,
+        _ => None,
+    };
     let mut attempt = 0;
     loop {
         let mut remotes = Vec::new();
-        let resolved = resolve(&cli.command, remote, write, &mut remotes);
+        let resolved = resolve(&cli.command, remote, write, backup.as_ref(), &mut remotes);
         let plan = match resolved {
             Ok(x) => x,
             Err(e) if attempt < remote.retries && retryable(&e, attempt) && !cancel.load(Ordering::Relaxed) => {
@@ -643,6 +798,11 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             Err(e) => return Err(e),
         };
         let mut opts = jobs_for_path(&opts, jobs_given, &remotes);
+        opts.protect = plan.protect.clone();
+        if opts.delete_excluded {
+            // As rsync: --delete-excluded deletes old backups beside files.
+            opts.protect.suffix = None;
+        }
         // Like rsync: a delta where bytes cross a network, unless -W.
         opts.delta |= !remotes.is_empty() && !whole_file;
         if let Some((list, nul, name)) = &files_from {
@@ -670,12 +830,13 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             || opts.delete_excluded
             || opts.max_delete.is_some()
             || opts.prune_empty_dirs
-            || itemize;
+            || itemize
+            || backup.is_some();
         if plan.direct.is_some() && here {
             console.note(
                 "--files-from, --delete-excluded, --max-delete, --prune-empty-dirs, --itemize-changes, --size-only, \
-                 --ignore-existing, --update, --modify-window, --min-size and --max-size are applied here: \
-                 the data goes through this machine",
+                 --ignore-existing, --update, --modify-window, --min-size, --max-size and --backup are applied \
+                 here: the data goes through this machine",
             );
         }
         if let Some((dr, sources, tickets)) = plan.direct.filter(|_| !here) {
@@ -721,11 +882,21 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
                 }
             }
         }
+        let watched = remotes.clone();
+        console.watch_connections(Box::new(move || watched.iter().any(|r| r.connection_lost())));
         let summary = tern_core::run(plan.roots, plan.dest, opts.clone(), console.clone());
         let lost = remotes.iter().any(|r| r.connection_lost());
         if lost && attempt < remote.retries && !summary.interrupted {
             attempt += 1;
-            retry_pause(attempt, remote.retries, &anyhow::anyhow!("the connection dropped"));
+            let held = console.retrying();
+            let what = match held {
+                0 => "the connection dropped".to_string(),
+                n => format!(
+                    "the connection dropped ({n} {} to redo)",
+                    if n == 1 { "failure" } else { "failures" }
+                ),
+            };
+            retry_pause(attempt, remote.retries, &anyhow::anyhow!(what));
             continue;
         }
         let paths: Vec<_> = remotes.iter().map(|r| r.path_report()).collect();
@@ -849,12 +1020,18 @@ fn retry_pause(attempt: u32, of: u32, why: &anyhow::Error) {
 }
 
 /// Opens the endpoints of a copy, sync or check.
-fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteEndpoint>) -> anyhow::Result<Plan> {
+fn resolve(
+    cmd: &Command,
+    r: &RemoteArgs,
+    write: bool,
+    backup: Option<&BackupArgs>,
+    remotes: &mut Vec<RemoteEndpoint>,
+) -> anyhow::Result<Plan> {
     match cmd {
-        Command::Copy { paths, .. } => copy_roots(paths, r, write, remotes),
+        Command::Copy { paths, .. } => copy_roots(paths, r, write, backup, remotes),
         Command::Sync { src, dst, .. } => {
             let s = open_source(src, r, remotes)?;
-            let d = open_dest(dst, r, write, remotes)?;
+            let d = open_dest(dst, r, write, backup, remotes)?;
             if let (Some(sp), Some(dp)) = (&s.local, &d.local) {
                 check_not_inside(sp, dp)?;
             }
@@ -881,7 +1058,7 @@ fn resolve(cmd: &Command, r: &RemoteArgs, write: bool, remotes: &mut Vec<RemoteE
         }
         Command::Check { src, dst, .. } => {
             let s = open_source(src, r, remotes)?;
-            let d = open_dest(dst, r, false, remotes)?;
+            let d = open_dest(dst, r, false, None, remotes)?;
             if d.root.is_none() {
                 bail!("destination {}: no such file or directory", d.shown);
             }

@@ -76,13 +76,29 @@ pub fn compression(r: &RemoteArgs) -> Compression {
 
 /// Connects to the module `spec` names.
 pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -> anyhow::Result<RemoteEndpoint> {
+    let opts = connect_options(spec, r, role, write)?;
+    let ep = RemoteEndpoint::connect(spec, &opts).with_context(|| spec.display())?;
+    // Streams for a listing, the queued changes and a first worker start
+    // opening now, while the roots are looked at; the run tops them up to
+    // its worker count.
+    ep.open_streams_ahead(3);
+    Ok(ep)
+}
+
+/// The modules of the daemon `spec` names that this client may use.
+pub fn list_modules(spec: &RemoteSpec, r: &RemoteArgs) -> anyhow::Result<Vec<tern_proto::ModuleInfo>> {
+    let opts = connect_options(spec, r, Role::Source, false)?;
+    tern_net::remote::list_modules(spec, &opts).with_context(|| format!("tern://{}/", spec.authority()))
+}
+
+fn connect_options(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -> anyhow::Result<ConnectOptions> {
     let transport = match r.transport.as_str() {
         "quic" => TransportChoice::Quic,
         "tcp" => TransportChoice::Tcp,
         _ => TransportChoice::Auto,
     };
     let dir = config_dir();
-    let opts = ConnectOptions {
+    Ok(ConnectOptions {
         transport,
         token: token(spec, r, role)?,
         ticket: None,
@@ -95,13 +111,7 @@ pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -> an
         timeout: Duration::from_secs(r.timeout.max(1)),
         write,
         compress: compression(r),
-    };
-    let ep = RemoteEndpoint::connect(spec, &opts).with_context(|| spec.display())?;
-    // Streams for a listing, the queued changes and a first worker start
-    // opening now, while the roots are looked at; the run tops them up to
-    // its worker count.
-    ep.open_streams_ahead(3);
-    Ok(ep)
+    })
 }
 
 /// `tern fingerprint`.

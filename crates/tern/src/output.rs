@@ -36,7 +36,17 @@ pub struct Console {
     /// With `--json`, the changes listed (check, dry runs, -v), for the
     /// summary's `changes`.
     changes: Mutex<Vec<serde_json::Value>>,
+    /// Whether a connection of this attempt broke: its errors are then
+    /// held, to be dropped if the run is retried.
+    lost: Mutex<Option<LostHook>>,
+    /// Errors held since a connection broke.
+    held: Mutex<Vec<String>>,
+    /// Attempts retried after a lost connection.
+    retries: AtomicU64,
 }
+
+/// Tells whether a connection of the current attempt broke.
+pub type LostHook = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl Console {
     /// Sets up output for the given options. `list` forces the per-change
@@ -52,7 +62,7 @@ impl Console {
             // nothing while the scan starts.
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
             let style = ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta:>4} {msg}",
+                "{bar:20.cyan/blue} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>11} ETA {eta:>3} {wide_msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
@@ -75,18 +85,75 @@ impl Console {
             current: Mutex::new(String::new()),
             plain: (wanted && !tty).then(|| Mutex::new(None)),
             changes: Mutex::new(Vec::new()),
+            lost: Mutex::new(None),
+            held: Mutex::new(Vec::new()),
+            retries: AtomicU64::new(0),
         }
     }
 
-    /// The progress message: files done of planned, and the file being
-    /// written.
-    fn message(&self) -> String {
+    /// From now on, errors reported after `lost` says a connection broke
+    /// are held back: a retry makes them moot, and [`Console::summary`]
+    /// prints those that stand.
+    pub fn watch_connections(&self, lost: LostHook) {
+        if let Ok(mut l) = self.lost.lock() {
+            *l = Some(lost);
+        }
+    }
+
+    /// The run is retried after a lost connection: the errors held are
+    /// dropped (returned: how many), and the progress starts again.
+    pub fn retrying(&self) -> usize {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        let dropped = self.held.lock().map(|mut h| std::mem::take(&mut *h).len()).unwrap_or(0);
+        for c in [
+            &self.files_planned,
+            &self.files_done,
+            &self.bytes_planned,
+            &self.bytes_done,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        if let Ok(mut c) = self.changes.lock() {
+            c.clear();
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_length(0);
+            bar.set_position(0);
+            bar.reset_eta();
+        }
+        dropped
+    }
+
+    /// Prints the errors held back, which no retry will undo.
+    fn release_held(&self) {
+        let held = self
+            .held
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
+        for e in held {
+            print_line(false, &e);
+        }
+    }
+
+    /// Files done of planned.
+    fn counts(&self) -> String {
         let (d, n) = (
             self.files_done.load(Ordering::Relaxed),
             self.files_planned.load(Ordering::Relaxed),
         );
+        format!("{d}/{n} {}", plural(n, "file", "files"))
+    }
+
+    /// The progress message: the counts and the file being written.
+    fn message(&self) -> String {
         let name = self.current.lock().map(|c| c.clone()).unwrap_or_default();
-        format!("{d}/{n} {} {name}", plural(n, "file", "files"))
+        format!("{} {name}", self.counts())
+    }
+
+    /// The bar shows the counts and as much of the name as fits.
+    fn redraw_text(&self, bar: &ProgressBar) {
+        bar.set_message(self.message());
     }
 
     /// Without a terminal, with progress asked for: a line at most a second.
@@ -153,6 +220,7 @@ impl Console {
     /// and `paths` are its connections to the sources.
     pub fn summary(&self, verb: &str, s: &Summary, paths: &[PathReport], direct: bool) {
         self.finish();
+        self.release_held();
         let transport = paths.first().map(|p| p.transport.as_str());
         if self.json {
             let mut out = std::io::stdout().lock();
@@ -193,6 +261,14 @@ impl Console {
                 plural(s.files, "file", "files"),
                 HumanBytes(s.bytes_total)
             ));
+            if s.interrupted && s.bytes_written > s.bytes_total {
+                // Only the files in place count as copied; what large files
+                // got before the stop is kept for the resume.
+                parts.push(format!(
+                    "{} written in all, the unfinished part kept for the resume",
+                    HumanBytes(s.bytes_written)
+                ));
+            }
             if s.unchanged > 0 {
                 parts.push(format!("{} unchanged", s.unchanged));
             }
@@ -245,6 +321,13 @@ impl Console {
         }
         if s.errors > 0 {
             parts.push(format!("{} {}", s.errors, plural(s.errors, "error", "errors")));
+        }
+        let retries = self.retries.load(Ordering::Relaxed);
+        if retries > 0 {
+            parts.push(format!(
+                "after {retries} {} on a new connection",
+                plural(retries, "retry", "retries")
+            ));
         }
         if s.interrupted {
             parts.push("INTERRUPTED: rerun the same command to resume".into());
@@ -402,7 +485,7 @@ impl Observer for Console {
                 bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
             }
             bar.inc_length(bytes);
-            bar.set_message(self.message());
+            self.redraw_text(bar);
         }
     }
 
@@ -417,7 +500,7 @@ impl Observer for Console {
     fn file_done(&self) {
         self.files_done.fetch_add(1, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
-            bar.set_message(self.message());
+            self.redraw_text(bar);
         }
         self.plain_line();
     }
@@ -425,7 +508,9 @@ impl Observer for Console {
     fn action(&self, action: Action, path: &Path, _size: u64) {
         if matches!(action, Action::New | Action::Update) {
             if let Ok(mut c) = self.current.lock() {
-                *c = path.display().to_string();
+                use std::os::unix::ffi::OsStrExt;
+                // A name's control characters would garble the bar.
+                *c = crate::ls::escape(path.as_os_str().as_bytes());
             }
         }
         if self.list {
@@ -434,10 +519,11 @@ impl Observer for Console {
             } else {
                 path
             };
-            self.line(!self.json, &format!("{:<8} {}", label(action), shown.display()));
+            use std::os::unix::ffi::OsStrExt;
+            // Escaped as rsync does, so that each line is one change.
+            let path = crate::ls::escape(shown.as_os_str().as_bytes());
+            self.line(!self.json, &format!("{:<8} {path}", label(action)));
             if self.json {
-                use std::os::unix::ffi::OsStrExt;
-                let path = crate::ls::escape(shown.as_os_str().as_bytes());
                 if let Ok(mut c) = self.changes.lock() {
                     c.push(serde_json::json!({ "action": label(action), "path": path }));
                 }
@@ -461,7 +547,15 @@ impl Observer for Console {
     }
 
     fn error(&self, e: &Error) {
-        self.line(false, &format!("error: {e}"));
+        let line = format!("error: {e}");
+        let lost = self.lost.lock().is_ok_and(|l| l.as_ref().is_some_and(|f| f()));
+        if lost {
+            if let Ok(mut h) = self.held.lock() {
+                h.push(line);
+                return;
+            }
+        }
+        self.line(false, &line);
     }
 }
 

@@ -67,3 +67,85 @@ fn ls_lists_a_daemon_path_as_it_lists_the_same_tree_here() {
         assert!(there.lines().count() == 5, "{there}");
     }
 }
+
+#[test]
+fn ls_of_a_daemon_lists_the_modules_this_client_may_use() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    fs::create_dir_all(&module).expect("mkdir");
+    for m in ["pub", "hidden"] {
+        fs::create_dir_all(t.path().join(m)).expect("mkdir");
+    }
+    let reader = t.path().join("reader.token");
+    fs::write(&reader, "reader-token-0123456789abcdef\n").expect("token");
+    let cfg = t.path().join("tern.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[modules.pub]\npath = {:?}\ncomment = \"public photos\"\n\
+             [modules.hidden]\npath = {:?}\ncomment = \"not for readers\"\n\
+             [[tokens]]\ntoken_file = {:?}\nmodules = [\"pub\"]\naccess = \"read\"\n",
+            t.path().join("pub"),
+            t.path().join("hidden"),
+            reader
+        ),
+    )
+    .expect("config");
+    let d = daemon_with(
+        t.path(),
+        &module,
+        false,
+        0,
+        &["--config".into(), cfg.display().to_string()],
+    );
+    let host = format!("tern://127.0.0.1:{}/", d.port);
+    // The quick-start token opens the read-write module only.
+    let out = ok(d.auth(client(t.path()).arg("ls")).arg(&host));
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["data  rw"], "{out}");
+    // The reader's token: its module, read-only, with its comment; the
+    // short form names the daemon too.
+    let mut c = client(t.path());
+    c.args(["ls", "--fingerprint", &d.fingerprint, "--token-file"])
+        .arg(&reader)
+        .arg(format!("127.0.0.1:{}:", d.port));
+    let out = ok(&mut c);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["pub  ro  public photos"], "{out}");
+    // A token that opens nothing: a clear failure, no module named.
+    let wrong = t.path().join("wrong.token");
+    fs::write(&wrong, "not-a-token-of-this-daemon-at-all\n").expect("token");
+    let mut c = client(t.path());
+    c.args(["ls", "--fingerprint", &d.fingerprint, "--token-file"])
+        .arg(&wrong)
+        .arg(&host);
+    let o = go(&mut c);
+    let (code, out, err) = outcome(&o);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.is_empty() && !err.contains("hidden") && err.contains("no module"),
+        "{out}{err}"
+    );
+    // A daemon whose key is not the pinned one is not asked at all.
+    let mut c = client(t.path());
+    c.args([
+        "ls",
+        "--fingerprint",
+        "b3:0000000000000000000000000000000000000000000000000000000000000000",
+    ])
+    .arg(&host);
+    let (code, out, err) = outcome(&go(&mut c));
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+}
+
+#[test]
+fn verbose_changes_escape_names_as_ls_does() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    write(&src.join(OsStr::from_bytes(b"new\nline")), b"x");
+    write(&src.join(OsStr::from_bytes(b"bad-\xff")), b"y");
+    let out = expect(0, &[&"copy", &"-v", &src.join(""), &t.path().join("dst")]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"new      new\\#012line"), "{out}");
+    assert!(lines.contains(&"new      bad-\\#377"), "{out}");
+    assert_eq!(lines.len(), 3, "one line a change:\n{out}");
+}

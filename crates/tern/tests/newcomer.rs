@@ -2,6 +2,10 @@
 
 mod common;
 
+use std::fs;
+use std::process::Stdio;
+use std::time::Duration;
+
 use common::server::*;
 use common::*;
 
@@ -71,4 +75,43 @@ fn sync_delete_onto_a_directory_of_another_name_asks_what_is_meant() {
 
 fn fs_read(p: &std::path::Path) -> Vec<u8> {
     std::fs::read(p).expect("read")
+}
+
+#[test]
+fn a_connection_lost_and_recovered_prints_a_retry_not_errors() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, module) = (t.path().join("src"), t.path().join("module"));
+    write(&src.join("big.bin"), &data(8 * 1024 * 1024, 3));
+    for i in 0..20 {
+        write(&src.join(format!("small/f{i}")), &data(1000 + i, i as u64));
+    }
+    fs::create_dir_all(&module).expect("mkdir");
+    let mut d = daemon(t.path(), &module, false);
+    let port = d.port;
+    let child = d
+        .auth(client(t.path()).args(["copy", "--no-progress", "--chunk-size", "1M", "--bwlimit", "4M"]))
+        .arg(src.join(""))
+        .arg(d.url("x/"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let journal = module.join("x/.big.bin.tern.journal");
+    wait_until("journaled chunks", Duration::from_secs(60), || {
+        journal_records(&journal) >= 2
+    });
+    // The daemon dies mid-transfer and comes back on the same port.
+    d.child.kill().expect("kill");
+    d.child.wait().expect("wait");
+    let _back = daemon_on(t.path(), &module, false, port);
+    let o = child.wait_with_output().expect("wait");
+    let (code, _, err) = outcome(&o);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("the connection dropped") && err.contains("retrying in"),
+        "{err}"
+    );
+    assert!(!err.contains("error:"), "errors a retry undid are printed:\n{err}");
+    assert!(err.contains("after 1 retry"), "the summary hides the retry:\n{err}");
+    assert_eq!(b3(&module.join("x/big.bin")), b3(&src.join("big.bin")));
 }

@@ -17,8 +17,13 @@ const MIB: usize = 1 << 20;
 /// Starts a throttled copy of `src` to `dst` (1 MiB chunks) and waits until
 /// its journal holds at least `chunks` records.
 fn start_slow_copy(src: &Path, dst: &Path, chunks: u64) -> std::process::Child {
+    start_slow_copy_with(src, dst, chunks, "-q")
+}
+
+/// As [`start_slow_copy`], with `flag` instead of `-q`.
+fn start_slow_copy_with(src: &Path, dst: &Path, chunks: u64, flag: &str) -> std::process::Child {
     let child = tern()
-        .args(["copy", "-q", "--chunk-size", "1M", "--bwlimit", "4M", "-j", "2"])
+        .args(["copy", flag, "--chunk-size", "1M", "--bwlimit", "4M", "-j", "2"])
         .arg(src)
         .arg(dst)
         .stdout(Stdio::piped())
@@ -92,11 +97,17 @@ fn sigint_stops_cleanly_with_exit_130_and_resumes() {
     let src = t.path().join("big.bin");
     write(&src, &data(16 * MIB, 2));
     let dst = t.path().join("copy.bin");
-    let child = start_slow_copy(&src, &dst, 2);
+    let child = start_slow_copy_with(&src, &dst, 2, "--no-progress");
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().expect("wait");
-    assert_eq!(o.status.code(), Some(130), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    // The summary says what the stop kept, not only that no file is done.
+    assert!(
+        err.contains("copied 0 of 1 file") && err.contains("MiB written in all") && err.contains("INTERRUPTED"),
+        "{err}"
+    );
     assert!(!dst.exists());
     assert_eq!(side_files(t.path()).len(), 2);
     let s = json(&expect(0, &[&"copy", &"--json", &"--chunk-size", &"1M", &src, &dst]));
