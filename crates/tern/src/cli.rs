@@ -320,6 +320,12 @@ pub struct TransferArgs {
     /// kept for a resume (large files, with their journal).
     #[arg(short = 'P')]
     pub partial_progress: bool,
+    /// rsync's --partial, accepted for rsync habits: tern always keeps what
+    /// an interrupted run wrote of a large file (`.NAME.tern.tmp` beside it,
+    /// with a journal of its verified chunks; no --partial-dir is needed)
+    /// and resumes it on the next run.
+    #[arg(long)]
+    pub partial: bool,
     /// Show what would be done; change nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,

@@ -21,6 +21,7 @@ fn rsync_letters_are_accepted() {
     assert!(out.contains("small/f3"), "-v lists the files:\n{out}");
     same_tree(&src, &dst.join("src"));
     expect(0, &[&"sync", &"-rP", &"--delete", &src, &dst.join("src")]);
+    expect(0, &[&"copy", &"-a", &"--partial", &src, &dst]);
 }
 
 #[test]
