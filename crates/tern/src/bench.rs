@@ -284,7 +284,7 @@ fn remote(spec: &RemoteSpec, a: &BenchArgs, say: &dyn Fn(String)) -> anyhow::Res
     }
     // The same probe `--transport auto` makes.
     let addr = resolve(spec).with_context(|| spec.display())?;
-    let probe = probe_path(addr, Duration::from_secs(a.remote_args.timeout.max(1)))
+    let probe = probe_path(addr, a.remote_args.timeout_or(60))
         .with_context(|| format!("{}: TCP does not connect", spec.display()))?;
     let rtt_ms = probe.connect.as_secs_f64() * 1e3;
     let lan = probe.connect < LAN_RTT;

@@ -142,6 +142,17 @@ pub enum Command {
     /// with `rw` or `ro` and each one's comment. Examples: `tern ls -l
     /// tern://nas/photos/2024`, `tern ls -R ./src`, `tern ls tern://nas/`.
     Ls(LsArgs),
+    /// Mount a daemon's module (or a directory in it) at DIR, read-only,
+    /// until `tern unmount DIR`, Ctrl-C or SIGTERM: every byte read is
+    /// checked against the BLAKE3 chaining value the daemon sent with it
+    /// (a mismatch is EIO), and the xattr `user.tern.blake3` holds a file's
+    /// `b3sum` hash. Example: `tern mount nas:photos ~/photos`.
+    Mount(MountArgs),
+    /// Unmount a `tern mount` (as `fusermount3 -u DIR` does).
+    Unmount {
+        /// The mount point.
+        dir: PathBuf,
+    },
     /// Forget the pinned key of a daemon (HOST:PORT, or HOST for every
     /// port), after its key changed for a known reason: the next connection
     /// asks again, or takes --accept-new-host / --fingerprint.
@@ -188,6 +199,21 @@ pub struct LsArgs {
     pub recursive: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+/// `tern mount` options.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The daemon's tree: tern://HOST[:PORT]/MODULE[/PATH] or HOST:MODULE[/PATH].
+    pub remote: OsString,
+    /// The directory to mount it on.
+    pub dir: PathBuf,
+    /// Seconds the kernel trusts names and attributes before asking the
+    /// daemon again (a file opened is always asked for).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub attr_timeout: f64,
+    #[command(flatten)]
+    pub remote_args: RemoteArgs,
 }
 
 /// `tern bench` options.
@@ -293,9 +319,10 @@ pub struct RemoteArgs {
     /// Reconnect and resume this many times when the connection drops.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub retries: u32,
-    /// Seconds to wait for a daemon before giving up on a request.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub timeout: u64,
+    /// Seconds to wait for a daemon before giving up on a request
+    /// [default: 60; 30 for mount, where an application waits on it].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     /// zstd compression of what crosses to and from daemons, both ways:
     /// auto compresses when the measured link is slower than compressing
     /// (so not on a LAN or loopback) at a level chosen from both rates;
@@ -303,6 +330,13 @@ pub struct RemoteArgs {
     /// is always sent as it is.
     #[arg(long, value_name = "auto|never|always", default_value = "auto", value_parser = ["auto", "never", "always"])]
     pub compress: String,
+}
+
+impl RemoteArgs {
+    /// `--timeout`, or `default` seconds.
+    pub fn timeout_or(&self, default: u64) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout.unwrap_or(default).max(1))
+    }
 }
 
 /// Options shared by copy and sync.

@@ -10,6 +10,7 @@ mod cli;
 mod credentials;
 mod defaults;
 mod ls;
+mod mount;
 mod net;
 mod output;
 
@@ -718,6 +719,11 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             std::io::Write::flush(&mut out)?;
             return Ok(if failed > 0 { Exit::Partial } else { Exit::Ok });
         }
+        Command::Mount(a) => {
+            init_log_level(tracing::Level::WARN);
+            return mount::run(a);
+        }
+        Command::Unmount { dir } => return mount::unmount(dir),
         Command::Bench(a) => {
             init_log_level(tracing::Level::WARN);
             return bench::run(a);

@@ -108,7 +108,7 @@ fn connect_options(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -
             known_hosts: dir.join("known_hosts"),
         },
         identity_dir: Some(dir.join("identity")),
-        timeout: Duration::from_secs(r.timeout.max(1)),
+        timeout: r.timeout_or(60),
         write,
         compress: compression(r),
     })

@@ -1,0 +1,241 @@
+//! Reading an open file: aligned 1 MiB blocks, each checked against the
+//! chaining value the daemon sent with it, fetched by a pool of threads, and
+//! a read-ahead window per handle that doubles while reads are sequential.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use fuser::Errno;
+use tern_core::{Entry, ReadFile};
+
+use crate::conn::Conn;
+
+/// A block: a whole BLAKE3 subtree at any multiple of its size, so the
+/// daemon can vouch for it with one chaining value.
+pub const BLOCK: u64 = 1 << 20;
+/// The read-ahead window's limit, in blocks.
+const MAX_WINDOW: u64 = 16;
+/// Blocks a handle keeps: the window ahead and as much behind.
+const KEEP: usize = (2 * MAX_WINDOW + 2) as usize;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that fetch blocks for every handle.
+pub struct Pool {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+impl Pool {
+    /// `n` fetching threads.
+    pub fn new(n: usize) -> std::io::Result<Pool> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..n.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("tern-fetch-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })?;
+        }
+        Ok(Pool { tx: Mutex::new(tx) })
+    }
+
+    fn run(&self, job: Job) -> bool {
+        self.tx.lock().is_ok_and(|tx| tx.send(job).is_ok())
+    }
+}
+
+enum Slot {
+    Loading,
+    Ready(Arc<Vec<u8>>),
+    Failed(Errno),
+}
+
+#[derive(Default)]
+struct State {
+    blocks: BTreeMap<u64, Slot>,
+    /// The block a sequential reader asks for next.
+    next: u64,
+    /// Blocks fetched ahead of it.
+    window: u64,
+}
+
+/// An open file as the reads of its handle see it.
+pub struct Reader {
+    /// Its path below the mounted root.
+    pub rel: PathBuf,
+    /// The version opened.
+    pub entry: Entry,
+    /// The daemon's handle, and the connection it belongs to.
+    file: RwLock<Option<(u64, Arc<dyn ReadFile>)>>,
+    state: Mutex<State>,
+    ready: Condvar,
+}
+
+impl Reader {
+    /// A reader of `entry` at `rel`, opened as `file` on connection `gen`.
+    pub fn new(rel: PathBuf, entry: Entry, opened: (u64, Arc<dyn ReadFile>)) -> Reader {
+        Reader {
+            rel,
+            entry,
+            file: RwLock::new(Some(opened)),
+            state: Mutex::new(State {
+                window: 1,
+                ..Default::default()
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// `[offset, offset+len)` of the file (already within its size).
+    pub fn read(self: &Arc<Self>, conn: &Arc<Conn>, pool: &Pool, offset: u64, len: u64) -> Result<Vec<u8>, Errno> {
+        let last_block = self.entry.size.saturating_sub(1) / BLOCK;
+        let (first, last) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+        let mut st = self.state.lock().map_err(|_| Errno::EIO)?;
+        // Sequential: the window doubles; a jump starts it again at one.
+        st.window = if first == st.next || first + 1 == st.next {
+            (st.window * 2).min(MAX_WINDOW)
+        } else {
+            1
+        };
+        st.next = last + 1;
+        let ahead = (last + st.window).min(last_block);
+        let mut fetch = Vec::new();
+        for b in first..=ahead {
+            if let std::collections::btree_map::Entry::Vacant(v) = st.blocks.entry(b) {
+                v.insert(Slot::Loading);
+                fetch.push(b);
+            }
+        }
+        evict(&mut st.blocks, first);
+        drop(st);
+        for b in fetch {
+            let (me, conn) = (self.clone(), conn.clone());
+            let job: Job = Box::new(move || {
+                let got = me.fetch(&conn, b);
+                if let Ok(mut st) = me.state.lock() {
+                    st.blocks.insert(
+                        b,
+                        match got {
+                            Ok(v) => Slot::Ready(Arc::new(v)),
+                            Err(e) => Slot::Failed(e),
+                        },
+                    );
+                }
+                me.ready.notify_all();
+            });
+            if !pool.run(job) {
+                return Err(Errno::EIO);
+            }
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        let mut st = self.state.lock().map_err(|_| Errno::EIO)?;
+        for b in first..=last {
+            let data = loop {
+                match st.blocks.get(&b) {
+                    Some(Slot::Ready(d)) => break d.clone(),
+                    Some(Slot::Failed(e)) => {
+                        let e = *e;
+                        // Asked again by the next read.
+                        st.blocks.remove(&b);
+                        return Err(e);
+                    }
+                    Some(Slot::Loading) => st = self.ready.wait(st).map_err(|_| Errno::EIO)?,
+                    // Evicted by reads elsewhere in the file meanwhile.
+                    None => {
+                        drop(st);
+                        let d = Arc::new(self.fetch(conn, b)?);
+                        st = self.state.lock().map_err(|_| Errno::EIO)?;
+                        break d;
+                    }
+                }
+            };
+            let start = offset.max(b * BLOCK) - b * BLOCK;
+            let end = (offset + len).min(b * BLOCK + data.len() as u64) - b * BLOCK;
+            if start > end || end as usize > data.len() {
+                return Err(Errno::EIO);
+            }
+            out.extend_from_slice(&data[start as usize..end as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Block `b`, read from the daemon and checked.
+    fn fetch(&self, conn: &Conn, b: u64) -> Result<Vec<u8>, Errno> {
+        let offset = b * BLOCK;
+        let len = BLOCK.min(self.entry.size - offset) as usize;
+        conn.run(|ep, gen| {
+            let file = self.open_on(ep, gen)?;
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(offset, &mut buf)?;
+            if file.sent_cv(offset) != Some(tern_core::hash::cv_at(offset, &buf)) {
+                return Err(tern_core::Error::Other {
+                    path: self.rel.clone(),
+                    message: format!(
+                        "the {len} bytes at offset {offset} do not hash to what the daemon sent with them"
+                    ),
+                });
+            }
+            Ok(buf)
+        })
+        .map_err(|e| {
+            tracing::error!(error = %e, "read refused");
+            crate::fs::errno(&e, &self.rel)
+        })
+    }
+
+    /// The daemon's handle on connection `gen`, opened again where the one
+    /// it was opened on is gone (the daemon checks the version is the one
+    /// first opened).
+    fn open_on(&self, ep: &tern_net::remote::RemoteEndpoint, gen: u64) -> tern_core::Result<Arc<dyn ReadFile>> {
+        if let Ok(f) = self.file.read() {
+            if let Some((g, file)) = f.as_ref() {
+                if *g == gen {
+                    return Ok(file.clone());
+                }
+            }
+        }
+        let file: Arc<dyn ReadFile> = Arc::from(tern_core::Source::open(ep, &self.rel, &self.entry)?);
+        if let Ok(mut f) = self.file.write() {
+            *f = Some((gen, file.clone()));
+        }
+        Ok(file)
+    }
+}
+
+/// Drops the blocks furthest behind `first` (then the furthest ahead)
+/// beyond what a handle keeps; never one still loading.
+fn evict(blocks: &mut BTreeMap<u64, Slot>, first: u64) {
+    while blocks.len() > KEEP {
+        let behind = blocks
+            .iter()
+            .find(|(b, s)| **b < first && !matches!(s, Slot::Loading))
+            .map(|(b, _)| *b);
+        let ahead = || {
+            blocks
+                .iter()
+                .rev()
+                .find(|(b, s)| **b > first && !matches!(s, Slot::Loading))
+                .map(|(b, _)| *b)
+        };
+        match behind.or_else(ahead) {
+            Some(b) => {
+                blocks.remove(&b);
+            }
+            None => return,
+        }
+    }
+}
+
+/// Readers by file handle.
+pub type Readers = RwLock<HashMap<u64, Arc<Reader>>>;
