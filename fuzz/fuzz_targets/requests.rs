@@ -233,6 +233,11 @@ enum Op {
         base: P,
         suffix: u8,
     },
+    /// An entry renamed anywhere, onto anything.
+    Rename {
+        from: P,
+        to: P,
+    },
 }
 
 /// How a signature's ids cross: eight bytes each, or cut to any number of
@@ -625,6 +630,10 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 xattrs: None,
             },
             Op::Barrier => Msg::Barrier,
+            Op::Rename { from, to } => Msg::Rename {
+                from: from.bytes(),
+                to: to.bytes(),
+            },
             Op::Backup { dir, base, suffix } => Msg::Backup {
                 dir: dir.as_ref().map(P::bytes),
                 base: base.bytes(),

@@ -452,6 +452,15 @@ pub trait Dest: Source {
     /// Creates the directory `rel` (its parent exists). Succeeds if it is
     /// already a directory.
     fn make_dir(&self, rel: &Path) -> Result<()>;
+    /// Renames the entry `from` to `to` (whose parent exists), replacing
+    /// what `to` names as rename(2) does: a file or symlink, or an empty
+    /// directory by a directory.
+    fn rename(&self, from: &Path, _to: &Path) -> Result<()> {
+        Err(Error::Other {
+            path: self.describe(from).into(),
+            message: "this destination cannot rename entries".into(),
+        })
+    }
     /// Starts writing the regular file `rel` at a temporary name.
     fn create(&self, rel: &Path, spec: &FileSpec) -> Result<Box<dyn WriteFile>>;
     /// Creates or atomically replaces `rel` with a symlink to `target`.

@@ -632,6 +632,24 @@ fn set_xattrs(path: &Path, shown: &Path, xattrs: &Xattrs) -> Result<()> {
 }
 
 impl Dest for LocalEndpoint {
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        let shown = self.path(from);
+        let a = self.at(from).ctx(&shown, "rename")?;
+        let b = self.at(to).ctx(&self.path(to), "rename")?;
+        let replaced = fs::symlink_metadata(&*b).ok();
+        let kept = match &replaced {
+            Some(m) if !m.is_dir() => self.back_up_replaced(to, &b)?,
+            _ => false,
+        };
+        fs::rename(&*a, &*b).map_err(|e| Error::io(&shown, "rename", e))?;
+        if let (Some(q), Some(m), false) = (&self.quota, &replaced, kept) {
+            if m.is_file() && m.nlink() == 1 {
+                q.credit(m.len());
+            }
+        }
+        Ok(())
+    }
+
     fn make_dir(&self, rel: &Path) -> Result<()> {
         let shown = self.path(rel);
         let p = self.at(rel).ctx(&shown, "create directory")?;

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,38 +10,54 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use tern_core::{Entry, Kind, ReadFile, Source};
+use tern_core::entry::{Meta, Time};
+use tern_core::{Dest, Entry, Kind, ReadFile, Source};
+use tern_net::remote::RemoteEndpoint;
 
 use crate::conn::Conn;
 use crate::inodes::{Inodes, ROOT};
-use crate::reader::{Pool, Reader, Readers};
+use crate::reader::{Pool, Reader};
+use crate::staged::Staged;
 use crate::MountOptions;
 
 /// The extended attribute holding a file's BLAKE3, as `b3sum` prints it.
 const HASH_XATTR: &str = "user.tern.blake3";
-/// What the kernel is told to read at once, and `st_blksize`.
+/// What the kernel is told to read and write at once, and `st_blksize`.
 const IO_SIZE: u32 = 1 << 20;
 
-/// A directory listed for readdir: its entries with their inodes.
+/// A directory listed for readdir.
 struct DirHandle {
     entries: Vec<Entry>,
+}
+
+/// An open file: read from the daemon, or written through a staging file.
+#[derive(Clone)]
+enum Open {
+    Read(Arc<Reader>),
+    Write(Arc<Staged>),
 }
 
 /// The mounted tree.
 pub struct TernFs {
     conn: Arc<Conn>,
     inodes: Mutex<Inodes>,
-    files: Readers,
+    files: RwLock<HashMap<u64, Open>>,
     pool: Pool,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     ttl: Duration,
     /// Whole-file hashes asked for, by path and version.
     hashes: Mutex<HashMap<(PathBuf, u64, i64, u32), String>>,
+    /// Paths being written, by path.
+    staged: Mutex<HashMap<PathBuf, Arc<Staged>>>,
+    /// Where staging files go; None: mounted read-only.
+    staging: Option<PathBuf>,
 }
+
+type Res<T> = Result<T, Errno>;
 
 impl TernFs {
     /// A file system over `conn`; the root is stat'ed when first asked for.
@@ -49,7 +66,7 @@ impl TernFs {
             name: Default::default(),
             kind: Kind::Dir,
             size: 0,
-            meta: tern_core::entry::Meta {
+            meta: Meta {
                 mode: 0o755,
                 ..Default::default()
             },
@@ -68,6 +85,8 @@ impl TernFs {
             next_fh: AtomicU64::new(1),
             ttl: opts.attr_timeout,
             hashes: Mutex::default(),
+            staged: Mutex::default(),
+            staging: opts.staging.clone(),
         };
         // The root's own attributes, stale at once so the first getattr asks.
         if let Ok(mut t) = fs.inodes.lock() {
@@ -83,31 +102,49 @@ impl TernFs {
     }
 
     /// The path and the last seen entry of `ino`.
-    fn node(&self, ino: u64) -> Result<(PathBuf, Entry, Instant), Errno> {
+    fn node(&self, ino: u64) -> Res<(PathBuf, Entry, Instant)> {
         let t = self.inodes.lock().map_err(|_| Errno::EIO)?;
         let n = t.get(ino).ok_or(Errno::ESTALE)?;
         Ok((n.rel.clone(), n.entry.clone(), n.seen))
     }
 
-    /// What the daemon says of `rel` now.
-    fn stat(&self, rel: &Path) -> Result<Option<Entry>, Errno> {
+    fn child(&self, parent: u64, name: &OsStr) -> Res<PathBuf> {
+        match self.inodes.lock().map(|t| t.child_path(parent, name)) {
+            Ok(Some(r)) => Ok(r),
+            _ => Err(Errno::ESTALE),
+        }
+    }
+
+    fn staged_at(&self, rel: &Path) -> Option<Arc<Staged>> {
+        self.staged.lock().ok().and_then(|s| s.get(rel).cloned())
+    }
+
+    /// What the daemon says of `rel` now, or what is being written there.
+    fn stat(&self, rel: &Path) -> Res<Option<Entry>> {
+        if let Some(s) = self.staged_at(rel) {
+            return s.entry().map(Some).map_err(Errno::from);
+        }
         self.conn.run(|ep, _| ep.stat(rel)).map_err(|e| errno(&e, rel))
     }
 
     /// `ino`'s entry, asked again once the attribute timeout has passed.
-    fn fresh(&self, ino: u64) -> Result<Entry, Errno> {
+    fn fresh(&self, ino: u64) -> Res<Entry> {
         let (rel, entry, seen) = self.node(ino)?;
-        if seen.elapsed() < self.ttl {
+        if seen.elapsed() < self.ttl && self.staged_at(&rel).is_none() {
             return Ok(entry);
         }
         let now = self.stat(&rel)?.ok_or(Errno::ENOENT)?;
+        self.note(ino, &now);
+        Ok(now)
+    }
+
+    fn note(&self, ino: u64, e: &Entry) {
         if let Ok(mut t) = self.inodes.lock() {
             if let Some(n) = t.get_mut(ino) {
-                n.entry = now.clone();
+                n.entry = e.clone();
                 n.seen = Instant::now();
             }
         }
-        Ok(now)
     }
 
     fn attr(&self, ino: u64, e: &Entry) -> FileAttr {
@@ -140,24 +177,61 @@ impl TernFs {
         }
     }
 
-    fn dir_entries(&self, ino: u64) -> Result<(PathBuf, Vec<Entry>), Errno> {
+    /// Takes a reference to `name` in `parent` for the kernel.
+    fn remember(&self, parent: u64, name: &OsStr, e: &Entry) -> Res<FileAttr> {
+        let mut t = self.inodes.lock().map_err(|_| Errno::EIO)?;
+        let ino = t.remember(parent, name, e.clone());
+        Ok(self.attr(ino, e))
+    }
+
+    /// A directory's entries: the daemon's listing, with what is being
+    /// written in it shown as it is here.
+    fn dir_entries(&self, ino: u64) -> Res<Vec<Entry>> {
         let (rel, entry, _) = self.node(ino)?;
         if entry.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let entries = self.conn.run(|ep, _| ep.read_dir(&rel)).map_err(|e| errno(&e, &rel))?;
-        Ok((rel, entries))
+        let mut entries = self.conn.run(|ep, _| ep.read_dir(&rel)).map_err(|e| errno(&e, &rel))?;
+        let here: Vec<Arc<Staged>> = match self.staged.lock() {
+            Ok(s) => s
+                .values()
+                .filter(|s| s.rel().parent() == Some(rel.as_path()))
+                .cloned()
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for s in here {
+            let Ok(e) = s.entry() else { continue };
+            match entries.binary_search_by(|x| x.name.cmp(&e.name)) {
+                Ok(i) => entries[i] = e,
+                Err(i) => entries.insert(i, e),
+            }
+        }
+        Ok(entries)
     }
 
-    fn handle(&self, fh: FileHandle) -> Result<Arc<Reader>, Errno> {
+    fn open_file(&self, fh: FileHandle) -> Res<Open> {
         let files = self.files.read().map_err(|_| Errno::EIO)?;
         files.get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
-    fn file_hash(&self, ino: u64) -> Result<String, Errno> {
+    fn add_open(&self, o: Open) -> Res<u64> {
+        let fh = self.fh();
+        self.files.write().map_err(|_| Errno::EIO)?.insert(fh, o);
+        Ok(fh)
+    }
+
+    fn file_hash(&self, ino: u64) -> Res<String> {
         let (rel, entry, _) = self.node(ino)?;
         if entry.kind != Kind::File {
             return Err(Errno::NO_XATTR);
+        }
+        if let Some(s) = self.staged_at(&rel) {
+            // What is being written: hashed here.
+            let mut h = blake3::Hasher::new();
+            let mut f = &s.file;
+            h.update_reader(&mut f).map_err(Errno::from)?;
+            return Ok(h.finalize().to_hex().to_string());
         }
         let key = (rel.clone(), entry.size, entry.meta.mtime.sec, entry.meta.mtime.nsec);
         if let Some(h) = self.hashes.lock().ok().and_then(|m| m.get(&key).cloned()) {
@@ -180,9 +254,218 @@ impl TernFs {
         }
         Ok(h)
     }
+
+    fn writable(&self) -> Res<&Path> {
+        self.staging.as_deref().ok_or(Errno::EROFS)
+    }
+
+    /// The staging file of `rel`, made if there is none: holding the
+    /// daemon's version `base` (its first `keep` bytes), or empty.
+    fn stage(&self, rel: &Path, base: Option<&Entry>, keep: u64, req: &Request) -> Res<Arc<Staged>> {
+        let dir = self.writable()?;
+        let mut map = self.staged.lock().map_err(|_| Errno::EIO)?;
+        if let Some(s) = map.get(rel) {
+            if keep < s.entry().map_err(Errno::from)?.size {
+                s.file.set_len(keep).map_err(Errno::from)?;
+                s.dirty.store(true, Ordering::Release);
+            }
+            return Ok(s.clone());
+        }
+        let (mode, owner) = match base {
+            Some(b) => (b.meta.mode, (b.meta.uid, b.meta.gid)),
+            None => (0o644, (req.uid(), req.gid())),
+        };
+        let s = Arc::new(Staged::create(dir, rel, mode, owner).map_err(Errno::from)?);
+        match base {
+            Some(b) => {
+                self.conn
+                    .run(|ep, _| s.fill(ep, rel, b, keep))
+                    .map_err(|e| errno(&e, rel))?;
+                if keep < b.size {
+                    s.dirty.store(true, Ordering::Release);
+                }
+            }
+            None => s.dirty.store(true, Ordering::Release),
+        }
+        map.insert(rel.to_path_buf(), s.clone());
+        Ok(s)
+    }
+
+    /// Uploads `s` if it holds changes.
+    fn publish(&self, s: &Staged) -> Res<()> {
+        let rel = s.rel();
+        self.conn.run(|ep, _| s.publish(ep)).map_err(|e| {
+            tracing::error!(path = %rel.display(), error = %e, "upload failed; kept staged");
+            errno(&e, &rel)
+        })?;
+        self.forget_hash(&rel);
+        Ok(())
+    }
+
+    /// One handle of `s` closed: uploaded and dropped with the last.
+    fn close_staged(&self, s: &Arc<Staged>) {
+        if s.opens.fetch_sub(1, Ordering::AcqRel) > 1 {
+            return;
+        }
+        let published = self.publish(s).is_ok();
+        if let Ok(mut map) = self.staged.lock() {
+            let rel = s.rel();
+            if published && s.opens.load(Ordering::Acquire) == 0 {
+                if map.get(&rel).is_some_and(|x| Arc::ptr_eq(x, s)) {
+                    map.remove(&rel);
+                }
+            } else if !published {
+                tracing::error!(path = %rel.display(), "closed with changes the daemon does not have; they are kept until unmount");
+            }
+        }
+    }
+
+    fn forget_hash(&self, rel: &Path) {
+        if let Ok(mut m) = self.hashes.lock() {
+            m.retain(|k, _| k.0 != rel);
+        }
+    }
+
+    /// Runs a change on the daemon and waits until it is applied.
+    fn change(&self, rel: &Path, f: impl Fn(&RemoteEndpoint) -> tern_core::Result<()>) -> Res<()> {
+        self.writable()?;
+        self.conn
+            .run(|ep, _| {
+                f(ep)?;
+                match Dest::settle(ep).into_iter().next() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            })
+            .map_err(|e| errno(&e, rel))
+    }
+
+    /// The entry `rel` has now at the daemon, for a reply.
+    fn entry_reply(&self, parent: u64, name: &OsStr, rel: &Path, reply: ReplyEntry) {
+        match self.stat(rel) {
+            Ok(Some(e)) => match self.remember(parent, name, &e) {
+                Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
+                Err(e) => reply.error(e),
+            },
+            Ok(None) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn set_attrs(&self, ino: u64, fh: Option<FileHandle>, a: &Attrs, req: &Request) -> Res<Entry> {
+        let (rel, _, _) = self.node(ino)?;
+        let staged = match fh.and_then(|fh| self.open_file(fh).ok()) {
+            Some(Open::Write(s)) => Some(s),
+            _ => self.staged_at(&rel),
+        };
+        if a.uid.is_some() || a.gid.is_some() {
+            let now = self.fresh(ino)?;
+            if a.uid.is_some_and(|u| u != now.meta.uid) || a.gid.is_some_and(|g| g != now.meta.gid) {
+                // Owners are the daemon's to give.
+                return Err(Errno::EPERM);
+            }
+        }
+        // A size: the file is staged, cut, and uploaded.
+        let staged = match (a.size, staged) {
+            (Some(size), None) => {
+                let now = self.stat(&rel)?.ok_or(Errno::ENOENT)?;
+                if now.kind != Kind::File {
+                    return Err(Errno::EISDIR);
+                }
+                let s = self.stage(&rel, Some(&now), size, req)?;
+                s.opens.fetch_add(1, Ordering::AcqRel);
+                s.file.set_len(size).map_err(Errno::from)?;
+                s.dirty.store(true, Ordering::Release);
+                self.close_staged(&s);
+                if s.dirty.load(Ordering::Acquire) {
+                    return Err(Errno::EIO);
+                }
+                None
+            }
+            (Some(size), Some(s)) => {
+                s.file.set_len(size).map_err(Errno::from)?;
+                s.dirty.store(true, Ordering::Release);
+                Some(s)
+            }
+            (None, s) => s,
+        };
+        if let Some(s) = staged {
+            if let Some(m) = a.mode {
+                s.mode.store(m & 0o7777, Ordering::Relaxed);
+                s.dirty.store(true, Ordering::Release);
+            }
+            if a.atime.is_some() || a.mtime.is_some() {
+                let mut t = std::fs::FileTimes::new();
+                if let Some(x) = a.atime {
+                    t = t.set_accessed(x);
+                }
+                if let Some(x) = a.mtime {
+                    t = t.set_modified(x);
+                }
+                s.file.set_times(t).map_err(Errno::from)?;
+                s.dirty.store(true, Ordering::Release);
+            }
+            let e = s.entry().map_err(Errno::from)?;
+            self.note(ino, &e);
+            return Ok(e);
+        }
+        if a.mode.is_some() || a.atime.is_some() || a.mtime.is_some() {
+            let now = self.stat(&rel)?.ok_or(Errno::ENOENT)?;
+            let mut meta = now.meta;
+            if let Some(m) = a.mode {
+                meta.mode = m & 0o7777;
+            }
+            if let Some(x) = a.atime {
+                meta.atime = unix(x);
+            }
+            if let Some(x) = a.mtime {
+                meta.mtime = unix(x);
+            }
+            self.change(&rel, |ep| Dest::set_meta(ep, &rel, now.kind, &meta, false, None))?;
+        }
+        let e = self.stat(&rel)?.ok_or(Errno::ENOENT)?;
+        self.note(ino, &e);
+        Ok(e)
+    }
 }
 
-fn time(t: tern_core::entry::Time) -> SystemTime {
+/// What a setattr asks to change.
+struct Attrs {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<SystemTime>,
+    mtime: Option<SystemTime>,
+}
+
+fn when(t: Option<TimeOrNow>) -> Option<SystemTime> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    })
+}
+
+/// A time as the entry records it.
+fn unix(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (sec, nsec) = match d.subsec_nanos() {
+                0 => (-(d.as_secs() as i64), 0),
+                n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
+            };
+            Time { sec, nsec }
+        }
+    }
+}
+
+/// An entry's time for the kernel.
+pub(crate) fn time(t: Time) -> SystemTime {
     let d = Duration::new(t.sec.unsigned_abs(), t.nsec);
     if t.sec >= 0 {
         UNIX_EPOCH + d
@@ -199,6 +482,8 @@ pub(crate) fn errno(e: &tern_core::Error, rel: &Path) -> Errno {
         E::Vanished(_) => libc::ENOENT,
         E::Changed(_) => libc::ESTALE,
         E::Busy(_) => libc::EBUSY,
+        E::Other { message, .. } if message.contains("read-only") || message.contains("may only read") => libc::EROFS,
+        E::Other { message, .. } if message.contains("quota") => libc::EDQUOT,
         _ => libc::EIO,
     };
     tracing::debug!(path = %rel.display(), error = %e, errno = n, "operation failed");
@@ -206,11 +491,30 @@ pub(crate) fn errno(e: &tern_core::Error, rel: &Path) -> Errno {
 }
 
 impl fuser::Filesystem for TernFs {
+    fn destroy(&mut self) {
+        // Unmounted: what is still staged is published now, or reported.
+        let left: Vec<Arc<Staged>> = match self.staged.lock() {
+            Ok(mut m) => m.drain().map(|(_, s)| s).collect(),
+            Err(_) => Vec::new(),
+        };
+        for s in left {
+            if self.publish(&s).is_err() {
+                eprintln!(
+                    "tern: {} was not published; its data is kept in {}",
+                    s.rel().display(),
+                    s.path().display()
+                );
+            }
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let want = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_CACHE_SYMLINKS;
         if let Err(missing) = config.add_capabilities(want) {
             tracing::debug!(?missing, "kernel lacks some FUSE capabilities");
@@ -219,31 +523,25 @@ impl fuser::Filesystem for TernFs {
         let _ = config
             .set_max_readahead(IO_SIZE)
             .or_else(|m| config.set_max_readahead(m));
+        let _ = config.set_max_write(IO_SIZE).or_else(|m| config.set_max_write(m));
         let _ = config.set_max_background(64);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let rel = match self.inodes.lock().map(|t| t.child_path(parent.0, name)) {
-            Ok(Some(r)) => r,
-            _ => return reply.error(Errno::ESTALE),
+        let rel = match self.child(parent.0, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
         };
         match self.stat(&rel) {
-            Ok(Some(e)) => {
-                let attr = match self.inodes.lock() {
-                    Ok(mut t) => {
-                        let ino = t.remember(parent.0, name, e.clone());
-                        self.attr(ino, &e)
-                    }
-                    Err(_) => return reply.error(Errno::EIO),
-                };
-                reply.entry(&self.ttl, &attr, Generation(0));
-            }
+            Ok(Some(e)) => match self.remember(parent.0, name, &e) {
+                Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
+                Err(e) => reply.error(e),
+            },
             Ok(None) => {
                 if let Ok(mut t) = self.inodes.lock() {
                     t.vanished(parent.0, name);
                 }
-                // A negative entry, cached as long as attributes are.
                 reply.error(Errno::ENOENT)
             }
             Err(e) => reply.error(e),
@@ -257,12 +555,55 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        // An open file's attributes are those of the version opened.
-        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok()) {
-            return reply.attr(&self.ttl, &self.attr(ino.0, &h.entry));
+        match fh.and_then(|fh| self.open_file(fh).ok()) {
+            // An open file's attributes are those of the version opened, or
+            // of what is being written.
+            Some(Open::Read(r)) => return reply.attr(&self.ttl, &self.attr(ino.0, &r.entry)),
+            Some(Open::Write(s)) => {
+                return match s.entry() {
+                    Ok(e) => reply.attr(&Duration::ZERO, &self.attr(ino.0, &e)),
+                    Err(e) => reply.error(Errno::from(e)),
+                }
+            }
+            None => {}
         }
         match self.fresh(ino.0) {
             Ok(e) => reply.attr(&self.ttl, &self.attr(ino.0, &e)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if let Err(e) = self.writable() {
+            return reply.error(e);
+        }
+        let a = Attrs {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: when(atime),
+            mtime: when(mtime),
+        };
+        match self.set_attrs(ino.0, fh, &a, req) {
+            Ok(e) => reply.attr(&Duration::ZERO, &self.attr(ino.0, &e)),
             Err(e) => reply.error(e),
         }
     }
@@ -278,15 +619,230 @@ impl fuser::Filesystem for TernFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            return reply.error(Errno::EROFS);
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let rel = match self.child(parent.0, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
+        };
+        match self.stat(&rel) {
+            Ok(Some(_)) => return reply.error(Errno::EEXIST),
+            Ok(None) => {}
+            Err(e) => return reply.error(e),
         }
-        // Close-to-open: every open asks the daemon for the current version.
+        let meta = Meta {
+            mode: mode & !umask & 0o7777,
+            mtime: unix(SystemTime::now()),
+            atime: unix(SystemTime::now()),
+            ..Default::default()
+        };
+        let made = self.change(&rel, |ep| {
+            Dest::make_dir(ep, &rel)?;
+            Dest::set_meta(ep, &rel, Kind::Dir, &meta, false, None)
+        });
+        match made {
+            Ok(()) => self.entry_reply(parent.0, name, &rel, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let rel = match self.child(parent.0, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
+        };
+        match self.stat(&rel) {
+            Ok(Some(_)) => return reply.error(Errno::EEXIST),
+            Ok(None) => {}
+            Err(e) => return reply.error(e),
+        }
+        let meta = Meta {
+            mode: 0o777,
+            mtime: unix(SystemTime::now()),
+            atime: unix(SystemTime::now()),
+            ..Default::default()
+        };
+        match self.change(&rel, |ep| Dest::symlink(ep, &rel, target, &meta, false)) {
+            Ok(()) => self.entry_reply(parent.0, name, &rel, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let rel = match self.child(parent.0, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
+        };
+        let staged = self.staged.lock().ok().and_then(|mut m| m.remove(&rel));
+        let remote = match self.conn.run(|ep, _| ep.stat(&rel)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e, &rel)),
+        };
+        match (&remote, &staged) {
+            (Some(e), _) if e.kind == Kind::Dir => return reply.error(Errno::EISDIR),
+            (None, None) => return reply.error(Errno::ENOENT),
+            _ => {}
+        }
+        if let Some(s) = &staged {
+            // Still open elsewhere: its handles write to a file nobody names.
+            s.dirty.store(false, Ordering::Release);
+        }
+        if remote.is_some() {
+            if let Err(e) = self.change(&rel, |ep| Dest::remove(ep, &rel)) {
+                return reply.error(e);
+            }
+        }
+        if let Ok(mut t) = self.inodes.lock() {
+            t.vanished(parent.0, name);
+        }
+        reply.ok();
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let rel = match self.child(parent.0, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
+        };
+        let checked = self.conn.run(|ep, _| {
+            let e = ep.stat(&rel)?;
+            let empty = match &e {
+                Some(e) if e.kind == Kind::Dir => Some(ep.read_dir(&rel)?.is_empty()),
+                _ => None,
+            };
+            Ok((e, empty))
+        });
+        let has_staged = self
+            .staged
+            .lock()
+            .map(|m| m.keys().any(|k| k.starts_with(&rel)))
+            .unwrap_or(false);
+        match checked {
+            Ok((None, _)) => return reply.error(Errno::ENOENT),
+            Ok((Some(_), None)) => return reply.error(Errno::ENOTDIR),
+            Ok((Some(_), Some(false))) => return reply.error(Errno::ENOTEMPTY),
+            Ok((Some(_), Some(true))) if has_staged => return reply.error(Errno::ENOTEMPTY),
+            Ok(_) => {}
+            Err(e) => return reply.error(errno(&e, &rel)),
+        }
+        match self.change(&rel, |ep| Dest::remove(ep, &rel)) {
+            Ok(()) => {
+                if let Ok(mut t) = self.inodes.lock() {
+                    t.vanished(parent.0, name);
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if let Err(e) = self.writable() {
+            return reply.error(e);
+        }
+        if !flags.difference(RenameFlags::RENAME_NOREPLACE).is_empty() {
+            return reply.error(Errno::EINVAL);
+        }
+        let (from, to) = match (self.child(parent.0, name), self.child(newparent.0, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return reply.error(Errno::ESTALE),
+        };
+        if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            match self.stat(&to) {
+                Ok(Some(_)) => return reply.error(Errno::EEXIST),
+                Ok(None) => {}
+                Err(e) => return reply.error(e),
+            }
+        }
+        // What is being written there moves with the name; what the daemon
+        // has moves there.
+        let staged = self.staged.lock().ok().and_then(|mut m| m.remove(&from));
+        let remote = match self.conn.run(|ep, _| ep.stat(&from)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e, &from)),
+        };
+        if remote.is_none() && staged.is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if remote.is_some() {
+            if let Err(e) = self.change(&from, |ep| Dest::rename(ep, &from, &to)) {
+                if let (Some(s), Ok(mut m)) = (staged, self.staged.lock()) {
+                    m.insert(from.clone(), s);
+                }
+                return reply.error(e);
+            }
+        }
+        if let Ok(mut m) = self.staged.lock() {
+            // Replaced: what was being written at the new name is gone.
+            if let Some(old) = m.remove(&to) {
+                old.dirty.store(false, Ordering::Release);
+            }
+            // Staged beneath a renamed directory: their paths move too.
+            let moved: Vec<PathBuf> = m.keys().filter(|k| k.starts_with(&from)).cloned().collect();
+            for k in moved {
+                if let (Some(s), Ok(rest)) = (m.remove(&k), k.strip_prefix(&from)) {
+                    let dst = to.join(rest);
+                    if let Ok(mut r) = s.rel.lock() {
+                        *r = dst.clone();
+                    }
+                    m.insert(dst, s);
+                }
+            }
+            if let Some(s) = staged {
+                if let Ok(mut r) = s.rel.lock() {
+                    *r = to.clone();
+                }
+                m.insert(to.clone(), s);
+            }
+        }
+        if let Ok(mut t) = self.inodes.lock() {
+            t.rename(parent.0, name, newparent.0, newname);
+        }
+        reply.ok();
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let (rel, _, _) = match self.node(ino.0) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
+        // Being written here: every handle sees the staging file.
+        let staged = self.staged_at(&rel);
+        if write || staged.is_some() {
+            let s = match staged {
+                Some(s) if flags.0 & libc::O_TRUNC == 0 => Ok(s),
+                _ => {
+                    // Close-to-open: the daemon's current version.
+                    let base = match self.conn.run(|ep, _| ep.stat(&rel)) {
+                        Ok(Some(e)) if e.kind == Kind::File => Some(e),
+                        Ok(Some(_)) => return reply.error(Errno::EISDIR),
+                        Ok(None) => None,
+                        Err(e) => return reply.error(errno(&e, &rel)),
+                    };
+                    let keep = if flags.0 & libc::O_TRUNC != 0 { 0 } else { u64::MAX };
+                    self.stage(&rel, base.as_ref(), keep, req)
+                }
+            };
+            return match s {
+                Ok(s) => {
+                    s.opens.fetch_add(1, Ordering::AcqRel);
+                    match self.add_open(Open::Write(s)) {
+                        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                        Err(e) => reply.error(e),
+                    }
+                }
+                Err(e) => reply.error(e),
+            };
+        }
+        // Close-to-open: every open asks the daemon for the current version.
         let entry = match self.stat(&rel) {
             Ok(Some(e)) if e.kind == Kind::File => e,
             Ok(Some(_)) => return reply.error(Errno::EISDIR),
@@ -317,20 +873,66 @@ impl fuser::Filesystem for TernFs {
             },
             Err(_) => false,
         };
-        let fh = self.fh();
-        let h = Arc::new(Reader::new(rel, entry, file));
-        match self.files.write() {
-            Ok(mut f) => {
-                f.insert(fh, h);
+        match self.add_open(Open::Read(Arc::new(Reader::new(rel, entry, file)))) {
+            Ok(fh) => {
+                let flags = if keep {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags)
             }
-            Err(_) => return reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
         }
-        let flags = if keep {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let rel = match self.child(parent.0, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
         };
-        reply.opened(FileHandle(fh), flags);
+        let base = match self.stat(&rel) {
+            Ok(Some(_)) if flags & libc::O_EXCL != 0 => return reply.error(Errno::EEXIST),
+            Ok(Some(e)) if e.kind == Kind::Dir => return reply.error(Errno::EISDIR),
+            Ok(b) => b,
+            Err(e) => return reply.error(e),
+        };
+        let keep = if flags & libc::O_TRUNC != 0 { 0 } else { u64::MAX };
+        let s = match self.stage(&rel, base.as_ref().filter(|b| b.kind == Kind::File), keep, req) {
+            Ok(s) => s,
+            Err(e) => return reply.error(e),
+        };
+        if base.is_none() {
+            s.mode.store(mode & !umask & 0o7777, Ordering::Relaxed);
+        }
+        s.opens.fetch_add(1, Ordering::AcqRel);
+        let e = match s.entry() {
+            Ok(e) => e,
+            Err(e) => return reply.error(Errno::from(e)),
+        };
+        let attr = match self.remember(parent.0, name, &e) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        match self.add_open(Open::Write(s)) {
+            Ok(fh) => reply.created(
+                &Duration::ZERO,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn read(
@@ -344,16 +946,72 @@ impl fuser::Filesystem for TernFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let h = match self.handle(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        let end = h.entry.size.min(offset.saturating_add(u64::from(size)));
-        if offset >= end {
-            return reply.data(&[]);
+        match self.open_file(fh) {
+            Ok(Open::Read(h)) => {
+                let end = h.entry.size.min(offset.saturating_add(u64::from(size)));
+                if offset >= end {
+                    return reply.data(&[]);
+                }
+                match h.read(&self.conn, &self.pool, offset, end - offset) {
+                    Ok(buf) => reply.data(&buf),
+                    Err(e) => reply.error(e),
+                }
+            }
+            Ok(Open::Write(s)) => {
+                let mut buf = vec![0u8; size as usize];
+                match s.file.read_at(&mut buf, offset) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(e) => reply.error(Errno::from(e)),
+                }
+            }
+            Err(e) => reply.error(e),
         }
-        match h.read(&self.conn, &self.pool, offset, end - offset) {
-            Ok(buf) => reply.data(&buf),
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.open_file(fh) {
+            Ok(Open::Write(s)) => match s.file.write_all_at(data, offset) {
+                Ok(()) => {
+                    s.dirty.store(true, Ordering::Release);
+                    reply.written(data.len() as u32)
+                }
+                Err(e) => reply.error(Errno::from(e)),
+            },
+            Ok(Open::Read(_)) => reply.error(Errno::EBADF),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // close(2) returns this: a failed upload is the application's error.
+        match self.open_file(fh) {
+            Ok(Open::Write(s)) => match self.publish(&s) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+            Ok(Open::Read(_)) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.open_file(fh) {
+            Ok(Open::Write(s)) => match self.publish(&s) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+            Ok(Open::Read(_)) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -368,8 +1026,9 @@ impl fuser::Filesystem for TernFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Ok(mut f) = self.files.write() {
-            f.remove(&fh.0);
+        let o = self.files.write().ok().and_then(|mut f| f.remove(&fh.0));
+        if let Some(Open::Write(s)) = o {
+            self.close_staged(&s);
         }
         reply.ok();
     }
@@ -377,7 +1036,7 @@ impl fuser::Filesystem for TernFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // One request for the whole directory, attributes included.
         match self.dir_entries(ino.0) {
-            Ok((_, entries)) => {
+            Ok(entries) => {
                 let fh = self.fh();
                 match self.dirs.lock() {
                     Ok(mut d) => {
@@ -428,16 +1087,9 @@ impl fuser::Filesystem for TernFs {
         // only once the buffer holds them.
         let here = t.get(ino.0).map(|n| n.entry.clone());
         let zero = Duration::ZERO;
-        if offset < 1 {
-            if let Some(e) = &here {
-                if reply.add(ino, 1, ".", &zero, &self.attr(ino.0, e), Generation(0)) {
-                    return reply.ok();
-                }
-            }
-        }
-        if offset < 2 {
-            if let Some(e) = &here {
-                if reply.add(ino, 2, "..", &zero, &self.attr(ino.0, e), Generation(0)) {
+        if let Some(e) = &here {
+            for (off, name) in [(1u64, "."), (2, "..")] {
+                if offset < off && reply.add(ino, off, name, &zero, &self.attr(ino.0, e), Generation(0)) {
                     return reply.ok();
                 }
             }
@@ -490,8 +1142,8 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        // The daemon decides what may be read; nothing may be written.
-        if mask.contains(fuser::AccessFlags::W_OK) {
+        // The daemon decides what may be read and written.
+        if mask.contains(fuser::AccessFlags::W_OK) && self.staging.is_none() {
             reply.error(Errno::EROFS)
         } else {
             reply.ok()

@@ -125,6 +125,34 @@ impl Inodes {
         }
     }
 
+    /// `name` in `parent` is now `newname` in `newparent`: its inode, and
+    /// those of everything beneath it, follow; what was at the new name
+    /// loses it.
+    pub fn rename(&mut self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr) {
+        let Some(dst) = self.child_path(newparent, newname) else {
+            return;
+        };
+        self.vanished(newparent, newname);
+        let Some(ino) = self.by_name.remove(&(parent, name.to_os_string())) else {
+            return;
+        };
+        let key = (newparent, newname.to_os_string());
+        let Some(src) = self.nodes.get_mut(&ino).map(|n| {
+            n.parent = Some(key.clone());
+            std::mem::replace(&mut n.rel, dst.clone())
+        }) else {
+            return;
+        };
+        self.by_name.insert(key, ino);
+        for n in self.nodes.values_mut() {
+            if let Ok(rest) = n.rel.strip_prefix(&src) {
+                if !rest.as_os_str().is_empty() {
+                    n.rel = dst.join(rest);
+                }
+            }
+        }
+    }
+
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT {
@@ -196,5 +224,11 @@ mod tests {
         );
         t.forget(ROOT, 10);
         assert_eq!(t.len(), 3, "the root is never forgotten");
+        // A renamed directory takes what is beneath it along.
+        let c = t.remember(a, OsStr::new("c"), entry("c", Kind::File));
+        t.rename(ROOT, OsStr::new("a"), d, OsStr::new("moved"));
+        assert_eq!(t.get(c).map(|n| n.rel.clone()), Some(PathBuf::from("x/moved/c")));
+        assert_eq!(t.peek(d, OsStr::new("moved")), Some(a));
+        assert_eq!(t.peek(ROOT, OsStr::new("a")), None);
     }
 }

@@ -14,6 +14,7 @@ mod conn;
 mod fs;
 mod inodes;
 mod reader;
+mod staged;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// Shown as the mount's source in `mount` and `/proc/mounts`.
     pub source: String,
+    /// Where files being written are staged until they are uploaded;
+    /// None mounts read-only.
+    pub staging: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -40,6 +44,7 @@ impl Default for MountOptions {
             attr_timeout: Duration::from_secs(1),
             threads: 8,
             source: "tern".into(),
+            staging: None,
         }
     }
 }
@@ -71,7 +76,8 @@ pub enum Error {
 
 /// Mounts the daemon's tree that `connect` reaches at `dir` and serves it
 /// until it is unmounted (`tern unmount`, `fusermount3 -u`, or `stop`
-/// called from another thread, as a signal handler does). Read-only.
+/// called from another thread, as a signal handler does). Writable when
+/// `opts.staging` is set.
 pub fn mount(connect: Connect, dir: &Path, opts: &MountOptions, stop: &Stopper) -> Result<(), Error> {
     let md = std::fs::metadata(dir).map_err(|e| Error::MountPoint {
         path: dir.to_path_buf(),
@@ -93,10 +99,12 @@ pub fn mount(connect: Connect, dir: &Path, opts: &MountOptions, stop: &Stopper) 
     cfg.mount_options = vec![
         fuser::MountOption::FSName(opts.source.clone()),
         fuser::MountOption::Subtype("tern".into()),
-        fuser::MountOption::RO,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
+    if opts.staging.is_none() {
+        cfg.mount_options.push(fuser::MountOption::RO);
+    }
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
     let fuse = |source| Error::Fuse {

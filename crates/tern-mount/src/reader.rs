@@ -2,7 +2,7 @@
 //! chaining value the daemon sent with it, fetched by a pool of threads, and
 //! a read-ahead window per handle that doubles while reads are sequential.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -236,6 +236,3 @@ fn evict(blocks: &mut BTreeMap<u64, Slot>, first: u64) {
         }
     }
 }
-
-/// Readers by file handle.
-pub type Readers = RwLock<HashMap<u64, Arc<Reader>>>;

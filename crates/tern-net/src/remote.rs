@@ -1862,6 +1862,22 @@ impl Dest for RemoteEndpoint {
         self.done(rel, req)
     }
 
+    fn rename(&self, from: &Path, to: &Path) -> tern_core::Result<()> {
+        if self.inner.features & tern_proto::FEATURE_RENAME == 0 {
+            return Err(Error::Other {
+                path: self.shown(from),
+                message: "this daemon cannot rename entries; upgrade tern there".into(),
+            });
+        }
+        self.done(
+            from,
+            Msg::Rename {
+                from: self.full(from),
+                to: self.full(to),
+            },
+        )
+    }
+
     fn remove(&self, rel: &Path) -> tern_core::Result<()> {
         let req = Msg::Remove { path: self.full(rel) };
         if self.inner.pipelined {

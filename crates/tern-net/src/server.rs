@@ -1382,6 +1382,13 @@ impl Session {
                 .and_then(|()| self.ep.barrier().map(|()| Msg::Done).map_err(err)),
             Msg::Batch(b) => return self.batch(s, b),
             Msg::Backup { dir, base, suffix } => self.keep_backups(dir.as_deref(), &base, &suffix),
+            Msg::Rename { from, to } => self.new_path(&from).and_then(|f| {
+                let t = self.new_path(&to)?;
+                self.wep()
+                    .rename(&f, &t)
+                    .map(|()| Msg::Done)
+                    .map_err(|e| wire::error_msg(&e))
+            }),
             Msg::Hello(_) | Msg::Auth(_) | Msg::Login(_) | Msg::Join { .. } | Msg::ListModules { .. } => {
                 return Err(proto("handshake message in the middle of a stream"))
             }

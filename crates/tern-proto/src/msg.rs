@@ -68,6 +68,8 @@ pub const FEATURE_BATCH_COPIES: u64 = 512;
 pub const FEATURE_BACKUP: u64 = 1024;
 /// Feature bit: the daemon lists its modules ([`Msg::ListModules`]).
 pub const FEATURE_MODULES: u64 = 2048;
+/// [`Msg::Rename`]: an entry renamed within the module.
+pub const FEATURE_RENAME: u64 = 4096;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
 pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_BENCH
@@ -80,7 +82,8 @@ pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_SHORT_IDS
     | FEATURE_BATCH_COPIES
     | FEATURE_BACKUP
-    | FEATURE_MODULES;
+    | FEATURE_MODULES
+    | FEATURE_RENAME;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -634,6 +637,15 @@ pub enum Msg {
     },
     /// Reply to `ListModules`, sorted by name.
     Modules(Vec<ModuleInfo>),
+    // Feature [`FEATURE_RENAME`].
+    /// Client: renames the entry `from` to `to`, both in the module,
+    /// replacing what `to` names as rename(2) does. Answered `Done`.
+    Rename {
+        /// The entry's path.
+        from: Vec<u8>,
+        /// Its new path.
+        to: Vec<u8>,
+    },
 }
 
 /// A module as `ListModules` shows it.

@@ -142,11 +142,12 @@ pub enum Command {
     /// with `rw` or `ro` and each one's comment. Examples: `tern ls -l
     /// tern://nas/photos/2024`, `tern ls -R ./src`, `tern ls tern://nas/`.
     Ls(LsArgs),
-    /// Mount a daemon's module (or a directory in it) at DIR, read-only,
-    /// until `tern unmount DIR`, Ctrl-C or SIGTERM: every byte read is
-    /// checked against the BLAKE3 chaining value the daemon sent with it
-    /// (a mismatch is EIO), and the xattr `user.tern.blake3` holds a file's
-    /// `b3sum` hash. Example: `tern mount nas:photos ~/photos`.
+    /// Mount a daemon's module (or a directory in it) at DIR until `tern
+    /// unmount DIR`, Ctrl-C or SIGTERM: every byte read is checked against
+    /// the BLAKE3 chaining value the daemon sent with it (a mismatch is
+    /// EIO), the xattr `user.tern.blake3` holds a file's `b3sum` hash, and a
+    /// file written is staged here and published at the daemon atomically
+    /// when it is closed or fsync'd. Example: `tern mount nas:photos ~/photos`.
     Mount(MountArgs),
     /// Unmount a `tern mount` (as `fusermount3 -u DIR` does).
     Unmount {
@@ -212,6 +213,13 @@ pub struct MountArgs {
     /// daemon again (a file opened is always asked for).
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     pub attr_timeout: f64,
+    /// Mount read-only (also what a read-only module or grant gives).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Where files being written wait until they are published
+    /// [default: $XDG_CACHE_HOME/tern/mount, or ~/.cache/tern/mount].
+    #[arg(long, value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
     #[command(flatten)]
     pub remote_args: RemoteArgs,
 }

@@ -27,9 +27,25 @@ pub fn run(a: &MountArgs) -> anyhow::Result<Exit> {
     }
     let mut r = a.remote_args.clone();
     r.timeout.get_or_insert(30);
+    // Writable unless asked otherwise or the daemon says no.
+    let mut write = !a.read_only;
+    let first = match net::connect(&spec, &r, Role::Dest, write) {
+        Err(e) if write && refused_write(&e) => {
+            eprintln!("tern: {e:#}; mounting read-only");
+            write = false;
+            net::connect(&spec, &r, Role::Source, false)?
+        }
+        other => other?,
+    };
+    let staging = match (&a.staging_dir, write) {
+        (_, false) => None,
+        (Some(d), true) => Some(d.clone()),
+        (None, true) => Some(default_staging()?),
+    };
     let opts = tern_mount::MountOptions {
         attr_timeout: Duration::from_secs_f64(a.attr_timeout),
         source: format!("tern:{}", spec.display()),
+        staging,
         ..Default::default()
     };
     let stop = Arc::new(tern_mount::Stopper::default());
@@ -51,19 +67,42 @@ pub fn run(a: &MountArgs) -> anyhow::Result<Exit> {
             eprintln!("tern: unmounting: {e}");
         }
     })?;
+    // The first connection is the one made above; later ones reconnect.
+    let first = std::sync::Mutex::new(Some(first));
+    let role = if write { Role::Dest } else { Role::Source };
     let connect: tern_mount::Connect = Box::new(move || {
-        net::connect(&spec, &r, Role::Source, false).map_err(|e| tern_core::Error::Other {
+        if let Some(ep) = first.lock().ok().and_then(|mut f| f.take()) {
+            return Ok(ep);
+        }
+        net::connect(&spec, &r, role, write).map_err(|e| tern_core::Error::Other {
             path: Default::default(),
             message: format!("{e:#}"),
         })
     });
     eprintln!(
-        "tern: mounting {arg} on {} (read-only); Ctrl-C or `tern unmount {}` to stop",
+        "tern: mounting {arg} on {} ({}); Ctrl-C or `tern unmount {}` to stop",
         a.dir.display(),
+        if write { "read-write" } else { "read-only" },
         a.dir.display()
     );
     tern_mount::mount(connect, &a.dir, &opts, &stop)?;
     Ok(Exit::Ok)
+}
+
+/// A login refused only because it asked to write.
+fn refused_write(e: &anyhow::Error) -> bool {
+    let m = format!("{e:#}");
+    m.contains("is read-only") || m.contains("may only read")
+}
+
+/// `$XDG_CACHE_HOME/tern/mount`, or `~/.cache/tern/mount`.
+fn default_staging() -> anyhow::Result<std::path::PathBuf> {
+    let base = match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(x), _) if !x.is_empty() => std::path::PathBuf::from(x),
+        (_, Some(h)) if !h.is_empty() => std::path::PathBuf::from(h).join(".cache"),
+        _ => anyhow::bail!("no $HOME or $XDG_CACHE_HOME for the staging directory; give --staging-dir"),
+    };
+    Ok(base.join("tern").join("mount"))
 }
 
 /// Unmounts `dir`.

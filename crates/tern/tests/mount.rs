@@ -1,5 +1,5 @@
-//! Issue 19: `tern mount` shows a daemon's module as a local folder, read
-//! only for now, every byte checked.
+//! Issue 19: `tern mount` shows a daemon's module as a local folder, every
+//! byte read checked, every file written published atomically.
 
 mod common;
 
@@ -53,7 +53,13 @@ fn mount(t: &Path, d: &Daemon, path: &str, extra: &[&str]) -> Mount {
     fs::create_dir_all(&dir).expect("mkdir");
     let log = fs::File::create(t.join("mount.log")).expect("log");
     let child = d
-        .auth(client(t).arg("mount").args(extra))
+        .auth(
+            client(t)
+                .arg("mount")
+                .arg("--staging-dir")
+                .arg(t.join("staging"))
+                .args(extra),
+        )
         .arg(d.url(path))
         .arg(&dir)
         .stdout(Stdio::null())
@@ -97,7 +103,7 @@ fn a_mount_shows_the_module_as_it_is() {
     let module = t.path().join("module");
     make_tree(&module.join("tree"));
     let d = daemon(t.path(), &module, false);
-    let m = mount(t.path(), &d, "tree", &[]);
+    let m = mount(t.path(), &d, "tree", &["--read-only"]);
     let (src, mnt) = (module.join("tree"), m.dir.clone());
     // Names (a name that is not UTF-8 too), kinds, contents, link targets.
     same_tree(&src, &mnt);
@@ -228,4 +234,138 @@ fn a_daemon_that_is_gone_gives_errors_not_a_hang() {
     let st = tern().arg("unmount").arg(&m.dir).status().expect("unmount");
     assert!(st.success());
     assert!(!mounted(&m.dir));
+}
+
+#[test]
+fn files_written_through_the_mount_appear_whole_at_the_daemon() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    let old = data(3 << 20, 1);
+    write(&module.join("old.bin"), &old);
+    write(&module.join("dir/inner"), b"inner");
+    let d = daemon(t.path(), &module, false);
+    let m = mount(t.path(), &d, "", &[]);
+    let mnt = m.dir.clone();
+
+    // A new file: nothing at the daemon until it is closed, then all of it.
+    let body = data(20 << 20, 2);
+    let mut f = fs::File::create(mnt.join("new.bin")).expect("create");
+    std::io::Write::write_all(&mut f, &body[..9 << 20]).expect("write");
+    assert!(
+        !module.join("new.bin").exists(),
+        "a half-written file is visible at the daemon"
+    );
+    std::io::Write::write_all(&mut f, &body[9 << 20..]).expect("write");
+    f.sync_all().expect("fsync publishes");
+    assert_eq!(b3(&module.join("new.bin")), b3_bytes(&body));
+    drop(f);
+    assert_eq!(fs::read(mnt.join("new.bin")).expect("read back"), body);
+
+    // A change in the middle of an existing file, opened for reading and
+    // writing: the old version stays whole until close.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("old.bin"))
+        .expect("open rw");
+    f.write_all_at(b"CHANGED", 1_000_000).expect("pwrite");
+    let mut back = [0u8; 7];
+    f.read_exact_at(&mut back, 1_000_000).expect("pread");
+    assert_eq!(&back, b"CHANGED");
+    assert_eq!(fs::read(module.join("old.bin")).expect("read"), old);
+    drop(f);
+    let mut want = old.clone();
+    want[1_000_000..1_000_007].copy_from_slice(b"CHANGED");
+    assert_eq!(fs::read(module.join("old.bin")).expect("read"), want);
+
+    // Truncate, metadata, links, directories, renames, removals.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("old.bin"))
+        .and_then(|f| f.set_len(1000))
+        .expect("truncate");
+    assert_eq!(fs::read(module.join("old.bin")).expect("read"), want[..1000]);
+    fs::set_permissions(mnt.join("old.bin"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).expect("chmod");
+    assert_eq!(
+        fs::metadata(module.join("old.bin")).expect("stat").mode() & 0o777,
+        0o640
+    );
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    fs::File::options()
+        .write(true)
+        .open(mnt.join("dir/inner"))
+        .and_then(|f| f.set_modified(when))
+        .expect("utimens");
+    assert_eq!(
+        fs::metadata(module.join("dir/inner")).expect("stat").mtime(),
+        1_000_000_000
+    );
+    std::os::unix::fs::symlink("../old.bin", mnt.join("dir/link")).expect("symlink");
+    assert_eq!(
+        fs::read_link(module.join("dir/link")).expect("readlink"),
+        Path::new("../old.bin")
+    );
+    fs::create_dir(mnt.join("made")).expect("mkdir");
+    assert!(module.join("made").is_dir());
+    assert_eq!(errno_of(fs::remove_dir(mnt.join("dir"))), Some(libc::ENOTEMPTY));
+    fs::rename(mnt.join("dir"), mnt.join("made/moved")).expect("rename a directory");
+    assert_eq!(fs::read(module.join("made/moved/inner")).expect("read"), b"inner");
+    assert_eq!(fs::read(mnt.join("made/moved/inner")).expect("read"), b"inner");
+    fs::rename(mnt.join("new.bin"), mnt.join("made/moved/inner")).expect("rename over a file");
+    assert_eq!(b3(&module.join("made/moved/inner")), b3_bytes(&body));
+    assert!(!module.join("new.bin").exists());
+    fs::remove_file(mnt.join("made/moved/link")).expect("unlink");
+    fs::remove_file(mnt.join("made/moved/inner")).expect("unlink");
+    fs::remove_dir(mnt.join("made/moved")).expect("rmdir");
+    assert!(!module.join("made/moved").exists());
+    // What is left at the daemon is exactly what the mount shows.
+    same_tree(&module, &mnt);
+    // Nothing staged stays behind once all is closed.
+    assert_eq!(fs::read_dir(t.path().join("staging")).expect("ls").count(), 0);
+}
+
+fn b3_bytes(b: &[u8]) -> String {
+    blake3::hash(b).to_hex().to_string()
+}
+
+#[test]
+fn a_publish_the_daemon_refuses_fails_fsync_and_leaves_nothing_there() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    write(&module.join("keep"), b"kept");
+    let d = daemon_with(t.path(), &module, false, 0, &["--quota".into(), "1M".into()]);
+    let m = mount(t.path(), &d, "", &[]);
+    let mut f = fs::File::create(m.dir.join("big")).expect("create");
+    std::io::Write::write_all(&mut f, &data(3 << 20, 4)).expect("write");
+    assert!(f.sync_all().is_err(), "an upload over the quota succeeded");
+    drop(f);
+    assert!(!module.join("big").exists());
+    assert!(
+        side_files(&module).is_empty(),
+        "a partial upload was left: {:?}",
+        side_files(&module)
+    );
+    assert_eq!(fs::read(module.join("keep")).expect("read"), b"kept");
+}
+
+#[test]
+fn a_read_only_module_mounts_read_only() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    write(&module.join("f"), b"x");
+    let d = daemon(t.path(), &module, true);
+    let m = mount(t.path(), &d, "", &[]);
+    assert_eq!(fs::read(m.dir.join("f")).expect("read"), b"x");
+    assert_eq!(errno_of(fs::write(m.dir.join("g"), b"y")), Some(libc::EROFS));
+    assert_eq!(errno_of(fs::write(m.dir.join("f"), b"y")), Some(libc::EROFS));
+    assert_eq!(fs::read(module.join("f")).expect("read"), b"x");
 }

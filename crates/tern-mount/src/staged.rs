@@ -1,0 +1,226 @@
+//! Files being written through the mount: a local staging file per path,
+//! uploaded to the daemon's commit path (temporary name, every chunk
+//! checked, the whole file verified, atomic rename) on close or fsync, so
+//! nobody at the daemon sees a half-written file.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use tern_core::entry::{Meta, Time};
+use tern_core::{Dest, Entry, FileSpec, Kind};
+use tern_net::remote::RemoteEndpoint;
+
+/// Chunks of an upload: the engine's default, checked one by one.
+const CHUNK: u64 = tern_core::engine::DEFAULT_CHUNK_SIZE;
+
+/// A path being written: its staging file, and whether it holds changes
+/// the daemon does not have yet.
+pub struct Staged {
+    /// Where it goes, below the mounted root (a rename moves it).
+    pub rel: Mutex<PathBuf>,
+    /// The staging file.
+    pub file: File,
+    path: PathBuf,
+    /// Changes not yet uploaded.
+    pub dirty: AtomicBool,
+    /// Permission bits it is published with.
+    pub mode: AtomicU32,
+    /// Open handles.
+    pub opens: AtomicUsize,
+    /// One upload at a time.
+    publishing: Mutex<()>,
+    /// The owner the daemon gave the version it had, for the attributes.
+    pub owner: (u32, u32),
+    /// Uploads done.
+    pub uploads: AtomicU64,
+}
+
+impl Staged {
+    /// A new, empty staging file in `dir` for `rel`.
+    pub fn create(dir: &Path, rel: &Path, mode: u32, owner: (u32, u32)) -> std::io::Result<Staged> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!(
+            "{}-{}.staged",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(Staged {
+            rel: Mutex::new(rel.to_path_buf()),
+            file,
+            path,
+            dirty: AtomicBool::new(false),
+            mode: AtomicU32::new(mode & 0o7777),
+            opens: AtomicUsize::new(0),
+            publishing: Mutex::new(()),
+            owner,
+            uploads: AtomicU64::new(0),
+        })
+    }
+
+    /// Where it goes now.
+    pub fn rel(&self) -> PathBuf {
+        self.rel.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Its attributes as the mount shows them: the staging file's size and
+    /// times, the mode it will be published with.
+    pub fn entry(&self) -> std::io::Result<Entry> {
+        let md = self.file.metadata()?;
+        let t = |sec: i64, nsec: i64| Time {
+            sec,
+            nsec: nsec.clamp(0, 999_999_999) as u32,
+        };
+        Ok(Entry {
+            name: self.rel().file_name().map(|n| n.to_os_string()).unwrap_or_default(),
+            kind: Kind::File,
+            size: md.len(),
+            meta: Meta {
+                mode: self.mode.load(Ordering::Relaxed),
+                uid: self.owner.0,
+                gid: self.owner.1,
+                mtime: t(md.mtime(), md.mtime_nsec()),
+                atime: t(md.atime(), md.atime_nsec()),
+            },
+            target: None,
+            file_id: None,
+            nlink: 1,
+            allocated: md.blocks() * 512,
+            changed: t(md.ctime(), md.ctime_nsec()),
+        })
+    }
+
+    /// Uploads the staging file to its path if it holds changes: written at
+    /// a temporary name, each chunk checked by the daemon against its
+    /// chaining value, the whole file's BLAKE3 verified there, then renamed
+    /// into place.
+    pub fn publish(&self, ep: &RemoteEndpoint) -> tern_core::Result<()> {
+        let _one = self
+            .publishing
+            .lock()
+            .map_err(|_| tern_core::Error::Internal("publish lock poisoned".into()))?;
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let rel = self.rel();
+        let r = self.upload(ep, &rel);
+        if r.is_err() {
+            // Still to do: the next flush, fsync or close tries again.
+            self.dirty.store(true, Ordering::Release);
+        } else {
+            self.uploads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Fills the staging file with the first `upto` bytes of the daemon's
+    /// version `entry` of `rel`, each block checked against the chaining
+    /// value sent with it, and gives it that version's times.
+    pub fn fill(&self, ep: &RemoteEndpoint, rel: &Path, entry: &Entry, upto: u64) -> tern_core::Result<()> {
+        let io = |op: &'static str| move |e: std::io::Error| tern_core::Error::io(&self.path, op, e);
+        let end = entry.size.min(upto);
+        if end > 0 {
+            let src = tern_core::Source::open(ep, rel, entry)?;
+            let mut buf = vec![0u8; crate::reader::BLOCK.min(end) as usize];
+            let mut off = 0;
+            while off < end {
+                let data = &mut buf[..crate::reader::BLOCK.min(end - off) as usize];
+                src.read_exact_at(off, data)?;
+                if src.sent_cv(off) != Some(tern_core::hash::cv_at(off, data)) {
+                    return Err(tern_core::Error::Other {
+                        path: rel.to_path_buf(),
+                        message: format!("the bytes at offset {off} do not hash to what the daemon sent with them"),
+                    });
+                }
+                self.file.write_all_at(data, off).map_err(io("write"))?;
+                off += data.len() as u64;
+            }
+        }
+        self.file.set_len(end).map_err(io("truncate"))?;
+        let times = std::fs::FileTimes::new()
+            .set_modified(crate::fs::time(entry.meta.mtime))
+            .set_accessed(crate::fs::time(entry.meta.atime));
+        self.file.set_times(times).map_err(io("set times"))?;
+        Ok(())
+    }
+
+    fn upload(&self, ep: &RemoteEndpoint, rel: &Path) -> tern_core::Result<()> {
+        let io = |op: &'static str| move |e: std::io::Error| tern_core::Error::io(&self.path, op, e);
+        let e = self.entry().map_err(io("stat"))?;
+        let spec = FileSpec {
+            size: e.size,
+            chunk_size: CHUNK,
+            resumable: false,
+            durable: true,
+            source_meta: e.meta.clone(),
+            source_changed: e.changed,
+        };
+        let w = ep.create(rel, &spec)?;
+        let chunks = tern_core::hash::chunk_count(e.size, CHUNK).max(1);
+        let mut cvs = Vec::with_capacity(chunks as usize);
+        let mut buf = vec![0u8; CHUNK.min(e.size) as usize];
+        let mut whole = None;
+        let result = (|| {
+            for i in (0..chunks).filter(|_| e.size > 0) {
+                let off = i * CHUNK;
+                let len = CHUNK.min(e.size - off) as usize;
+                let data = &mut buf[..len];
+                self.file.read_exact_at(data, off).map_err(io("read"))?;
+                if chunks > 1 {
+                    let cv = tern_core::hash::chunk_cv(off, data);
+                    w.write_chunk(i, off, data, &[], Some(&cv))?;
+                    cvs.push(cv);
+                } else {
+                    whole = Some(tern_core::hash::hash_bytes(data));
+                    w.write_chunk(i, off, data, &[], None)?;
+                }
+            }
+            let hash = match whole {
+                Some(h) => h,
+                None if e.size == 0 => tern_core::hash::hash_bytes(&[]),
+                None => tern_core::hash::compose(&cvs, e.size, CHUNK)
+                    .ok_or_else(|| tern_core::Error::Internal("chunk hashes do not compose".into()))?,
+            };
+            // Changed while it was read: uploaded again by the next flush.
+            if self.entry().map_err(io("stat"))?.size != e.size {
+                return Err(tern_core::Error::Changed(self.path.clone()));
+            }
+            w.set_meta(&e.meta, false, &Vec::new())?;
+            w.sync()?;
+            w.verify(&hash)?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => w.publish(),
+            Err(e) => {
+                w.abort(false);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Staged {
+    /// The staging file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // Changes the daemon never got stay where the user was told.
+        if !self.dirty.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
