@@ -302,6 +302,19 @@ impl TernFs {
         Ok(())
     }
 
+    /// flush and fsync: what the handle wrote is uploaded, or the error is
+    /// the application's.
+    fn publish_handle(&self, fh: FileHandle, reply: ReplyEmpty) {
+        match self.open_file(fh) {
+            Ok(Open::Write(s)) => match self.publish(&s) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+            Ok(Open::Read(_)) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     /// One handle of `s` closed: uploaded and dropped with the last.
     fn close_staged(&self, s: &Arc<Staged>) {
         if s.opens.fetch_sub(1, Ordering::AcqRel) > 1 {
@@ -995,25 +1008,11 @@ impl fuser::Filesystem for TernFs {
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // close(2) returns this: a failed upload is the application's error.
-        match self.open_file(fh) {
-            Ok(Open::Write(s)) => match self.publish(&s) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-            Ok(Open::Read(_)) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.publish_handle(fh, reply);
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.open_file(fh) {
-            Ok(Open::Write(s)) => match self.publish(&s) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-            Ok(Open::Read(_)) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.publish_handle(fh, reply);
     }
 
     fn release(

@@ -369,3 +369,46 @@ fn a_read_only_module_mounts_read_only() {
     assert_eq!(errno_of(fs::write(m.dir.join("f"), b"y")), Some(libc::EROFS));
     assert_eq!(fs::read(module.join("f")).expect("read"), b"x");
 }
+
+/// The `fsx` file system exerciser (crates.io `fsx`, which .ci/run
+/// installs), if it is on PATH.
+fn fsx() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("fsx"))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn fsx_finds_nothing_wrong_in_100000_operations() {
+    if !can_mount() {
+        return;
+    }
+    let Some(fsx) = fsx() else {
+        skipped("fsx is not installed (cargo install --locked fsx)");
+        return;
+    };
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    fs::create_dir_all(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let m = mount(t.path(), &d, "", &[]);
+    // Seeded: a failure reproduces with the same seed.
+    let o = std::process::Command::new(&fsx)
+        .args(["-N", "100000", "-S", "20261203", "-q", "-P"])
+        .arg(t.path())
+        .arg(m.dir.join("fsx.bin"))
+        .output()
+        .expect("run fsx");
+    assert!(
+        o.status.success(),
+        "fsx failed (its logs are in {}):\n{}\n{}",
+        t.path().display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // What fsx left is what the daemon has, byte for byte.
+    let seen = fs::read(m.dir.join("fsx.bin")).expect("read through the mount");
+    drop(m);
+    assert_eq!(b3(&module.join("fsx.bin")), blake3::hash(&seen).to_hex().to_string());
+}
