@@ -55,7 +55,14 @@ pub struct TernFs {
     staged: Mutex<HashMap<PathBuf, Arc<Staged>>>,
     /// Where staging files go; None: mounted read-only.
     staging: Option<PathBuf>,
+    /// Names the daemon said are not there, and when.
+    absent: Mutex<HashMap<PathBuf, Instant>>,
+    /// Directory listings, by inode, and when they were made.
+    listings: Mutex<HashMap<u64, Listing>>,
 }
+
+/// A directory's entries as the daemon listed them, and when.
+type Listing = (Instant, Arc<Vec<Entry>>);
 
 type Res<T> = Result<T, Errno>;
 
@@ -87,6 +94,8 @@ impl TernFs {
             hashes: Mutex::default(),
             staged: Mutex::default(),
             staging: opts.staging.clone(),
+            absent: Mutex::default(),
+            listings: Mutex::default(),
         };
         // The root's own attributes, stale at once so the first getattr asks.
         if let Ok(mut t) = fs.inodes.lock() {
@@ -191,7 +200,24 @@ impl TernFs {
         if entry.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let mut entries = self.conn.run(|ep, _| ep.read_dir(&rel)).map_err(|e| errno(&e, &rel))?;
+        let cached = self.listings.lock().ok().and_then(|l| {
+            l.get(&ino)
+                .filter(|(t, _)| t.elapsed() < self.ttl)
+                .map(|(_, v)| v.clone())
+        });
+        let mut entries = match cached {
+            Some(v) => (*v).clone(),
+            None => {
+                let v = self.conn.run(|ep, _| ep.read_dir(&rel)).map_err(|e| errno(&e, &rel))?;
+                if let Ok(mut l) = self.listings.lock() {
+                    if l.len() > 4096 {
+                        l.clear();
+                    }
+                    l.insert(ino, (Instant::now(), Arc::new(v.clone())));
+                }
+                v
+            }
+        };
         let here: Vec<Arc<Staged>> = match self.staged.lock() {
             Ok(s) => s
                 .values()
@@ -288,17 +314,29 @@ impl TernFs {
             None => s.dirty.store(true, Ordering::Release),
         }
         map.insert(rel.to_path_buf(), s.clone());
+        drop(map);
+        self.changed(rel);
         Ok(s)
     }
 
     /// Uploads `s` if it holds changes.
     fn publish(&self, s: &Staged) -> Res<()> {
         let rel = s.rel();
+        let t = Instant::now();
         self.conn.run(|ep, _| s.publish(ep)).map_err(|e| {
             tracing::error!(path = %rel.display(), error = %e, "upload failed; kept staged");
             errno(&e, &rel)
         })?;
         self.forget_hash(&rel);
+        self.changed(&rel);
+        // What the kernel is told of it from now is what was published.
+        if let (Ok(e), Ok(mut t)) = (s.entry(), self.inodes.lock()) {
+            if let Some(n) = t.find(&rel).and_then(|ino| t.get_mut(ino)) {
+                n.entry = e;
+                n.seen = Instant::now();
+            }
+        }
+        tracing::debug!(path = %rel.display(), secs = t.elapsed().as_secs_f64(), "published");
         Ok(())
     }
 
@@ -333,6 +371,25 @@ impl TernFs {
         }
     }
 
+    /// Something changed at the daemon under this mount: listings are asked
+    /// for again, and `rel` is no longer known to be absent.
+    fn changed(&self, rel: &Path) {
+        if let Ok(mut l) = self.listings.lock() {
+            l.clear();
+        }
+        if let Ok(mut a) = self.absent.lock() {
+            a.remove(rel);
+        }
+    }
+
+    /// Whether the daemon said `rel` is not there, within the attribute
+    /// timeout.
+    fn known_absent(&self, rel: &Path) -> bool {
+        self.absent
+            .lock()
+            .is_ok_and(|a| a.get(rel).is_some_and(|t| t.elapsed() < self.ttl))
+    }
+
     fn forget_hash(&self, rel: &Path) {
         if let Ok(mut m) = self.hashes.lock() {
             m.retain(|k, _| k.0 != rel);
@@ -342,7 +399,8 @@ impl TernFs {
     /// Runs a change on the daemon and waits until it is applied.
     fn change(&self, rel: &Path, f: impl Fn(&RemoteEndpoint) -> tern_core::Result<()>) -> Res<()> {
         self.writable()?;
-        self.conn
+        let r = self
+            .conn
             .run(|ep, _| {
                 f(ep)?;
                 match Dest::settle(ep).into_iter().next() {
@@ -350,7 +408,9 @@ impl TernFs {
                     None => Ok(()),
                 }
             })
-            .map_err(|e| errno(&e, rel))
+            .map_err(|e| errno(&e, rel));
+        self.changed(rel);
+        r
     }
 
     /// The entry `rel` has now at the daemon, for a reply.
@@ -423,8 +483,9 @@ impl TernFs {
             return Ok(e);
         }
         if a.mode.is_some() || a.atime.is_some() || a.mtime.is_some() {
-            let now = self.stat(&rel)?.ok_or(Errno::ENOENT)?;
-            let mut meta = now.meta;
+            // What the kernel was told of it a moment ago.
+            let mut now = self.fresh(ino)?;
+            let mut meta = now.meta.clone();
             if let Some(m) = a.mode {
                 meta.mode = m & 0o7777;
             }
@@ -435,6 +496,10 @@ impl TernFs {
                 meta.mtime = unix(x);
             }
             self.change(&rel, |ep| Dest::set_meta(ep, &rel, now.kind, &meta, false, None))?;
+            now.meta = meta;
+            now.changed = unix(SystemTime::now());
+            self.note(ino, &now);
+            return Ok(now);
         }
         let e = self.stat(&rel)?.ok_or(Errno::ENOENT)?;
         self.note(ino, &e);
@@ -497,6 +562,7 @@ pub(crate) fn errno(e: &tern_core::Error, rel: &Path) -> Errno {
         E::Busy(_) => libc::EBUSY,
         E::Other { message, .. } if message.contains("read-only") || message.contains("may only read") => libc::EROFS,
         E::Other { message, .. } if message.contains("quota") => libc::EDQUOT,
+        E::Other { message, .. } if message.contains("No space left") => libc::ENOSPC,
         _ => libc::EIO,
     };
     tracing::debug!(path = %rel.display(), error = %e, errno = n, "operation failed");
@@ -542,6 +608,7 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        tracing::trace!(op = "lookup", "request");
         let rel = match self.child(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
@@ -554,6 +621,12 @@ impl fuser::Filesystem for TernFs {
             Ok(None) => {
                 if let Ok(mut t) = self.inodes.lock() {
                     t.vanished(parent.0, name);
+                }
+                if let Ok(mut a) = self.absent.lock() {
+                    if a.len() > 16384 {
+                        a.clear();
+                    }
+                    a.insert(rel, Instant::now());
                 }
                 reply.error(Errno::ENOENT)
             }
@@ -568,6 +641,7 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        tracing::trace!(op = "getattr", "request");
         match fh.and_then(|fh| self.open_file(fh).ok()) {
             // An open file's attributes are those of the version opened, or
             // of what is being written.
@@ -604,6 +678,7 @@ impl fuser::Filesystem for TernFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        tracing::trace!(op = "setattr", "request");
         if let Err(e) = self.writable() {
             return reply.error(e);
         }
@@ -633,11 +708,17 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        tracing::trace!(op = "mkdir", "request");
         let rel = match self.child(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        match self.stat(&rel) {
+        let there = if self.known_absent(&rel) {
+            Ok(None)
+        } else {
+            self.stat(&rel)
+        };
+        match there {
             Ok(Some(_)) => return reply.error(Errno::EEXIST),
             Ok(None) => {}
             Err(e) => return reply.error(e),
@@ -659,11 +740,17 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
+        tracing::trace!(op = "symlink", "request");
         let rel = match self.child(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        match self.stat(&rel) {
+        let there = if self.known_absent(&rel) {
+            Ok(None)
+        } else {
+            self.stat(&rel)
+        };
+        match there {
             Ok(Some(_)) => return reply.error(Errno::EEXIST),
             Ok(None) => {}
             Err(e) => return reply.error(e),
@@ -681,6 +768,7 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tracing::trace!(op = "unlink", "request");
         let rel = match self.child(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
@@ -707,10 +795,12 @@ impl fuser::Filesystem for TernFs {
         if let Ok(mut t) = self.inodes.lock() {
             t.vanished(parent.0, name);
         }
+        self.changed(&rel);
         reply.ok();
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tracing::trace!(op = "rmdir", "request");
         let rel = match self.child(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
@@ -757,6 +847,7 @@ impl fuser::Filesystem for TernFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        tracing::trace!(op = "rename", "request");
         if let Err(e) = self.writable() {
             return reply.error(e);
         }
@@ -818,10 +909,12 @@ impl fuser::Filesystem for TernFs {
         if let Ok(mut t) = self.inodes.lock() {
             t.rename(parent.0, name, newparent.0, newname);
         }
+        self.changed(&to);
         reply.ok();
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        tracing::trace!(op = "open", "request");
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let (rel, _, _) = match self.node(ino.0) {
             Ok(n) => n,
@@ -909,11 +1002,17 @@ impl fuser::Filesystem for TernFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        tracing::trace!(op = "create", "request");
         let rel = match self.child(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        let base = match self.stat(&rel) {
+        // The kernel looked the name up just before: no need to ask again.
+        let asked = match self.known_absent(&rel) {
+            true => Ok(None),
+            false => self.stat(&rel),
+        };
+        let base = match asked {
             Ok(Some(_)) if flags & libc::O_EXCL != 0 => return reply.error(Errno::EEXIST),
             Ok(Some(e)) if e.kind == Kind::Dir => return reply.error(Errno::EISDIR),
             Ok(b) => b,
@@ -993,6 +1092,7 @@ impl fuser::Filesystem for TernFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        tracing::trace!(fh = fh.0, offset, len = data.len(), "write");
         match self.open_file(fh) {
             Ok(Open::Write(s)) => match s.file.write_all_at(data, offset) {
                 Ok(()) => {
@@ -1007,11 +1107,13 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        tracing::trace!(op = "flush", "request");
         // close(2) returns this: a failed upload is the application's error.
         self.publish_handle(fh, reply);
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        tracing::trace!(op = "fsync", "request");
         self.publish_handle(fh, reply);
     }
 
@@ -1025,6 +1127,7 @@ impl fuser::Filesystem for TernFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        tracing::trace!(op = "release", "request");
         let o = self.files.write().ok().and_then(|mut f| f.remove(&fh.0));
         if let Some(Open::Write(s)) = o {
             self.close_staged(&s);
@@ -1033,6 +1136,7 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        tracing::trace!(op = "opendir", "request");
         // One request for the whole directory, attributes included.
         match self.dir_entries(ino.0) {
             Ok(entries) => {
@@ -1125,6 +1229,7 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        tracing::trace!(op = "getxattr", "request");
         if name != HASH_XATTR {
             return reply.error(Errno::NO_XATTR);
         }
@@ -1141,6 +1246,7 @@ impl fuser::Filesystem for TernFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        tracing::trace!(op = "access", "request");
         // The daemon decides what may be read and written.
         if mask.contains(fuser::AccessFlags::W_OK) && self.staging.is_none() {
             reply.error(Errno::EROFS)

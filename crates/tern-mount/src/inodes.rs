@@ -110,6 +110,15 @@ impl Inodes {
         ino
     }
 
+    /// The inode of the path `rel`, if the kernel holds it.
+    pub fn find(&self, rel: &Path) -> Option<u64> {
+        let mut ino = ROOT;
+        for c in rel.iter() {
+            ino = *self.by_name.get(&(ino, c.to_os_string()))?;
+        }
+        Some(ino)
+    }
+
     /// The inode `name` in `parent` has, if the kernel holds one; without
     /// taking a reference (a plain readdir).
     pub fn peek(&self, parent: u64, name: &OsStr) -> Option<u64> {

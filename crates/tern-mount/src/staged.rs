@@ -9,12 +9,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use tern_core::endpoint::{BatchBody, BatchItem, BatchOptions};
 use tern_core::entry::{Meta, Time};
 use tern_core::{Dest, Entry, FileSpec, Kind};
 use tern_net::remote::RemoteEndpoint;
 
 /// Chunks of an upload: the engine's default, checked one by one.
 const CHUNK: u64 = tern_core::engine::DEFAULT_CHUNK_SIZE;
+/// Chunks in flight at once in an upload.
+const UPLOAD_STREAMS: u64 = 4;
+/// Files up to this size are uploaded in one request.
+const SMALL: u64 = 1 << 20;
 
 /// A path being written: its staging file, and whether it holds changes
 /// the daemon does not have yet.
@@ -156,6 +161,9 @@ impl Staged {
     fn upload(&self, ep: &RemoteEndpoint, rel: &Path) -> tern_core::Result<()> {
         let io = |op: &'static str| move |e: std::io::Error| tern_core::Error::io(&self.path, op, e);
         let e = self.entry().map_err(io("stat"))?;
+        if e.size <= SMALL {
+            return self.upload_small(ep, rel, e);
+        }
         let spec = FileSpec {
             size: e.size,
             chunk_size: CHUNK,
@@ -165,40 +173,44 @@ impl Staged {
             source_changed: e.changed,
         };
         let w = ep.create(rel, &spec)?;
-        let chunks = tern_core::hash::chunk_count(e.size, CHUNK).max(1);
-        let mut cvs = Vec::with_capacity(chunks as usize);
-        let mut buf = vec![0u8; CHUNK.min(e.size) as usize];
-        let mut whole = None;
-        let result = (|| {
-            for i in (0..chunks).filter(|_| e.size > 0) {
-                let off = i * CHUNK;
-                let len = CHUNK.min(e.size - off) as usize;
-                let data = &mut buf[..len];
-                self.file.read_exact_at(data, off).map_err(io("read"))?;
-                if chunks > 1 {
-                    let cv = tern_core::hash::chunk_cv(off, data);
-                    w.write_chunk(i, off, data, &[], Some(&cv))?;
-                    cvs.push(cv);
-                } else {
-                    whole = Some(tern_core::hash::hash_bytes(data));
-                    w.write_chunk(i, off, data, &[], None)?;
-                }
-            }
-            let hash = match whole {
-                Some(h) => h,
-                None if e.size == 0 => tern_core::hash::hash_bytes(&[]),
-                None => tern_core::hash::compose(&cvs, e.size, CHUNK)
-                    .ok_or_else(|| tern_core::Error::Internal("chunk hashes do not compose".into()))?,
-            };
+        let chunks = tern_core::hash::chunk_count(e.size, CHUNK);
+        // Chunks cross on several streams at once, each checked by the
+        // daemon against its chaining value as it arrives; the daemon
+        // publishes only a file with every chunk in.
+        let next = AtomicU64::new(0);
+        let workers = chunks.clamp(1, UPLOAD_STREAMS);
+        let result = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| -> tern_core::Result<()> {
+                        let mut buf = vec![0u8; CHUNK.min(e.size) as usize];
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= chunks || e.size == 0 {
+                                return Ok(());
+                            }
+                            let off = i * CHUNK;
+                            let data = &mut buf[..CHUNK.min(e.size - off) as usize];
+                            self.file.read_exact_at(data, off).map_err(io("read"))?;
+                            let cv = (chunks > 1).then(|| tern_core::hash::chunk_cv(off, data));
+                            w.write_chunk(i, off, data, &[], cv.as_ref())?;
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(tern_core::Error::Internal("an upload thread panicked".into())))
+            })
+        });
+        let result = result.and_then(|()| {
             // Changed while it was read: uploaded again by the next flush.
             if self.entry().map_err(io("stat"))?.size != e.size {
                 return Err(tern_core::Error::Changed(self.path.clone()));
             }
             w.set_meta(&e.meta, false, &Vec::new())?;
-            w.sync()?;
-            w.verify(&hash)?;
-            Ok(())
-        })();
+            w.sync()
+        });
         match result {
             Ok(()) => w.publish(),
             Err(e) => {
@@ -210,6 +222,43 @@ impl Staged {
 }
 
 impl Staged {
+    /// A small file in one request: its bytes, hash and metadata as a batch
+    /// of one, made durable and renamed into place by the daemon.
+    fn upload_small(&self, ep: &RemoteEndpoint, rel: &Path, e: Entry) -> tern_core::Result<()> {
+        let mut data = vec![0u8; e.size as usize];
+        self.file
+            .read_exact_at(&mut data, 0)
+            .map_err(|x| tern_core::Error::io(&self.path, "read", x))?;
+        let spec = FileSpec {
+            size: e.size,
+            chunk_size: CHUNK,
+            resumable: false,
+            durable: true,
+            source_meta: e.meta.clone(),
+            source_changed: e.changed,
+        };
+        let item = BatchItem {
+            rel: rel.to_path_buf(),
+            meta: e.meta,
+            body: BatchBody::File {
+                hash: tern_core::hash::hash_bytes(&data),
+                data,
+                holes: Vec::new(),
+                xattrs: Vec::new(),
+                spec,
+            },
+        };
+        let opts = BatchOptions {
+            owner: false,
+            sync: true,
+            verify: false,
+            cancel: Default::default(),
+        };
+        ep.write_batch(vec![item], &opts)
+            .pop()
+            .unwrap_or_else(|| Err(tern_core::Error::Internal("a batch of one answered nothing".into())))
+    }
+
     /// The staging file's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -213,6 +213,10 @@ pub struct MountArgs {
     /// daemon again (a file opened is always asked for).
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     pub attr_timeout: f64,
+    /// Log what the mount does: -v connections and uploads, -vv failed
+    /// operations, -vvv every request from the kernel.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// Mount read-only (also what a read-only module or grant gives).
     #[arg(long)]
     pub read_only: bool,

@@ -720,7 +720,12 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             return Ok(if failed > 0 { Exit::Partial } else { Exit::Ok });
         }
         Command::Mount(a) => {
-            init_log_level(tracing::Level::WARN);
+            init_log_level(match a.verbose {
+                0 => tracing::Level::WARN,
+                1 => tracing::Level::INFO,
+                2 => tracing::Level::DEBUG,
+                _ => tracing::Level::TRACE,
+            });
             return mount::run(a);
         }
         Command::Unmount { dir } => return mount::unmount(dir),
