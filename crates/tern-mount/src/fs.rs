@@ -1231,7 +1231,12 @@ impl fuser::Filesystem for TernFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         tracing::trace!(op = "getxattr", "request");
         if name != HASH_XATTR {
-            return reply.error(Errno::NO_XATTR);
+            use std::os::unix::ffi::OsStrExt;
+            // Only user.tern.* is there. Saying the other namespaces are not
+            // supported (rather than empty) lets `ls -l` stop asking for
+            // ACLs and security labels on this file system after the first.
+            let user = name.as_bytes().starts_with(b"user.");
+            return reply.error(if user { Errno::NO_XATTR } else { Errno::from_i32(libc::EOPNOTSUPP) });
         }
         match self.file_hash(ino.0) {
             Ok(h) => xattr_reply(reply, h.as_bytes(), size),
