@@ -641,6 +641,23 @@ impl Server {
     }
 }
 
+/// Fault injection for the tests of the readers' checks, in debug builds
+/// only: with `TERN_FAULT_FLIP_READS=1` in the daemon's environment, the
+/// first byte of every range and small file it sends is flipped after its
+/// hash is computed, as a corruption between the daemon's read and the
+/// client would be.
+fn flip_for_tests(_buf: &mut [u8]) {
+    #[cfg(debug_assertions)]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *ON.get_or_init(|| std::env::var_os("TERN_FAULT_FLIP_READS").is_some_and(|v| v == "1")) {
+            if let Some(b) = _buf.first_mut() {
+                *b ^= 1;
+            }
+        }
+    }
+}
+
 fn proto(m: &str) -> NetError {
     NetError::Proto(tern_proto::ProtoError::Malformed(m.into()))
 }
@@ -1187,7 +1204,9 @@ impl Session {
                     let held = self.mem_permit(len)?;
                     buf.resize(len as usize, 0);
                     f.read_exact_at(offset, buf).map_err(err)?;
-                    Ok((hash::cv_at(offset, buf), held))
+                    let cv = hash::cv_at(offset, buf);
+                    flip_for_tests(buf);
+                    Ok((cv, held))
                 });
                 match read {
                     Ok((cv, _held)) => {
@@ -1694,13 +1713,16 @@ impl Session {
                     })?;
                     s.send_data(&data)?;
                 }
-                Ok((f, _, _held)) => {
+                Ok((mut f, _, _held)) => {
                     s.send(&Msg::FileData {
                         size: f.data.len() as u64,
                         hash: *blake3::hash(&f.data).as_bytes(),
                         xattrs: wire::xattrs(&f.xattrs),
                         holes: f.holes.clone(),
                     })?;
+                    if f.holes.is_empty() {
+                        flip_for_tests(&mut f.data);
+                    }
                     s.send_data(&pack_around_holes(&f.data, 0, &f.holes))?;
                     // Keep the larger buffer for the next file.
                     if f.data.capacity() > buf.capacity() {

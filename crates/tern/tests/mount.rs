@@ -412,3 +412,28 @@ fn fsx_finds_nothing_wrong_in_100000_operations() {
     drop(m);
     assert_eq!(b3(&module.join("fsx.bin")), blake3::hash(&seen).to_hex().to_string());
 }
+
+#[test]
+fn a_byte_flipped_after_the_daemon_read_it_is_eio_never_wrong_data() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    write(&module.join("f"), &data(3 << 20, 5));
+    // The daemon (a debug build, as the tests use) flips a byte of every
+    // range it sends after hashing it.
+    let mut c = tern();
+    c.env("TERN_FAULT_FLIP_READS", "1");
+    let d = spawn_daemon(c, t.path(), &module, true, 0, &[]);
+    let m = mount(t.path(), &d, "", &[]);
+    let f = fs::File::open(m.dir.join("f")).expect("open");
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(errno_of(f.read_exact_at(&mut buf, 1 << 20)), Some(libc::EIO));
+    assert_eq!(errno_of(fs::read(m.dir.join("f"))), Some(libc::EIO));
+    // tern copy from it refuses the file too, and leaves nothing.
+    let out = t.path().join("out");
+    let o = go(d.auth(client(t.path()).arg("copy")).arg(d.url("f")).arg(&out));
+    assert_ne!(o.status.code(), Some(0));
+    assert!(!out.exists());
+}
