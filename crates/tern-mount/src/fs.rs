@@ -1236,7 +1236,11 @@ impl fuser::Filesystem for TernFs {
             // supported (rather than empty) lets `ls -l` stop asking for
             // ACLs and security labels on this file system after the first.
             let user = name.as_bytes().starts_with(b"user.");
-            return reply.error(if user { Errno::NO_XATTR } else { Errno::from_i32(libc::EOPNOTSUPP) });
+            return reply.error(if user {
+                Errno::NO_XATTR
+            } else {
+                Errno::from_i32(libc::EOPNOTSUPP)
+            });
         }
         match self.file_hash(ino.0) {
             Ok(h) => xattr_reply(reply, h.as_bytes(), size),

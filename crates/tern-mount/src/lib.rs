@@ -78,7 +78,14 @@ pub enum Error {
 /// until it is unmounted (`tern unmount`, `fusermount3 -u`, or `stop`
 /// called from another thread, as a signal handler does). Writable when
 /// `opts.staging` is set.
-pub fn mount(connect: Connect, dir: &Path, opts: &MountOptions, stop: &Stopper) -> Result<(), Error> {
+/// `mounted` is called once the file system is in place.
+pub fn mount(
+    connect: Connect,
+    dir: &Path,
+    opts: &MountOptions,
+    stop: &Stopper,
+    mounted: impl FnOnce(),
+) -> Result<(), Error> {
     let md = std::fs::metadata(dir).map_err(|e| Error::MountPoint {
         path: dir.to_path_buf(),
         why: e.to_string(),
@@ -116,6 +123,7 @@ pub fn mount(connect: Connect, dir: &Path, opts: &MountOptions, stop: &Stopper) 
         *s = Some(session.unmount_callable());
     }
     tracing::info!(dir = %dir.display(), "mounted");
+    mounted();
     let r = session.run().map_err(fuse);
     if let Ok(mut s) = stop.0.lock() {
         s.take();

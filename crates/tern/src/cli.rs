@@ -217,6 +217,10 @@ pub struct MountArgs {
     /// operations, -vvv every request from the kernel.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Run in the background once mounted (its log goes to the staging
+    /// directory's mount.log); stop it with `tern unmount DIR`.
+    #[arg(long)]
+    pub daemon: bool,
     /// Mount read-only (also what a read-only module or grant gives).
     #[arg(long)]
     pub read_only: bool,

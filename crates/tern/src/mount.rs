@@ -10,8 +10,88 @@ use crate::cli::{Exit, MountArgs};
 use crate::net::{self, Role};
 use crate::UsageError;
 
+/// The variable that tells a `--daemon` child which descriptor to report
+/// on once mounted.
+const READY_FD: &str = "TERN_MOUNT_READY_FD";
+
+/// `--daemon`: the same command again, detached in its own session, its
+/// output to a log; returns once it says it is mounted (or why not).
+fn detach(a: &MountArgs) -> anyhow::Result<Exit> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let log_dir = match &a.staging_dir {
+        Some(d) => d.clone(),
+        None => default_staging()?,
+    };
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("{}: create", log_dir.display()))?;
+    let log_path = log_dir.join("mount.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("{}: open", log_path.display()))?;
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let fd = theirs.as_raw_fd();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).filter(|x| x != "--daemon").collect();
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    child
+        .args(args)
+        .env(READY_FD, fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        child.pre_exec(move || {
+            if libc::setsid() < 0 || libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let pid = child.spawn()?.id();
+    drop(theirs);
+    let mut said = String::new();
+    ours.read_to_string(&mut said)?;
+    match said.strip_prefix("ok") {
+        Some(_) => {
+            eprintln!(
+                "tern: mounted on {} (pid {pid}, log {}); `tern unmount {}` to stop",
+                a.dir.display(),
+                log_path.display(),
+                a.dir.display()
+            );
+            Ok(Exit::Ok)
+        }
+        None if said.is_empty() => anyhow::bail!("the mount ended before it was in place; see {}", log_path.display()),
+        None => anyhow::bail!("{}", said.trim_start_matches("error: ")),
+    }
+}
+
+/// The descriptor a `--daemon` parent waits on, if this is its child.
+fn ready_pipe() -> Option<std::os::unix::net::UnixStream> {
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::env::var(READY_FD).ok()?.parse().ok()?;
+    std::env::remove_var(READY_FD);
+    // SAFETY: the parent passed this descriptor open for this process.
+    Some(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
+}
+
 /// Mounts and serves until unmounted or signalled.
 pub fn run(a: &MountArgs) -> anyhow::Result<Exit> {
+    if a.daemon {
+        return detach(a);
+    }
+    let ready = std::sync::Mutex::new(ready_pipe());
+    let r = serve(a, &ready);
+    if let (Err(e), Some(mut p)) = (&r, ready.lock().ok().and_then(|mut p| p.take())) {
+        let _ = std::io::Write::write_all(&mut p, format!("error: {e:#}").as_bytes());
+    }
+    r
+}
+
+fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::UnixStream>>) -> anyhow::Result<Exit> {
     let arg = a.remote.to_str().context("the remote is not UTF-8")?;
     let spec = match tern_net::url::parse(arg) {
         Some(s) => s?,
@@ -85,7 +165,11 @@ pub fn run(a: &MountArgs) -> anyhow::Result<Exit> {
         if write { "read-write" } else { "read-only" },
         a.dir.display()
     );
-    tern_mount::mount(connect, &a.dir, &opts, &stop)?;
+    tern_mount::mount(connect, &a.dir, &opts, &stop, || {
+        if let Some(mut p) = ready.lock().ok().and_then(|mut p| p.take()) {
+            let _ = std::io::Write::write_all(&mut p, b"ok");
+        }
+    })?;
     Ok(Exit::Ok)
 }
 

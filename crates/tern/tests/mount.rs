@@ -437,3 +437,54 @@ fn a_byte_flipped_after_the_daemon_read_it_is_eio_never_wrong_data() {
     assert_ne!(o.status.code(), Some(0));
     assert!(!out.exists());
 }
+
+#[test]
+fn a_mount_with_daemon_runs_in_the_background_until_unmounted() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    write(&module.join("f"), b"background");
+    let d = daemon(t.path(), &module, false);
+    let dir = t.path().join("mnt");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let o = go(d
+        .auth(
+            client(t.path())
+                .args(["mount", "--daemon", "--staging-dir"])
+                .arg(t.path().join("staging")),
+        )
+        .arg(d.url(""))
+        .arg(&dir));
+    let (code, _, err) = outcome(&o);
+    assert_eq!(code, 0, "{err}");
+    // It returned once the mount was in place.
+    assert!(mounted(&dir), "{err}");
+    assert_eq!(fs::read(dir.join("f")).expect("read"), b"background");
+    let pid: i32 = err
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {err:?}"));
+    ok(tern().arg("unmount").arg(&dir));
+    assert!(!mounted(&dir));
+    wait_until("the background mount to end", Duration::from_secs(30), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    });
+    // A mount that cannot be made says why, and nothing stays behind.
+    let o = go(d
+        .auth(
+            client(t.path())
+                .args(["mount", "--daemon", "--staging-dir"])
+                .arg(t.path().join("staging")),
+        )
+        .arg(format!("tern://127.0.0.1:{}/nomodule/", d.port))
+        .arg(&dir));
+    let (code, _, err) = outcome(&o);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nomodule"), "{err}");
+    assert!(!mounted(&dir));
+}
