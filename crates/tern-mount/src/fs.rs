@@ -113,7 +113,7 @@ impl TernFs {
     /// The path and the last seen entry of `ino`.
     fn node(&self, ino: u64) -> Res<(PathBuf, Entry, Instant)> {
         let t = self.inodes.lock().map_err(|_| Errno::EIO)?;
-        let n = t.get(ino).ok_or(Errno::ESTALE)?;
+        let n = t.named(ino).ok_or(Errno::ESTALE)?;
         Ok((n.rel.clone(), n.entry.clone(), n.seen))
     }
 
@@ -285,17 +285,19 @@ impl TernFs {
         self.staging.as_deref().ok_or(Errno::EROFS)
     }
 
-    /// The staging file of `rel`, made if there is none: holding the
-    /// daemon's version `base` (its first `keep` bytes), or empty.
+    /// The staging file of `rel`, made if there is none (holding the
+    /// daemon's version `base`, its first `keep` bytes, or empty), with one
+    /// more open handle counted: the caller closes it with
+    /// [`TernFs::close_staged`]. No lock is held while it is made or
+    /// filled, so the daemon being slow stalls only this path.
     fn stage(&self, rel: &Path, base: Option<&Entry>, keep: u64, req: &Request) -> Res<Arc<Staged>> {
         let dir = self.writable()?;
-        let mut map = self.staged.lock().map_err(|_| Errno::EIO)?;
-        if let Some(s) = map.get(rel) {
+        if let Some(s) = self.open_staged(rel) {
             if keep < s.entry().map_err(Errno::from)?.size {
                 s.file.set_len(keep).map_err(Errno::from)?;
                 s.dirty.store(true, Ordering::Release);
             }
-            return Ok(s.clone());
+            return Ok(s);
         }
         let (mode, owner) = match base {
             Some(b) => (b.meta.mode, (b.meta.uid, b.meta.gid)),
@@ -313,10 +315,29 @@ impl TernFs {
             }
             None => s.dirty.store(true, Ordering::Release),
         }
+        let mut map = self.staged.lock().map_err(|_| Errno::EIO)?;
+        if let Some(other) = map.get(rel) {
+            // Another open staged it meanwhile: that one is the file.
+            let other = other.clone();
+            other.opens.fetch_add(1, Ordering::AcqRel);
+            s.orphan();
+            return Ok(other);
+        }
+        s.opens.fetch_add(1, Ordering::AcqRel);
         map.insert(rel.to_path_buf(), s.clone());
         drop(map);
         self.changed(rel);
         Ok(s)
+    }
+
+    /// The staging file of `rel`, if there is one, with one more open
+    /// handle counted (under the map's lock, so the last close cannot drop
+    /// it meanwhile).
+    fn open_staged(&self, rel: &Path) -> Option<Arc<Staged>> {
+        let map = self.staged.lock().ok()?;
+        let s = map.get(rel)?.clone();
+        s.opens.fetch_add(1, Ordering::AcqRel);
+        Some(s)
     }
 
     /// Uploads `s` if it holds changes.
@@ -353,22 +374,23 @@ impl TernFs {
         }
     }
 
-    /// One handle of `s` closed: uploaded and dropped with the last.
-    fn close_staged(&self, s: &Arc<Staged>) {
+    /// One handle of `s` closed: with the last, uploaded, and dropped once
+    /// the daemon has everything. The upload's error, if the last.
+    fn close_staged(&self, s: &Arc<Staged>) -> Res<()> {
         if s.opens.fetch_sub(1, Ordering::AcqRel) > 1 {
-            return;
+            return Ok(());
         }
-        let published = self.publish(s).is_ok();
+        let published = self.publish(s);
         if let Ok(mut map) = self.staged.lock() {
             let rel = s.rel();
-            if published && s.opens.load(Ordering::Acquire) == 0 {
-                if map.get(&rel).is_some_and(|x| Arc::ptr_eq(x, s)) {
-                    map.remove(&rel);
-                }
-            } else if !published {
+            let idle = s.opens.load(Ordering::Acquire) == 0 && !s.dirty.load(Ordering::Acquire);
+            if idle && map.get(&rel).is_some_and(|x| Arc::ptr_eq(x, s)) {
+                map.remove(&rel);
+            } else if published.is_err() {
                 tracing::error!(path = %rel.display(), "closed with changes the daemon does not have; they are kept until unmount");
             }
         }
+        published
     }
 
     /// Something changed at the daemon under this mount: listings are asked
@@ -427,10 +449,25 @@ impl TernFs {
 
     fn set_attrs(&self, ino: u64, fh: Option<FileHandle>, a: &Attrs, req: &Request) -> Res<Entry> {
         let (rel, _, _) = self.node(ino)?;
+        // A staged file is changed there, and held open meanwhile so that a
+        // last close racing this cannot drop the change.
         let staged = match fh.and_then(|fh| self.open_file(fh).ok()) {
-            Some(Open::Write(s)) => Some(s),
-            _ => self.staged_at(&rel),
+            Some(Open::Write(s)) => {
+                s.opens.fetch_add(1, Ordering::AcqRel);
+                Some(s)
+            }
+            _ => self.open_staged(&rel),
         };
+        let r = self.set_attrs_on(ino, &rel, staged.clone(), a, req);
+        match staged {
+            // Uploaded here if this was the last handle.
+            Some(s) => self.close_staged(&s).and(r),
+            None => r,
+        }
+    }
+
+    fn set_attrs_on(&self, ino: u64, rel: &Path, staged: Option<Arc<Staged>>, a: &Attrs, req: &Request) -> Res<Entry> {
+        let rel = rel.to_path_buf();
         if a.uid.is_some() || a.gid.is_some() {
             let now = self.fresh(ino)?;
             if a.uid.is_some_and(|u| u != now.meta.uid) || a.gid.is_some_and(|g| g != now.meta.gid) {
@@ -446,13 +483,11 @@ impl TernFs {
                     return Err(Errno::EISDIR);
                 }
                 let s = self.stage(&rel, Some(&now), size, req)?;
-                s.opens.fetch_add(1, Ordering::AcqRel);
-                s.file.set_len(size).map_err(Errno::from)?;
+                let cut = s.file.set_len(size).map_err(Errno::from);
                 s.dirty.store(true, Ordering::Release);
-                self.close_staged(&s);
-                if s.dirty.load(Ordering::Acquire) {
-                    return Err(Errno::EIO);
-                }
+                let published = self.close_staged(&s);
+                cut?;
+                published?;
                 None
             }
             (Some(size), Some(s)) => {
@@ -773,7 +808,7 @@ impl fuser::Filesystem for TernFs {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        let staged = self.staged.lock().ok().and_then(|mut m| m.remove(&rel));
+        let staged = self.staged_at(&rel);
         let remote = match self.conn.run(|ep, _| ep.stat(&rel)) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e, &rel)),
@@ -783,13 +818,21 @@ impl fuser::Filesystem for TernFs {
             (None, None) => return reply.error(Errno::ENOENT),
             _ => {}
         }
-        if let Some(s) = &staged {
-            // Still open elsewhere: its handles write to a file nobody names.
-            s.dirty.store(false, Ordering::Release);
-        }
+        // Staged: no upload may land after the removal.
+        let held = staged.as_ref().map(|s| s.hold());
         if remote.is_some() {
             if let Err(e) = self.change(&rel, |ep| Dest::remove(ep, &rel)) {
                 return reply.error(e);
+            }
+        }
+        drop(held);
+        if let Some(s) = staged {
+            // Still open elsewhere: its handles write to a file nobody names.
+            s.orphan();
+            if let Ok(mut m) = self.staged.lock() {
+                if m.get(&rel).is_some_and(|x| Arc::ptr_eq(x, &s)) {
+                    m.remove(&rel);
+                }
             }
         }
         if let Ok(mut t) = self.inodes.lock() {
@@ -858,6 +901,9 @@ impl fuser::Filesystem for TernFs {
             (Ok(a), Ok(b)) => (a, b),
             _ => return reply.error(Errno::ESTALE),
         };
+        if from == to {
+            return reply.ok();
+        }
         if flags.contains(RenameFlags::RENAME_NOREPLACE) {
             match self.stat(&to) {
                 Ok(Some(_)) => return reply.error(Errno::EEXIST),
@@ -866,8 +912,10 @@ impl fuser::Filesystem for TernFs {
             }
         }
         // What is being written there moves with the name; what the daemon
-        // has moves there.
-        let staged = self.staged.lock().ok().and_then(|mut m| m.remove(&from));
+        // has moves there. Uploads of both wait meanwhile, so none lands at
+        // a name it no longer has.
+        let staged = self.staged_at(&from);
+        let replaced = self.staged_at(&to);
         let remote = match self.conn.run(|ep, _| ep.stat(&from)) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e, &from)),
@@ -875,37 +923,34 @@ impl fuser::Filesystem for TernFs {
         if remote.is_none() && staged.is_none() {
             return reply.error(Errno::ENOENT);
         }
+        let held = staged.as_ref().map(|s| s.hold());
         if remote.is_some() {
             if let Err(e) = self.change(&from, |ep| Dest::rename(ep, &from, &to)) {
-                if let (Some(s), Ok(mut m)) = (staged, self.staged.lock()) {
-                    m.insert(from.clone(), s);
-                }
                 return reply.error(e);
             }
         }
+        if let Some(old) = replaced {
+            old.orphan();
+        }
         if let Ok(mut m) = self.staged.lock() {
-            // Replaced: what was being written at the new name is gone.
-            if let Some(old) = m.remove(&to) {
-                old.dirty.store(false, Ordering::Release);
-            }
+            m.remove(&to);
             // Staged beneath a renamed directory: their paths move too.
             let moved: Vec<PathBuf> = m.keys().filter(|k| k.starts_with(&from)).cloned().collect();
             for k in moved {
                 if let (Some(s), Ok(rest)) = (m.remove(&k), k.strip_prefix(&from)) {
-                    let dst = to.join(rest);
+                    let dst = if rest.as_os_str().is_empty() {
+                        to.clone()
+                    } else {
+                        to.join(rest)
+                    };
                     if let Ok(mut r) = s.rel.lock() {
                         *r = dst.clone();
                     }
                     m.insert(dst, s);
                 }
             }
-            if let Some(s) = staged {
-                if let Ok(mut r) = s.rel.lock() {
-                    *r = to.clone();
-                }
-                m.insert(to.clone(), s);
-            }
         }
+        drop(held);
         if let Ok(mut t) = self.inodes.lock() {
             t.rename(parent.0, name, newparent.0, newname);
         }
@@ -921,11 +966,15 @@ impl fuser::Filesystem for TernFs {
             Err(e) => return reply.error(e),
         };
         // Being written here: every handle sees the staging file.
-        let staged = self.staged_at(&rel);
+        let staged = self.open_staged(&rel);
         if write || staged.is_some() {
             let s = match staged {
                 Some(s) if flags.0 & libc::O_TRUNC == 0 => Ok(s),
-                _ => {
+                other => {
+                    if let Some(s) = other {
+                        // Counted again by `stage`.
+                        s.opens.fetch_sub(1, Ordering::AcqRel);
+                    }
                     // Close-to-open: the daemon's current version.
                     let base = match self.conn.run(|ep, _| ep.stat(&rel)) {
                         Ok(Some(e)) if e.kind == Kind::File => Some(e),
@@ -938,13 +987,13 @@ impl fuser::Filesystem for TernFs {
                 }
             };
             return match s {
-                Ok(s) => {
-                    s.opens.fetch_add(1, Ordering::AcqRel);
-                    match self.add_open(Open::Write(s)) {
-                        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                        Err(e) => reply.error(e),
+                Ok(s) => match self.add_open(Open::Write(s.clone())) {
+                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    Err(e) => {
+                        let _ = self.close_staged(&s);
+                        reply.error(e)
                     }
-                }
+                },
                 Err(e) => reply.error(e),
             };
         }
@@ -1026,7 +1075,6 @@ impl fuser::Filesystem for TernFs {
         if base.is_none() {
             s.mode.store(mode & !umask & 0o7777, Ordering::Relaxed);
         }
-        s.opens.fetch_add(1, Ordering::AcqRel);
         let e = match s.entry() {
             Ok(e) => e,
             Err(e) => return reply.error(Errno::from(e)),
@@ -1130,7 +1178,9 @@ impl fuser::Filesystem for TernFs {
         tracing::trace!(op = "release", "request");
         let o = self.files.write().ok().and_then(|mut f| f.remove(&fh.0));
         if let Some(Open::Write(s)) = o {
-            self.close_staged(&s);
+            // The application closed it already: a failed upload can only
+            // be logged now (it was returned by flush).
+            let _ = self.close_staged(&s);
         }
         reply.ok();
     }

@@ -57,6 +57,12 @@ impl Inodes {
         t
     }
 
+    /// The node of `ino` while a name holds it: an inode whose name was
+    /// removed or replaced must not act on what has that name now.
+    pub fn named(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(&ino).filter(|n| ino == ROOT || n.parent.is_some())
+    }
+
     /// The node of `ino`.
     pub fn get(&self, ino: u64) -> Option<&Node> {
         self.nodes.get(&ino)

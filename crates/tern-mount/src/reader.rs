@@ -19,6 +19,8 @@ pub const BLOCK: u64 = 1 << 20;
 const MAX_WINDOW: u64 = 16;
 /// Blocks a handle keeps: the window ahead and as much behind.
 const KEEP: usize = (2 * MAX_WINDOW + 2) as usize;
+/// The longest a read waits for a block another thread fetches.
+const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -112,29 +114,31 @@ impl Reader {
         let ahead = (last + st.window).min(last_block);
         let mut fetch = Vec::new();
         for b in first..=ahead {
-            if let std::collections::btree_map::Entry::Vacant(v) = st.blocks.entry(b) {
-                v.insert(Slot::Loading);
-                fetch.push(b);
+            // A block wanted now whose fetch failed is asked for again: the
+            // cause may have passed.
+            let wanted_now = b <= last;
+            match st.blocks.get(&b) {
+                None => {}
+                Some(Slot::Failed(_)) if wanted_now => {}
+                Some(_) => continue,
             }
+            st.blocks.insert(b, Slot::Loading);
+            fetch.push(b);
         }
         evict(&mut st.blocks, first);
         drop(st);
-        for b in fetch {
+        for (n, &b) in fetch.iter().enumerate() {
             let (me, conn) = (self.clone(), conn.clone());
             let job: Job = Box::new(move || {
-                let got = me.fetch(&conn, b);
-                if let Ok(mut st) = me.state.lock() {
-                    st.blocks.insert(
-                        b,
-                        match got {
-                            Ok(v) => Slot::Ready(Arc::new(v)),
-                            Err(e) => Slot::Failed(e),
-                        },
-                    );
-                }
-                me.ready.notify_all();
+                let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.fetch(&conn, b)))
+                    .unwrap_or(Err(Errno::EIO));
+                me.settle(b, got);
             });
             if !pool.run(job) {
+                // No thread will fill these: nobody may wait for them.
+                for &b in &fetch[n..] {
+                    self.settle(b, Err(Errno::EIO));
+                }
                 return Err(Errno::EIO);
             }
         }
@@ -150,13 +154,23 @@ impl Reader {
                         st.blocks.remove(&b);
                         return Err(e);
                     }
-                    Some(Slot::Loading) => st = self.ready.wait(st).map_err(|_| Errno::EIO)?,
-                    // Evicted by reads elsewhere in the file meanwhile.
+                    Some(Slot::Loading) => {
+                        // Bounded: a fetch ends within the connection's
+                        // deadlines, and this is the backstop.
+                        let (g, waited) = self.ready.wait_timeout(st, WAIT_LIMIT).map_err(|_| Errno::EIO)?;
+                        st = g;
+                        if waited.timed_out() && matches!(st.blocks.get(&b), Some(Slot::Loading)) {
+                            return Err(Errno::ETIMEDOUT);
+                        }
+                    }
+                    // Evicted by reads elsewhere in the file meanwhile: this
+                    // read fetches it, as the one fetch of it.
                     None => {
+                        st.blocks.insert(b, Slot::Loading);
                         drop(st);
-                        let d = Arc::new(self.fetch(conn, b)?);
+                        let got = self.fetch(conn, b);
+                        self.settle(b, got);
                         st = self.state.lock().map_err(|_| Errno::EIO)?;
-                        break d;
                     }
                 }
             };
@@ -168,6 +182,20 @@ impl Reader {
             out.extend_from_slice(&data[start as usize..end as usize]);
         }
         Ok(out)
+    }
+
+    /// Records how the fetch of block `b` ended and wakes its readers.
+    fn settle(&self, b: u64, got: Result<Vec<u8>, Errno>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.blocks.insert(
+                b,
+                match got {
+                    Ok(v) => Slot::Ready(Arc::new(v)),
+                    Err(e) => Slot::Failed(e),
+                },
+            );
+        }
+        self.ready.notify_all();
     }
 
     /// Block `b`, read from the daemon and checked.

@@ -41,6 +41,9 @@ pub struct Staged {
     pub owner: (u32, u32),
     /// Uploads done.
     pub uploads: AtomicU64,
+    /// Unlinked or replaced here: its handles write to a file nobody names,
+    /// which is never uploaded.
+    orphaned: AtomicBool,
 }
 
 impl Staged {
@@ -69,6 +72,7 @@ impl Staged {
             publishing: Mutex::new(()),
             owner,
             uploads: AtomicU64::new(0),
+            orphaned: AtomicBool::new(false),
         })
     }
 
@@ -113,7 +117,7 @@ impl Staged {
             .publishing
             .lock()
             .map_err(|_| tern_core::Error::Internal("publish lock poisoned".into()))?;
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        if !self.dirty.swap(false, Ordering::AcqRel) || self.orphaned.load(Ordering::Acquire) {
             return Ok(());
         }
         let rel = self.rel();
@@ -222,6 +226,23 @@ impl Staged {
 }
 
 impl Staged {
+    /// No name holds it any more: nothing it holds is uploaded from now on.
+    /// Waits for an upload in progress, so none lands after this returns.
+    pub fn orphan(&self) {
+        let _wait = self.publishing.lock();
+        self.orphaned.store(true, Ordering::Release);
+        self.dirty.store(false, Ordering::Release);
+    }
+
+    /// Holds off uploads (an upload in progress finishes first) while its
+    /// name changes at the daemon.
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        match self.publishing.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     /// A small file in one request: its bytes, hash and metadata as a batch
     /// of one, made durable and renamed into place by the daemon.
     fn upload_small(&self, ep: &RemoteEndpoint, rel: &Path, e: Entry) -> tern_core::Result<()> {
@@ -268,7 +289,7 @@ impl Staged {
 impl Drop for Staged {
     fn drop(&mut self) {
         // Changes the daemon never got stay where the user was told.
-        if !self.dirty.load(Ordering::Acquire) {
+        if !self.dirty.load(Ordering::Acquire) || self.orphaned.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(&self.path);
         }
     }

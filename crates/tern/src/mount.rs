@@ -122,6 +122,18 @@ fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::Unix
         (Some(d), true) => Some(d.clone()),
         (None, true) => Some(default_staging()?),
     };
+    if let Some(st) = &staging {
+        // Staging files inside the mount would be written through it.
+        let (st_abs, dir_abs) = (resolved(st), resolved(&a.dir));
+        if st_abs.starts_with(&dir_abs) {
+            return Err(UsageError(format!(
+                "the staging directory {} is inside the mount point {}; give --staging-dir elsewhere",
+                st.display(),
+                a.dir.display()
+            ))
+            .into());
+        }
+    }
     let opts = tern_mount::MountOptions {
         attr_timeout: Duration::from_secs_f64(a.attr_timeout),
         source: format!("tern:{}", spec.display()),
@@ -171,6 +183,25 @@ fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::Unix
         }
     })?;
     Ok(Exit::Ok)
+}
+
+/// `p` absolute with its symlinks resolved as far as it exists.
+fn resolved(p: &Path) -> std::path::PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut existing = abs.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(n), Some(parent)) => {
+                rest.push(n);
+                existing = parent.to_path_buf();
+            }
+            _ => return abs,
+        }
+    }
+    let mut out = std::fs::canonicalize(&existing).unwrap_or(existing);
+    out.extend(rest.iter().rev());
+    out
 }
 
 /// A login refused only because it asked to write.

@@ -488,3 +488,54 @@ fn a_mount_with_daemon_runs_in_the_background_until_unmounted() {
     assert!(err.contains("nomodule"), "{err}");
     assert!(!mounted(&dir));
 }
+
+#[test]
+fn a_file_unlinked_or_renamed_while_open_is_published_only_where_it_is() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    fs::create_dir_all(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let m = mount(t.path(), &d, "", &[]);
+    // Unlinked while open (a temporary file's usual life): written on,
+    // closed, and never uploaded.
+    let mut f = fs::File::create(m.dir.join("tmp")).expect("create");
+    std::io::Write::write_all(&mut f, b"scratch").expect("write");
+    fs::remove_file(m.dir.join("tmp")).expect("unlink");
+    std::io::Write::write_all(&mut f, b" more").expect("write after unlink");
+    f.sync_all().expect("fsync");
+    drop(f);
+    assert!(!module.join("tmp").exists(), "an unlinked file was uploaded");
+    // Renamed while open: it lands under its new name only.
+    let mut f = fs::File::create(m.dir.join("a")).expect("create");
+    std::io::Write::write_all(&mut f, b"first part, ").expect("write");
+    fs::rename(m.dir.join("a"), m.dir.join("b")).expect("rename");
+    std::io::Write::write_all(&mut f, b"second part").expect("write after rename");
+    drop(f);
+    assert_eq!(fs::read(module.join("b")).expect("read"), b"first part, second part");
+    assert!(!module.join("a").exists());
+    assert_eq!(fs::read(m.dir.join("b")).expect("read"), b"first part, second part");
+}
+
+#[test]
+fn a_staging_directory_inside_the_mount_is_refused() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    fs::create_dir_all(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let dir = t.path().join("mnt");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fails(
+        d.auth(client(t.path()).args(["mount", "--staging-dir"]).arg(dir.join("stage")))
+            .arg(d.url(""))
+            .arg(&dir),
+        2,
+        "inside the mount point",
+    );
+    assert!(!mounted(&dir));
+}
