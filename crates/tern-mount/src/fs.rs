@@ -315,6 +315,10 @@ impl TernFs {
             }
             None => s.dirty.store(true, Ordering::Release),
         }
+        s.set_base(base.map(|b| (b.size, b.meta.mtime)));
+        if let Err(e) = s.save_manifest() {
+            tracing::warn!(path = %rel.display(), error = %e, "no staging manifest: a restart could not finish this upload");
+        }
         let mut map = self.staged.lock().map_err(|_| Errno::EIO)?;
         if let Some(other) = map.get(rel) {
             // Another open staged it meanwhile: that one is the file.
@@ -338,6 +342,48 @@ impl TernFs {
         let s = map.get(rel)?.clone();
         s.opens.fetch_add(1, Ordering::AcqRel);
         Some(s)
+    }
+
+    /// Uploads what an earlier mount left staged in the staging directory:
+    /// to its path if the daemon still has the version it was staged from,
+    /// else beside it as `NAME.conflict-SECS`, so nobody's change is lost.
+    /// What cannot be uploaded now stays staged for the next close, fsync
+    /// or unmount. Returns (uploaded, kept).
+    pub fn recover(&self) -> (usize, usize) {
+        let Some(dir) = self.staging.as_deref() else {
+            return (0, 0);
+        };
+        let (mut done, mut kept) = (0, 0);
+        for s in crate::staged::Staged::left_in(dir) {
+            let s = Arc::new(s);
+            let rel = s.rel();
+            let now = self.conn.run(|ep, _| ep.stat(&rel)).ok();
+            let theirs = now.as_ref().map(|o| o.as_ref().map(|e| (e.size, e.meta.mtime)));
+            if theirs.is_some_and(|t| t != s.base()) {
+                let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let mut name = rel.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                name.push(format!(".conflict-{secs}"));
+                let aside = rel.with_file_name(name);
+                eprintln!(
+                    "tern: {} changed at the daemon since it was staged; the staged version goes to {}",
+                    rel.display(),
+                    aside.display()
+                );
+                if let Ok(mut r) = s.rel.lock() {
+                    *r = aside;
+                }
+            }
+            match self.publish(&s) {
+                Ok(()) => done += 1,
+                Err(_) => {
+                    kept += 1;
+                    if let Ok(mut m) = self.staged.lock() {
+                        m.insert(s.rel(), s.clone());
+                    }
+                }
+            }
+        }
+        (done, kept)
     }
 
     /// Uploads `s` if it holds changes.
@@ -501,6 +547,7 @@ impl TernFs {
             if let Some(m) = a.mode {
                 s.mode.store(m & 0o7777, Ordering::Relaxed);
                 s.dirty.store(true, Ordering::Release);
+                let _ = s.save_manifest();
             }
             if a.atime.is_some() || a.mtime.is_some() {
                 let mut t = std::fs::FileTimes::new();
@@ -946,6 +993,7 @@ impl fuser::Filesystem for TernFs {
                     if let Ok(mut r) = s.rel.lock() {
                         *r = dst.clone();
                     }
+                    let _ = s.save_manifest();
                     m.insert(dst, s);
                 }
             }

@@ -102,6 +102,10 @@ pub fn mount(
         source,
     })?;
     let fs = fs::TernFs::new(conn, opts, pool);
+    let (done, kept) = fs.recover();
+    if done + kept > 0 {
+        eprintln!("tern: {done} files an earlier mount left staged were uploaded; {kept} still wait");
+    }
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(opts.source.clone()),

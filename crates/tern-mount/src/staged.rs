@@ -44,6 +44,26 @@ pub struct Staged {
     /// Unlinked or replaced here: its handles write to a file nobody names,
     /// which is never uploaded.
     orphaned: AtomicBool,
+    /// The daemon's version (size, mtime) it was staged from or last
+    /// uploaded as; None: there was none.
+    base: Mutex<Option<(u64, Time)>>,
+}
+
+/// First line of a staging file's manifest.
+const MANIFEST_MAGIC: &str = "tern-staged 1";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }
 
 impl Staged {
@@ -62,7 +82,7 @@ impl Staged {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        Ok(Staged {
+        let s = Staged {
             rel: Mutex::new(rel.to_path_buf()),
             file,
             path,
@@ -73,7 +93,121 @@ impl Staged {
             owner,
             uploads: AtomicU64::new(0),
             orphaned: AtomicBool::new(false),
+            base: Mutex::new(None),
+        };
+        Ok(s)
+    }
+
+    /// The staging files an earlier mount left in `dir` (it stopped before
+    /// it could upload them), each with its manifest's path, mode and the
+    /// daemon's version it was made from.
+    pub fn left_in(dir: &Path) -> Vec<Staged> {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "staged") {
+                continue;
+            }
+            match Staged::reopen(&path) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "a staging file without a usable manifest; left alone")
+                }
+            }
+        }
+        out
+    }
+
+    fn reopen(path: &Path) -> std::io::Result<Staged> {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+        let text = std::fs::read_to_string(path.with_extension("manifest"))?;
+        let mut lines = text.lines();
+        if lines.next() != Some(MANIFEST_MAGIC) {
+            return Err(bad("not a tern staging manifest"));
+        }
+        let rel = lines.next().and_then(unhex).ok_or_else(|| bad("no path"))?;
+        let rel = PathBuf::from(std::ffi::OsString::from_vec(rel));
+        if rel.as_os_str().is_empty()
+            || rel.is_absolute()
+            || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(bad("a path that is not below the mount"));
+        }
+        let mode = lines
+            .next()
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+            .ok_or_else(|| bad("no mode"))?;
+        let base = match lines.next() {
+            Some("-") => None,
+            Some(b) => {
+                let v: Vec<&str> = b.split(' ').collect();
+                match (
+                    v.first().and_then(|x| x.parse().ok()),
+                    v.get(1).and_then(|x| x.parse().ok()),
+                    v.get(2).and_then(|x| x.parse().ok()),
+                ) {
+                    (Some(size), Some(sec), Some(nsec)) => Some((size, Time { sec, nsec })),
+                    _ => return Err(bad("a bad base version")),
+                }
+            }
+            None => return Err(bad("no base version")),
+        };
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let md = file.metadata()?;
+        Ok(Staged {
+            rel: Mutex::new(rel),
+            file,
+            path: path.to_path_buf(),
+            dirty: AtomicBool::new(true),
+            mode: AtomicU32::new(mode & 0o7777),
+            opens: AtomicUsize::new(0),
+            publishing: Mutex::new(()),
+            owner: (md.uid(), md.gid()),
+            uploads: AtomicU64::new(0),
+            orphaned: AtomicBool::new(false),
+            base: Mutex::new(base),
         })
+    }
+
+    /// Records where it goes, its mode and the daemon's version it replaces
+    /// beside the staging file, so that a later mount can finish its upload
+    /// if this one stops first. Written to a temporary name and renamed.
+    pub fn save_manifest(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::ffi::OsStrExt;
+        let rel = self.rel();
+        let base = match self.base.lock().ok().and_then(|b| *b) {
+            Some((size, t)) => format!("{size} {} {}", t.sec, t.nsec),
+            None => "-".into(),
+        };
+        let text = format!(
+            "{MANIFEST_MAGIC}\n{}\n{:o}\n{base}\n",
+            hex(rel.as_os_str().as_bytes()),
+            self.mode.load(Ordering::Relaxed)
+        );
+        let final_path = self.path.with_extension("manifest");
+        let tmp = self.path.with_extension("manifest-new");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, &final_path)
+    }
+
+    /// The daemon's version (size, mtime) this file was staged from or last
+    /// uploaded as.
+    pub fn set_base(&self, base: Option<(u64, Time)>) {
+        if let Ok(mut b) = self.base.lock() {
+            *b = base;
+        }
+    }
+
+    /// The daemon's version this file was staged from or last uploaded as.
+    pub fn base(&self) -> Option<(u64, Time)> {
+        self.base.lock().ok().and_then(|b| *b)
     }
 
     /// Where it goes now.
@@ -121,12 +255,17 @@ impl Staged {
             return Ok(());
         }
         let rel = self.rel();
+        let before = self.entry().ok();
         let r = self.upload(ep, &rel);
         if r.is_err() {
             // Still to do: the next flush, fsync or close tries again.
             self.dirty.store(true, Ordering::Release);
         } else {
             self.uploads.fetch_add(1, Ordering::Relaxed);
+            self.set_base(before.map(|e| (e.size, e.meta.mtime)));
+            if let Err(e) = self.save_manifest() {
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot update the staging manifest");
+            }
         }
         r
     }
@@ -171,11 +310,14 @@ impl Staged {
         let spec = FileSpec {
             size: e.size,
             chunk_size: CHUNK,
-            resumable: false,
+            // A journal at the daemon: an upload cut off (the connection, a
+            // restart of the mount) sends only the chunks it lacks.
+            resumable: e.size > CHUNK,
             durable: true,
             source_meta: e.meta.clone(),
             source_changed: e.changed,
         };
+        let spec_resumable = spec.resumable;
         let w = ep.create(rel, &spec)?;
         let chunks = tern_core::hash::chunk_count(e.size, CHUNK);
         // Chunks cross on several streams at once, each checked by the
@@ -183,6 +325,7 @@ impl Staged {
         // publishes only a file with every chunk in.
         let next = AtomicU64::new(0);
         let workers = chunks.clamp(1, UPLOAD_STREAMS);
+        let resumed: std::collections::HashMap<u64, [u8; 32]> = w.resumed().into_iter().collect();
         let result = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
@@ -197,6 +340,10 @@ impl Staged {
                             let data = &mut buf[..CHUNK.min(e.size - off) as usize];
                             self.file.read_exact_at(data, off).map_err(io("read"))?;
                             let cv = (chunks > 1).then(|| tern_core::hash::chunk_cv(off, data));
+                            if cv.is_some() && resumed.get(&i) == cv.as_ref() {
+                                // The daemon kept this chunk from an earlier try.
+                                continue;
+                            }
                             w.write_chunk(i, off, data, &[], cv.as_ref())?;
                         }
                     })
@@ -217,9 +364,10 @@ impl Staged {
         });
         match result {
             Ok(()) => w.publish(),
-            Err(e) => {
-                w.abort(false);
-                Err(e)
+            Err(err) => {
+                // Kept at the daemon, journal and all, for the next try.
+                w.abort(spec_resumable);
+                Err(err)
             }
         }
     }
@@ -288,8 +436,10 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        // Changes the daemon never got stay where the user was told.
+        // Changes the daemon never got stay where the user was told, with
+        // their manifest, for the next mount to upload.
         if !self.dirty.load(Ordering::Acquire) || self.orphaned.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(self.path.with_extension("manifest"));
             let _ = std::fs::remove_file(&self.path);
         }
     }

@@ -117,10 +117,13 @@ fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::Unix
         }
         other => other?,
     };
+    // One directory per mounted tree: a later mount of the same tree finds
+    // what this one could not upload.
+    let tree = blake3::hash(spec.display().as_bytes()).to_hex();
     let staging = match (&a.staging_dir, write) {
         (_, false) => None,
-        (Some(d), true) => Some(d.clone()),
-        (None, true) => Some(default_staging()?),
+        (Some(d), true) => Some(d.join(&tree[..16])),
+        (None, true) => Some(default_staging()?.join(&tree[..16])),
     };
     if let Some(st) = &staging {
         // Staging files inside the mount would be written through it.

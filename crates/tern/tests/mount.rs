@@ -324,7 +324,7 @@ fn files_written_through_the_mount_appear_whole_at_the_daemon() {
     // What is left at the daemon is exactly what the mount shows.
     same_tree(&module, &mnt);
     // Nothing staged stays behind once all is closed.
-    assert_eq!(fs::read_dir(t.path().join("staging")).expect("ls").count(), 0);
+    assert_eq!(staged_files(&t.path().join("staging")), Vec::<PathBuf>::new());
 }
 
 fn b3_bytes(b: &[u8]) -> String {
@@ -538,4 +538,78 @@ fn a_staging_directory_inside_the_mount_is_refused() {
         "inside the mount point",
     );
     assert!(!mounted(&dir));
+}
+
+/// The staging files (and manifests) beneath `dir`.
+fn staged_files(dir: &Path) -> Vec<PathBuf> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    tree(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "staged" || x == "manifest"))
+        .collect()
+}
+
+/// Writes `body` to `name` through a mount, then kills the mount before
+/// the file is closed, and unmounts what is left of it.
+fn write_then_crash(t: &Path, d: &Daemon, name: &str, body: &[u8]) {
+    let mut m = mount(t, d, "", &[]);
+    let mut f = fs::File::create(m.dir.join(name)).expect("create");
+    std::io::Write::write_all(&mut f, body).expect("write");
+    m.child.kill().expect("kill the mount");
+    m.child.wait().expect("wait");
+    // Closing on a dead mount fails; the data is in the staging file.
+    drop(f);
+    ok(tern().arg("unmount").arg(&m.dir));
+    assert!(!mounted(&m.dir));
+}
+
+#[test]
+fn a_mount_killed_before_close_uploads_what_it_staged_when_mounted_again() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    write(&module.join("kept.txt"), b"old version");
+    let d = daemon(t.path(), &module, false);
+    let body = data(12 << 20, 8);
+    write_then_crash(t.path(), &d, "new.bin", &body);
+    assert!(!module.join("new.bin").exists());
+    assert!(
+        !staged_files(&t.path().join("staging")).is_empty(),
+        "nothing was left staged"
+    );
+    // Mounted again: the upload is finished before the mount is in place.
+    let m = mount(t.path(), &d, "", &[]);
+    assert_eq!(b3(&module.join("new.bin")), blake3::hash(&body).to_hex().to_string());
+    assert_eq!(fs::read(m.dir.join("new.bin")).expect("read"), body);
+    assert_eq!(staged_files(&t.path().join("staging")), Vec::<PathBuf>::new());
+    drop(m);
+
+    // Changed at the daemon meanwhile: both versions are kept.
+    let mut m = mount(t.path(), &d, "", &[]);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.dir.join("kept.txt"))
+        .expect("open");
+    f.write_all_at(b"NEW", 0).expect("write");
+    m.child.kill().expect("kill the mount");
+    m.child.wait().expect("wait");
+    drop(f);
+    ok(tern().arg("unmount").arg(&m.dir));
+    write(&module.join("kept.txt"), b"changed at the daemon");
+    let _m = mount(t.path(), &d, "", &[]);
+    assert_eq!(
+        fs::read(module.join("kept.txt")).expect("read"),
+        b"changed at the daemon"
+    );
+    let aside: Vec<_> = fs::read_dir(&module)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("kept.txt.conflict-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(fs::read(module.join(&aside[0])).expect("read"), b"NEW version");
 }
