@@ -66,6 +66,9 @@ trap cleanup EXIT
 MOD=$WORK/module
 export TERN_CONFIG_DIR=$WORK/client
 start_daemon() {
+  # Emptied here, not only by the daemon's redirect: the banner of an
+  # earlier daemon must not be taken for this one's.
+  : >"$WORK/daemon.out"
   "$T" serve --listen "127.0.0.1:$PORT" --module "m=$MOD" --read-write \
     --token-file "$WORK/token" --state-dir "$WORK/state" >"$WORK/daemon.out" 2>>"$WORK/daemon.log" &
   DPID=$!

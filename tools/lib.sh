@@ -4,10 +4,13 @@
 # stdout goes to OUT to print its banner, and prints its key fingerprint.
 # Fails if the daemon exits first or never gets there.
 daemon_fingerprint() {
-  local i
+  local i fp
   for ((i = 0; i < 500; i++)); do
-    if grep -q '^fingerprint:' "$1" 2>/dev/null; then
-      sed -n 's/^fingerprint: //p' "$1"
+    # Read once: a file truncated between two reads (the daemon's own
+    # redirect, racing this loop) must not yield an empty fingerprint.
+    fp=$(sed -n 's/^fingerprint: //p' "$1" 2>/dev/null)
+    if [ -n "$fp" ]; then
+      echo "$fp"
       return 0
     fi
     kill -0 "$2" 2>/dev/null || return 1

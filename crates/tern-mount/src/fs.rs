@@ -21,6 +21,7 @@ use crate::conn::Conn;
 use crate::inodes::{Inodes, ROOT};
 use crate::reader::{Pool, Reader};
 use crate::staged::Staged;
+use crate::writeback::WriteBack;
 use crate::MountOptions;
 
 /// The extended attribute holding a file's BLAKE3, as `b3sum` prints it.
@@ -59,6 +60,8 @@ pub struct TernFs {
     absent: Mutex<HashMap<PathBuf, Instant>>,
     /// Directory listings, by inode, and when they were made.
     listings: Mutex<HashMap<u64, Listing>>,
+    /// `--write-back`: the queue of closed files to upload.
+    write_back: Option<WriteBack>,
 }
 
 /// A directory's entries as the daemon listed them, and when.
@@ -68,7 +71,7 @@ type Res<T> = Result<T, Errno>;
 
 impl TernFs {
     /// A file system over `conn`; the root is stat'ed when first asked for.
-    pub fn new(conn: Arc<Conn>, opts: &MountOptions, pool: Pool) -> TernFs {
+    pub fn new(conn: Arc<Conn>, opts: &MountOptions, pool: Pool, write_back: Option<WriteBack>) -> TernFs {
         let root = Entry {
             name: Default::default(),
             kind: Kind::Dir,
@@ -96,6 +99,7 @@ impl TernFs {
             staging: opts.staging.clone(),
             absent: Mutex::default(),
             listings: Mutex::default(),
+            write_back,
         };
         // The root's own attributes, stale at once so the first getattr asks.
         if let Ok(mut t) = fs.inodes.lock() {
@@ -218,6 +222,9 @@ impl TernFs {
                 v
             }
         };
+        // tern's own temporary files at the daemon (uploads under way) are
+        // no one's files.
+        entries.retain(|e| !tern_core::local::is_side_file(&e.name));
         let here: Vec<Arc<Staged>> = match self.staged.lock() {
             Ok(s) => s
                 .values()
@@ -423,8 +430,15 @@ impl TernFs {
     /// One handle of `s` closed: with the last, uploaded, and dropped once
     /// the daemon has everything. The upload's error, if the last.
     fn close_staged(&self, s: &Arc<Staged>) -> Res<()> {
+        self.reap();
         if s.opens.fetch_sub(1, Ordering::AcqRel) > 1 {
             return Ok(());
+        }
+        if let Some(wb) = &self.write_back {
+            if s.dirty.load(Ordering::Acquire) && wb.queue(s.clone()) {
+                // Taken out of the map once uploaded (`reap`).
+                return Ok(());
+            }
         }
         let published = self.publish(s);
         if let Ok(mut map) = self.staged.lock() {
@@ -437,6 +451,35 @@ impl TernFs {
             }
         }
         published
+    }
+
+    /// Takes the files whose background upload ended out of the map, as the
+    /// last close does in the foreground.
+    fn reap(&self) {
+        let Some(wb) = &self.write_back else { return };
+        let done = wb.take_done();
+        if done.is_empty() {
+            return;
+        }
+        if let Ok(mut l) = self.listings.lock() {
+            l.clear();
+        }
+        for s in done {
+            let rel = s.rel();
+            self.forget_hash(&rel);
+            if let (Ok(e), Ok(mut t)) = (s.entry(), self.inodes.lock()) {
+                if let Some(n) = t.find(&rel).and_then(|ino| t.get_mut(ino)) {
+                    n.entry = e;
+                    n.seen = Instant::now();
+                }
+            }
+            if let Ok(mut map) = self.staged.lock() {
+                let idle = s.opens.load(Ordering::Acquire) == 0 && !s.dirty.load(Ordering::Acquire);
+                if idle && map.get(&rel).is_some_and(|x| Arc::ptr_eq(x, &s)) {
+                    map.remove(&rel);
+                }
+            }
+        }
     }
 
     /// Something changed at the daemon under this mount: listings are asked
@@ -653,6 +696,10 @@ pub(crate) fn errno(e: &tern_core::Error, rel: &Path) -> Errno {
 
 impl fuser::Filesystem for TernFs {
     fn destroy(&mut self) {
+        if let Some(wb) = &self.write_back {
+            wb.wait();
+        }
+        self.reap();
         // Unmounted: what is still staged is published now, or reported.
         let left: Vec<Arc<Staged>> = match self.staged.lock() {
             Ok(mut m) => m.drain().map(|(_, s)| s).collect(),
@@ -691,6 +738,9 @@ impl fuser::Filesystem for TernFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         tracing::trace!(op = "lookup", "request");
+        if tern_core::local::is_side_file(name) {
+            return reply.error(Errno::ENOENT);
+        }
         let rel = match self.child(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
@@ -1204,8 +1254,30 @@ impl fuser::Filesystem for TernFs {
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         tracing::trace!(op = "flush", "request");
+        if let Some(wb) = &self.write_back {
+            // Queued now, as close(2) returns (the release that follows
+            // comes later): an fsync of its directory after close waits
+            // for it. Uploaded in the background.
+            if let Ok(Open::Write(s)) = self.open_file(fh) {
+                if s.dirty.load(Ordering::Acquire) && !wb.queue(s.clone()) {
+                    return self.publish_handle(fh, reply);
+                }
+            }
+            return reply.ok();
+        }
         // close(2) returns this: a failed upload is the application's error.
         self.publish_handle(fh, reply);
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Everything closed before is at the daemon, or the error says not.
+        let failed = self.write_back.as_ref().map_or(0, |wb| wb.wait());
+        self.reap();
+        if failed > 0 {
+            reply.error(Errno::EIO)
+        } else {
+            reply.ok()
+        }
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

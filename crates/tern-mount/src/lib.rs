@@ -15,6 +15,7 @@ mod fs;
 mod inodes;
 mod reader;
 mod staged;
+mod writeback;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ pub struct MountOptions {
     /// Where files being written are staged until they are uploaded;
     /// None mounts read-only.
     pub staging: Option<PathBuf>,
+    /// Upload closed files in the background, many small ones a request;
+    /// `close` then no longer returns an upload's error (`fsync` does).
+    pub write_back: bool,
 }
 
 impl Default for MountOptions {
@@ -45,6 +49,7 @@ impl Default for MountOptions {
             threads: 8,
             source: "tern".into(),
             staging: None,
+            write_back: false,
         }
     }
 }
@@ -101,7 +106,14 @@ pub fn mount(
         path: dir.to_path_buf(),
         source,
     })?;
-    let fs = fs::TernFs::new(conn, opts, pool);
+    let write_back = match opts.write_back {
+        true => Some(writeback::WriteBack::start(conn.clone()).map_err(|source| Error::Fuse {
+            path: dir.to_path_buf(),
+            source,
+        })?),
+        false => None,
+    };
+    let fs = fs::TernFs::new(conn, opts, pool, write_back);
     let (done, kept) = fs.recover();
     if done + kept > 0 {
         eprintln!("tern: {done} files an earlier mount left staged were uploaded; {kept} still wait");

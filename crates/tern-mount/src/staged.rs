@@ -49,6 +49,17 @@ pub struct Staged {
     base: Mutex<Option<(u64, Time)>>,
 }
 
+/// How staged files are committed in a batch: durable, owners left to
+/// the daemon.
+fn batch_options() -> BatchOptions {
+    BatchOptions {
+        owner: false,
+        sync: true,
+        verify: false,
+        cancel: Default::default(),
+    }
+}
+
 /// First line of a staging file's manifest.
 const MANIFEST_MAGIC: &str = "tern-staged 1";
 
@@ -394,6 +405,14 @@ impl Staged {
     /// A small file in one request: its bytes, hash and metadata as a batch
     /// of one, made durable and renamed into place by the daemon.
     fn upload_small(&self, ep: &RemoteEndpoint, rel: &Path, e: Entry) -> tern_core::Result<()> {
+        let item = self.batch_item(rel, e)?;
+        ep.write_batch(vec![item], &batch_options())
+            .pop()
+            .unwrap_or_else(|| Err(tern_core::Error::Internal("a batch of one answered nothing".into())))
+    }
+
+    /// The file as an item of a batch: its bytes, hash and metadata.
+    fn batch_item(&self, rel: &Path, e: Entry) -> tern_core::Result<BatchItem> {
         let mut data = vec![0u8; e.size as usize];
         self.file
             .read_exact_at(&mut data, 0)
@@ -406,7 +425,7 @@ impl Staged {
             source_meta: e.meta.clone(),
             source_changed: e.changed,
         };
-        let item = BatchItem {
+        Ok(BatchItem {
             rel: rel.to_path_buf(),
             meta: e.meta,
             body: BatchBody::File {
@@ -416,16 +435,75 @@ impl Staged {
                 xattrs: Vec::new(),
                 spec,
             },
-        };
-        let opts = BatchOptions {
-            owner: false,
-            sync: true,
-            verify: false,
-            cancel: Default::default(),
-        };
-        ep.write_batch(vec![item], &opts)
-            .pop()
-            .unwrap_or_else(|| Err(tern_core::Error::Internal("a batch of one answered nothing".into())))
+        })
+    }
+
+    /// Whether it is small enough to go in a batch with others.
+    pub fn is_small(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.len() <= SMALL)
+    }
+
+    /// Uploads several small files in one request (those with changes; the
+    /// others are left as they are), each held from other uploads
+    /// meanwhile. What failed keeps its changes for the next try. Returns
+    /// how many failed, and the first failure.
+    pub fn publish_batch(ep: &RemoteEndpoint, files: &[std::sync::Arc<Staged>]) -> (usize, Option<tern_core::Error>) {
+        let _held: Vec<_> = files.iter().map(|s| s.hold()).collect();
+        let mut items = Vec::new();
+        let mut sent = Vec::new();
+        let mut first_err = None;
+        let mut failed = 0;
+        for s in files {
+            if s.orphaned.load(Ordering::Acquire) || !s.dirty.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let made = s
+                .entry()
+                .map_err(|x| tern_core::Error::io(&s.path, "stat", x))
+                .and_then(|e| {
+                    let version = (e.size, e.meta.mtime);
+                    s.batch_item(&s.rel(), e).map(|item| (item, version))
+                });
+            match made {
+                Ok((item, version)) => {
+                    items.push(item);
+                    sent.push((s, version));
+                }
+                Err(e) => {
+                    s.dirty.store(true, Ordering::Release);
+                    failed += 1;
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if items.is_empty() {
+            return (failed, first_err);
+        }
+        let results = ep.write_batch(items, &batch_options());
+        for (i, (s, version)) in sent.into_iter().enumerate() {
+            match results.get(i) {
+                Some(Ok(())) => {
+                    s.uploads.fetch_add(1, Ordering::Relaxed);
+                    s.set_base(Some(version));
+                    let _ = s.save_manifest();
+                }
+                Some(Err(e)) => {
+                    s.dirty.store(true, Ordering::Release);
+                    failed += 1;
+                    tracing::warn!(path = %s.rel().display(), error = %e, "upload failed; kept staged");
+                    first_err.get_or_insert_with(|| tern_core::Error::Other {
+                        path: s.rel(),
+                        message: e.to_string(),
+                    });
+                }
+                None => {
+                    s.dirty.store(true, Ordering::Release);
+                    failed += 1;
+                    first_err.get_or_insert(tern_core::Error::Internal("a batch answered short".into()));
+                }
+            }
+        }
+        (failed, first_err)
     }
 
     /// The staging file's path.

@@ -221,6 +221,13 @@ pub struct MountArgs {
     /// directory's mount.log); stop it with `tern unmount DIR`.
     #[arg(long)]
     pub daemon: bool,
+    /// Upload closed files in the background, many small ones a request
+    /// (for trees written file by file, such as an archive extracted): close
+    /// then returns at once and no longer reports an upload's failure;
+    /// fsync of a file waits for its upload, fsync of a directory (`sync
+    /// DIR`) for every upload before it, and unmount for all.
+    #[arg(long)]
+    pub write_back: bool,
     /// Mount read-only (also what a read-only module or grant gives).
     #[arg(long)]
     pub read_only: bool,

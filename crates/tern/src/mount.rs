@@ -141,6 +141,7 @@ fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::Unix
         attr_timeout: Duration::from_secs_f64(a.attr_timeout),
         source: format!("tern:{}", spec.display()),
         staging,
+        write_back: a.write_back,
         ..Default::default()
     };
     let stop = Arc::new(tern_mount::Stopper::default());

@@ -613,3 +613,53 @@ fn a_mount_killed_before_close_uploads_what_it_staged_when_mounted_again() {
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(fs::read(module.join(&aside[0])).expect("read"), b"NEW version");
 }
+
+#[test]
+fn write_back_uploads_a_tree_in_the_background_and_fsync_of_the_directory_waits() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    fs::create_dir_all(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let m = mount(t.path(), &d, "", &["--write-back"]);
+    let tree = m.dir.join("tree");
+    fs::create_dir(&tree).expect("mkdir");
+    for i in 0..300 {
+        write(&tree.join(format!("f{i}")), &data(100 + i * 7, i as u64));
+    }
+    write(&tree.join("big"), &data(9 << 20, 1));
+    // Shown here at once, whether or not uploaded yet.
+    assert_eq!(fs::read_dir(&tree).expect("ls").count(), 301);
+    // fsync of the directory: everything closed before is at the daemon.
+    fs::File::open(&tree)
+        .and_then(|d| d.sync_all())
+        .expect("fsync the directory");
+    for i in 0..300 {
+        assert_eq!(
+            fs::read(module.join(format!("tree/f{i}"))).expect("read"),
+            data(100 + i * 7, i as u64)
+        );
+    }
+    assert_eq!(b3(&module.join("tree/big")), b3(&tree.join("big")));
+    drop(m);
+    assert_eq!(staged_files(&t.path().join("staging")), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn write_back_reports_a_failed_upload_on_fsync_of_the_directory() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    fs::create_dir_all(&module).expect("mkdir");
+    let d = daemon_with(t.path(), &module, false, 0, &["--quota".into(), "64K".into()]);
+    let m = mount(t.path(), &d, "", &["--write-back"]);
+    // Closed without an error: the upload is yet to come.
+    write(&m.dir.join("too-big"), &data(200 << 10, 3));
+    let r = fs::File::open(&m.dir).and_then(|d| d.sync_all());
+    assert_eq!(errno_of(r), Some(libc::EIO));
+    assert!(!module.join("too-big").exists());
+}
