@@ -9,7 +9,8 @@
 #   ls-cold      ls -lR of 20,000 files in 200 directories, freshly mounted
 #   ls-warm      the same again at once
 #   tar          extracting a tar of 8,000 small files into the mount
-#                (tern copy: the same tree pushed)
+#                (tern copy: the same tree pushed; tern-wb: a mount with
+#                --write-back, timed until `sync DIR` says all is uploaded)
 #   write        dd bs=1M conv=fsync of a 1 GiB file into the mount
 # The served data lives on tmpfs (no disk in the way on either side; the
 # daemon's fsyncs are free there, as sshfs's sftp server makes none).
@@ -42,14 +43,19 @@ fi
 TERN=$ROOT/target/release/tern
 
 mkdir -p "$WORK"
-RAM=$WORK/ram MT=$WORK/mnt-tern MS=$WORK/mnt-sshfs
-mkdir -p "$RAM" "$MT" "$MS"
-DAEMON_PIDS=() WAN_PID= SSHD_PID= MOUNT_PID=
+RAM=$WORK/ram MT=$WORK/mnt-tern MS=$WORK/mnt-sshfs MW=$WORK/mnt-tern-wb
+mkdir -p "$RAM" "$MT" "$MS" "$MW"
+DAEMON_PIDS=() WAN_PID= SSHD_PID= MOUNT_PID= WB_PID=
 unmount_one() {
   if mountpoint -q "$1"; then umount "$1" 2>/dev/null || umount -l "$1" || true; fi
   if [ "$1" = "$MT" ] && [ -n "$MOUNT_PID" ]; then wait "$MOUNT_PID" 2>/dev/null || true; MOUNT_PID=; fi
 }
-unmount_all() { unmount_one "$MT"; unmount_one "$MS"; }
+unmount_all() {
+  unmount_one "$MT"
+  unmount_one "$MS"
+  if mountpoint -q "$MW"; then umount "$MW" 2>/dev/null || umount -l "$MW" || true; fi
+  if [ -n "$WB_PID" ]; then wait "$WB_PID" 2>/dev/null || true; WB_PID=; fi
+}
 cleanup() {
   unmount_all
   stop_daemons
@@ -97,6 +103,12 @@ mount_tern() {
   MOUNT_PID=$!
   wait_for mountpoint -q "$MT"
 }
+mount_tern_wb() {
+  "$TERN" mount --write-back --fingerprint "$FP" --token-file "$TOKEN" --staging-dir "$RAM/staging-wb" \
+    "tern://127.0.0.1:$TERN_PORT/data" "$MW" 2>>"$WORK/mount.log" &
+  WB_PID=$!
+  wait_for mountpoint -q "$MW"
+}
 mount_sshfs() {
   sshfs -p "$SSH_PORT" -o "IdentityFile=$WORK/user,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null" \
     -o "Ciphers=aes128-gcm@openssh.com" "root@127.0.0.1:$MOD" "$MS"
@@ -110,6 +122,7 @@ remount() {
   esac
 }
 mount_tern
+mount_tern_wb
 mount_sshfs
 
 RESULTS=$WORK/results.tsv
@@ -117,7 +130,7 @@ RESULTS=$WORK/results.tsv
 # run CASE TOOL ROUND: times one case for one tool, appends a row.
 run() {
   local case=$1 tool=$2 round=$3 dir t0 t1
-  case $tool in tern-mount) dir=$MT ;; sshfs) dir=$MS ;; *) dir= ;; esac
+  case $tool in tern-mount) dir=$MT ;; tern-wb) dir=$MW ;; sshfs) dir=$MS ;; *) dir= ;; esac
   case $case in
     read-cold | ls-cold) remount "$tool"; sync; echo 3 >/proc/sys/vm/drop_caches ;;
   esac
@@ -129,6 +142,8 @@ run() {
     ls-*/*) ls -lR "$dir/t20k" >/dev/null ;;
     tar/tern-copy) "$TERN" copy -q --fingerprint "$FP" --token-file "$TOKEN" \
       "$RAM/t8k/" "tern://127.0.0.1:$TERN_PORT/data/x-copy-$round/" ;;
+    tar/tern-wb) mkdir -p "$dir/x-$tool-$round" && tar --no-same-owner -C "$dir/x-$tool-$round" -xf "$RAM/t8k.tar" &&
+      sync "$dir/x-$tool-$round" ;;
     tar/*) mkdir -p "$dir/x-$tool-$round" && tar --no-same-owner -C "$dir/x-$tool-$round" -xf "$RAM/t8k.tar" ;;
     write/*) dd if="$RAM/w.bin" of="$dir/w-$tool-$round.bin" bs=1M conv=fsync status=none ;;
   esac
@@ -141,7 +156,7 @@ run() {
 for ((r = 1; r <= ROUNDS; r++)); do
   for case in $CASES; do
     tools="tern-mount sshfs"
-    case $case in read-cold | tar) tools="$tools tern-copy" ;; esac
+    case $case in read-cold) tools="$tools tern-copy" ;; tar) tools="$tools tern-copy tern-wb" ;; esac
     for tool in $(python3 -c 'import random, sys; t = sys.argv[2].split(); random.Random(sys.argv[1]).shuffle(t); print(*t)' "$case$r" "$tools"); do
       if [ "${case%-warm}" != "$case" ]; then
         # Warm: the same read once just before, through the same mount.

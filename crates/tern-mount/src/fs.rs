@@ -58,8 +58,8 @@ pub struct TernFs {
     staging: Option<PathBuf>,
     /// Names the daemon said are not there, and when.
     absent: Mutex<HashMap<PathBuf, Instant>>,
-    /// Directory listings, by inode, and when they were made.
-    listings: Mutex<HashMap<u64, Listing>>,
+    /// Directory listings, by path, and when they were made.
+    listings: Mutex<HashMap<PathBuf, Listing>>,
     /// `--write-back`: the queue of closed files to upload.
     write_back: Option<WriteBack>,
 }
@@ -197,6 +197,16 @@ impl TernFs {
         Ok(self.attr(ino, e))
     }
 
+    /// The daemon's listing of the directory `rel`, if one is at hand and
+    /// younger than the attribute timeout.
+    fn listing(&self, rel: &Path) -> Option<Arc<Vec<Entry>>> {
+        self.listings.lock().ok().and_then(|l| {
+            l.get(rel)
+                .filter(|(t, _)| t.elapsed() < self.ttl)
+                .map(|(_, v)| v.clone())
+        })
+    }
+
     /// A directory's entries: the daemon's listing, with what is being
     /// written in it shown as it is here.
     fn dir_entries(&self, ino: u64) -> Res<Vec<Entry>> {
@@ -204,12 +214,7 @@ impl TernFs {
         if entry.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let cached = self.listings.lock().ok().and_then(|l| {
-            l.get(&ino)
-                .filter(|(t, _)| t.elapsed() < self.ttl)
-                .map(|(_, v)| v.clone())
-        });
-        let mut entries = match cached {
+        let mut entries = match self.listing(&rel) {
             Some(v) => (*v).clone(),
             None => {
                 let v = self.conn.run(|ep, _| ep.read_dir(&rel)).map_err(|e| errno(&e, &rel))?;
@@ -217,7 +222,7 @@ impl TernFs {
                     if l.len() > 4096 {
                         l.clear();
                     }
-                    l.insert(ino, (Instant::now(), Arc::new(v.clone())));
+                    l.insert(rel.clone(), (Instant::now(), Arc::new(v.clone())));
                 }
                 v
             }
@@ -337,7 +342,10 @@ impl TernFs {
         s.opens.fetch_add(1, Ordering::AcqRel);
         map.insert(rel.to_path_buf(), s.clone());
         drop(map);
-        self.changed(rel);
+        // Shown through the staged overlay until it is uploaded.
+        if let Ok(mut a) = self.absent.lock() {
+            a.remove(rel);
+        }
         Ok(s)
     }
 
@@ -402,7 +410,7 @@ impl TernFs {
             errno(&e, &rel)
         })?;
         self.forget_hash(&rel);
-        self.changed(&rel);
+        self.added(&rel, s.entry().ok());
         // What the kernel is told of it from now is what was published.
         if let (Ok(e), Ok(mut t)) = (s.entry(), self.inodes.lock()) {
             if let Some(n) = t.find(&rel).and_then(|ino| t.get_mut(ino)) {
@@ -461,12 +469,10 @@ impl TernFs {
         if done.is_empty() {
             return;
         }
-        if let Ok(mut l) = self.listings.lock() {
-            l.clear();
-        }
         for s in done {
             let rel = s.rel();
             self.forget_hash(&rel);
+            self.added(&rel, s.entry().ok());
             if let (Ok(e), Ok(mut t)) = (s.entry(), self.inodes.lock()) {
                 if let Some(n) = t.find(&rel).and_then(|ino| t.get_mut(ino)) {
                     n.entry = e;
@@ -486,7 +492,31 @@ impl TernFs {
     /// for again, and `rel` is no longer known to be absent.
     fn changed(&self, rel: &Path) {
         if let Ok(mut l) = self.listings.lock() {
-            l.clear();
+            // Its directory's listing, and its own and those beneath it
+            // (a directory renamed or removed).
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            l.remove(parent);
+            l.retain(|k, _| !k.starts_with(rel));
+        }
+        if let Ok(mut a) = self.absent.lock() {
+            a.remove(rel);
+        }
+    }
+
+    /// `rel` was uploaded as `e`: a listing of its directory at hand takes
+    /// it in (else it would vanish from there when the staged file goes).
+    fn added(&self, rel: &Path, e: Option<Entry>) {
+        let (Some(e), Some(parent)) = (e, rel.parent()) else {
+            return self.changed(rel);
+        };
+        if let Ok(mut l) = self.listings.lock() {
+            if let Some((_, list)) = l.get_mut(parent) {
+                let v = Arc::make_mut(list);
+                match v.binary_search_by(|x| x.name.cmp(&e.name)) {
+                    Ok(i) => v[i] = e,
+                    Err(i) => v.insert(i, e),
+                }
+            }
         }
         if let Ok(mut a) = self.absent.lock() {
             a.remove(rel);
@@ -745,7 +775,21 @@ impl fuser::Filesystem for TernFs {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        match self.stat(&rel) {
+        // A listing of the directory made a moment ago answers without
+        // asking the daemon again (a tree being written: nothing there yet).
+        let listed = match (self.staged_at(&rel), rel.parent().and_then(|p| self.listing(p))) {
+            (None, Some(l)) => Some(
+                l.binary_search_by(|e| e.name.as_os_str().cmp(name))
+                    .ok()
+                    .map(|i| l[i].clone()),
+            ),
+            _ => None,
+        };
+        let found = match listed {
+            Some(e) => Ok(e),
+            None => self.stat(&rel),
+        };
+        match found {
             Ok(Some(e)) => match self.remember(parent.0, name, &e) {
                 Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
                 Err(e) => reply.error(e),
@@ -866,7 +910,13 @@ impl fuser::Filesystem for TernFs {
             Dest::set_meta(ep, &rel, Kind::Dir, &meta, false, None)
         });
         match made {
-            Ok(()) => self.entry_reply(parent.0, name, &rel, reply),
+            Ok(()) => {
+                // Empty, as made: lookups in it need not ask the daemon.
+                if let Ok(mut l) = self.listings.lock() {
+                    l.insert(rel.clone(), (Instant::now(), Arc::new(Vec::new())));
+                }
+                self.entry_reply(parent.0, name, &rel, reply)
+            }
             Err(e) => reply.error(e),
         }
     }
