@@ -17,6 +17,7 @@ use tern_core::entry::{Meta, Time};
 use tern_core::{Dest, Entry, Kind, ReadFile, Source};
 use tern_net::remote::RemoteEndpoint;
 
+use crate::cache::DiskCache;
 use crate::conn::Conn;
 use crate::inodes::{Inodes, ROOT};
 use crate::reader::{Pool, Reader};
@@ -62,6 +63,8 @@ pub struct TernFs {
     listings: Mutex<HashMap<PathBuf, Listing>>,
     /// `--write-back`: the queue of closed files to upload.
     write_back: Option<WriteBack>,
+    /// `--cache-dir`: blocks read, kept on disk.
+    cache: Option<Arc<DiskCache>>,
 }
 
 /// A directory's entries as the daemon listed them, and when.
@@ -71,7 +74,13 @@ type Res<T> = Result<T, Errno>;
 
 impl TernFs {
     /// A file system over `conn`; the root is stat'ed when first asked for.
-    pub fn new(conn: Arc<Conn>, opts: &MountOptions, pool: Pool, write_back: Option<WriteBack>) -> TernFs {
+    pub fn new(
+        conn: Arc<Conn>,
+        opts: &MountOptions,
+        pool: Pool,
+        write_back: Option<WriteBack>,
+        cache: Option<Arc<DiskCache>>,
+    ) -> TernFs {
         let root = Entry {
             name: Default::default(),
             kind: Kind::Dir,
@@ -100,6 +109,7 @@ impl TernFs {
             absent: Mutex::default(),
             listings: Mutex::default(),
             write_back,
+            cache,
         };
         // The root's own attributes, stale at once so the first getattr asks.
         if let Ok(mut t) = fs.inodes.lock() {
@@ -1176,7 +1186,7 @@ impl fuser::Filesystem for TernFs {
             },
             Err(_) => false,
         };
-        match self.add_open(Open::Read(Arc::new(Reader::new(rel, entry, file)))) {
+        match self.add_open(Open::Read(Arc::new(Reader::new(rel, entry, file, self.cache.clone())))) {
             Ok(fh) => {
                 let flags = if keep {
                     FopenFlags::FOPEN_KEEP_CACHE

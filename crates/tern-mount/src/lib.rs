@@ -10,6 +10,7 @@
 //! connection is re-established on the next operation, and open files carry
 //! on when they are unchanged. See docs/mount.md for the semantics.
 
+mod cache;
 mod conn;
 mod fs;
 mod inodes;
@@ -40,6 +41,9 @@ pub struct MountOptions {
     /// Upload closed files in the background, many small ones a request;
     /// `close` then no longer returns an upload's error (`fsync` does).
     pub write_back: bool,
+    /// Keep blocks read in this directory, at most this many bytes, for
+    /// later opens and mounts (each checked again when it is used).
+    pub cache: Option<(PathBuf, u64)>,
 }
 
 impl Default for MountOptions {
@@ -50,6 +54,7 @@ impl Default for MountOptions {
             source: "tern".into(),
             staging: None,
             write_back: false,
+            cache: None,
         }
     }
 }
@@ -69,6 +74,15 @@ pub enum Error {
     #[error("{path}: {source}")]
     Fuse {
         /// The mount point.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The `--cache-dir` directory cannot be used.
+    #[error("the cache directory {path}: {source}")]
+    Cache {
+        /// The directory.
         path: PathBuf,
         /// The cause.
         #[source]
@@ -113,7 +127,16 @@ pub fn mount(
         })?),
         false => None,
     };
-    let fs = fs::TernFs::new(conn, opts, pool, write_back);
+    let cache = match &opts.cache {
+        Some((d, limit)) => Some(std::sync::Arc::new(cache::DiskCache::open(d, *limit).map_err(
+            |source| Error::Cache {
+                path: d.clone(),
+                source,
+            },
+        )?)),
+        None => None,
+    };
+    let fs = fs::TernFs::new(conn, opts, pool, write_back, cache);
     let (done, kept) = fs.recover();
     if done + kept > 0 {
         eprintln!("tern: {done} files an earlier mount left staged were uploaded; {kept} still wait");

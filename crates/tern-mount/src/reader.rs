@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use fuser::Errno;
 use tern_core::{Entry, ReadFile};
 
+use crate::cache::{DiskCache, Version};
 use crate::conn::Conn;
 
 /// A block: a whole BLAKE3 subtree at any multiple of its size, so the
@@ -82,12 +83,17 @@ pub struct Reader {
     file: RwLock<Option<(u64, Arc<dyn ReadFile>)>>,
     state: Mutex<State>,
     ready: Condvar,
+    /// `--cache-dir`, and this version's name there.
+    cache: Option<(Arc<DiskCache>, Version)>,
 }
 
 impl Reader {
-    /// A reader of `entry` at `rel`, opened as `file` on connection `gen`.
-    pub fn new(rel: PathBuf, entry: Entry, opened: (u64, Arc<dyn ReadFile>)) -> Reader {
+    /// A reader of `entry` at `rel`, opened as `file` on connection `gen`,
+    /// keeping its blocks in `cache` where one is given.
+    pub fn new(rel: PathBuf, entry: Entry, opened: (u64, Arc<dyn ReadFile>), cache: Option<Arc<DiskCache>>) -> Reader {
+        let cache = cache.and_then(|c| DiskCache::version(&entry).map(|v| (c, v)));
         Reader {
+            cache,
             rel,
             entry,
             file: RwLock::new(Some(opened)),
@@ -198,15 +204,21 @@ impl Reader {
         self.ready.notify_all();
     }
 
-    /// Block `b`, read from the daemon and checked.
+    /// Block `b`, from the disk cache or read from the daemon, and checked.
     fn fetch(&self, conn: &Conn, b: u64) -> Result<Vec<u8>, Errno> {
         let offset = b * BLOCK;
         let len = BLOCK.min(self.entry.size - offset) as usize;
-        conn.run(|ep, gen| {
+        if let Some((cache, v)) = &self.cache {
+            if let Some(data) = cache.get(*v, b, offset, len) {
+                return Ok(data);
+            }
+        }
+        let got = conn.run(|ep, gen| {
             let file = self.open_on(ep, gen)?;
             let mut buf = vec![0u8; len];
             file.read_exact_at(offset, &mut buf)?;
-            if file.sent_cv(offset) != Some(tern_core::hash::cv_at(offset, &buf)) {
+            let cv = tern_core::hash::cv_at(offset, &buf);
+            if file.sent_cv(offset) != Some(cv) {
                 return Err(tern_core::Error::Other {
                     path: self.rel.clone(),
                     message: format!(
@@ -214,12 +226,20 @@ impl Reader {
                     ),
                 });
             }
-            Ok(buf)
-        })
-        .map_err(|e| {
-            tracing::error!(error = %e, "read refused");
-            crate::fs::errno(&e, &self.rel)
-        })
+            Ok((buf, cv))
+        });
+        match got {
+            Ok((buf, cv)) => {
+                if let Some((cache, v)) = &self.cache {
+                    cache.put(*v, b, &cv, &buf);
+                }
+                Ok(buf)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "read refused");
+                Err(crate::fs::errno(&e, &self.rel))
+            }
+        }
     }
 
     /// The daemon's handle on connection `gen`, opened again where the one

@@ -235,6 +235,14 @@ pub struct MountArgs {
     /// [default: $XDG_CACHE_HOME/tern/mount, or ~/.cache/tern/mount].
     #[arg(long, value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,
+    /// Keep the blocks read in DIR (one subdirectory per mounted tree), for
+    /// later opens and mounts; each is checked again when it is used.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The most --cache-dir keeps for this tree; the least recently used
+    /// blocks go first.
+    #[arg(long, value_name = "BYTES", default_value = "4G", value_parser = parse_size, requires = "cache_dir")]
+    pub cache_size: u64,
     #[command(flatten)]
     pub remote_args: RemoteArgs,
 }

@@ -125,16 +125,18 @@ fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::Unix
         (Some(d), true) => Some(d.join(&tree[..16])),
         (None, true) => Some(default_staging()?.join(&tree[..16])),
     };
-    if let Some(st) = &staging {
-        // Staging files inside the mount would be written through it.
-        let (st_abs, dir_abs) = (resolved(st), resolved(&a.dir));
-        if st_abs.starts_with(&dir_abs) {
-            return Err(UsageError(format!(
-                "the staging directory {} is inside the mount point {}; give --staging-dir elsewhere",
-                st.display(),
-                a.dir.display()
-            ))
-            .into());
+    let cache = a.cache_dir.as_ref().map(|d| d.join(&tree[..16]));
+    // Files inside the mount would be written through it.
+    for (d, what, flag) in [(&staging, "staging", "--staging-dir"), (&cache, "cache", "--cache-dir")] {
+        if let Some(d) = d {
+            if resolved(d).starts_with(resolved(&a.dir)) {
+                return Err(UsageError(format!(
+                    "the {what} directory {} is inside the mount point {}; give {flag} elsewhere",
+                    d.display(),
+                    a.dir.display()
+                ))
+                .into());
+            }
         }
     }
     let opts = tern_mount::MountOptions {
@@ -142,6 +144,7 @@ fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::Unix
         source: format!("tern:{}", spec.display()),
         staging,
         write_back: a.write_back,
+        cache: cache.map(|d| (d, a.cache_size)),
         ..Default::default()
     };
     let stop = Arc::new(tern_mount::Stopper::default());

@@ -520,7 +520,7 @@ fn a_file_unlinked_or_renamed_while_open_is_published_only_where_it_is() {
 }
 
 #[test]
-fn a_staging_directory_inside_the_mount_is_refused() {
+fn a_staging_or_cache_directory_inside_the_mount_is_refused() {
     if !can_mount() {
         return;
     }
@@ -536,6 +536,13 @@ fn a_staging_directory_inside_the_mount_is_refused() {
             .arg(&dir),
         2,
         "inside the mount point",
+    );
+    fails(
+        d.auth(client(t.path()).args(["mount", "--cache-dir"]).arg(dir.join("cache")))
+            .arg(d.url(""))
+            .arg(&dir),
+        2,
+        "the cache directory",
     );
     assert!(!mounted(&dir));
 }
@@ -662,4 +669,70 @@ fn write_back_reports_a_failed_upload_on_fsync_of_the_directory() {
     let r = fs::File::open(&m.dir).and_then(|d| d.sync_all());
     assert_eq!(errno_of(r), Some(libc::EIO));
     assert!(!module.join("too-big").exists());
+}
+
+/// The block files under a mount's `--cache-dir`.
+fn cached_blocks(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(_) => out.push(e.path()),
+                Err(_) => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn cache_dir_serves_a_later_mount_and_a_damaged_block_is_fetched_again() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    let body = data((3 << 20) + 12_345, 21);
+    write(&module.join("f"), &body);
+    let cache = t.path().join("cache");
+    let args = ["--read-only", "--cache-dir", cache.to_str().expect("utf-8")];
+    let mut d = daemon(t.path(), &module, true);
+    let port = d.port;
+    {
+        let m = mount(t.path(), &d, "", &args);
+        assert_eq!(fs::read(m.dir.join("f")).expect("read"), body);
+    }
+    // Four blocks of 1 MiB, the last one short.
+    let blocks = cached_blocks(&cache);
+    assert_eq!(blocks.len(), 4, "{blocks:?}");
+    d.child.kill().expect("kill");
+    d.child.wait().expect("wait");
+    // Every range this daemon sends now has a flipped byte: whatever reads
+    // right came from the cache.
+    let mut c = tern();
+    c.env("TERN_FAULT_FLIP_READS", "1");
+    let _flipping = spawn_daemon(c, t.path(), &module, true, port, &[]);
+    {
+        let m = mount(t.path(), &_flipping, "", &args);
+        assert_eq!(fs::read(m.dir.join("f")).expect("read from the cache"), body);
+    }
+    // A byte of the second block damaged on the cache's disk: that block is
+    // not used (the daemon's copy, flipped, is EIO), the others still are.
+    let second = blocks
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-1"))
+        .expect("block 1");
+    let f = fs::OpenOptions::new().write(true).open(second).expect("open block");
+    f.write_all_at(b"?", 4_000).expect("damage");
+    drop(f);
+    let m = mount(t.path(), &_flipping, "", &args);
+    let f = fs::File::open(m.dir.join("f")).expect("open");
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 2 << 20).expect("block 2 from the cache");
+    assert_eq!(buf, body[2 << 20..(2 << 20) + 4096]);
+    assert_eq!(errno_of(f.read_exact_at(&mut buf, (1 << 20) + 10)), Some(libc::EIO));
+    assert!(!second.exists(), "the damaged block is dropped");
 }
