@@ -238,6 +238,12 @@ enum Op {
         from: P,
         to: P,
     },
+    /// Any entry's length set, up to 16 MiB (past that the daemon only
+    /// writes zeros for longer).
+    Truncate {
+        path: P,
+        size: u32,
+    },
 }
 
 /// How a signature's ids cross: eight bytes each, or cut to any number of
@@ -633,6 +639,10 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             Op::Rename { from, to } => Msg::Rename {
                 from: from.bytes(),
                 to: to.bytes(),
+            },
+            Op::Truncate { path, size } => Msg::Truncate {
+                path: path.bytes(),
+                size: u64::from(*size % (16 << 20)),
             },
             Op::Backup { dir, base, suffix } => Msg::Backup {
                 dir: dir.as_ref().map(P::bytes),

@@ -468,6 +468,72 @@ pub trait Dest: Source {
     /// Makes `rel` a hard link to the already written `existing`. Returns
     /// false if it already was one.
     fn hard_link(&self, existing: &Path, rel: &Path) -> Result<bool>;
+    /// Sets the length of the regular file `rel` as truncate(2) does (cut,
+    /// or extended with zeros, as a hole where the file system allows) and
+    /// returns the file as it is then. Never changed in place: the new
+    /// version is written at a temporary name, made durable and renamed
+    /// over the old one, so a reader sees one or the other and a hard link
+    /// to the old version keeps it. Owners and extended attributes are the
+    /// destination's to give, as for any file written without them.
+    fn truncate(&self, rel: &Path, size: u64) -> Result<Entry> {
+        let shown: PathBuf = self.describe(rel).into();
+        let old = self.stat(rel)?.ok_or_else(|| Error::Vanished(shown.clone()))?;
+        if old.kind != Kind::File {
+            return Err(Error::Other {
+                path: shown,
+                message: "not a regular file".into(),
+            });
+        }
+        let src = self.open(rel, &old)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let now = crate::entry::Time {
+            sec: now.as_secs() as i64,
+            nsec: now.subsec_nanos(),
+        };
+        let meta = Meta {
+            mtime: now,
+            ..old.meta.clone()
+        };
+        let chunk = crate::engine::DEFAULT_CHUNK_SIZE;
+        let spec = FileSpec {
+            size,
+            chunk_size: chunk,
+            resumable: false,
+            durable: true,
+            source_meta: meta.clone(),
+            source_changed: now,
+        };
+        let w = self.create(rel, &spec)?;
+        let written = (|| {
+            let chunks = crate::hash::chunk_count(size, chunk);
+            let mut buf = vec![0u8; chunk.min(size) as usize];
+            for i in 0..chunks {
+                let off = i * chunk;
+                let data = &mut buf[..chunk.min(size - off) as usize];
+                let len = data.len() as u64;
+                // What the old version has of this chunk, then a hole (its
+                // bytes in `data` are never written). No journal, so no
+                // chaining values: an extension costs neither reads nor hashing.
+                let kept = old.size.saturating_sub(off).min(len);
+                src.read_exact_at(off, &mut data[..kept as usize])?;
+                let holes: Vec<(u64, u64)> = (kept < len).then_some((off + kept, len - kept)).into_iter().collect();
+                w.write_chunk(i, off, data, &holes, None)?;
+            }
+            src.check_unchanged()?;
+            w.set_meta(&meta, false, &Vec::new())?;
+            w.sync()
+        })();
+        match written {
+            Ok(()) => w.publish()?,
+            Err(e) => {
+                w.abort(false);
+                return Err(e);
+            }
+        }
+        self.stat(rel)?.ok_or(Error::Vanished(shown))
+    }
     /// Applies metadata to an existing entry (not following symlinks).
     fn set_meta(&self, rel: &Path, kind: Kind, meta: &Meta, owner: bool, xattrs: Option<&Xattrs>) -> Result<()>;
     /// Removes `rel`; directories with all their contents.

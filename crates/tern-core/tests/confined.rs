@@ -524,3 +524,46 @@ fn a_quota_caps_the_bytes_writers_keep() {
     q.walked(ep.expire_side_files(Duration::MAX).expect("walk").remaining);
     assert_eq!(q.used(), 9000);
 }
+
+#[test]
+fn truncate_writes_a_new_version_and_never_follows_what_is_planted() {
+    let s = setup();
+    let body: Vec<u8> = (0..(9u32 << 20) + 77).map(|i| (i % 251) as u8).collect();
+    fs::write(s.module.join("f"), &body).expect("write");
+    fs::hard_link(s.module.join("f"), s.module.join("other-name")).expect("link");
+    // Cut across a chunk boundary: the first bytes, the old inode untouched.
+    let e = s.ep.truncate(Path::new("f"), (8 << 20) + 5).expect("cut");
+    assert_eq!(e.size, (8 << 20) + 5);
+    assert_eq!(fs::read(s.module.join("f")).expect("read"), body[..(8 << 20) + 5]);
+    assert_eq!(
+        fs::read(s.module.join("other-name")).expect("read"),
+        body,
+        "a hard link keeps the old version"
+    );
+    // Extended: zeros, as a hole.
+    let e = s.ep.truncate(Path::new("f"), 64 << 20).expect("extend");
+    let now = fs::read(s.module.join("f")).expect("read");
+    assert_eq!(now.len(), 64 << 20);
+    assert_eq!(e.size, 64 << 20);
+    assert_eq!(now[..(8 << 20) + 5], body[..(8 << 20) + 5]);
+    assert!(now[(8 << 20) + 5..].iter().all(|&b| b == 0));
+    assert!(
+        fs::metadata(s.module.join("f")).expect("stat").blocks() * 512 < 32 << 20,
+        "the extension is a hole"
+    );
+    assert_eq!(s.ep.truncate(Path::new("f"), 0).expect("empty").size, 0);
+    // Not a regular file, or not there: refused, nothing followed.
+    symlink(s.outside.join("secret"), s.module.join("link")).expect("symlink");
+    assert!(s.ep.truncate(Path::new("link"), 0).is_err());
+    fs::create_dir(s.module.join("d")).expect("mkdir");
+    assert!(s.ep.truncate(Path::new("d"), 0).is_err());
+    assert!(s.ep.truncate(Path::new("missing"), 0).is_err());
+    assert!(s.ep.truncate(Path::new("../outside/secret"), 0).is_err());
+    s.outside_untouched();
+    let names: Vec<_> = fs::read_dir(&s.module)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 4, "no temporary file left: {names:?}");
+}

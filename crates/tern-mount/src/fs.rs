@@ -27,6 +27,8 @@ use crate::MountOptions;
 
 /// The extended attribute holding a file's BLAKE3, as `b3sum` prints it.
 const HASH_XATTR: &str = "user.tern.blake3";
+/// The longest name a directory entry may have, as on the daemon's side.
+const NAME_MAX: usize = 255;
 /// What the kernel is told to read and write at once, and `st_blksize`.
 const IO_SIZE: u32 = 1 << 20;
 
@@ -46,7 +48,8 @@ enum Open {
 pub struct TernFs {
     conn: Arc<Conn>,
     inodes: Mutex<Inodes>,
-    files: RwLock<HashMap<u64, Open>>,
+    /// Open handles, and their inodes.
+    files: RwLock<HashMap<u64, (u64, Open)>>,
     pool: Pool,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
@@ -132,6 +135,9 @@ impl TernFs {
     }
 
     fn child(&self, parent: u64, name: &OsStr) -> Res<PathBuf> {
+        if name.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
         match self.inodes.lock().map(|t| t.child_path(parent, name)) {
             Ok(Some(r)) => Ok(r),
             _ => Err(Errno::ESTALE),
@@ -260,12 +266,18 @@ impl TernFs {
 
     fn open_file(&self, fh: FileHandle) -> Res<Open> {
         let files = self.files.read().map_err(|_| Errno::EIO)?;
-        files.get(&fh.0).cloned().ok_or(Errno::EBADF)
+        files.get(&fh.0).map(|(_, o)| o.clone()).ok_or(Errno::EBADF)
     }
 
-    fn add_open(&self, o: Open) -> Res<u64> {
+    /// An open handle of inode `ino`, if it has one.
+    fn open_of(&self, ino: u64) -> Option<Open> {
+        let files = self.files.read().ok()?;
+        files.values().find(|(i, _)| *i == ino).map(|(_, o)| o.clone())
+    }
+
+    fn add_open(&self, ino: u64, o: Open) -> Res<u64> {
         let fh = self.fh();
-        self.files.write().map_err(|_| Errno::EIO)?.insert(fh, o);
+        self.files.write().map_err(|_| Errno::EIO)?.insert(fh, (ino, o));
         Ok(fh)
     }
 
@@ -501,15 +513,26 @@ impl TernFs {
     /// Something changed at the daemon under this mount: listings are asked
     /// for again, and `rel` is no longer known to be absent.
     fn changed(&self, rel: &Path) {
+        let parent = rel.parent().unwrap_or(Path::new(""));
         if let Ok(mut l) = self.listings.lock() {
             // Its directory's listing, and its own and those beneath it
             // (a directory renamed or removed).
-            let parent = rel.parent().unwrap_or(Path::new(""));
             l.remove(parent);
             l.retain(|k, _| !k.starts_with(rel));
         }
+        self.stale(parent);
         if let Ok(mut a) = self.absent.lock() {
             a.remove(rel);
+        }
+    }
+
+    /// The attributes the mount has of `rel` are asked for again when next
+    /// wanted: a change in a directory changes its times and link count.
+    fn stale(&self, rel: &Path) {
+        if let Ok(mut t) = self.inodes.lock() {
+            if let Some(n) = t.find(rel).and_then(|ino| t.get_mut(ino)) {
+                n.seen = Instant::now().checked_sub(self.ttl * 2).unwrap_or(n.seen);
+            }
         }
     }
 
@@ -519,6 +542,7 @@ impl TernFs {
         let (Some(e), Some(parent)) = (e, rel.parent()) else {
             return self.changed(rel);
         };
+        self.stale(parent);
         if let Ok(mut l) = self.listings.lock() {
             if let Some((_, list)) = l.get_mut(parent) {
                 let v = Arc::make_mut(list);
@@ -604,8 +628,22 @@ impl TernFs {
                 return Err(Errno::EPERM);
             }
         }
-        // A size: the file is staged, cut, and uploaded.
+        // A size: the daemon sets it where it can (nothing crosses);
+        // otherwise the file is staged, cut, and uploaded.
         let staged = match (a.size, staged) {
+            (Some(size), None) if self.conn.run(|ep, _| Ok(ep.supports_truncate())).unwrap_or(false) => {
+                let e = self
+                    .conn
+                    .run(|ep, _| Dest::truncate(ep, &rel, size))
+                    .map_err(|e| errno(&e, &rel))?;
+                self.forget_hash(&rel);
+                self.changed(&rel);
+                self.note(ino, &e);
+                if a.mode.is_none() && a.atime.is_none() && a.mtime.is_none() {
+                    return Ok(e);
+                }
+                None
+            }
             (Some(size), None) => {
                 let now = self.stat(&rel)?.ok_or(Errno::ENOENT)?;
                 if now.kind != Kind::File {
@@ -718,6 +756,13 @@ pub(crate) fn time(t: Time) -> SystemTime {
 }
 
 /// The errno an application sees for an engine error.
+/// The errno in a message that ends as an I/O error's text does ("... (os
+/// error 39)"), if it is one the daemon's system can give.
+fn os_error(message: &str) -> Option<i32> {
+    let n: i32 = message.rsplit_once("(os error ")?.1.strip_suffix(')')?.parse().ok()?;
+    (1..4096).contains(&n).then_some(n)
+}
+
 pub(crate) fn errno(e: &tern_core::Error, rel: &Path) -> Errno {
     use tern_core::Error as E;
     let n = match e {
@@ -728,6 +773,8 @@ pub(crate) fn errno(e: &tern_core::Error, rel: &Path) -> Errno {
         E::Other { message, .. } if message.contains("read-only") || message.contains("may only read") => libc::EROFS,
         E::Other { message, .. } if message.contains("quota") => libc::EDQUOT,
         E::Other { message, .. } if message.contains("No space left") => libc::ENOSPC,
+        // The daemon's own system error, as its message ends.
+        E::Other { message, .. } => os_error(message).unwrap_or(libc::EIO),
         _ => libc::EIO,
     };
     tracing::debug!(path = %rel.display(), error = %e, errno = n, "operation failed");
@@ -842,6 +889,23 @@ impl fuser::Filesystem for TernFs {
         }
         match self.fresh(ino.0) {
             Ok(e) => reply.attr(&self.ttl, &self.attr(ino.0, &e)),
+            // Unlinked while open (fstat asks without its handle): what the
+            // handle has, with no name left.
+            Err(Errno::ESTALE) => {
+                let e = match self.open_of(ino.0) {
+                    Some(Open::Read(r)) => Ok(r.entry.clone()),
+                    Some(Open::Write(s)) => s.entry().map_err(Errno::from),
+                    None => Err(Errno::ESTALE),
+                };
+                match e {
+                    Ok(e) => {
+                        let mut a = self.attr(ino.0, &e);
+                        a.nlink = 0;
+                        reply.attr(&Duration::ZERO, &a)
+                    }
+                    Err(e) => reply.error(e),
+                }
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -959,6 +1023,49 @@ impl fuser::Filesystem for TernFs {
         }
     }
 
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        tracing::trace!(op = "link", "request");
+        if let Err(e) = self.writable() {
+            return reply.error(e);
+        }
+        let (rel, entry, _) = match self.node(ino.0) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if entry.kind == Kind::Dir {
+            return reply.error(Errno::EPERM);
+        }
+        let new = match self.child(newparent.0, newname) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
+        };
+        let there = if self.known_absent(&new) {
+            Ok(None)
+        } else {
+            self.stat(&new)
+        };
+        match there {
+            Ok(Some(_)) => return reply.error(Errno::EEXIST),
+            Ok(None) => {}
+            Err(e) => return reply.error(e),
+        }
+        // The new name shares what the daemon has: what is being written
+        // there goes first.
+        if let Some(s) = self.staged_at(&rel) {
+            if let Err(e) = self.publish(&s) {
+                return reply.error(e);
+            }
+        }
+        match self.change(&new, |ep| Dest::hard_link(ep, &rel, &new).map(|_| ())) {
+            Ok(()) => {
+                // Its link count changed.
+                self.stale(&rel);
+                self.entry_reply(newparent.0, newname, &new, reply)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         tracing::trace!(op = "unlink", "request");
         let rel = match self.child(parent.0, name) {
@@ -1056,7 +1163,7 @@ impl fuser::Filesystem for TernFs {
         }
         let (from, to) = match (self.child(parent.0, name), self.child(newparent.0, newname)) {
             (Ok(a), Ok(b)) => (a, b),
-            _ => return reply.error(Errno::ESTALE),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         if from == to {
             return reply.ok();
@@ -1145,7 +1252,7 @@ impl fuser::Filesystem for TernFs {
                 }
             };
             return match s {
-                Ok(s) => match self.add_open(Open::Write(s.clone())) {
+                Ok(s) => match self.add_open(ino.0, Open::Write(s.clone())) {
                     Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                     Err(e) => {
                         let _ = self.close_staged(&s);
@@ -1186,7 +1293,10 @@ impl fuser::Filesystem for TernFs {
             },
             Err(_) => false,
         };
-        match self.add_open(Open::Read(Arc::new(Reader::new(rel, entry, file, self.cache.clone())))) {
+        match self.add_open(
+            ino.0,
+            Open::Read(Arc::new(Reader::new(rel, entry, file, self.cache.clone()))),
+        ) {
             Ok(fh) => {
                 let flags = if keep {
                     FopenFlags::FOPEN_KEEP_CACHE
@@ -1241,7 +1351,7 @@ impl fuser::Filesystem for TernFs {
             Ok(a) => a,
             Err(e) => return reply.error(e),
         };
-        match self.add_open(Open::Write(s)) {
+        match self.add_open(attr.ino.0, Open::Write(s)) {
             Ok(fh) => reply.created(
                 &Duration::ZERO,
                 &attr,
@@ -1356,7 +1466,12 @@ impl fuser::Filesystem for TernFs {
         reply: ReplyEmpty,
     ) {
         tracing::trace!(op = "release", "request");
-        let o = self.files.write().ok().and_then(|mut f| f.remove(&fh.0));
+        let o = self
+            .files
+            .write()
+            .ok()
+            .and_then(|mut f| f.remove(&fh.0))
+            .map(|(_, o)| o);
         if let Some(Open::Write(s)) = o {
             // The application closed it already: a failed upload can only
             // be logged now (it was returned by flush).

@@ -681,6 +681,12 @@ impl RemoteEndpoint {
         self.inner.features & tern_proto::FEATURE_TCP_BBR != 0
     }
 
+    /// Whether the daemon sets a file's length itself ([`Dest::truncate`]
+    /// without the data crossing).
+    pub fn supports_truncate(&self) -> bool {
+        self.inner.features & tern_proto::FEATURE_TRUNCATE != 0
+    }
+
     /// Whether the daemon answers bench requests (`tern bench`).
     pub fn supports_bench(&self) -> bool {
         self.inner.features & tern_proto::FEATURE_BENCH != 0
@@ -1876,6 +1882,28 @@ impl Dest for RemoteEndpoint {
                 to: self.full(to),
             },
         )
+    }
+
+    fn truncate(&self, rel: &Path, size: u64) -> tern_core::Result<Entry> {
+        if self.inner.features & tern_proto::FEATURE_TRUNCATE == 0 {
+            return Err(Error::Other {
+                path: self.shown(rel),
+                message: "this daemon cannot set a file's length; upgrade tern there".into(),
+            });
+        }
+        let req = Msg::Truncate {
+            path: self.full(rel),
+            size,
+        };
+        let r = self.request(rel, |s| {
+            self.after_ops(s)?;
+            s.send(&req)?;
+            s.recv()
+        })?;
+        match r {
+            Msg::StatReply(Some(e)) => wire::unentry_any_name(e).ok_or_else(|| self.unexpected(rel)),
+            _ => Err(self.unexpected(rel)),
+        }
     }
 
     fn remove(&self, rel: &Path) -> tern_core::Result<()> {

@@ -1408,6 +1408,12 @@ impl Session {
                     .map(|()| Msg::Done)
                     .map_err(|e| wire::error_msg(&e))
             }),
+            Msg::Truncate { path, size } => self.new_path(&path).and_then(|p| {
+                self.wep()
+                    .truncate(&p, size)
+                    .map(|e| Msg::StatReply(Some(wire::entry(&e))))
+                    .map_err(|e| wire::error_msg(&e))
+            }),
             Msg::Hello(_) | Msg::Auth(_) | Msg::Login(_) | Msg::Join { .. } | Msg::ListModules { .. } => {
                 return Err(proto("handshake message in the middle of a stream"))
             }

@@ -70,6 +70,8 @@ pub const FEATURE_BACKUP: u64 = 1024;
 pub const FEATURE_MODULES: u64 = 2048;
 /// [`Msg::Rename`]: an entry renamed within the module.
 pub const FEATURE_RENAME: u64 = 4096;
+/// [`Msg::Truncate`]: a file's length set in place at the daemon.
+pub const FEATURE_TRUNCATE: u64 = 8192;
 /// Feature bits this build offers. Unknown bits from a peer are ignored.
 pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_BENCH
@@ -83,7 +85,8 @@ pub const FEATURES: u64 = FEATURE_PULL
     | FEATURE_BATCH_COPIES
     | FEATURE_BACKUP
     | FEATURE_MODULES
-    | FEATURE_RENAME;
+    | FEATURE_RENAME
+    | FEATURE_TRUNCATE;
 /// Most bytes one [`Msg::Bench`] may move.
 pub const BENCH_MAX_BYTES: u64 = 1 << 30;
 /// Bench data moves in blocks of this size (the last may be shorter), each
@@ -645,6 +648,17 @@ pub enum Msg {
         from: Vec<u8>,
         /// Its new path.
         to: Vec<u8>,
+    },
+
+    // Feature [`FEATURE_TRUNCATE`].
+    /// Client: sets the length of the regular file `path` in the module,
+    /// as truncate(2) does (cut, or extended with a hole), and makes it
+    /// durable. Answered `StatReply` with the file as it is then.
+    Truncate {
+        /// The file's path.
+        path: Vec<u8>,
+        /// Its new length.
+        size: u64,
     },
 }
 

@@ -372,11 +372,14 @@ fn a_read_only_module_mounts_read_only() {
 
 /// The `fsx` file system exerciser (crates.io `fsx`, which .ci/run
 /// installs), if it is on PATH.
-fn fsx() -> Option<PathBuf> {
+/// A program on PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("fsx"))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn fsx() -> Option<PathBuf> {
+    on_path("fsx")
 }
 
 #[test]
@@ -735,4 +738,150 @@ fn cache_dir_serves_a_later_mount_and_a_damaged_block_is_fetched_again() {
     assert_eq!(buf, body[2 << 20..(2 << 20) + 4096]);
     assert_eq!(errno_of(f.read_exact_at(&mut buf, (1 << 20) + 10)), Some(libc::EIO));
     assert!(!second.exists(), "the damaged block is dropped");
+}
+
+fn c_path(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path")
+}
+
+#[test]
+fn truncate_is_done_at_the_daemon_without_the_data_crossing() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    let body = data(20 << 20, 31);
+    write(&module.join("f"), &body);
+    // Every byte this daemon sends is flipped: a truncate that fetched the
+    // file to cut it would fail.
+    let mut c = tern();
+    c.env("TERN_FAULT_FLIP_READS", "1");
+    let d = spawn_daemon(c, t.path(), &module, false, 0, &[]);
+    let m = mount(t.path(), &d, "", &[]);
+    let f = m.dir.join("f");
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::truncate(c_path(&f).as_ptr(), (9 << 20) + 3) }, 0);
+    assert_eq!(fs::metadata(&f).expect("stat").len(), (9 << 20) + 3);
+    assert_eq!(fs::read(module.join("f")).expect("read"), body[..(9 << 20) + 3]);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::truncate(c_path(&f).as_ptr(), 30 << 20) }, 0);
+    let now = fs::read(module.join("f")).expect("read");
+    assert_eq!(now.len(), 30 << 20);
+    assert!(now[(9 << 20) + 3..].iter().all(|&b| b == 0));
+    // A directory cannot be truncated.
+    fs::create_dir(m.dir.join("d")).expect("mkdir");
+    // SAFETY: as above.
+    assert_ne!(unsafe { libc::truncate(c_path(&m.dir.join("d")).as_ptr(), 0) }, 0);
+}
+
+#[test]
+fn hard_links_unlinked_open_files_parent_times_and_posix_errors() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    write(&module.join("a"), b"shared bytes");
+    fs::create_dir_all(module.join("full/inside")).expect("mkdir");
+    fs::create_dir_all(module.join("empty")).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let m = mount(t.path(), &d, "", &["--attr-timeout", "60"]);
+    // link(2): one inode at the daemon; a name that is taken is EEXIST.
+    fs::hard_link(m.dir.join("a"), m.dir.join("b")).expect("link");
+    let (a, b) = (
+        fs::metadata(module.join("a")).expect("stat"),
+        fs::metadata(module.join("b")).expect("stat"),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    assert_eq!(fs::read(m.dir.join("b")).expect("read"), b"shared bytes");
+    // The new name's attributes are the daemon's (the old name's are
+    // asked for again once the attribute timeout passes).
+    assert_eq!(fs::metadata(m.dir.join("b")).expect("stat").nlink(), 2);
+    assert_eq!(
+        errno_of(fs::hard_link(m.dir.join("a"), m.dir.join("empty"))),
+        Some(libc::EEXIST)
+    );
+    // An open file unlinked: no links, and its handle still reads and writes.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.dir.join("gone"))
+        .expect("create");
+    fs::remove_file(m.dir.join("gone")).expect("unlink");
+    assert_eq!(f.metadata().expect("fstat").nlink(), 0);
+    std::io::Write::write_all(&mut f, b"still here").expect("write");
+    let mut back = [0u8; 10];
+    f.read_exact_at(&mut back, 0).expect("read");
+    assert_eq!(&back, b"still here");
+    drop(f);
+    assert!(!module.join("gone").exists());
+    // A directory's times and link count follow what is done in it, even
+    // within the attribute timeout.
+    let before = fs::metadata(m.dir.join("empty")).expect("stat");
+    fs::create_dir(m.dir.join("empty/sub")).expect("mkdir");
+    let after = fs::metadata(m.dir.join("empty")).expect("stat");
+    assert_eq!(after.nlink(), before.nlink() + 1);
+    assert_eq!(
+        (after.mtime(), after.mtime_nsec()),
+        {
+            let at = fs::metadata(module.join("empty")).expect("stat");
+            (at.mtime(), at.mtime_nsec())
+        },
+        "the directory's mtime is the daemon's"
+    );
+    // rename(2) onto a directory that is not empty, and names too long.
+    let r = fs::rename(m.dir.join("empty"), m.dir.join("full"));
+    assert!(
+        matches!(errno_of(r), Some(libc::ENOTEMPTY | libc::EEXIST)),
+        "a directory with entries is never replaced"
+    );
+    assert!(module.join("full/inside").is_dir() && module.join("empty/sub").is_dir());
+    let long = "n".repeat(256);
+    assert_eq!(errno_of(fs::create_dir(m.dir.join(&long))), Some(libc::ENAMETOOLONG));
+    assert_eq!(errno_of(fs::metadata(m.dir.join(&long))), Some(libc::ENAMETOOLONG));
+}
+
+#[test]
+fn pjdfstest_passes_but_for_its_versioned_list_of_expected_failures() {
+    if !can_mount() {
+        return;
+    }
+    let Some(pjd) = on_path("pjdfstest") else {
+        skipped("pjdfstest is not installed (cargo install --locked pjdfstest --version 0.2.2)");
+        return;
+    };
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    fs::create_dir_all(&module).expect("mkdir");
+    let d = daemon(t.path(), &module, false);
+    let m = mount(t.path(), &d, "", &[]);
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pjdfstest.toml");
+    let o = std::process::Command::new(&pjd)
+        .arg("-c")
+        .arg(&config)
+        .arg("-p")
+        .arg(&m.dir)
+        .current_dir(&m.dir)
+        .output()
+        .expect("run pjdfstest");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let failed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_end().ends_with("FAILED") || l.contains("PASSED UNEXPECTEDLY"))
+        .collect();
+    assert!(
+        o.status.success(),
+        "pjdfstest: {}\n{}\n{}",
+        out.lines().find(|l| l.starts_with("Summary")).unwrap_or("no summary"),
+        failed.join("\n"),
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(m);
 }
