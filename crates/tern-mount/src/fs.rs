@@ -571,6 +571,17 @@ impl TernFs {
         }
     }
 
+    /// `EEXIST` if something is at `rel` (here or at the daemon).
+    fn vacant(&self, rel: &Path) -> Res<()> {
+        if self.known_absent(rel) {
+            return Ok(());
+        }
+        match self.stat(rel)? {
+            Some(_) => Err(Errno::EEXIST),
+            None => Ok(()),
+        }
+    }
+
     /// Runs a change on the daemon and waits until it is applied.
     fn change(&self, rel: &Path, f: impl Fn(&RemoteEndpoint) -> tern_core::Result<()>) -> Res<()> {
         self.writable()?;
@@ -963,15 +974,8 @@ impl fuser::Filesystem for TernFs {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        let there = if self.known_absent(&rel) {
-            Ok(None)
-        } else {
-            self.stat(&rel)
-        };
-        match there {
-            Ok(Some(_)) => return reply.error(Errno::EEXIST),
-            Ok(None) => {}
-            Err(e) => return reply.error(e),
+        if let Err(e) = self.vacant(&rel) {
+            return reply.error(e);
         }
         let meta = Meta {
             mode: mode & !umask & 0o7777,
@@ -1001,15 +1005,8 @@ impl fuser::Filesystem for TernFs {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        let there = if self.known_absent(&rel) {
-            Ok(None)
-        } else {
-            self.stat(&rel)
-        };
-        match there {
-            Ok(Some(_)) => return reply.error(Errno::EEXIST),
-            Ok(None) => {}
-            Err(e) => return reply.error(e),
+        if let Err(e) = self.vacant(&rel) {
+            return reply.error(e);
         }
         let meta = Meta {
             mode: 0o777,
@@ -1039,15 +1036,8 @@ impl fuser::Filesystem for TernFs {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        let there = if self.known_absent(&new) {
-            Ok(None)
-        } else {
-            self.stat(&new)
-        };
-        match there {
-            Ok(Some(_)) => return reply.error(Errno::EEXIST),
-            Ok(None) => {}
-            Err(e) => return reply.error(e),
+        if let Err(e) = self.vacant(&new) {
+            return reply.error(e);
         }
         // The new name shares what the daemon has: what is being written
         // there goes first.
