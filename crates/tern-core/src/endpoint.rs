@@ -43,6 +43,12 @@ pub trait Source: Send + Sync {
     fn file_hash(&self, _rel: &Path, _expect: &Entry) -> Option<Result<Hash>> {
         None
     }
+    /// The BLAKE3 the source holds for this version of `rel` already (an
+    /// object store's metadata), at no cost: what it sends is checked
+    /// against it before the copy is published. `None` elsewhere.
+    fn known_hash(&self, _rel: &Path, _expect: &Entry) -> Option<Hash> {
+        None
+    }
     /// Several files' BLAKE3 at once, computed where they live, one result
     /// per item in order; `None` where that is not cheaper than reading
     /// them here. A remote endpoint asks for all of them in one request.
@@ -223,6 +229,10 @@ pub trait WriteFile: Send + Sync {
     /// Reads the written data back (from the device where possible) and
     /// checks it hashes to `expected`.
     fn verify(&self, expected: &Hash) -> Result<()>;
+    /// The BLAKE3 the source's bytes hash to, when the engine knows it
+    /// before publishing: for a destination that records it (an object
+    /// store's metadata). The default ignores it.
+    fn expect_hash(&self, _hash: &Hash) {}
     /// Moves the file to its final name atomically.
     fn publish(self: Box<Self>) -> Result<()>;
     /// Gives up. With `keep`, the temporary data and journal stay for a
@@ -543,6 +553,11 @@ pub trait Dest: Source {
     fn barrier(&self) -> Result<()>;
     /// True when the endpoint can preserve owners (running privileged).
     fn can_chown(&self) -> bool;
+    /// False where symlinks have no form (an object store): the engine
+    /// then skips them, counted with the special files.
+    fn keeps_symlinks(&self) -> bool {
+        true
+    }
     /// The signatures of the regular files at `items` (path, size as
     /// listed), made where they are, one per item in order: the bases that
     /// small files replacing them are sent as deltas against

@@ -1056,6 +1056,10 @@ impl Scanner<'_> {
             }
             return;
         }
+        if se.kind == Kind::Symlink && !ctx.dest.keeps_symlinks() {
+            add(&ctx.stats.skipped_special, 1);
+            return ctx.act(Action::SkipSpecial, dst_rel, 0);
+        }
         if ctx.opts.mode == Mode::Check {
             return self.check_entry(src, src_rel, dst_rel, se, de);
         }
@@ -1817,6 +1821,17 @@ impl Ctx {
                 w.abort(false);
                 return Err(e);
             }
+        }
+        if let Some(h) = h {
+            if let Some(known) = t.src.known_hash(&t.src_rel, &t.entry).filter(|k| k != h) {
+                w.abort(false);
+                return Err(Error::VerifyFailed {
+                    path: t.dst_rel.clone(),
+                    expected: known.to_hex().to_string(),
+                    found: h.to_hex().to_string(),
+                });
+            }
+            w.expect_hash(h);
         }
         w.publish()?;
         add(&self.stats.copied, 1);

@@ -67,6 +67,25 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A directory called `name` with mode 0755 and nothing else known: what
+    /// an endpoint shows where directories have no record of their own.
+    pub fn bare_dir(name: OsString) -> Entry {
+        Entry {
+            name,
+            kind: Kind::Dir,
+            size: 0,
+            meta: Meta {
+                mode: 0o755,
+                ..Default::default()
+            },
+            target: None,
+            file_id: None,
+            nlink: 2,
+            allocated: 0,
+            changed: Time::default(),
+        }
+    }
+
     /// True when size and modification time match: rsync's quick check.
     pub fn same_size_and_mtime(&self, other: &Entry) -> bool {
         self.size == other.size && self.meta.mtime == other.meta.mtime

@@ -84,20 +84,7 @@ impl TernFs {
         write_back: Option<WriteBack>,
         cache: Option<Arc<DiskCache>>,
     ) -> TernFs {
-        let root = Entry {
-            name: Default::default(),
-            kind: Kind::Dir,
-            size: 0,
-            meta: Meta {
-                mode: 0o755,
-                ..Default::default()
-            },
-            target: None,
-            file_id: None,
-            nlink: 2,
-            allocated: 0,
-            changed: Default::default(),
-        };
+        let root = Entry::bare_dir(Default::default());
         let fs = TernFs {
             conn,
             inodes: Mutex::new(Inodes::new(root)),

@@ -105,6 +105,13 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<Exit> {
             ))
             .into())
         }
+        Some(Loc::S3(s)) => {
+            return Err(UsageError(format!(
+                "{}: tern bench measures the network to a daemon (tern://HOST[:PORT]/MODULE)",
+                s.display()
+            ))
+            .into())
+        }
         None => None,
     };
     let say = |s: String| {

@@ -361,6 +361,20 @@ pub struct RemoteArgs {
     /// is always sent as it is.
     #[arg(long, value_name = "auto|never|always", default_value = "auto", value_parser = ["auto", "never", "always"])]
     pub compress: String,
+    /// The S3 store for s3:// locations, when not AWS: MinIO, Ceph, Garage,
+    /// R2... (else $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, the profile's
+    /// endpoint_url). Plain http:// only when named so.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// The region to sign s3:// requests for [default: $AWS_REGION,
+    /// $AWS_DEFAULT_REGION, the profile's, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// The profile of ~/.aws/credentials and ~/.aws/config for s3://
+    /// locations [default: $AWS_PROFILE, else default; keys in the
+    /// environment come first unless this is given].
+    #[arg(long, value_name = "NAME")]
+    pub s3_profile: Option<String>,
 }
 
 impl RemoteArgs {

@@ -294,6 +294,20 @@ fn open_source(arg: &OsStr, r: &RemoteArgs, remotes: &mut Vec<RemoteEndpoint>) -
                 remote: None,
             })
         }
+        Loc::S3(spec) => {
+            let ep = net::connect_s3(&spec, r)?;
+            let Some(root) = ep.stat(Path::new(""))? else {
+                bail!("source {}: no such object or prefix", spec.display());
+            };
+            Ok(Src {
+                ep: Arc::new(ep),
+                is_dir: root.kind == tern_core::Kind::Dir,
+                slash: spec.trailing_slash,
+                name: Some(spec.name()),
+                local: None,
+                remote: None,
+            })
+        }
         Loc::Remote(spec) => {
             let ep = net::connect(&spec, r, net::Role::Source, false)?;
             let root = ep.stat_root()?;
@@ -451,6 +465,22 @@ fn open_dest(
                 slash: ends_with_slash(&p),
                 shown: path.display().to_string(),
                 local: Some(path),
+                remote: None,
+            })
+        }
+        Loc::S3(spec) => {
+            if backup.is_some() {
+                return Err(UsageError("--backup and --backup-dir are not for s3:// destinations yet".into()).into());
+            }
+            let ep = net::connect_s3(&spec, r)?;
+            let root = ep.stat(Path::new(""))?;
+            Ok(Dst {
+                ep: Arc::new(ep),
+                protect,
+                root,
+                slash: spec.trailing_slash,
+                shown: spec.display(),
+                local: None,
                 remote: None,
             })
         }

@@ -18,16 +18,22 @@ use crate::cli::{Exit, RemoteArgs, ServeArgs};
 use crate::credentials;
 use crate::UsageError;
 
-/// A copy/sync/check argument: a local path or a daemon location.
+/// A copy/sync/check argument: a local path, a daemon location or an S3
+/// bucket.
 pub enum Loc {
     /// A local path.
     Local(std::ffi::OsString),
     /// A module on a daemon.
     Remote(RemoteSpec),
+    /// A bucket, or a prefix in one.
+    S3(tern_s3::S3Spec),
 }
 
 /// Tells local paths from remote locations.
 pub fn parse_loc(arg: &OsStr) -> anyhow::Result<Loc> {
+    if let Some(s3) = arg.to_str().and_then(tern_s3::S3Spec::parse) {
+        return s3.map(Loc::S3).map_err(|e| UsageError(e.to_string()).into());
+    }
     match arg.to_str().and_then(tern_net::url::parse) {
         None => Ok(Loc::Local(arg.to_os_string())),
         Some(Ok(spec)) => Ok(Loc::Remote(spec)),
@@ -83,6 +89,18 @@ pub fn connect(spec: &RemoteSpec, r: &RemoteArgs, role: Role, write: bool) -> an
     // its worker count.
     ep.open_streams_ahead(3);
     Ok(ep)
+}
+
+/// Connects to the bucket or prefix `spec` names, with the credentials and
+/// store the flags, the environment and the AWS files give.
+pub fn connect_s3(spec: &tern_s3::S3Spec, r: &RemoteArgs) -> anyhow::Result<tern_s3::S3Endpoint> {
+    let opts = tern_s3::S3Options {
+        endpoint: r.s3_endpoint.clone(),
+        region: r.s3_region.clone(),
+        profile: r.s3_profile.clone(),
+    };
+    let cfg = tern_s3::resolve(&opts, &|k| std::env::var(k).ok()).with_context(|| spec.display())?;
+    Ok(tern_s3::S3Endpoint::connect(spec, &cfg, r.timeout_or(60))?)
 }
 
 /// The modules of the daemon `spec` names that this client may use.

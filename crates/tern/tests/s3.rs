@@ -1,0 +1,313 @@
+//! Issue 16: `s3://BUCKET/PREFIX` as a source and a destination, against
+//! a real S3 server started here on 127.0.0.1 (moto_server, from PyPI).
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+/// A moto_server on 127.0.0.1, ended when dropped.
+struct Store {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Store {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One plain HTTP request as the key tern uses (moto reads the key from
+    /// the header but checks no signature); the status and the response.
+    fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=test/20261204/us-east-1/s3/aws4_request, \
+             SignedHeaders=host, Signature=0\r\n",
+            self.port,
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).expect("send");
+        s.write_all(body).expect("send body");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("read");
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, text)
+    }
+
+    fn bucket(&self, name: &str) {
+        let (status, text) = self.raw("PUT", &format!("/{name}"), &[], b"");
+        assert_eq!(status, 200, "make bucket: {text}");
+    }
+
+    /// The keys in `bucket`, as the store lists them.
+    fn keys(&self, bucket: &str) -> Vec<String> {
+        let (_, text) = self.raw("GET", &format!("/{bucket}?list-type=2"), &[], b"");
+        text.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn moto() -> Option<Store> {
+    let found = Command::new("moto_server")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        skipped("moto_server is not installed (pip install 'moto[server]')");
+        return None;
+    }
+    let mut child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn moto_server");
+    let err = child.stderr.take().expect("stderr");
+    // The banner names the port once it listens: reading it is the
+    // synchronisation.
+    let mut port = 0;
+    let mut lines = BufReader::new(err).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("moto_server output");
+        if let Some(rest) = line.split("Running on http://127.0.0.1:").nth(1) {
+            port = rest.trim().parse().expect("port");
+            break;
+        }
+    }
+    assert_ne!(port, 0, "moto_server did not start");
+    // Its log keeps flowing; drained so that it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Some(Store { child, port })
+}
+
+/// tern with the store's endpoint and keys (moto takes any).
+fn s3(store: &Store) -> Command {
+    let mut c = tern();
+    c.env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("HOME", "/nonexistent")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_ENDPOINT_URL", store.url())
+        .stdin(Stdio::null());
+    c
+}
+
+fn go(c: &mut Command) -> (i32, String, String) {
+    outcome(&c.output().expect("run tern"))
+}
+
+/// A tree with small, empty, multipart-sized and oddly named files, a
+/// symlink, and fixed times and modes.
+fn make(root: &Path) {
+    write(&root.join("a.txt"), b"hello");
+    write(&root.join("empty"), b"");
+    write(&root.join("d/big.bin"), &data((20 << 20) + 7, 3));
+    write(&root.join("d/e/small"), &data(70_000, 4));
+    write(&root.join("d/with space + plus é"), b"odd name");
+    std::os::unix::fs::symlink("a.txt", root.join("link")).expect("symlink");
+    fs::set_permissions(root.join("a.txt"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    for p in ["a.txt", "empty", "d/big.bin", "d/e/small", "d/with space + plus é"] {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_500_000_000, 123_456_789);
+        fs::File::options()
+            .write(true)
+            .open(root.join(p))
+            .expect("open")
+            .set_modified(t)
+            .expect("set mtime");
+    }
+}
+
+/// The regular files beneath `root`, with their BLAKE3, mtime and mode.
+fn files(root: &Path) -> Vec<(PathBuf, String, (i64, i64), u32)> {
+    tree(root)
+        .into_iter()
+        .filter(|p| root.join(p).symlink_metadata().is_ok_and(|m| m.is_file()))
+        .map(|p| {
+            let m = fs::metadata(root.join(&p)).expect("stat");
+            let h = b3(&root.join(&p));
+            (p, h, (m.mtime(), m.mtime_nsec()), m.mode() & 0o7777)
+        })
+        .collect()
+}
+
+#[test]
+fn a_tree_goes_up_and_comes_down_equal_and_a_second_run_sends_nothing() {
+    let Some(store) = moto() else { return };
+    store.bucket("bkt");
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    make(&src);
+    let (code, out, err) = go(s3(&store)
+        .args(["copy", "--json"])
+        .arg(format!("{}/", src.display()))
+        .arg("s3://bkt/up/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j = json(&out);
+    assert_eq!(j["copied"], 5, "{out}");
+    let mut keys = store.keys("bkt");
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "up/a.txt",
+            "up/d/big.bin",
+            "up/d/e/small",
+            "up/d/with space + plus é",
+            "up/empty"
+        ],
+        "one object per file; the symlink has no form in S3"
+    );
+    // The BLAKE3, mtime and mode are in each object's metadata.
+    let (_, head) = store.raw("GET", "/bkt/up/d/big.bin", &[("range", "bytes=0-0")], b"");
+    assert!(head.contains(&b3(&src.join("d/big.bin"))), "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("x-amz-meta-tern-mtime: 1500000000.123456789"),
+        "{head}"
+    );
+
+    let down = t.path().join("down");
+    let (code, out, err) = go(s3(&store).args(["copy", "--json", "s3://bkt/up/"]).arg(&down));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(files(&src), files(&down), "contents, mtimes and modes");
+
+    // Nothing changed: nothing crosses, either way.
+    let (code, out, _) = go(s3(&store)
+        .args(["sync", "--json"])
+        .arg(format!("{}/", src.display()))
+        .arg("s3://bkt/up/"));
+    assert_eq!((code, json(&out)["copied"].as_u64()), (0, Some(0)), "{out}");
+    let (code, out, _) = go(s3(&store)
+        .args(["sync", "--json", "s3://bkt/up/"])
+        .arg(format!("{}/", down.display())));
+    assert_eq!((code, json(&out)["copied"].as_u64()), (0, Some(0)), "{out}");
+    let (code, out, err) = go(s3(&store)
+        .args(["check"])
+        .arg(format!("{}/", src.display()))
+        .arg("s3://bkt/up/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    // A single object, to a file name.
+    let one = t.path().join("one");
+    let (code, _, err) = go(s3(&store).args(["copy", "s3://bkt/up/d/e/small"]).arg(&one));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(b3(&one), b3(&src.join("d/e/small")));
+}
+
+#[test]
+fn sync_delete_and_check_see_what_changed() {
+    let Some(store) = moto() else { return };
+    store.bucket("bkt");
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    make(&src);
+    let from = format!("{}/", src.display());
+    let (code, _, err) = go(s3(&store).arg("copy").arg(&from).arg("s3://bkt/s/"));
+    assert_eq!(code, 0, "{err}");
+    fs::remove_file(src.join("a.txt")).expect("rm");
+    fs::remove_dir_all(src.join("d/e")).expect("rm");
+    write(&src.join("empty"), b"not empty any more");
+    // check says what differs, and changes nothing.
+    let (code, out, _) = go(s3(&store).args(["check"]).arg(&from).arg("s3://bkt/s/"));
+    assert_ne!(code, 0, "{out}");
+    let (code, out, err) = go(s3(&store)
+        .args(["sync", "--delete", "--json"])
+        .arg(&from)
+        .arg("s3://bkt/s/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let mut keys = store.keys("bkt");
+    keys.sort();
+    assert_eq!(keys, ["s/d/big.bin", "s/d/with space + plus é", "s/empty"]);
+    let (code, out, err) = go(s3(&store).args(["check"]).arg(&from).arg("s3://bkt/s/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    // An object changed behind tern's back (another tool, no tern
+    // metadata): check finds it.
+    let (status, _) = store.raw("PUT", "/bkt/s/d/big.bin", &[], b"replaced by someone else");
+    assert_eq!(status, 200);
+    let (code, out, _) = go(s3(&store).args(["check"]).arg(&from).arg("s3://bkt/s/"));
+    assert_ne!(code, 0, "{out}");
+}
+
+#[test]
+fn a_download_that_does_not_hash_to_its_stored_blake3_lands_nowhere() {
+    let Some(store) = moto() else { return };
+    store.bucket("bkt");
+    let t = tempfile::tempdir().expect("tempdir");
+    let wrong = blake3::hash(b"something else").to_hex().to_string();
+    let meta = [
+        ("x-amz-meta-tern-blake3", wrong.as_str()),
+        ("x-amz-meta-tern-mtime", "1500000000.000000000"),
+    ];
+    let (status, _) = store.raw("PUT", "/bkt/bad/small", &meta, b"these bytes are not what was hashed");
+    assert_eq!(status, 200);
+    let big = data((9 << 20) + 1, 8);
+    let (status, _) = store.raw("PUT", "/bkt/bad/large", &meta, &big);
+    assert_eq!(status, 200);
+    let down = t.path().join("down");
+    let (code, out, err) = go(s3(&store).args(["copy", "s3://bkt/bad/"]).arg(&down));
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains("small") && err.contains("large"), "{err}");
+    assert!(!down.join("small").exists() && !down.join("large").exists());
+    assert!(side_files(&down).is_empty());
+}
+
+#[test]
+fn a_missing_bucket_or_missing_keys_say_which() {
+    let Some(store) = moto() else { return };
+    let t = tempfile::tempdir().expect("tempdir");
+    write(&t.path().join("f"), b"x");
+    let (code, _, err) = go(s3(&store)
+        .arg("copy")
+        .arg(t.path().join("f"))
+        .arg("s3://no-such-bucket/x"));
+    assert_ne!(code, 0);
+    assert!(err.contains("no such bucket `no-such-bucket`"), "{err}");
+    let (code, _, err) = go(tern()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", "/nonexistent")
+        .arg("copy")
+        .arg(t.path().join("f"))
+        .args(["s3://bkt/x", "--s3-endpoint"])
+        .arg(store.url()));
+    assert_ne!(code, 0);
+    assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+    let (code, _, err) = go(s3(&store).arg("copy").arg(t.path().join("f")).arg("s3://Not_A/bucket"));
+    assert_eq!(code, 2, "{err}");
+    // A name no key can hold fails alone; the rest lands.
+    let odd = t.path().join("odd");
+    write(&odd.join("fine"), b"fine");
+    write(&odd.join(std::ffi::OsStr::from_bytes(b"caf\xe9")), b"latin-1");
+    store.bucket("bkt2");
+    let (code, _, err) = go(s3(&store)
+        .arg("copy")
+        .arg(format!("{}/", odd.display()))
+        .arg("s3://bkt2/o/"));
+    assert_ne!(code, 0);
+    assert!(err.contains("UTF-8"), "{err}");
+    assert_eq!(store.keys("bkt2"), ["o/fine"]);
+}
