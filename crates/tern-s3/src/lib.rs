@@ -16,6 +16,7 @@
 //! worker threads.
 
 mod config;
+mod journal;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -155,6 +156,9 @@ struct Inner {
     spec: S3Spec,
     /// What HEADs and writes said of each key.
     heads: Mutex<HashMap<String, Head>>,
+    /// Where the journals of multipart uploads are kept, for a later run
+    /// to resume them; None: uploads are not resumed.
+    journals: Option<PathBuf>,
 }
 
 /// A bucket, or a prefix in one, as an endpoint.
@@ -234,9 +238,15 @@ fn md5_b64(data: &[u8]) -> String {
 }
 
 impl S3Endpoint {
-    /// The bucket or prefix `spec` names, on the store `cfg` resolves to.
-    /// Checks the bucket is there and the credentials are taken.
-    pub fn connect(spec: &S3Spec, cfg: &Resolved, timeout: Duration) -> tern_core::Result<S3Endpoint> {
+    /// The bucket or prefix `spec` names, on the store `cfg` resolves to,
+    /// keeping the journals of multipart uploads in `journals`. Checks the
+    /// bucket is there and the credentials are taken.
+    pub fn connect(
+        spec: &S3Spec,
+        cfg: &Resolved,
+        timeout: Duration,
+        journals: Option<PathBuf>,
+    ) -> tern_core::Result<S3Endpoint> {
         let shown = PathBuf::from(spec.display());
         let other = |message: String| tern_core::Error::Other {
             path: shown.clone(),
@@ -266,6 +276,7 @@ impl S3Endpoint {
                 creds_from: cfg.from.clone(),
                 spec: spec.clone(),
                 heads: Mutex::default(),
+                journals,
             }),
         };
         let mut probe = ep.inner.bucket.list_objects_v2(Some(&ep.inner.creds));
@@ -604,6 +615,133 @@ impl S3Endpoint {
         Ok(())
     }
 
+    /// A multipart upload of `key` for `spec`: the one an earlier run left
+    /// for this version of the file if the store still has it (with the
+    /// parts it holds), else a new one. An earlier run's upload of another
+    /// version is aborted.
+    fn start_parts(&self, key: &str, rel: &Path, spec: &FileSpec) -> tern_core::Result<Body> {
+        let jpath = match (&self.inner.journals, spec.resumable) {
+            (Some(d), true) => Some(journal::path_for(
+                d,
+                &format!("{}\0{key}", self.inner.bucket.base_url()),
+            )),
+            _ => None,
+        };
+        if let Some(found) = jpath.as_deref().and_then(|p| journal::read(p, spec)) {
+            let listed = match found.same_version {
+                true => self.list_parts(key, &found.upload_id, rel)?,
+                false => None,
+            };
+            match listed {
+                Some(listed) => {
+                    let mut etags = BTreeMap::new();
+                    let mut resumed = Vec::new();
+                    for (n, cv, etag) in found.parts {
+                        if listed.get(&n) == Some(&unquote_etag(&etag)) {
+                            etags.insert(n, etag);
+                            resumed.push((u64::from(n) - 1, cv));
+                        }
+                    }
+                    let journal = jpath.as_deref().and_then(|p| journal::Journal::reopen(p).ok());
+                    tracing::info!(key, parts = resumed.len(), "resuming a multipart upload");
+                    return Ok(Body::Parts {
+                        upload_id: found.upload_id,
+                        etags: Mutex::new(etags),
+                        resumed,
+                        journal,
+                    });
+                }
+                None => {
+                    if !found.same_version {
+                        self.abort_upload(key, &found.upload_id, rel);
+                    }
+                    if let Some(p) = &jpath {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
+        }
+        let headers = Self::meta_headers(&spec.source_meta, None);
+        let action: CreateMultipartUpload<'_> = self.inner.bucket.create_multipart_upload(Some(&self.inner.creds), key);
+        let r = self.signed(action, "POST", &headers, Some(&[]), rel)?;
+        if r.status != 200 {
+            return Err(self.status_error(rel, r, "start an upload"));
+        }
+        let text = r.text();
+        let created = CreateMultipartUpload::parse_response(&text).map_err(|e| tern_core::Error::Other {
+            path: self.shown(rel),
+            message: format!("the store's answer to an upload is not S3's XML: {e}"),
+        })?;
+        let upload_id = created.upload_id().to_string();
+        let journal = jpath.and_then(|p| match journal::Journal::create(&p, &upload_id, spec) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::warn!(file = %p.display(), error = %e, "no upload journal; an interrupted upload starts again");
+                None
+            }
+        });
+        Ok(Body::Parts {
+            upload_id,
+            etags: Mutex::default(),
+            resumed: Vec::new(),
+            journal,
+        })
+    }
+
+    /// The parts the store holds of upload `upload_id` (number to ETag), or
+    /// None if it has no such upload any more.
+    fn list_parts(&self, key: &str, upload_id: &str, rel: &Path) -> tern_core::Result<Option<HashMap<u16, String>>> {
+        let mut out = HashMap::new();
+        let mut marker = None;
+        loop {
+            let mut a = self.inner.bucket.list_parts(Some(&self.inner.creds), key, upload_id);
+            if let Some(m) = marker {
+                a.set_part_number_marker(m);
+            }
+            let url = a.sign(SIGNED_FOR);
+            let r = self.send("GET", &url, &[], None, rel)?;
+            match r.status {
+                200 => {}
+                404 => return Ok(None),
+                _ => return Err(self.status_error(rel, r, "list an upload's parts")),
+            }
+            // Read leniently: stores differ (moto's root element is not
+            // AWS's), and only numbers and ETags matter here.
+            let text = r.text();
+            let mut last = None;
+            for part in text.split("<Part>").skip(1) {
+                let n = xml_field(part, "PartNumber").and_then(|n| n.trim().parse::<u16>().ok());
+                let etag = xml_field(part, "ETag").map(|e| unquote_etag(&e));
+                if let (Some(n), Some(etag)) = (n, etag) {
+                    out.insert(n, etag);
+                    last = Some(n);
+                }
+            }
+            let truncated = xml_field(&text, "IsTruncated").is_some_and(|t| t.trim() == "true");
+            let next = xml_field(&text, "NextPartNumberMarker")
+                .and_then(|m| m.trim().parse::<u16>().ok())
+                .or(last);
+            match next {
+                Some(m) if truncated && marker != Some(m) => marker = Some(m),
+                _ => return Ok(Some(out)),
+            }
+        }
+    }
+
+    /// Gives up a multipart upload at the store (its parts are freed).
+    fn abort_upload(&self, key: &str, upload_id: &str, rel: &Path) {
+        let url = self
+            .inner
+            .bucket
+            .abort_multipart_upload(Some(&self.inner.creds), key, upload_id)
+            .sign(SIGNED_FOR);
+        match self.send("DELETE", &url, &[], None, rel) {
+            Ok(r) if matches!(r.status, 200 | 204 | 404) => {}
+            Ok(r) => tracing::warn!(key, status = r.status, "could not abort a multipart upload"),
+            Err(e) => tracing::warn!(error = %e, key, "could not abort a multipart upload"),
+        }
+    }
+
     fn delete_key(&self, key: &str, rel: &Path) -> tern_core::Result<()> {
         let url = self
             .inner
@@ -636,6 +774,15 @@ impl S3Endpoint {
         });
         out.into_inner().unwrap_or_default().into_iter().flatten().collect()
     }
+}
+
+/// An ETag without its quotes, as XML or a header gives it.
+fn unquote_etag(e: &str) -> String {
+    e.replace("&quot;", "\"")
+        .replace("&#34;", "\"")
+        .trim()
+        .trim_matches('"')
+        .to_string()
 }
 
 /// A key as a URL path, `/` kept.
@@ -875,7 +1022,11 @@ enum Body {
     Whole(Mutex<Vec<u8>>),
     Parts {
         upload_id: String,
+        /// The ETag of each part the store holds, resumed ones included.
         etags: Mutex<BTreeMap<u16, String>>,
+        /// Parts an earlier run sent, with the chaining value of their bytes.
+        resumed: Vec<(u64, [u8; 32])>,
+        journal: Option<journal::Journal>,
     },
 }
 
@@ -890,7 +1041,10 @@ impl S3WriteFile {
 
 impl WriteFile for S3WriteFile {
     fn resumed(&self) -> Vec<(u64, blake3::hazmat::ChainingValue)> {
-        Vec::new()
+        match &self.body {
+            Body::Parts { resumed, .. } => resumed.clone(),
+            Body::Whole(_) => Vec::new(),
+        }
     }
 
     fn write_chunk(
@@ -899,7 +1053,7 @@ impl WriteFile for S3WriteFile {
         offset: u64,
         data: &[u8],
         _holes: &[(u64, u64)],
-        _cv: Option<&blake3::hazmat::ChainingValue>,
+        cv: Option<&blake3::hazmat::ChainingValue>,
     ) -> tern_core::Result<()> {
         match &self.body {
             Body::Whole(buf) => {
@@ -911,7 +1065,12 @@ impl WriteFile for S3WriteFile {
                 b[offset as usize..end].copy_from_slice(data);
                 Ok(())
             }
-            Body::Parts { upload_id, etags } => {
+            Body::Parts {
+                upload_id,
+                etags,
+                journal,
+                ..
+            } => {
                 let part = u16::try_from(index + 1).map_err(|_| self.other("more than 10,000 parts".into()))?;
                 let action = self
                     .ep
@@ -926,6 +1085,11 @@ impl WriteFile for S3WriteFile {
                 let etag = r
                     .header("etag")
                     .ok_or_else(|| self.other("the store gave no ETag for a part".into()))?;
+                if let (Some(j), Some(cv)) = (journal, cv) {
+                    if let Err(e) = j.part(part, cv, &etag) {
+                        tracing::warn!(error = %e, "cannot record a part; a later run sends it again");
+                    }
+                }
                 etags
                     .lock()
                     .map_err(|_| self.other("part lock poisoned".into()))?
@@ -982,7 +1146,12 @@ impl WriteFile for S3WriteFile {
                 }
                 self.ep.put(&self.key, &self.rel, &data, &meta, h)
             }
-            Body::Parts { upload_id, etags } => {
+            Body::Parts {
+                upload_id,
+                etags,
+                journal,
+                ..
+            } => {
                 let etags = etags
                     .lock()
                     .map_err(|_| self.other("part lock poisoned".into()))?
@@ -1008,6 +1177,9 @@ impl WriteFile for S3WriteFile {
                         xml_field(&text, "Code").unwrap_or_default()
                     )));
                 }
+                if let Some(j) = journal {
+                    j.remove();
+                }
                 // The BLAKE3 is known only now: written into the metadata by
                 // a copy in place, where the store allows one so large.
                 if hash.is_some() && self.spec.size <= MAX_COPY {
@@ -1020,16 +1192,15 @@ impl WriteFile for S3WriteFile {
         }
     }
 
-    fn abort(self: Box<Self>, _keep: bool) {
-        if let Body::Parts { upload_id, .. } = &self.body {
-            let url = self
-                .ep
-                .inner
-                .bucket
-                .abort_multipart_upload(Some(&self.ep.inner.creds), &self.key, upload_id)
-                .sign(SIGNED_FOR);
-            if let Err(e) = self.ep.send("DELETE", &url, &[], None, &self.rel) {
-                tracing::warn!(error = %e, key = %self.key, "could not abort a multipart upload");
+    fn abort(self: Box<Self>, keep: bool) {
+        if let Body::Parts { upload_id, journal, .. } = &self.body {
+            // Kept for a later run to finish, where a journal says what it holds.
+            if keep && journal.is_some() {
+                return;
+            }
+            self.ep.abort_upload(&self.key, upload_id, &self.rel);
+            if let Some(j) = journal {
+                j.remove();
             }
         }
     }
@@ -1066,22 +1237,7 @@ impl Dest for S3Endpoint {
                     ),
                 });
             }
-            let headers = Self::meta_headers(&spec.source_meta, None);
-            let action: CreateMultipartUpload<'_> =
-                self.inner.bucket.create_multipart_upload(Some(&self.inner.creds), &key);
-            let r = self.signed(action, "POST", &headers, Some(&[]), rel)?;
-            if r.status != 200 {
-                return Err(self.status_error(rel, r, "start an upload"));
-            }
-            let text = r.text();
-            let created = CreateMultipartUpload::parse_response(&text).map_err(|e| tern_core::Error::Other {
-                path: self.shown(rel),
-                message: format!("the store's answer to an upload is not S3's XML: {e}"),
-            })?;
-            Body::Parts {
-                upload_id: created.upload_id().to_string(),
-                etags: Mutex::default(),
-            }
+            self.start_parts(&key, rel, spec)?
         };
         Ok(Box::new(S3WriteFile {
             ep: self.clone(),

@@ -311,3 +311,98 @@ fn a_missing_bucket_or_missing_keys_say_which() {
     assert!(err.contains("UTF-8"), "{err}");
     assert_eq!(store.keys("bkt2"), ["o/fine"]);
 }
+
+/// The upload ids and the parts recorded in the upload journals beneath
+/// `cache`.
+fn journals(cache: &Path) -> (Vec<String>, usize) {
+    let dir = cache.join("tern/s3-uploads");
+    let texts: Vec<String> = fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "upload"))
+        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    let ids = texts
+        .iter()
+        .filter_map(|t| t.lines().nth(1).map(str::to_string))
+        .collect();
+    let parts = texts.iter().map(|t| t.lines().count().saturating_sub(3)).sum();
+    (ids, parts)
+}
+
+fn journaled_parts(cache: &Path) -> usize {
+    journals(cache).1
+}
+
+#[test]
+fn a_large_upload_killed_midway_sends_only_the_missing_parts_when_run_again() {
+    let Some(store) = moto() else { return };
+    store.bucket("bkt");
+    let t = tempfile::tempdir().expect("tempdir");
+    let size = 300usize << 20;
+    let src = t.path().join("big");
+    write(&src, &data(size, 12));
+    let cache = t.path().join("cache");
+    let cut_off = || {
+        let mut child = s3(&store)
+            .env("XDG_CACHE_HOME", &cache)
+            .args(["copy", "--no-progress"])
+            .arg(&src)
+            .arg("s3://bkt/big")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let before = journals(&cache).0;
+        // Parts of this run's own upload.
+        wait_until("parts recorded", std::time::Duration::from_secs(120), || {
+            assert!(
+                child.try_wait().expect("wait").is_none(),
+                "the upload ended before it could be cut off"
+            );
+            let (ids, parts) = journals(&cache);
+            ids.len() == 1 && ids != before && parts >= 6
+        });
+        kill9(&mut child);
+    };
+    let uploads = || {
+        let (_, text) = store.raw("GET", "/bkt?uploads", &[], b"");
+        text.matches("<UploadId>").count()
+    };
+    cut_off();
+    assert_eq!(uploads(), 1);
+    // The file changed meanwhile: the next run aborts the upload of the
+    // old version and starts another.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    fs::File::options()
+        .write(true)
+        .open(&src)
+        .expect("open")
+        .set_modified(later)
+        .expect("touch");
+    cut_off();
+    assert_eq!(uploads(), 1, "the old version's upload is aborted");
+    let before = journaled_parts(&cache);
+    assert!(!store.keys("bkt").contains(&"big".to_string()), "nothing published yet");
+    let (code, out, err) = go(s3(&store)
+        .env("XDG_CACHE_HOME", &cache)
+        .args(["copy", "--json"])
+        .arg(&src)
+        .arg("s3://bkt/big"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j = json(&out);
+    let resumed = j["bytes_resumed"].as_u64().expect("resumed");
+    let written = j["bytes_written"].as_u64().expect("written");
+    assert!(resumed >= (before as u64) * (8 << 20), "{before} parts were in: {out}");
+    assert_eq!(resumed + written, size as u64, "only the missing parts cross: {out}");
+    assert_eq!(journaled_parts(&cache), 0, "the journal goes with the upload");
+    assert_eq!(uploads(), 0, "no upload is left behind");
+    // What landed is the file, by the BLAKE3 stored and by the bytes.
+    let (code, out, err) = go(s3(&store).arg("check").arg(&src).arg("s3://bkt/big"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let back = t.path().join("back");
+    let (code, _, err) = go(s3(&store).arg("copy").arg("s3://bkt/big").arg(&back));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(b3(&back), b3(&src));
+}
