@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -145,6 +145,10 @@ struct Head {
     mtime: Time,
     mode: u32,
     blake3: Option<blake3::Hash>,
+    /// `LastModified` as a listing showed it: with the ETag and size, it
+    /// tells this version from any other (every write of an object, its
+    /// metadata's too, changes it). None until a listing shows it.
+    listed: Option<String>,
 }
 
 struct Inner {
@@ -159,6 +163,92 @@ struct Inner {
     /// Where the journals of multipart uploads are kept, for a later run
     /// to resume them; None: uploads are not resumed.
     journals: Option<PathBuf>,
+    /// Where what HEADs said is kept for later runs; None: not kept.
+    meta_cache: Option<PathBuf>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let (Some(p), Ok(heads)) = (&self.meta_cache, self.heads.lock()) {
+            if let Err(e) = save_heads(p, &heads) {
+                tracing::debug!(file = %p.display(), error = %e, "object metadata not kept for later runs");
+            }
+        }
+    }
+}
+
+const CACHE_MAGIC: &str = "tern-s3-meta 1";
+
+/// Keeps what is known of each version seen, for a later run: a line per
+/// object, the key in hex. Written beside and renamed.
+fn save_heads(path: &Path, heads: &HashMap<String, Head>) -> std::io::Result<()> {
+    let mut text = format!("{CACHE_MAGIC}\n");
+    for (k, h) in heads {
+        // Written by this run and not listed since: its ETag and size
+        // stand for it until a listing gives its time too.
+        let listed = h.listed.as_deref().unwrap_or("-");
+        let hexkey: String = k.bytes().map(|b| format!("{b:02x}")).collect();
+        let hash = h.blake3.map_or("-".to_string(), |x| x.to_hex().to_string());
+        text.push_str(&format!(
+            "{hexkey}\t{}\t{}\t{listed}\t{}\t{:o}\t{hash}\n",
+            unquote_etag(&h.etag),
+            h.size,
+            format_time(h.mtime),
+            h.mode
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("new-{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// What [`save_heads`] kept, for keys beginning with `prefix`.
+fn load_heads(path: &Path, prefix: &str) -> HashMap<String, Head> {
+    let mut out = HashMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return out;
+    };
+    let mut lines = text.lines();
+    if lines.next() != Some(CACHE_MAGIC) {
+        return out;
+    }
+    for line in lines {
+        let f: Vec<&str> = line.split('\t').collect();
+        let [hexkey, etag, size, listed, mtime, mode, hash] = f[..] else {
+            continue;
+        };
+        let key: Option<Vec<u8>> = (0..hexkey.len() / 2)
+            .map(|i| {
+                hexkey
+                    .get(2 * i..2 * i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect();
+        let Some(key) = key.and_then(|k| String::from_utf8(k).ok()) else {
+            continue;
+        };
+        if !key.starts_with(prefix) {
+            continue;
+        }
+        let (Ok(size), Some(mtime), Ok(mode)) = (size.parse(), parse_time(mtime), u32::from_str_radix(mode, 8)) else {
+            continue;
+        };
+        out.insert(
+            key,
+            Head {
+                size,
+                etag: etag.to_string(),
+                mtime,
+                mode,
+                blake3: blake3::Hash::from_hex(hash).ok(),
+                listed: (listed != "-").then(|| listed.to_string()),
+            },
+        );
+    }
+    out
 }
 
 /// A bucket, or a prefix in one, as an endpoint.
@@ -167,8 +257,23 @@ pub struct S3Endpoint {
     inner: Arc<Inner>,
 }
 
-/// An object as a listing shows it: key, size, ETag.
-type Listed = (String, u64, String);
+/// An object as a listing shows it: key, size, ETag, `LastModified`.
+type Listed = (String, u64, String, String);
+
+/// Requests made to stores by this process, and the bytes of their bodies.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// What this process asked of S3 stores: requests, and the bytes sent and
+/// received in their bodies.
+pub fn traffic() -> (u64, u64, u64) {
+    (
+        REQUESTS.load(Ordering::Relaxed),
+        BYTES_SENT.load(Ordering::Relaxed),
+        BYTES_RECEIVED.load(Ordering::Relaxed),
+    )
+}
 
 /// A response: its status, headers and body.
 struct Reply {
@@ -183,11 +288,14 @@ impl Reply {
     }
 
     fn text(mut self) -> String {
-        self.body
+        let t = self
+            .body
             .with_config()
             .limit(16 << 20)
             .read_to_string()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        BYTES_RECEIVED.fetch_add(t.len() as u64, Ordering::Relaxed);
+        t
     }
 }
 
@@ -239,13 +347,14 @@ fn md5_b64(data: &[u8]) -> String {
 
 impl S3Endpoint {
     /// The bucket or prefix `spec` names, on the store `cfg` resolves to,
-    /// keeping the journals of multipart uploads in `journals`. Checks the
-    /// bucket is there and the credentials are taken.
+    /// keeping the journals of multipart uploads and what it learns of
+    /// objects' metadata in `state` (tern's cache directory) for later
+    /// runs. Checks the bucket is there and the credentials are taken.
     pub fn connect(
         spec: &S3Spec,
         cfg: &Resolved,
         timeout: Duration,
-        journals: Option<PathBuf>,
+        state: Option<PathBuf>,
     ) -> tern_core::Result<S3Endpoint> {
         let shown = PathBuf::from(spec.display());
         let other = |message: String| tern_core::Error::Other {
@@ -276,9 +385,17 @@ impl S3Endpoint {
                 creds_from: cfg.from.clone(),
                 spec: spec.clone(),
                 heads: Mutex::default(),
-                journals,
+                journals: state.as_ref().map(|d| d.join("s3-uploads")),
+                meta_cache: state.as_ref().map(|d| {
+                    let id = format!("{}\0{}", cfg.endpoint, spec.bucket);
+                    let h = blake3::hash(id.as_bytes()).to_hex();
+                    d.join("s3-meta").join(format!("{}.meta", &h[..32]))
+                }),
             }),
         };
+        if let (Some(p), Ok(mut heads)) = (&ep.inner.meta_cache, ep.inner.heads.lock()) {
+            *heads = load_heads(p, &spec.prefix);
+        }
         let mut probe = ep.inner.bucket.list_objects_v2(Some(&ep.inner.creds));
         probe.with_max_keys(1);
         let url = probe.sign(SIGNED_FOR);
@@ -339,6 +456,8 @@ impl S3Endpoint {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(100 << attempt));
             }
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
+            BYTES_SENT.fetch_add(body.map_or(0, |b| b.len() as u64), Ordering::Relaxed);
             let a = &self.inner.agent;
             macro_rules! with_headers {
                 ($b:expr) => {{
@@ -459,6 +578,7 @@ impl S3Endpoint {
                 .and_then(|m| u32::from_str_radix(&m, 8).ok())
                 .map_or(0o644, |m| m & 0o7777),
             blake3: meta(META_BLAKE3).and_then(|h| blake3::Hash::from_hex(h.trim()).ok()),
+            listed: None,
         };
         self.remember(key, &head);
         Ok(Some(head))
@@ -507,7 +627,12 @@ impl S3Endpoint {
                 message: format!("the store's listing is not S3's XML: {e}"),
             })?;
             for c in page.contents {
-                objects.push((c.key, c.size.unwrap_or(0), c.etag.unwrap_or_default()));
+                objects.push((
+                    c.key,
+                    c.size.unwrap_or(0),
+                    c.etag.unwrap_or_default(),
+                    c.last_modified.unwrap_or_default(),
+                ));
             }
             prefixes.extend(page.common_prefixes.into_iter().map(|p| p.prefix));
             match page.next_continuation_token {
@@ -586,6 +711,7 @@ impl S3Endpoint {
                 mtime: meta.mtime,
                 mode: meta.mode & 0o7777,
                 blake3: Some(hash),
+                listed: None,
             },
         );
         Ok(())
@@ -845,7 +971,7 @@ impl Source for S3Endpoint {
         // file can have are left out.
         let files: Vec<Listed> = objects
             .into_iter()
-            .filter(|(k, _, _)| {
+            .filter(|(k, _, _, _)| {
                 let name = &k[prefix.len().min(k.len())..];
                 !name.is_empty()
                     && !name.contains('/')
@@ -856,14 +982,29 @@ impl Source for S3Endpoint {
             .collect();
         // Their times and modes are in their metadata: asked for many at
         // once, and only for objects the listing shows changed since.
-        let heads = Self::parallel(&files, |(key, size, etag)| {
-            if let Some(h) = self.cached(key).filter(|h| h.etag == *etag && h.size == *size) {
-                return Ok(Some(h));
+        // What an earlier HEAD, write or run said of the same version
+        // stands: a no-change sync makes no request per object.
+        let heads = Self::parallel(&files, |(key, size, etag, modified)| {
+            let known = self.cached(key).filter(|h| {
+                unquote_etag(&h.etag) == unquote_etag(etag)
+                    && h.size == *size
+                    && h.listed.as_ref().is_none_or(|l| l == modified)
+            });
+            let mut h = match known {
+                Some(h) => h,
+                None => match self.head(key, rel)? {
+                    Some(h) => h,
+                    None => return Ok(None),
+                },
+            };
+            if h.listed.as_deref() != Some(modified.as_str()) && !modified.is_empty() {
+                h.listed = Some(modified.clone());
+                self.remember(key, &h);
             }
-            self.head(key, rel)
+            Ok(Some(h))
         });
         let mut out: Vec<Entry> = dirs.into_values().collect();
-        for ((key, _, _), h) in files.iter().zip(heads) {
+        for ((key, _, _, _), h) in files.iter().zip(heads) {
             // Gone since it was listed: not there.
             if let Some(h) = h? {
                 out.push(Self::file_entry(key[prefix.len()..].into(), &h));
@@ -996,6 +1137,7 @@ impl ReadFile for S3ReadFile {
         reader
             .read_exact(buf)
             .map_err(|e| tern_core::Error::io(&self.describe(), "read", e))?;
+        BYTES_RECEIVED.fetch_add(buf.len() as u64, Ordering::Relaxed);
         r.headers.clear();
         Ok(())
     }

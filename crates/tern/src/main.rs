@@ -940,7 +940,17 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<Exit> {
             retry_pause(attempt, remote.retries, &anyhow::anyhow!(what));
             continue;
         }
-        let paths: Vec<_> = remotes.iter().map(|r| r.path_report()).collect();
+        let mut paths: Vec<_> = remotes.iter().map(|r| r.path_report()).collect();
+        let (requests, sent, received) = tern_s3::traffic();
+        if requests > 0 {
+            paths.push(tern_net::path::PathReport {
+                transport: "s3".into(),
+                requests,
+                wire_bytes_sent: sent,
+                wire_bytes_received: received,
+                ..Default::default()
+            });
+        }
         console.summary(verb, &summary, &paths, false);
         return Ok(exit_for(&summary));
     }

@@ -100,13 +100,13 @@ pub fn connect_s3(spec: &tern_s3::S3Spec, r: &RemoteArgs) -> anyhow::Result<tern
         profile: r.s3_profile.clone(),
     };
     let cfg = tern_s3::resolve(&opts, &|k| std::env::var(k).ok()).with_context(|| spec.display())?;
-    // Journals of multipart uploads, for a later run to resume them.
-    let journals = std::env::var_os("XDG_CACHE_HOME")
+    // Journals of multipart uploads and objects' metadata, for later runs.
+    let state = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("tern").join("s3-uploads"));
-    Ok(tern_s3::S3Endpoint::connect(spec, &cfg, r.timeout_or(60), journals)?)
+        .map(|d| d.join("tern"));
+    Ok(tern_s3::S3Endpoint::connect(spec, &cfg, r.timeout_or(60), state)?)
 }
 
 /// The modules of the daemon `spec` names that this client may use.

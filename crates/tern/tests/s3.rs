@@ -406,3 +406,48 @@ fn a_large_upload_killed_midway_sends_only_the_missing_parts_when_run_again() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(b3(&back), b3(&src));
 }
+
+#[test]
+fn a_sync_with_nothing_to_do_asks_nothing_per_object() {
+    let Some(store) = moto() else { return };
+    store.bucket("bkt");
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    for i in 0..40 {
+        write(&src.join(format!("f{i:02}")), &data(1000 + i, i as u64));
+    }
+    let from = format!("{}/", src.display());
+    let cache = t.path().join("cache");
+    let sync = || {
+        let (code, out, err) = go(s3(&store)
+            .env("XDG_CACHE_HOME", &cache)
+            .args(["sync", "--json"])
+            .arg(&from)
+            .arg("s3://bkt/many/"));
+        assert_eq!(code, 0, "{out}\n{err}");
+        let j = json(&out);
+        (
+            j["copied"].as_u64().expect("copied"),
+            j["requests"].as_u64().expect("requests"),
+        )
+    };
+    let (copied, up) = sync();
+    assert_eq!(copied, 40);
+    assert!(up >= 40, "a PUT each: {up}");
+    // What the uploads left in the cache is enough: listings only.
+    let (copied, requests) = sync();
+    assert_eq!(copied, 0);
+    assert!(requests <= 6, "{requests} requests for a no-change sync of 40 objects");
+    // Without it (another machine), one HEAD each, then none again.
+    fs::remove_dir_all(cache.join("tern/s3-meta")).expect("rm cache");
+    let (copied, requests) = sync();
+    assert_eq!(copied, 0);
+    assert!(requests >= 40, "{requests}");
+    let (_, requests) = sync();
+    assert!(requests <= 6, "{requests}");
+    // An object rewritten behind tern's back is seen: its listing changed.
+    let (status, _) = store.raw("PUT", "/bkt/many/f07", &[], b"changed elsewhere");
+    assert_eq!(status, 200);
+    let (copied, _) = sync();
+    assert_eq!(copied, 1);
+}
