@@ -794,11 +794,15 @@ impl S3Endpoint {
             return Err(self.status_error(rel, r, "start an upload"));
         }
         let text = r.text();
-        let created = CreateMultipartUpload::parse_response(&text).map_err(|e| tern_core::Error::Other {
-            path: self.shown(rel),
-            message: format!("the store's answer to an upload is not S3's XML: {e}"),
-        })?;
-        let upload_id = created.upload_id().to_string();
+        // Only the id matters, and stores name the answer's root element
+        // differently (rclone's is not AWS's).
+        let upload_id = xml_field(&text, "UploadId")
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| tern_core::Error::Other {
+                path: self.shown(rel),
+                message: "the store's answer to a new upload holds no UploadId".into(),
+            })?;
         let journal = jpath.and_then(|p| match journal::Journal::create(&p, &upload_id, spec) {
             Ok(j) => Some(j),
             Err(e) => {
@@ -1127,8 +1131,22 @@ impl ReadFile for S3ReadFile {
             404 => return Err(tern_core::Error::Vanished(self.describe())),
             _ => return Err(self.ep.status_error(&self.rel, r, "read")),
         }
-        // A 200 is the whole object, for a store that ignores ranges.
-        let skip = if r.status == 200 { offset } else { 0 };
+        // Where the body starts: the range's start by its Content-Range
+        // (some stores answer a range with 200 and one), else the object's.
+        let start = match r.header("content-range") {
+            Some(cr) => cr
+                .strip_prefix("bytes ")
+                .and_then(|x| x.split('-').next())
+                .and_then(|x| x.trim().parse::<u64>().ok())
+                .filter(|&st| st <= offset)
+                .ok_or_else(|| tern_core::Error::Other {
+                    path: self.describe(),
+                    message: format!("the store answered a range with `Content-Range: {cr}`"),
+                })?,
+            None if r.status == 206 => offset,
+            None => 0,
+        };
+        let skip = offset - start;
         let mut reader = r.body.as_reader();
         if skip > 0 {
             std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())

