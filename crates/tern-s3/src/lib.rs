@@ -165,7 +165,13 @@ struct Inner {
     journals: Option<PathBuf>,
     /// Where what HEADs said is kept for later runs; None: not kept.
     meta_cache: Option<PathBuf>,
+    /// Directories listed ahead by one recursive listing, by their prefix:
+    /// the objects directly in each, and its subdirectories' prefixes.
+    walked: Mutex<HashMap<String, DirListing>>,
 }
+
+/// What one directory holds: objects, and subdirectory prefixes.
+type DirListing = (Vec<Listed>, Vec<String>);
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -385,6 +391,7 @@ impl S3Endpoint {
                 creds_from: cfg.from.clone(),
                 spec: spec.clone(),
                 heads: Mutex::default(),
+                walked: Mutex::default(),
                 journals: state.as_ref().map(|d| d.join("s3-uploads")),
                 meta_cache: state.as_ref().map(|d| {
                     let id = format!("{}\0{}", cfg.endpoint, spec.bucket);
@@ -962,7 +969,11 @@ impl Source for S3Endpoint {
 
     fn read_dir(&self, rel: &Path) -> tern_core::Result<Vec<Entry>> {
         let prefix = self.dir_prefix(rel);
-        let (objects, prefixes) = self.list(&prefix, true, rel)?;
+        let ahead = self.inner.walked.lock().ok().and_then(|mut w| w.remove(&prefix));
+        let (objects, prefixes) = match ahead {
+            Some(listed) => listed,
+            None => self.list(&prefix, true, rel)?,
+        };
         let mut dirs: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
         for p in prefixes {
             let name = p[prefix.len().min(p.len())..].trim_end_matches('/');
@@ -1041,6 +1052,43 @@ impl Source for S3Endpoint {
 
     fn xattrs(&self, _rel: &Path) -> tern_core::Result<Xattrs> {
         Ok(Vec::new())
+    }
+
+    fn walk_ahead(&self, rel: &Path, _filter: &tern_core::filter::Filter, _as_path: &Path) {
+        // One listing of everything beneath (a request per 1,000 keys), cut
+        // into directories, instead of a request per directory. Excluded
+        // directories are listed too, and never used.
+        let top = self.dir_prefix(rel);
+        let objects = match self.list(&top, false, rel) {
+            Ok((o, _)) => o,
+            Err(e) => {
+                tracing::debug!(error = %e, "no listing ahead; each directory is listed on its own");
+                return;
+            }
+        };
+        let mut dirs: HashMap<String, (Vec<Listed>, std::collections::BTreeSet<String>)> = HashMap::new();
+        dirs.entry(top.clone()).or_default();
+        for o in objects {
+            let Some(rest) = o.0.strip_prefix(top.as_str()) else {
+                continue;
+            };
+            // Each directory on the way is a subdirectory of the one above.
+            let mut at = top.clone();
+            let parts: Vec<&str> = rest.split('/').collect();
+            for seg in &parts[..parts.len() - 1] {
+                let sub = format!("{at}{seg}/");
+                dirs.entry(at.clone()).or_default().1.insert(sub.clone());
+                dirs.entry(sub.clone()).or_default();
+                at = sub;
+            }
+            // A "dir/" marker is its directory; anything else an object there.
+            if parts.last().is_some_and(|l| !l.is_empty()) {
+                dirs.entry(at).or_default().0.push(o);
+            }
+        }
+        if let Ok(mut w) = self.inner.walked.lock() {
+            w.extend(dirs.into_iter().map(|(k, (o, d))| (k, (o, d.into_iter().collect()))));
+        }
     }
 
     fn file_hash(&self, rel: &Path, expect: &Entry) -> Option<tern_core::Result<blake3::Hash>> {
