@@ -12,6 +12,10 @@
 #                (tern copy: the same tree pushed; tern-wb: a mount with
 #                --write-back, timed until `sync DIR` says all is uploaded)
 #   write        dd bs=1M conv=fsync of a 1 GiB file into the mount
+#   read-wan     dd bs=1M of a WAN_MB file across tern-wan (WAN_RATE, 50 ms
+#                RTT: the daemon and sshd in one namespace, the mounts in
+#                the other), caches dropped, fresh mount (tern copy: the
+#                same file pulled)
 # The served data lives on tmpfs (no disk in the way on either side; the
 # daemon's fsyncs are free there, as sshfs's sftp server makes none).
 #
@@ -26,7 +30,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${TERN_BENCH_DIR:-${TMPDIR:-/tmp}/tern-bench-mount}
 ROUNDS=${ROUNDS:-3}
 BIG_MB=${BIG_MB:-2048}
-CASES=${CASES:-read-cold read-warm ls-cold ls-warm tar write}
+CASES=${CASES:-read-cold read-warm ls-cold ls-warm tar write read-wan}
+WAN_MB=${WAN_MB:-256} WAN_RATE=${WAN_RATE:-500mbit}
 OUT_MD=${OUT_MD:-$ROOT/docs/benchmarks/mount.md}
 TERN_PORT=17391 SSH_PORT=17392
 
@@ -127,6 +132,7 @@ mount_sshfs
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
+LOOPBACK_CASES=${CASES/read-wan/}
 # run CASE TOOL ROUND: times one case for one tool, appends a row.
 run() {
   local case=$1 tool=$2 round=$3 dir t0 t1
@@ -154,7 +160,7 @@ run() {
 }
 
 for ((r = 1; r <= ROUNDS; r++)); do
-  for case in $CASES; do
+  for case in $LOOPBACK_CASES; do
     tools="tern-mount sshfs"
     case $case in read-cold) tools="$tools tern-copy" ;; tar) tools="$tools tern-copy tern-wb" ;; esac
     for tool in $(python3 -c 'import random, sys; t = sys.argv[2].split(); random.Random(sys.argv[1]).shuffle(t); print(*t)' "$case$r" "$tools"); do
@@ -170,5 +176,59 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 RSS=$(awk '/VmHWM/ {print $2}' "/proc/$MOUNT_PID/status" 2>/dev/null || echo 0)
 unmount_all
-write_report "$OUT_MD" bench/mount.sh python3 "$ROOT/bench/report_mount.py" "$RESULTS" "$BIG_MB" "$RSS"
+
+# The read across an emulated long path. `ip netns exec` gives each call a
+# mount namespace of its own, so a mount, its read and its unmount run in
+# one call.
+if [[ " $CASES " == *" read-wan "* ]]; then
+  (cd "$ROOT" && cargo build --release -q -p tern-wan)
+  NS=ternmnt A=ternmnt-a B=ternmnt-b ADDR=10.99.0.2
+  "$ROOT/target/release/tern-wan" --name "$NS" --replace --rate "$WAN_RATE" --delay 25ms \
+    >"$WORK/wan.out" 2>"$WORK/wan.err" &
+  WAN_PID=$!
+  wait_for grep -q ready "$WORK/wan.out"
+  head -c "${WAN_MB}M" /dev/urandom >"$MOD/wan.bin"
+  ip netns exec "$B" "$TERN" serve --listen "$ADDR:$TERN_PORT" --module "data=$MOD" --token-file "$TOKEN" \
+    >"$WORK/daemon-wan.log" 2>&1 &
+  DAEMON_PIDS+=($!)
+  sed "s/^ListenAddress .*/ListenAddress $ADDR/; s|^PidFile .*|PidFile $WORK/sshd-wan.pid|" \
+    "$WORK/sshd_config" >"$WORK/sshd_config_wan"
+  ip netns exec "$B" /usr/sbin/sshd -D -e -f "$WORK/sshd_config_wan" 2>"$WORK/sshd-wan.log" &
+  DAEMON_PIDS+=($!)
+  wait_for listening "$TERN_PORT"
+  wait_for listening "$SSH_PORT"
+  MWAN=$WORK/mnt-wan
+  mkdir -p "$MWAN" "$RAM/staging-wan"
+  drop='sync; echo 3 >/proc/sys/vm/drop_caches'
+  timed='t0=$EPOCHREALTIME; dd if='"$MWAN"'/wan.bin of=/dev/null bs=1M status=none; t1=$EPOCHREALTIME'
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for tool in $(python3 -c 'import random, sys; t = ["tern-mount", "sshfs", "tern-copy"]; random.Random(sys.argv[1]).shuffle(t); print(*t)' "wan$r"); do
+      case $tool in
+        tern-mount) secs=$(ip netns exec "$A" bash -c "set -e
+          '$TERN' mount --daemon --read-only --staging-dir '$RAM/staging-wan' --fingerprint '$FP' \
+            --token-file '$TOKEN' 'tern://$ADDR:$TERN_PORT/data' '$MWAN'
+          $drop; $timed
+          '$TERN' unmount '$MWAN'
+          python3 -c \"print(\$t1 - \$t0)\"") ;;
+        sshfs) secs=$(ip netns exec "$A" bash -c "set -e
+          sshfs -p $SSH_PORT -o 'IdentityFile=$WORK/user,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null' \
+            -o 'Ciphers=aes128-gcm@openssh.com' 'root@$ADDR:$MOD' '$MWAN'
+          $drop; $timed
+          fusermount3 -u '$MWAN'
+          python3 -c \"print(\$t1 - \$t0)\"") ;;
+        tern-copy) secs=$(ip netns exec "$A" bash -c "set -e
+          $drop; t0=\$EPOCHREALTIME
+          '$TERN' copy -q --fingerprint '$FP' --token-file '$TOKEN' 'tern://$ADDR:$TERN_PORT/data/wan.bin' '$RAM/out/wan.bin'
+          t1=\$EPOCHREALTIME; rm -f '$RAM/out/wan.bin'
+          python3 -c \"print(\$t1 - \$t0)\"") ;;
+      esac
+      printf 'read-wan\t%s\t%s\t%s\n' "$tool" "$r" "$secs" >>"$RESULTS"
+      echo "round $r read-wan $tool: $secs s" >&2
+    done
+  done
+  stop_daemons
+  stop_link
+fi
+write_report "$OUT_MD" bench/mount.sh python3 "$ROOT/bench/report_mount.py" "$RESULTS" "$BIG_MB" "$RSS" \
+  "$WAN_MB" "$WAN_RATE"
 echo "wrote $OUT_MD" >&2

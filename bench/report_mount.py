@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turns bench/mount.sh's raw figures into docs/benchmarks/mount.md.
 
-Usage: report_mount.py RESULTS.tsv BIG_MB PEAK_RSS_KIB
+Usage: report_mount.py RESULTS.tsv BIG_MB PEAK_RSS_KIB [WAN_MB WAN_RATE]
 RESULTS.tsv rows: case, tool, round, seconds.
 """
 import statistics
@@ -10,6 +10,8 @@ from collections import defaultdict
 from datetime import datetime, timezone
 
 results, big_mb, rss_kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+wan_mb = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+wan_rate = sys.argv[5] if len(sys.argv) > 5 else ""
 times = defaultdict(list)
 for line in open(results):
     case, tool, _round, secs = line.rstrip("\n").split("\t")
@@ -17,7 +19,7 @@ for line in open(results):
 
 MB = 1e6
 # Bytes each case moves, for a rate; None: not a transfer.
-moved = {"read-cold": big_mb << 20, "read-warm": big_mb << 20, "write": 1 << 30}
+moved = {"read-cold": big_mb << 20, "read-warm": big_mb << 20, "write": 1 << 30, "read-wan": wan_mb << 20}
 # (case, tool compared with, the goal for tern-mount's time / theirs, how the issue puts it)
 goals = {
     ("read-cold", "tern-copy"): (1 / 0.7, "≥ 0.7× the speed of a `tern copy` pull"),
@@ -25,6 +27,7 @@ goals = {
     ("ls-cold", "sshfs"): (0.5, "≤ 0.5× sshfs's time"),
     ("tar", "tern-copy"): (2, "≥ 0.5× the speed of a `tern copy` push"),
     ("tar-wb", "tern-copy"): (2, "with `--write-back`: ≥ 0.5× the speed of a `tern copy` push"),
+    ("read-wan", "tern-copy"): (1 / 0.7, "across the long path: ≥ 0.7× the speed of a `tern copy` pull"),
 }
 describe = {
     "read-cold": f"dd bs=1M of a {big_mb} MiB file, caches dropped, fresh mount",
@@ -34,6 +37,7 @@ describe = {
     "tar": "extract a tar of 8,000 files of 1-16 KiB into the mount",
     "write": "dd bs=1M conv=fsync of a 1 GiB file into the mount",
     "tar-wb": "the same tar into a `--write-back` mount, until `sync DIR` returns",
+    "read-wan": f"dd bs=1M of a {wan_mb} MiB file across tern-wan at {wan_rate}, 50 ms RTT, caches dropped, fresh mount",
 }
 
 
@@ -55,7 +59,7 @@ print("| case | tern mount | sshfs | tern copy | tern mount / sshfs | tern mount
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 # The --write-back mount, where it ran: its own row.
 rows = ["read-cold", "read-warm", "ls-cold", "ls-warm", "tar", "write"]
-for case in rows + (["tar-wb"] if times.get(("tar", "tern-wb")) else []):
+for case in rows + (["tar-wb"] if times.get(("tar", "tern-wb")) else []) + (["read-wan"] if times.get(("read-wan", "tern-mount")) else []):
     cells = []
     for tool in ["tern-mount", "sshfs", "tern-copy"]:
         t = med("tar", "tern-wb") if case == "tar-wb" and tool == "tern-mount" else med(case.replace("-wb", ""), tool)

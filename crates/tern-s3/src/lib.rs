@@ -44,6 +44,11 @@ const MAX_PARTS: u64 = 10_000;
 /// The largest object one copy request can make (metadata rewritten in
 /// place past it is left as it was uploaded).
 const MAX_COPY: u64 = 5 << 30;
+/// Objects up to this size are read whole where their metadata is asked
+/// for: one GET instead of a HEAD and then a GET.
+const PREFETCH_MAX: u64 = 64 << 10;
+/// The most such bytes kept, waiting to be read.
+const PREFETCH_BUDGET: usize = 64 << 20;
 /// Requests in flight at once for a directory's metadata or a batch.
 const WINDOW: usize = 32;
 /// Attempts for a request that failed on the way or with a 5xx.
@@ -165,10 +170,16 @@ struct Inner {
     journals: Option<PathBuf>,
     /// Where what HEADs said is kept for later runs; None: not kept.
     meta_cache: Option<PathBuf>,
+    /// Small objects read whole while listing (bytes held, and by key
+    /// their ETag and bytes), for the read that follows.
+    bodies: Mutex<(usize, HashMap<String, Kept>)>,
     /// Directories listed ahead by one recursive listing, by their prefix:
     /// the objects directly in each, and its subdirectories' prefixes.
     walked: Mutex<HashMap<String, DirListing>>,
 }
+
+/// A small object's bytes read ahead, and the ETag they are of.
+type Kept = (String, Vec<u8>);
 
 /// What one directory holds: objects, and subdirectory prefixes.
 type DirListing = (Vec<Listed>, Vec<String>);
@@ -392,6 +403,7 @@ impl S3Endpoint {
                 spec: spec.clone(),
                 heads: Mutex::default(),
                 walked: Mutex::default(),
+                bodies: Mutex::default(),
                 journals: state.as_ref().map(|d| d.join("s3-uploads")),
                 meta_cache: state.as_ref().map(|d| {
                     let id = format!("{}\0{}", cfg.endpoint, spec.bucket);
@@ -564,10 +576,17 @@ impl S3Endpoint {
             404 => return Ok(None),
             _ => return Err(self.status_error(rel, r, "read metadata")),
         }
+        let head = self.head_from(&r, rel, None)?;
+        self.remember(key, &head);
+        Ok(Some(head))
+    }
+
+    /// An object's metadata from the headers of a HEAD or a GET; `size`
+    /// when the length header is a range's.
+    fn head_from(&self, r: &Reply, rel: &Path, size: Option<u64>) -> tern_core::Result<Head> {
         let meta = |k: &str| r.header(&format!("x-amz-meta-{k}"));
-        let size = r
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
+        let size = size
+            .or_else(|| r.header("content-length").and_then(|v| v.parse().ok()))
             .ok_or_else(|| tern_core::Error::Other {
                 path: self.shown(rel),
                 message: "the store gave no length for the object".into(),
@@ -575,7 +594,7 @@ impl S3Endpoint {
         let stored = meta(META_MTIME)
             .or_else(|| meta(META_RCLONE_MTIME))
             .and_then(|t| parse_time(&t));
-        let head = Head {
+        Ok(Head {
             size,
             etag: r.header("etag").unwrap_or_default(),
             mtime: stored
@@ -586,9 +605,50 @@ impl S3Endpoint {
                 .map_or(0o644, |m| m & 0o7777),
             blake3: meta(META_BLAKE3).and_then(|h| blake3::Hash::from_hex(h.trim()).ok()),
             listed: None,
-        };
+        })
+    }
+
+    /// A small object's metadata and bytes in one GET, where a HEAD would
+    /// cost as much: the bytes are kept (within a budget) for the read that
+    /// is likely to follow. None if it is gone.
+    fn get_small(&self, key: &str, size: u64, rel: &Path) -> tern_core::Result<Option<Head>> {
+        let url = self
+            .inner
+            .bucket
+            .get_object(Some(&self.inner.creds), key)
+            .sign(SIGNED_FOR);
+        let r = self.send("GET", &url, &[], None, rel)?;
+        match r.status {
+            200 => {}
+            404 => return Ok(None),
+            _ => return Err(self.status_error(rel, r, "read")),
+        }
+        let head = self.head_from(&r, rel, None)?;
+        let mut body = r.body;
+        let mut data = Vec::with_capacity(size as usize);
+        body.as_reader()
+            .take(PREFETCH_MAX + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| tern_core::Error::io(&self.shown(rel), "read", e))?;
+        BYTES_RECEIVED.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if data.len() as u64 == head.size {
+            if let Ok(mut b) = self.inner.bodies.lock() {
+                if b.0 + data.len() <= PREFETCH_BUDGET {
+                    b.0 += data.len();
+                    b.1.insert(key.to_string(), (head.etag.clone(), data));
+                }
+            }
+        }
         self.remember(key, &head);
         Ok(Some(head))
+    }
+
+    /// The bytes [`Self::get_small`] kept of `key` at ETag `etag`, taken.
+    fn prefetched(&self, key: &str, etag: &str) -> Option<Vec<u8>> {
+        let mut b = self.inner.bodies.lock().ok()?;
+        let (e, data) = b.1.remove(key)?;
+        b.0 -= data.len();
+        (e == etag).then_some(data)
     }
 
     fn remember(&self, key: &str, h: &Head) {
@@ -1005,13 +1065,12 @@ impl Source for S3Endpoint {
                     && h.size == *size
                     && h.listed.as_ref().is_none_or(|l| l == modified)
             });
-            let mut h = match known {
-                Some(h) => h,
-                None => match self.head(key, rel)? {
-                    Some(h) => h,
-                    None => return Ok(None),
-                },
+            let asked = match known {
+                Some(h) => Some(h),
+                None if *size <= PREFETCH_MAX => self.get_small(key, *size, rel)?,
+                None => self.head(key, rel)?,
             };
+            let Some(mut h) = asked else { return Ok(None) };
             if h.listed.as_deref() != Some(modified.as_str()) && !modified.is_empty() {
                 h.listed = Some(modified.clone());
                 self.remember(key, &h);
@@ -1112,9 +1171,20 @@ impl Source for S3Endpoint {
         // Many GETs in flight, each checked against the BLAKE3 stored with
         // its object.
         let got = Self::parallel(items, |(rel, e)| {
-            let f = self.open(rel, e)?;
-            let mut data = vec![0u8; e.size as usize];
-            f.read_exact_at(0, &mut data)?;
+            let key = self.key(rel);
+            let kept = self
+                .cached(&key)
+                .filter(|h| h.size == e.size && h.mtime == e.meta.mtime)
+                .and_then(|h| self.prefetched(&key, &h.etag));
+            let data = match kept {
+                Some(d) => d,
+                None => {
+                    let f = self.open(rel, e)?;
+                    let mut data = vec![0u8; e.size as usize];
+                    f.read_exact_at(0, &mut data)?;
+                    data
+                }
+            };
             if let Some(k) = self.known_hash(rel, e) {
                 let found = blake3::hash(&data);
                 if found != k {
