@@ -79,6 +79,16 @@ fn home_file(var: &str, name: &str, env: &dyn Fn(&str) -> Option<String>) -> Opt
     env("HOME").map(|h| Path::new(&h).join(".aws").join(name))
 }
 
+/// The instance role's keys, unless `AWS_EC2_METADATA_DISABLED` says not
+/// to ask; `AWS_EC2_METADATA_SERVICE_ENDPOINT` moves the service.
+fn imds_keys(env: &dyn Fn(&str) -> Option<String>) -> Option<crate::imds::RoleKeys> {
+    if env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    let endpoint = env("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|| crate::imds::DEFAULT_ENDPOINT.into());
+    crate::imds::role_keys(&endpoint)
+}
+
 /// Resolves `opts` against the environment `env` (a function, so tests
 /// need not change the process's).
 pub fn resolve(opts: &S3Options, env: &dyn Fn(&str) -> Option<String>) -> Result<Resolved, Error> {
@@ -126,13 +136,22 @@ pub fn resolve(opts: &S3Options, env: &dyn Fn(&str) -> Option<String>) -> Result
         (false, (Some(k), Some(s)), _) => (k, s, nonempty("AWS_SESSION_TOKEN"), "the environment".to_string()),
         (_, _, (Some(k), Some(s))) => (k, s, from_profile("aws_session_token"), format!("profile `{profile}`")),
         (true, (Some(k), Some(s)), _) => (k, s, nonempty("AWS_SESSION_TOKEN"), "the environment".to_string()),
-        _ => {
-            return Err(Error::Config(
-                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give a profile of \
-                 ~/.aws/credentials (AWS_PROFILE or --s3-profile)"
-                    .into(),
-            ))
-        }
+        // On an EC2 instance with a role: its temporary keys.
+        _ => match imds_keys(&nonempty) {
+            Some(r) => (
+                r.key,
+                r.secret,
+                Some(r.token),
+                format!("the instance's role `{}`", r.role),
+            ),
+            None => {
+                return Err(Error::Config(
+                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give a profile of \
+                     ~/.aws/credentials (AWS_PROFILE or --s3-profile)"
+                        .into(),
+                ))
+            }
+        },
     };
 
     let region = opts
@@ -238,7 +257,8 @@ mod tests {
 
     #[test]
     fn no_credentials_and_bad_endpoints_say_what_to_do() {
-        let e = resolve(&S3Options::default(), &env_of(&[("HOME", "/nonexistent")])).expect_err("none");
+        let off = [("HOME", "/nonexistent"), ("AWS_EC2_METADATA_DISABLED", "true")];
+        let e = resolve(&S3Options::default(), &env_of(&off)).expect_err("none");
         assert!(e.to_string().contains("AWS_ACCESS_KEY_ID"), "{e}");
         let keys = [
             ("AWS_ACCESS_KEY_ID", "k"),

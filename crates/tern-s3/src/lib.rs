@@ -16,6 +16,7 @@
 //! worker threads.
 
 mod config;
+mod imds;
 mod journal;
 
 use std::collections::{BTreeMap, HashMap};
@@ -1563,6 +1564,10 @@ impl Dest for S3Endpoint {
 
     fn remove(&self, rel: &Path) -> tern_core::Result<()> {
         let key = self.key(rel);
+        // An object listed as a file: one request.
+        if !key.is_empty() && self.cached(&key).is_some() {
+            return self.delete_key(&key, rel);
+        }
         let prefix = self.dir_prefix(rel);
         let (objects, _) = self.list(&prefix, false, rel)?;
         let keys: Vec<String> = objects.into_iter().map(|o| o.0).collect();

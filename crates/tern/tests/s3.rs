@@ -116,6 +116,7 @@ fn s3(store: &Store) -> Command {
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
         .env("HOME", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .env_remove("AWS_PROFILE")
         .env("AWS_ENDPOINT_URL", store.url())
         .stdin(Stdio::null());
@@ -296,6 +297,7 @@ fn a_missing_bucket_or_missing_keys_say_which() {
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env_remove("AWS_PROFILE")
         .env("HOME", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .arg("copy")
         .arg(t.path().join("f"))
         .args(["s3://bkt/x", "--s3-endpoint"])
@@ -521,4 +523,57 @@ fn a_store_that_checks_signatures_takes_the_right_keys_only() {
     assert_ne!(code, 0);
     assert!(err.contains("does not know the access key"), "{err}");
     assert!(!served.join("bkt/x").exists());
+}
+
+/// A stand-in for the EC2 instance metadata service (IMDSv2: a token from
+/// a PUT, required on every GET) handing out `key` and `secret` for the
+/// role `tern-test`.
+const FAKE_IMDS: &str = r#"
+import http.server, json, sys
+key, secret = sys.argv[1], sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def reply(self, code, body):
+        self.send_response(code); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def do_PUT(self):
+        ok = self.path == "/latest/api/token" and self.headers.get("x-aws-ec2-metadata-token-ttl-seconds")
+        self.reply(200 if ok else 400, b"TOKEN123" if ok else b"")
+    def do_GET(self):
+        if self.headers.get("x-aws-ec2-metadata-token") != "TOKEN123":
+            return self.reply(401, b"")
+        base = "/latest/meta-data/iam/security-credentials/"
+        if self.path == base:
+            return self.reply(200, b"tern-test\n")
+        if self.path == base + "tern-test":
+            doc = {"Code": "Success", "AccessKeyId": key, "SecretAccessKey": secret, "Token": "session-token"}
+            return self.reply(200, json.dumps(doc).encode())
+        self.reply(404, b"")
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print("Running on http://127.0.0.1:%d" % s.server_port, file=sys.stderr, flush=True)
+s.serve_forever()
+"#;
+
+#[test]
+fn on_an_instance_with_a_role_its_keys_are_used() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let served = t.path().join("served");
+    fs::create_dir_all(served.join("bkt")).expect("mkdir");
+    let Some(store) = rclone(&served) else { return };
+    let mut c = Command::new("python3");
+    c.args(["-c", FAKE_IMDS, "ternkeyid123", "ternsecret123456789"]);
+    let imds = spawn_store(c, "Running on http://127.0.0.1:");
+    write(&t.path().join("f"), b"by the role's keys");
+    let (code, out, err) = go(tern()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", "/nonexistent")
+        .env("AWS_ENDPOINT_URL", store.url())
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url())
+        .arg("copy")
+        .arg(t.path().join("f"))
+        .arg("s3://bkt/f"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(fs::read(served.join("bkt/f")).expect("landed"), b"by the role's keys");
 }
