@@ -41,6 +41,10 @@ pub struct MountOptions {
     /// Upload closed files in the background, many small ones a request;
     /// `close` then no longer returns an upload's error (`fsync` does).
     pub write_back: bool,
+    /// Let other local users use the mount (FUSE's `allow_other`), the
+    /// kernel checking the permission bits the daemon reports
+    /// (`default_permissions`).
+    pub allow_other: bool,
     /// Keep blocks read in this directory, at most this many bytes, for
     /// later opens and mounts (each checked again when it is used).
     pub cache: Option<(PathBuf, u64)>,
@@ -54,6 +58,7 @@ impl Default for MountOptions {
             source: "tern".into(),
             staging: None,
             write_back: false,
+            allow_other: false,
             cache: None,
         }
     }
@@ -150,6 +155,10 @@ pub fn mount(
     ];
     if opts.staging.is_none() {
         cfg.mount_options.push(fuser::MountOption::RO);
+    }
+    if opts.allow_other {
+        cfg.acl = fuser::SessionACL::All;
+        cfg.mount_options.push(fuser::MountOption::DefaultPermissions);
     }
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;

@@ -231,6 +231,12 @@ pub struct MountArgs {
     /// Mount read-only (also what a read-only module or grant gives).
     #[arg(long)]
     pub read_only: bool,
+    /// Let other local users use the mount, the kernel checking the
+    /// permission bits the daemon reports against its numeric owners (FUSE's
+    /// allow_other and default_permissions; a user other than root needs
+    /// user_allow_other in /etc/fuse.conf).
+    #[arg(long)]
+    pub allow_other: bool,
     /// Where files being written wait until they are published
     /// [default: $XDG_CACHE_HOME/tern/mount, or ~/.cache/tern/mount].
     #[arg(long, value_name = "DIR")]

@@ -144,6 +144,7 @@ fn serve(a: &MountArgs, ready: &std::sync::Mutex<Option<std::os::unix::net::Unix
         source: format!("tern:{}", spec.display()),
         staging,
         write_back: a.write_back,
+        allow_other: a.allow_other,
         cache: cache.map(|d| (d, a.cache_size)),
         ..Default::default()
     };

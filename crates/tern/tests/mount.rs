@@ -5,9 +5,9 @@ mod common;
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::server::*;
@@ -288,7 +288,7 @@ fn files_written_through_the_mount_appear_whole_at_the_daemon() {
         .and_then(|f| f.set_len(1000))
         .expect("truncate");
     assert_eq!(fs::read(module.join("old.bin")).expect("read"), want[..1000]);
-    fs::set_permissions(mnt.join("old.bin"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).expect("chmod");
+    fs::set_permissions(mnt.join("old.bin"), fs::Permissions::from_mode(0o640)).expect("chmod");
     assert_eq!(
         fs::metadata(module.join("old.bin")).expect("stat").mode() & 0o777,
         0o640
@@ -884,4 +884,47 @@ fn pjdfstest_passes_but_for_its_versioned_list_of_expected_failures() {
             .join("\n")
     );
     drop(m);
+}
+
+#[test]
+fn allow_other_lets_other_users_in_with_the_permission_bits_checked() {
+    if !can_mount() {
+        return;
+    }
+    let as_nobody = |args: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", args])
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv")
+    };
+    if !as_nobody("true").status.success() {
+        skipped("setpriv cannot run a command as nobody");
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let module = t.path().join("module");
+    write(&module.join("f"), b"readable by all");
+    fs::set_permissions(module.join("f"), fs::Permissions::from_mode(0o644)).expect("chmod");
+    write(&module.join("secret"), b"the owner's only");
+    fs::set_permissions(module.join("secret"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let d = daemon(t.path(), &module, false);
+    {
+        // Without it, another user is refused at the door.
+        let m = mount(t.path(), &d, "", &[]);
+        let o = as_nobody(&format!("cat {}", m.dir.join("f").display()));
+        assert!(!o.status.success());
+    }
+    let m = mount(t.path(), &d, "", &["--allow-other"]);
+    let o = as_nobody(&format!("cat {}", m.dir.join("f").display()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, b"readable by all");
+    // The bits the daemon reports decide: not nobody's to read or write.
+    assert!(!as_nobody(&format!("cat {}", m.dir.join("secret").display()))
+        .status
+        .success());
+    assert!(!as_nobody(&format!("echo x > {}", m.dir.join("f").display()))
+        .status
+        .success());
+    assert_eq!(fs::read(module.join("f")).expect("read"), b"readable by all");
 }
