@@ -50,6 +50,8 @@ const MAX_COPY: u64 = 5 << 30;
 const PREFETCH_MAX: u64 = 64 << 10;
 /// The most such bytes kept, waiting to be read.
 const PREFETCH_BUDGET: usize = 64 << 20;
+/// Keys one `DeleteObjects` request may carry.
+const DELETE_BATCH: usize = 1000;
 /// Requests in flight at once for a directory's metadata or a batch.
 const WINDOW: usize = 32;
 /// Attempts for a request that failed on the way or with a 5xx.
@@ -171,6 +173,10 @@ struct Inner {
     journals: Option<PathBuf>,
     /// Where what HEADs said is kept for later runs; None: not kept.
     meta_cache: Option<PathBuf>,
+    /// Keys `remove` queued, and the path each was removed as.
+    doomed: Mutex<Vec<(String, PathBuf)>>,
+    /// What deleting them failed with, for `settle`.
+    delete_errors: Mutex<Vec<tern_core::Error>>,
     /// Small objects read whole while listing (bytes held, and by key
     /// their ETag and bytes), for the read that follows.
     bodies: Mutex<(usize, HashMap<String, Kept>)>,
@@ -405,6 +411,8 @@ impl S3Endpoint {
                 heads: Mutex::default(),
                 walked: Mutex::default(),
                 bodies: Mutex::default(),
+                doomed: Mutex::default(),
+                delete_errors: Mutex::default(),
                 journals: state.as_ref().map(|d| d.join("s3-uploads")),
                 meta_cache: state.as_ref().map(|d| {
                     let id = format!("{}\0{}", cfg.endpoint, spec.bucket);
@@ -762,7 +770,17 @@ impl S3Endpoint {
     }
 
     /// PUTs `data` whole as `key`, with `meta` and its BLAKE3.
+    /// A key about to be written is not deleted after it: the queue of
+    /// deletions is flushed first if it holds the key.
+    fn not_doomed(&self, key: &str) {
+        let queued = self.inner.doomed.lock().is_ok_and(|d| d.iter().any(|(k, _)| k == key));
+        if queued {
+            self.flush_deletes();
+        }
+    }
+
     fn put(&self, key: &str, rel: &Path, data: &[u8], meta: &Meta, hash: blake3::Hash) -> tern_core::Result<()> {
+        self.not_doomed(key);
         let mut headers = Self::meta_headers(meta, Some(&hash));
         headers.push(("content-md5".into(), md5_b64(data)));
         let action = self.inner.bucket.put_object(Some(&self.inner.creds), key);
@@ -938,6 +956,78 @@ impl S3Endpoint {
             Ok(r) => tracing::warn!(key, status = r.status, "could not abort a multipart upload"),
             Err(e) => tracing::warn!(error = %e, key, "could not abort a multipart upload"),
         }
+    }
+
+    /// Deletes what `remove` queued: `DeleteObjects` of up to 1,000 keys a
+    /// request, one by one for a key that request cannot carry or a store
+    /// without it. Failures are kept for `settle`.
+    fn flush_deletes(&self) {
+        let queued = match self.inner.doomed.lock() {
+            Ok(mut d) => std::mem::take(&mut *d),
+            Err(_) => return,
+        };
+        let mut failed = Vec::new();
+        for batch in queued.chunks(DELETE_BATCH) {
+            // S3 refuses a whole batch for one key with control characters.
+            let (odd, plain): (Vec<_>, Vec<_>) = batch
+                .iter()
+                .partition(|(k, _)| k.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')));
+            let mut one_by_one: Vec<&(String, PathBuf)> = odd;
+            if let Err(rest) = self.delete_many(&plain, &mut failed) {
+                one_by_one.extend(rest);
+            }
+            for r in Self::parallel(&one_by_one, |(k, rel)| self.delete_key(k, rel)) {
+                if let Err(e) = r {
+                    failed.push(e);
+                }
+            }
+        }
+        if let Ok(mut e) = self.inner.delete_errors.lock() {
+            e.extend(failed);
+        }
+    }
+
+    /// One `DeleteObjects` request for `items`; the keys the store said it
+    /// could not delete go to `failed`. Err(items) when the store does not
+    /// take the request at all, for them to be deleted one by one.
+    fn delete_many<'a>(
+        &self,
+        items: &[&'a (String, PathBuf)],
+        failed: &mut Vec<tern_core::Error>,
+    ) -> Result<(), Vec<&'a (String, PathBuf)>> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<rusty_s3::actions::ObjectIdentifier> = items
+            .iter()
+            .map(|(k, _)| rusty_s3::actions::ObjectIdentifier::new(k.clone()))
+            .collect();
+        let mut action = self.inner.bucket.delete_objects(Some(&self.inner.creds), ids.iter());
+        action.set_quiet(true);
+        let url = action.sign(SIGNED_FOR);
+        let (body, md5) = action.body_with_md5();
+        let rel = items[0].1.as_path();
+        let reply = self.send("POST", &url, &[("content-md5", md5)], Some(body.as_bytes()), rel);
+        let text = match reply {
+            Ok(r) if r.status == 200 => r.text(),
+            _ => return Err(items.to_vec()),
+        };
+        for key in items.iter().map(|(k, _)| k) {
+            self.forget(key);
+        }
+        for err in text.split("<Error>").skip(1) {
+            let key = xml_field(err, "Key").unwrap_or_default();
+            let code = xml_field(err, "Code").unwrap_or_default();
+            let path = items
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or_else(|| PathBuf::from(&key), |(_, r)| self.shown(r));
+            failed.push(tern_core::Error::Other {
+                path,
+                message: format!("not deleted: {code} {}", xml_field(err, "Message").unwrap_or_default()),
+            });
+        }
+        Ok(())
     }
 
     fn delete_key(&self, key: &str, rel: &Path) -> tern_core::Result<()> {
@@ -1497,6 +1587,7 @@ impl Dest for S3Endpoint {
 
     fn create(&self, rel: &Path, spec: &FileSpec) -> tern_core::Result<Box<dyn WriteFile>> {
         let key = self.write_key(rel)?;
+        self.not_doomed(&key);
         if key.is_empty() {
             return Err(tern_core::Error::Other {
                 path: self.shown(rel),
@@ -1563,25 +1654,44 @@ impl Dest for S3Endpoint {
     }
 
     fn remove(&self, rel: &Path) -> tern_core::Result<()> {
+        // Queued, and deleted a thousand a request (`settle` reports what
+        // failed), as a daemon queues its removals.
         let key = self.key(rel);
-        // An object listed as a file: one request.
-        if !key.is_empty() && self.cached(&key).is_some() {
-            return self.delete_key(&key, rel);
-        }
-        let prefix = self.dir_prefix(rel);
-        let (objects, _) = self.list(&prefix, false, rel)?;
-        let keys: Vec<String> = objects.into_iter().map(|o| o.0).collect();
-        for r in Self::parallel(&keys, |k| self.delete_key(k, rel)) {
-            r?;
+        let mut keys = Vec::new();
+        // An object listed as a file is one key; anything else may be a
+        // directory: every key beneath it.
+        if key.is_empty() || self.cached(&key).is_none() {
+            let (objects, _) = self.list(&self.dir_prefix(rel), false, rel)?;
+            keys.extend(objects.into_iter().map(|o| o.0));
         }
         if !key.is_empty() {
-            self.delete_key(&key, rel)?;
+            keys.push(key);
+        }
+        let full = match self.inner.doomed.lock() {
+            Ok(mut d) => {
+                d.extend(keys.into_iter().map(|k| (k, rel.to_path_buf())));
+                d.len() >= DELETE_BATCH
+            }
+            Err(_) => return Err(tern_core::Error::Internal("delete queue lock poisoned".into())),
+        };
+        if full {
+            self.flush_deletes();
         }
         Ok(())
     }
 
     fn barrier(&self) -> tern_core::Result<()> {
+        self.flush_deletes();
         Ok(())
+    }
+
+    fn settle(&self) -> Vec<tern_core::Error> {
+        self.flush_deletes();
+        self.inner
+            .delete_errors
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
     }
 
     fn can_chown(&self) -> bool {

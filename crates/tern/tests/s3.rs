@@ -458,6 +458,20 @@ fn a_sync_with_nothing_to_do_asks_nothing_per_object() {
     assert_eq!(status, 200);
     let (copied, _) = sync();
     assert_eq!(copied, 1);
+    // Thirty gone here: deleted there in one request, not thirty.
+    for i in 10..40 {
+        fs::remove_file(src.join(format!("f{i:02}"))).expect("rm");
+    }
+    let (code, out, err) = go(s3(&store)
+        .env("XDG_CACHE_HOME", &cache)
+        .args(["sync", "--delete", "--json"])
+        .arg(&from)
+        .arg("s3://bkt/many/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j = json(&out);
+    assert_eq!(j["deleted"], 30, "{out}");
+    assert!(j["requests"].as_u64().expect("requests") <= 7, "{out}");
+    assert_eq!(store.keys("bkt").len(), 10);
 }
 
 /// `rclone serve s3` over `dir` (its directories are the buckets), with
