@@ -1376,12 +1376,15 @@ impl WriteFile for LocalWriteFile {
         if self.ep.back_up_replaced(&self.rel, &self.final_path)? {
             replaced = 0;
         }
+        // The journal goes first: a run killed between the two leaves a
+        // temporary file the next run replaces, never a journal beside a
+        // published file that no later run would look at.
+        if self.journal.is_some() {
+            let _ = fs::remove_file(&self.jpath);
+        }
         fs::rename(&self.tmp, &self.final_path).ctx(&self.shown, "rename into place")?;
         if let Some(c) = self.charge.take() {
             c.keep().credit(replaced);
-        }
-        if self.journal.is_some() {
-            let _ = fs::remove_file(&self.jpath);
         }
         Ok(())
     }

@@ -173,10 +173,17 @@ struct Inner {
     journals: Option<PathBuf>,
     /// Where what HEADs said is kept for later runs; None: not kept.
     meta_cache: Option<PathBuf>,
+    /// Small objects are read whole while listed (a source's); false for
+    /// a destination, whose objects are seldom read.
+    prefetch: std::sync::atomic::AtomicBool,
+    /// Keys this run listed or found as objects (files, not directories).
+    files_seen: Mutex<std::collections::HashSet<String>>,
     /// Keys `remove` queued, and the path each was removed as.
     doomed: Mutex<Vec<(String, PathBuf)>>,
     /// What deleting them failed with, for `settle`.
     delete_errors: Mutex<Vec<tern_core::Error>>,
+    /// Held while queued deletions are sent.
+    flushing: Mutex<()>,
     /// Small objects read whole while listing (bytes held, and by key
     /// their ETag and bytes), for the read that follows.
     bodies: Mutex<(usize, HashMap<String, Kept>)>,
@@ -311,6 +318,21 @@ impl Reply {
         self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
     }
 
+    /// The body as text, or why it could not be read.
+    fn text_checked(mut self, rel: &Path) -> tern_core::Result<String> {
+        let t = self
+            .body
+            .with_config()
+            .limit(16 << 20)
+            .read_to_string()
+            .map_err(|e| tern_core::Error::Other {
+                path: rel.to_path_buf(),
+                message: format!("the store's answer was cut off: {e}"),
+            })?;
+        BYTES_RECEIVED.fetch_add(t.len() as u64, Ordering::Relaxed);
+        Ok(t)
+    }
+
     fn text(mut self) -> String {
         let t = self
             .body
@@ -395,9 +417,13 @@ impl S3Endpoint {
             Some(t) => rusty_s3::Credentials::new_with_token(cfg.key.clone(), cfg.secret.clone(), t.clone()),
             None => rusty_s3::Credentials::new(cfg.key.clone(), cfg.secret.clone()),
         };
+        // Deadlines on silence (connecting, each read and write), not on a
+        // whole exchange: a large part on a slow link takes what it takes.
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(timeout))
+            .timeout_connect(Some(timeout))
+            .timeout_per_read(Some(timeout))
+            .timeout_per_write(Some(timeout))
             .max_idle_connections_per_host(WINDOW * 2)
             .max_idle_connections(WINDOW * 4)
             .build();
@@ -411,8 +437,11 @@ impl S3Endpoint {
                 heads: Mutex::default(),
                 walked: Mutex::default(),
                 bodies: Mutex::default(),
+                files_seen: Mutex::default(),
+                prefetch: std::sync::atomic::AtomicBool::new(true),
                 doomed: Mutex::default(),
                 delete_errors: Mutex::default(),
+                flushing: Mutex::default(),
                 journals: state.as_ref().map(|d| d.join("s3-uploads")),
                 meta_cache: state.as_ref().map(|d| {
                     let id = format!("{}\0{}", cfg.endpoint, spec.bucket);
@@ -424,14 +453,23 @@ impl S3Endpoint {
         if let (Some(p), Ok(mut heads)) = (&ep.inner.meta_cache, ep.inner.heads.lock()) {
             *heads = load_heads(p, &spec.prefix);
         }
+        // Within the prefix: a key may be granted no more than that.
         let mut probe = ep.inner.bucket.list_objects_v2(Some(&ep.inner.creds));
         probe.with_max_keys(1);
+        if !spec.prefix.is_empty() {
+            probe.with_prefix(spec.prefix.as_str());
+        }
         let url = probe.sign(SIGNED_FOR);
         let r = ep.send("GET", &url, &[], None, Path::new(""))?;
         if r.status != 200 {
             return Err(ep.status_error(Path::new(""), r, "list"));
         }
         Ok(ep)
+    }
+
+    /// Used as a destination: objects listed are not read ahead.
+    pub fn as_destination(&self) {
+        self.inner.prefetch.store(false, Ordering::Relaxed);
     }
 
     /// The key `rel` stands for.
@@ -712,7 +750,8 @@ impl S3Endpoint {
             }
             prefixes.extend(page.common_prefixes.into_iter().map(|p| p.prefix));
             match page.next_continuation_token {
-                Some(t) if !t.is_empty() => token = Some(t),
+                // A store that gives the same token again would loop.
+                Some(t) if !t.is_empty() && token.as_deref() != Some(t.as_str()) => token = Some(t),
                 _ => break,
             }
         }
@@ -773,10 +812,14 @@ impl S3Endpoint {
     /// A key about to be written is not deleted after it: the queue of
     /// deletions is flushed first if it holds the key.
     fn not_doomed(&self, key: &str) {
+        // Under the flush lock: a flush in flight (which took the queue
+        // already) ends before the key is looked for.
+        let one = self.inner.flushing.lock();
         let queued = self.inner.doomed.lock().is_ok_and(|d| d.iter().any(|(k, _)| k == key));
         if queued {
-            self.flush_deletes();
+            self.flush_deletes_held();
         }
+        drop(one);
     }
 
     fn put(&self, key: &str, rel: &Path, data: &[u8], meta: &Meta, hash: blake3::Hash) -> tern_core::Result<()> {
@@ -804,15 +847,29 @@ impl S3Endpoint {
     }
 
     /// Rewrites `key`'s metadata in place (a copy onto itself).
-    fn rewrite_meta(&self, key: &str, rel: &Path, meta: &Meta, hash: Option<&blake3::Hash>) -> tern_core::Result<()> {
+    fn rewrite_meta(
+        &self,
+        key: &str,
+        rel: &Path,
+        meta: &Meta,
+        hash: Option<&blake3::Hash>,
+        etag: Option<&str>,
+    ) -> tern_core::Result<()> {
         let mut headers = Self::meta_headers(meta, hash);
+        // Only onto the version meant: another writer's is left alone.
+        if let Some(e) = etag.filter(|e| !e.is_empty()) {
+            headers.push(("x-amz-copy-source-if-match".into(), format!("\"{e}\"")));
+        }
         let source = format!("/{}/{}", self.inner.spec.bucket, encode_key(key));
         headers.push(("x-amz-copy-source".into(), source));
         headers.push(("x-amz-metadata-directive".into(), "REPLACE".into()));
         let action = self.inner.bucket.put_object(Some(&self.inner.creds), key);
         let r = self.signed(action, "PUT", &headers, Some(&[]), rel)?;
         let status = r.status;
-        let text = r.text();
+        if status == 412 {
+            return Err(tern_core::Error::Changed(self.shown(rel)));
+        }
+        let text = r.text_checked(rel)?;
         // A copy can fail with 200 and an error document.
         if status != 200 || text.contains("<Error>") {
             return Err(tern_core::Error::Other {
@@ -841,7 +898,16 @@ impl S3Endpoint {
         };
         if let Some(found) = jpath.as_deref().and_then(|p| journal::read(p, spec)) {
             let listed = match found.same_version {
-                true => self.list_parts(key, &found.upload_id, rel)?,
+                true => match self.list_parts(key, &found.upload_id, rel) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // Not listable (a policy without ListMultipartUploadParts,
+                        // say): given up, and the file sent again.
+                        tracing::warn!(error = %e, key, "an earlier upload cannot be resumed; starting again");
+                        self.abort_upload(key, &found.upload_id, rel);
+                        None
+                    }
+                },
                 false => None,
             };
             match listed {
@@ -849,7 +915,7 @@ impl S3Endpoint {
                     let mut etags = BTreeMap::new();
                     let mut resumed = Vec::new();
                     for (n, cv, etag) in found.parts {
-                        if listed.get(&n) == Some(&unquote_etag(&etag)) {
+                        if n >= 1 && listed.get(&n) == Some(&unquote_etag(&etag)) {
                             etags.insert(n, etag);
                             resumed.push((u64::from(n) - 1, cv));
                         }
@@ -962,6 +1028,12 @@ impl S3Endpoint {
     /// request, one by one for a key that request cannot carry or a store
     /// without it. Failures are kept for `settle`.
     fn flush_deletes(&self) {
+        let _one = self.inner.flushing.lock();
+        self.flush_deletes_held();
+    }
+
+    /// [`Self::flush_deletes`], the flush lock held.
+    fn flush_deletes_held(&self) {
         let queued = match self.inner.doomed.lock() {
             Ok(mut d) => std::mem::take(&mut *d),
             Err(_) => return,
@@ -1100,7 +1172,20 @@ impl Source for S3Endpoint {
         if key.is_empty() {
             return Ok(Some(Entry::bare_dir(name)));
         }
-        if let Some(h) = self.head(&key, rel)? {
+        let found = match self.head(&key, rel) {
+            Ok(h) => h,
+            // The root with a policy granting only what is beneath it: the
+            // listing below says what it is.
+            Err(e) if rel.as_os_str().is_empty() => {
+                tracing::debug!(error = %e, "the root is not an object one may read");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(h) = found {
+            if let Ok(mut seen) = self.inner.files_seen.lock() {
+                seen.insert(key.clone());
+            }
             return Ok(Some(Self::file_entry(name, &h)));
         }
         let mut a = self.inner.bucket.list_objects_v2(Some(&self.inner.creds));
@@ -1127,7 +1212,9 @@ impl Source for S3Endpoint {
         };
         let mut dirs: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
         for p in prefixes {
-            let name = p[prefix.len().min(p.len())..].trim_end_matches('/');
+            let Some(name) = p.strip_prefix(prefix.as_str()).map(|n| n.trim_end_matches('/')) else {
+                continue;
+            };
             if name.is_empty() || name.contains('/') || name == "." || name == ".." {
                 continue;
             }
@@ -1138,7 +1225,9 @@ impl Source for S3Endpoint {
         let files: Vec<Listed> = objects
             .into_iter()
             .filter(|(k, _, _, _)| {
-                let name = &k[prefix.len().min(k.len())..];
+                let Some(name) = k.strip_prefix(prefix.as_str()) else {
+                    return false;
+                };
                 !name.is_empty()
                     && !name.contains('/')
                     && name != "."
@@ -1152,13 +1241,16 @@ impl Source for S3Endpoint {
         // stands: a no-change sync makes no request per object.
         let heads = Self::parallel(&files, |(key, size, etag, modified)| {
             let known = self.cached(key).filter(|h| {
-                unquote_etag(&h.etag) == unquote_etag(etag)
+                !etag.is_empty()
+                    && unquote_etag(&h.etag) == unquote_etag(etag)
                     && h.size == *size
                     && h.listed.as_ref().is_none_or(|l| l == modified)
             });
             let asked = match known {
                 Some(h) => Some(h),
-                None if *size <= PREFETCH_MAX => self.get_small(key, *size, rel)?,
+                None if *size <= PREFETCH_MAX && self.inner.prefetch.load(Ordering::Relaxed) => {
+                    self.get_small(key, *size, rel)?
+                }
                 None => self.head(key, rel)?,
             };
             let Some(mut h) = asked else { return Ok(None) };
@@ -1171,8 +1263,14 @@ impl Source for S3Endpoint {
         let mut out: Vec<Entry> = dirs.into_values().collect();
         for ((key, _, _, _), h) in files.iter().zip(heads) {
             // Gone since it was listed: not there.
-            if let Some(h) = h? {
-                out.push(Self::file_entry(key[prefix.len()..].into(), &h));
+            match h? {
+                Some(h) => {
+                    if let Ok(mut seen) = self.inner.files_seen.lock() {
+                        seen.insert(key.clone());
+                    }
+                    out.push(Self::file_entry(key[prefix.len()..].into(), &h));
+                }
+                None => tracing::warn!(key, "listed, then gone before its metadata was read; left out"),
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1330,7 +1428,7 @@ impl ReadFile for S3ReadFile {
             .sign(SIGNED_FOR);
         let mut headers = vec![("range", format!("bytes={offset}-{}", end - 1))];
         if !self.etag.is_empty() {
-            headers.push(("if-match", self.etag.clone()));
+            headers.push(("if-match", format!("\"{}\"", unquote_etag(&self.etag))));
         }
         let mut r = self.ep.send("GET", &url, &headers, None, &self.rel)?;
         match r.status {
@@ -1339,6 +1437,16 @@ impl ReadFile for S3ReadFile {
             412 | 416 => return Err(tern_core::Error::Changed(self.describe())),
             404 => return Err(tern_core::Error::Vanished(self.describe())),
             _ => return Err(self.ep.status_error(&self.rel, r, "read")),
+        }
+        // The version listed, whatever the store made of If-Match.
+        let served = r.header("etag").map(|e| unquote_etag(&e));
+        let total = r
+            .header("content-range")
+            .and_then(|cr| cr.rsplit('/').next().and_then(|t| t.trim().parse::<u64>().ok()));
+        if served.is_some_and(|e| !self.etag.is_empty() && e != unquote_etag(&self.etag))
+            || total.is_some_and(|t| t != self.size)
+        {
+            return Err(tern_core::Error::Changed(self.describe()));
         }
         // Where the body starts: the range's start by its Content-Range
         // (some stores answer a range with 200 and one), else the object's.
@@ -1521,42 +1629,17 @@ impl WriteFile for S3WriteFile {
                 journal,
                 ..
             } => {
-                let etags = etags
-                    .lock()
-                    .map_err(|_| self.other("part lock poisoned".into()))?
-                    .clone();
-                let parts = tern_core::hash::chunk_count(self.spec.size, self.spec.chunk_size);
-                if etags.len() as u64 != parts {
-                    return Err(self.other(format!("{} of {parts} parts uploaded", etags.len())));
+                let done = self.complete(upload_id, etags, hash.as_ref(), &meta);
+                if done.is_err() && journal.is_none() {
+                    // Nothing would resume it: its parts are freed now.
+                    self.ep.abort_upload(&self.key, upload_id, &self.rel);
                 }
-                let action = self.ep.inner.bucket.complete_multipart_upload(
-                    Some(&self.ep.inner.creds),
-                    &self.key,
-                    upload_id,
-                    etags.values().map(String::as_str),
-                );
-                let url = action.sign(SIGNED_FOR);
-                let body = action.body();
-                let r = self.ep.send("POST", &url, &[], Some(body.as_bytes()), &self.rel)?;
-                let status = r.status;
-                let text = r.text();
-                if status != 200 || text.contains("<Error>") {
-                    return Err(self.other(format!(
-                        "the store did not complete the upload (HTTP {status} {})",
-                        xml_field(&text, "Code").unwrap_or_default()
-                    )));
+                if done.is_ok() {
+                    if let Some(j) = journal {
+                        j.remove();
+                    }
                 }
-                if let Some(j) = journal {
-                    j.remove();
-                }
-                // The BLAKE3 is known only now: written into the metadata by
-                // a copy in place, where the store allows one so large.
-                if hash.is_some() && self.spec.size <= MAX_COPY {
-                    self.ep.rewrite_meta(&self.key, &self.rel, &meta, hash.as_ref())?;
-                } else {
-                    self.ep.forget(&self.key);
-                }
-                Ok(())
+                done
             }
         }
     }
@@ -1571,6 +1654,59 @@ impl WriteFile for S3WriteFile {
             if let Some(j) = journal {
                 j.remove();
             }
+        }
+    }
+}
+
+impl S3WriteFile {
+    /// Completes a multipart upload with every part in, then records its
+    /// BLAKE3 by a copy in place (for the object completed, not another).
+    fn complete(
+        &self,
+        upload_id: &str,
+        etags: &Mutex<BTreeMap<u16, String>>,
+        hash: Option<&blake3::Hash>,
+        meta: &Meta,
+    ) -> tern_core::Result<()> {
+        {
+            let etags = etags
+                .lock()
+                .map_err(|_| self.other("part lock poisoned".into()))?
+                .clone();
+            let parts = tern_core::hash::chunk_count(self.spec.size, self.spec.chunk_size);
+            let numbered = etags.keys().copied().map(u64::from).eq(1..=parts);
+            if !numbered {
+                return Err(self.other(format!("{} of {parts} parts uploaded", etags.len())));
+            }
+            let action = self.ep.inner.bucket.complete_multipart_upload(
+                Some(&self.ep.inner.creds),
+                &self.key,
+                upload_id,
+                etags.values().map(String::as_str),
+            );
+            let url = action.sign(SIGNED_FOR);
+            let body = action.body();
+            let r = self.ep.send("POST", &url, &[], Some(body.as_bytes()), &self.rel)?;
+            let status = r.status;
+            let text = r.text_checked(&self.rel)?;
+            // The store answers 200 at once and may still fail in the
+            // body: only an answer with the object's ETag is success.
+            let etag = xml_field(&text, "ETag").filter(|_| status == 200 && !text.contains("<Error>"));
+            let Some(etag) = etag else {
+                return Err(self.other(format!(
+                    "the store did not complete the upload (HTTP {status} {})",
+                    xml_field(&text, "Code").unwrap_or_default()
+                )));
+            };
+            // The BLAKE3 is known only now: written into the metadata by
+            // a copy in place, where the store allows one so large.
+            if hash.is_some() && self.spec.size <= MAX_COPY {
+                self.ep
+                    .rewrite_meta(&self.key, &self.rel, meta, hash, Some(&unquote_etag(&etag)))?;
+            } else {
+                self.ep.forget(&self.key);
+            }
+            Ok(())
         }
     }
 }
@@ -1603,7 +1739,7 @@ impl Dest for S3Endpoint {
                     path: self.shown(rel),
                     message: format!(
                         "S3 takes 10,000 parts of at least 5 MiB: give --chunk-size {} or more",
-                        spec.size.div_ceil(MAX_PARTS).max(MIN_PART)
+                        spec.size.div_ceil(MAX_PARTS).max(MIN_PART).next_power_of_two()
                     ),
                 });
             }
@@ -1646,11 +1782,23 @@ impl Dest for S3Endpoint {
             return Ok(());
         }
         let key = self.key(rel);
-        let hash = match self.cached(&key) {
-            Some(h) => h.blake3,
-            None => self.head(&key, rel)?.and_then(|h| h.blake3),
+        let head = match self.cached(&key) {
+            Some(h) => Some(h),
+            None => self.head(&key, rel)?,
         };
-        self.rewrite_meta(&key, rel, meta, hash.as_ref())
+        let Some(head) = head else {
+            return Err(tern_core::Error::Vanished(self.shown(rel)));
+        };
+        if head.size > MAX_COPY {
+            // A copy request cannot make it: the time and mode it was
+            // uploaded with stay.
+            tracing::warn!(
+                key,
+                "over 5 GiB: its metadata cannot be rewritten in place; left as uploaded"
+            );
+            return Ok(());
+        }
+        self.rewrite_meta(&key, rel, meta, head.blake3.as_ref(), Some(&unquote_etag(&head.etag)))
     }
 
     fn remove(&self, rel: &Path) -> tern_core::Result<()> {
@@ -1660,7 +1808,8 @@ impl Dest for S3Endpoint {
         let mut keys = Vec::new();
         // An object listed as a file is one key; anything else may be a
         // directory: every key beneath it.
-        if key.is_empty() || self.cached(&key).is_none() {
+        let listed_file = self.inner.files_seen.lock().is_ok_and(|f| f.contains(&key));
+        if key.is_empty() || !listed_file {
             let (objects, _) = self.list(&self.dir_prefix(rel), false, rel)?;
             keys.extend(objects.into_iter().map(|o| o.0));
         }

@@ -473,6 +473,7 @@ fn open_dest(
                 return Err(UsageError("--backup and --backup-dir are not for s3:// destinations yet".into()).into());
             }
             let ep = net::connect_s3(&spec, r)?;
+            ep.as_destination();
             let root = ep.stat(Path::new(""))?;
             Ok(Dst {
                 ep: Arc::new(ep),
