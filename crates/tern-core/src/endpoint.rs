@@ -170,6 +170,12 @@ pub trait ReadFile: Send + Sync {
     fn local_file(&self) -> Option<&std::fs::File> {
         None
     }
+    /// The reader as itself, for a destination that can copy from a source
+    /// of its own kind without the bytes crossing (an object store copying
+    /// between its keys): see [`WriteFile::copy_within`].
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// For a file not on this machine: a plan for sending it as a delta
     /// against the basis `sig`, made where the file is (which reads it
     /// whole), with chunks of `chunk_size`. `None` where that is not
@@ -242,6 +248,14 @@ pub trait WriteFile: Send + Sync {
     /// on one file system that can. Returns false when that is not
     /// possible here; the caller then copies the bytes.
     fn clone_from(&self, _src: &std::fs::File) -> Result<bool> {
+        Ok(false)
+    }
+    /// Makes the file a copy of what `src` reads, done where both live (an
+    /// object store copying one key to another), when `src` is of a kind
+    /// it knows. Returns false when that is not possible; the caller then
+    /// copies the bytes. After true, the file is complete: no chunk is
+    /// written.
+    fn copy_within(&self, _src: &dyn ReadFile) -> Result<bool> {
         Ok(false)
     }
     /// The signature of the file this one will replace (the basis of a

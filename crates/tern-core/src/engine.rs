@@ -1983,10 +1983,14 @@ impl Ctx {
             st.claimed = Arc::new(claimed);
             if claimed_bytes > 0 {
                 tracing::info!(path = %t.dst_rel.display(), bytes = claimed_bytes, "resuming");
-            } else if let Some(f) = rf.local_file() {
-                match w.clone_from(f) {
+            } else {
+                let shared = match rf.local_file() {
+                    Some(f) => w.clone_from(f),
+                    None => w.copy_within(&*rf),
+                };
+                match shared {
                     Ok(true) => {
-                        tracing::debug!(path = %t.dst_rel.display(), "reflinked");
+                        tracing::debug!(path = %t.dst_rel.display(), "reflinked or copied where it is");
                         st.cloned = true;
                         add(&self.stats.bytes_cloned, t.entry.size);
                         self.obs.progress(t.entry.size);

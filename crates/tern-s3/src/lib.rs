@@ -165,6 +165,9 @@ struct Inner {
     creds: rusty_s3::Credentials,
     /// Where the credentials came from, for messages.
     creds_from: String,
+    /// The store and the key used there: two endpoints with the same can
+    /// copy between each other's keys at the store.
+    store_id: String,
     spec: S3Spec,
     /// What HEADs and writes said of each key.
     heads: Mutex<HashMap<String, Head>>,
@@ -433,6 +436,7 @@ impl S3Endpoint {
                 bucket,
                 creds,
                 creds_from: cfg.from.clone(),
+                store_id: format!("{}\0{}", cfg.endpoint, cfg.key),
                 spec: spec.clone(),
                 heads: Mutex::default(),
                 walked: Mutex::default(),
@@ -1481,12 +1485,18 @@ impl ReadFile for S3ReadFile {
         // Every read is pinned to the ETag listed.
         Ok(())
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 /// An object being written: one PUT at publish for a file of one chunk,
 /// else a multipart upload with a part per chunk.
 struct S3WriteFile {
     ep: S3Endpoint,
+    /// Made by a copy at the store: nothing is left to publish.
+    copied: std::sync::atomic::AtomicBool,
     key: String,
     rel: PathBuf,
     spec: FileSpec,
@@ -1608,7 +1618,53 @@ impl WriteFile for S3WriteFile {
         }
     }
 
+    fn copy_within(&self, src: &dyn ReadFile) -> tern_core::Result<bool> {
+        let Some(from) = src.as_any().and_then(|a| a.downcast_ref::<S3ReadFile>()) else {
+            return Ok(false);
+        };
+        // One copy request makes at most 5 GiB, and only on one store.
+        if from.ep.inner.store_id != self.ep.inner.store_id || from.size > MAX_COPY || from.etag.is_empty() {
+            return Ok(false);
+        }
+        let meta = self.meta.lock().map(|m| m.clone()).unwrap_or_default();
+        let hash = from.ep.cached(&from.key).and_then(|h| h.blake3);
+        let mut headers = S3Endpoint::meta_headers(&meta, hash.as_ref());
+        headers.push((
+            "x-amz-copy-source".into(),
+            format!("/{}/{}", from.ep.inner.spec.bucket, encode_key(&from.key)),
+        ));
+        headers.push((
+            "x-amz-copy-source-if-match".into(),
+            format!("\"{}\"", unquote_etag(&from.etag)),
+        ));
+        headers.push(("x-amz-metadata-directive".into(), "REPLACE".into()));
+        let action = self.ep.inner.bucket.put_object(Some(&self.ep.inner.creds), &self.key);
+        let r = self.ep.signed(action, "PUT", &headers, Some(&[]), &self.rel)?;
+        let status = r.status;
+        if status == 412 {
+            return Err(tern_core::Error::Changed(from.describe()));
+        }
+        let text = r.text_checked(&self.rel)?;
+        if status != 200 || text.contains("<Error>") {
+            tracing::debug!(status, "the store would not copy; the bytes cross instead");
+            return Ok(false);
+        }
+        // The upload started for the bytes is not needed.
+        if let Body::Parts { upload_id, journal, .. } = &self.body {
+            self.ep.abort_upload(&self.key, upload_id, &self.rel);
+            if let Some(j) = journal {
+                j.remove();
+            }
+        }
+        self.ep.forget(&self.key);
+        self.copied.store(true, Ordering::Release);
+        Ok(true)
+    }
+
     fn publish(self: Box<Self>) -> tern_core::Result<()> {
+        if self.copied.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let meta = self.meta.lock().map(|m| m.clone()).unwrap_or_default();
         let hash = self.hash.lock().ok().and_then(|h| *h);
         match &self.body {
@@ -1747,6 +1803,7 @@ impl Dest for S3Endpoint {
         };
         Ok(Box::new(S3WriteFile {
             ep: self.clone(),
+            copied: std::sync::atomic::AtomicBool::new(false),
             key,
             rel: rel.to_path_buf(),
             spec: spec.clone(),

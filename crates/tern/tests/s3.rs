@@ -217,6 +217,29 @@ fn a_tree_goes_up_and_comes_down_equal_and_a_second_run_sends_nothing() {
         .arg(format!("{}/", src.display()))
         .arg("s3://bkt/up/"));
     assert_eq!(code, 0, "{out}\n{err}");
+    // Bucket to bucket on one store: the large object is copied by the
+    // store, its bytes never cross; every file is what it was.
+    store.bucket("bkt-copy");
+    let (code, out, err) = go(s3(&store).args(["copy", "--json", "s3://bkt/up/", "s3://bkt-copy/c/"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j = json(&out);
+    assert!(j["bytes_cloned"].as_u64().expect("cloned") >= 20 << 20, "{out}");
+    let sent: u64 = j["paths"]
+        .as_array()
+        .expect("paths")
+        .iter()
+        .map(|p| p["wire_bytes_sent"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(sent < 1 << 20, "{sent} bytes sent for a copy within the store: {out}");
+    let (code, out, err) = go(s3(&store)
+        .arg("check")
+        .arg(format!("{}/", src.display()))
+        .arg("s3://bkt-copy/c/"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let again = t.path().join("again");
+    let (code, _, err) = go(s3(&store).args(["copy", "s3://bkt-copy/c/"]).arg(&again));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(files(&src), files(&again));
     // A single object, to a file name.
     let one = t.path().join("one");
     let (code, _, err) = go(s3(&store).args(["copy", "s3://bkt/up/d/e/small"]).arg(&one));
