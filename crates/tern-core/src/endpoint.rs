@@ -509,13 +509,7 @@ pub trait Dest: Source {
             });
         }
         let src = self.open(rel, &old)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let now = crate::entry::Time {
-            sec: now.as_secs() as i64,
-            nsec: now.subsec_nanos(),
-        };
+        let now = crate::entry::Time::now();
         let meta = Meta {
             mtime: now,
             ..old.meta.clone()

@@ -26,6 +26,41 @@ pub struct Time {
     pub nsec: u32,
 }
 
+impl Time {
+    /// The system's time as an entry records it (before the epoch too).
+    pub fn from_system(t: std::time::SystemTime) -> Time {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Time {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (sec, nsec) = match d.subsec_nanos() {
+                    0 => (-(d.as_secs() as i64), 0),
+                    n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
+                };
+                Time { sec, nsec }
+            }
+        }
+    }
+
+    /// Now.
+    pub fn now() -> Time {
+        Time::from_system(std::time::SystemTime::now())
+    }
+
+    /// As the system's time.
+    pub fn to_system(self) -> std::time::SystemTime {
+        let d = std::time::Duration::new(self.sec.unsigned_abs(), self.nsec);
+        if self.sec >= 0 {
+            std::time::UNIX_EPOCH + d
+        } else {
+            std::time::UNIX_EPOCH.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH)
+        }
+    }
+}
+
 /// Metadata carried over with an entry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Meta {

@@ -101,6 +101,23 @@ fn merge(cvs: &[ChainingValue], len: u64, chunk_size: u64) -> ChainingValue {
     merge_subtrees_non_root(&left, &right, Mode::Hash)
 }
 
+/// Bytes as lower-case hex text, as the journals and manifests tern keeps
+/// beside files write them.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What [`hex`] wrote, or None for anything else.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
 /// Formats a hash the way `b3sum` does.
 pub fn to_hex(hash: &Hash) -> String {
     hash.to_hex().to_string()

@@ -88,7 +88,7 @@ impl DiskCache {
     }
 
     fn path(&self, v: Version, block: u64) -> PathBuf {
-        let hex: String = v.0.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = tern_core::hash::hex(&v.0);
         self.dir.join(&hex[..2]).join(format!("{hex}-{block}"))
     }
 

@@ -178,10 +178,10 @@ impl TernFs {
             ino: INodeNo(ino),
             size,
             blocks: e.allocated.div_ceil(512),
-            atime: time(e.meta.atime),
-            mtime: time(e.meta.mtime),
-            ctime: time(e.changed),
-            crtime: time(e.meta.mtime),
+            atime: e.meta.atime.to_system(),
+            mtime: e.meta.mtime.to_system(),
+            ctime: e.changed.to_system(),
+            crtime: e.meta.mtime.to_system(),
             kind,
             perm: (e.meta.mode & 0o7777) as u16,
             nlink: e.nlink.max(1) as u32,
@@ -558,15 +558,14 @@ impl TernFs {
         }
     }
 
-    /// `EEXIST` if something is at `rel` (here or at the daemon).
-    fn vacant(&self, rel: &Path) -> Res<()> {
-        if self.known_absent(rel) {
-            return Ok(());
+    /// The path of a name about to be made in `parent`: `EEXIST` if
+    /// something is there already (here or at the daemon).
+    fn new_name(&self, parent: u64, name: &OsStr) -> Res<PathBuf> {
+        let rel = self.child(parent, name)?;
+        if !self.known_absent(&rel) && self.stat(&rel)?.is_some() {
+            return Err(Errno::EEXIST);
         }
-        match self.stat(rel)? {
-            Some(_) => Err(Errno::EEXIST),
-            None => Ok(()),
-        }
+        Ok(rel)
     }
 
     /// Runs a change on the daemon and waits until it is applied.
@@ -691,14 +690,14 @@ impl TernFs {
                 meta.mode = m & 0o7777;
             }
             if let Some(x) = a.atime {
-                meta.atime = unix(x);
+                meta.atime = Time::from_system(x);
             }
             if let Some(x) = a.mtime {
-                meta.mtime = unix(x);
+                meta.mtime = Time::from_system(x);
             }
             self.change(&rel, |ep| Dest::set_meta(ep, &rel, now.kind, &meta, false, None))?;
             now.meta = meta;
-            now.changed = unix(SystemTime::now());
+            now.changed = Time::now();
             self.note(ino, &now);
             return Ok(now);
         }
@@ -723,34 +722,6 @@ fn when(t: Option<TimeOrNow>) -> Option<SystemTime> {
         TimeOrNow::SpecificTime(t) => t,
         TimeOrNow::Now => SystemTime::now(),
     })
-}
-
-/// A time as the entry records it.
-fn unix(t: SystemTime) -> Time {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Time {
-            sec: d.as_secs() as i64,
-            nsec: d.subsec_nanos(),
-        },
-        Err(e) => {
-            let d = e.duration();
-            let (sec, nsec) = match d.subsec_nanos() {
-                0 => (-(d.as_secs() as i64), 0),
-                n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
-            };
-            Time { sec, nsec }
-        }
-    }
-}
-
-/// An entry's time for the kernel.
-pub(crate) fn time(t: Time) -> SystemTime {
-    let d = Duration::new(t.sec.unsigned_abs(), t.nsec);
-    if t.sec >= 0 {
-        UNIX_EPOCH + d
-    } else {
-        UNIX_EPOCH.checked_sub(d).unwrap_or(UNIX_EPOCH)
-    }
 }
 
 /// The errno an application sees for an engine error.
@@ -957,17 +928,14 @@ impl fuser::Filesystem for TernFs {
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         tracing::trace!(op = "mkdir", "request");
-        let rel = match self.child(parent.0, name) {
+        let rel = match self.new_name(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        if let Err(e) = self.vacant(&rel) {
-            return reply.error(e);
-        }
         let meta = Meta {
             mode: mode & !umask & 0o7777,
-            mtime: unix(SystemTime::now()),
-            atime: unix(SystemTime::now()),
+            mtime: Time::now(),
+            atime: Time::now(),
             ..Default::default()
         };
         let made = self.change(&rel, |ep| {
@@ -988,17 +956,14 @@ impl fuser::Filesystem for TernFs {
 
     fn symlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
         tracing::trace!(op = "symlink", "request");
-        let rel = match self.child(parent.0, name) {
+        let rel = match self.new_name(parent.0, name) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        if let Err(e) = self.vacant(&rel) {
-            return reply.error(e);
-        }
         let meta = Meta {
             mode: 0o777,
-            mtime: unix(SystemTime::now()),
-            atime: unix(SystemTime::now()),
+            mtime: Time::now(),
+            atime: Time::now(),
             ..Default::default()
         };
         match self.change(&rel, |ep| Dest::symlink(ep, &rel, target, &meta, false)) {
@@ -1019,13 +984,10 @@ impl fuser::Filesystem for TernFs {
         if entry.kind == Kind::Dir {
             return reply.error(Errno::EPERM);
         }
-        let new = match self.child(newparent.0, newname) {
+        let new = match self.new_name(newparent.0, newname) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        if let Err(e) = self.vacant(&new) {
-            return reply.error(e);
-        }
         // The new name shares what the daemon has: what is being written
         // there goes first.
         if let Some(s) = self.staged_at(&rel) {

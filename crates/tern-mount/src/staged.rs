@@ -63,20 +63,6 @@ fn batch_options() -> BatchOptions {
 /// First line of a staging file's manifest.
 const MANIFEST_MAGIC: &str = "tern-staged 1";
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
-}
-
 impl Staged {
     /// A new, empty staging file in `dir` for `rel`.
     pub fn create(dir: &Path, rel: &Path, mode: u32, owner: (u32, u32)) -> std::io::Result<Staged> {
@@ -140,7 +126,10 @@ impl Staged {
         if lines.next() != Some(MANIFEST_MAGIC) {
             return Err(bad("not a tern staging manifest"));
         }
-        let rel = lines.next().and_then(unhex).ok_or_else(|| bad("no path"))?;
+        let rel = lines
+            .next()
+            .and_then(tern_core::hash::unhex)
+            .ok_or_else(|| bad("no path"))?;
         let rel = PathBuf::from(std::ffi::OsString::from_vec(rel));
         if rel.as_os_str().is_empty()
             || rel.is_absolute()
@@ -197,7 +186,7 @@ impl Staged {
         };
         let text = format!(
             "{MANIFEST_MAGIC}\n{}\n{:o}\n{base}\n",
-            hex(rel.as_os_str().as_bytes()),
+            tern_core::hash::hex(rel.as_os_str().as_bytes()),
             self.mode.load(Ordering::Relaxed)
         );
         let final_path = self.path.with_extension("manifest");
@@ -306,8 +295,8 @@ impl Staged {
         }
         self.file.set_len(end).map_err(io("truncate"))?;
         let times = std::fs::FileTimes::new()
-            .set_modified(crate::fs::time(entry.meta.mtime))
-            .set_accessed(crate::fs::time(entry.meta.atime));
+            .set_modified(entry.meta.mtime.to_system())
+            .set_accessed(entry.meta.atime.to_system());
         self.file.set_times(times).map_err(io("set times"))?;
         Ok(())
     }

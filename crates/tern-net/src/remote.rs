@@ -1300,6 +1300,17 @@ impl RemoteEndpoint {
         })
     }
 
+    /// [`Self::call`], applied by the daemon after every change queued so
+    /// far (the changes a request depends on: a directory made, a file
+    /// removed).
+    fn after_queued(&self, rel: &Path, req: &Msg) -> tern_core::Result<Msg> {
+        self.request(rel, |s| {
+            self.after_ops(s)?;
+            s.send(req)?;
+            s.recv()
+        })
+    }
+
     /// Runs `f`, a request that waits for its reply, on a pooled stream,
     /// counted as one request (and as a wait when nothing else is in
     /// flight).
@@ -1786,12 +1797,7 @@ impl Dest for RemoteEndpoint {
         // that long rather than fail (found by tools/crash_resume.sh).
         let deadline = Instant::now() + crate::transport::QUIC_IDLE + Duration::from_secs(5);
         let r = loop {
-            let r = self.request(rel, |s| {
-                self.after_ops(s)?;
-                s.send(&req)?;
-                s.recv()
-            });
-            match r {
+            match self.after_queued(rel, &req) {
                 Err(Error::Busy(_)) if Instant::now() < deadline => {
                     tracing::info!(path = %rel.display(), "the daemon still holds this file for an earlier connection; waiting");
                     std::thread::sleep(Duration::from_secs(1));
@@ -1830,12 +1836,7 @@ impl Dest for RemoteEndpoint {
             existing: self.full(existing),
             path: self.full(rel),
         };
-        let r = self.request(rel, |s| {
-            self.after_ops(s)?;
-            s.send(&req)?;
-            s.recv()
-        })?;
-        match r {
+        match self.after_queued(rel, &req)? {
             Msg::Linked(b) => Ok(b),
             _ => Err(self.unexpected(rel)),
         }
@@ -1895,12 +1896,7 @@ impl Dest for RemoteEndpoint {
             path: self.full(rel),
             size,
         };
-        let r = self.request(rel, |s| {
-            self.after_ops(s)?;
-            s.send(&req)?;
-            s.recv()
-        })?;
-        match r {
+        match self.after_queued(rel, &req)? {
             Msg::StatReply(Some(e)) => wire::unentry_any_name(e).ok_or_else(|| self.unexpected(rel)),
             _ => Err(self.unexpected(rel)),
         }

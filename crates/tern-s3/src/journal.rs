@@ -41,21 +41,6 @@ fn version(spec: &FileSpec) -> String {
     )
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Where the journal of an upload to `id` (the store, bucket and key) lives
 /// in `dir`.
 pub fn path_for(dir: &Path, id: &str) -> PathBuf {
@@ -80,7 +65,7 @@ pub fn read(path: &Path, spec: &FileSpec) -> Option<Found> {
         .filter_map(|l| {
             let mut f = l.split(' ');
             let n: u16 = f.next()?.parse().ok()?;
-            let cv = unhex32(f.next()?)?;
+            let cv: [u8; 32] = tern_core::hash::unhex(f.next()?)?.try_into().ok()?;
             let etag = f.next()?.to_string();
             (!etag.is_empty() && f.next().is_none()).then_some((n, cv, etag))
         })
@@ -118,7 +103,7 @@ impl Journal {
     /// Records a part the store took. One write per line, so parts uploaded
     /// at once never interleave.
     pub fn part(&self, n: u16, cv: &[u8; 32], etag: &str) -> std::io::Result<()> {
-        let line = format!("{n} {} {}\n", hex(cv), etag.replace([' ', '\n'], ""));
+        let line = format!("{n} {} {}\n", tern_core::hash::hex(cv), etag.replace([' ', '\n'], ""));
         (&self.file).write_all(line.as_bytes())?;
         self.file.sync_data()
     }

@@ -221,7 +221,7 @@ fn save_heads(path: &Path, heads: &HashMap<String, Head>) -> std::io::Result<()>
         // Written by this run and not listed since: its ETag and size
         // stand for it until a listing gives its time too.
         let listed = h.listed.as_deref().unwrap_or("-");
-        let hexkey: String = k.bytes().map(|b| format!("{b:02x}")).collect();
+        let hexkey = tern_core::hash::hex(k.as_bytes());
         let hash = h.blake3.map_or("-".to_string(), |x| x.to_hex().to_string());
         text.push_str(&format!(
             "{hexkey}\t{}\t{}\t{listed}\t{}\t{:o}\t{hash}\n",
@@ -254,14 +254,7 @@ fn load_heads(path: &Path, prefix: &str) -> HashMap<String, Head> {
         let [hexkey, etag, size, listed, mtime, mode, hash] = f[..] else {
             continue;
         };
-        let key: Option<Vec<u8>> = (0..hexkey.len() / 2)
-            .map(|i| {
-                hexkey
-                    .get(2 * i..2 * i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect();
-        let Some(key) = key.and_then(|k| String::from_utf8(k).ok()) else {
+        let Some(key) = tern_core::hash::unhex(hexkey).and_then(|k| String::from_utf8(k).ok()) else {
             continue;
         };
         if !key.starts_with(prefix) {
@@ -336,15 +329,10 @@ impl Reply {
         Ok(t)
     }
 
-    fn text(mut self) -> String {
-        let t = self
-            .body
-            .with_config()
-            .limit(16 << 20)
-            .read_to_string()
-            .unwrap_or_default();
-        BYTES_RECEIVED.fetch_add(t.len() as u64, Ordering::Relaxed);
-        t
+    /// The body as text; empty if it cannot be read (for messages, and
+    /// answers whose failure shows as what is missing from them).
+    fn text(self) -> String {
+        self.text_checked(Path::new("")).unwrap_or_default()
     }
 }
 
@@ -627,17 +615,17 @@ impl S3Endpoint {
             404 => return Ok(None),
             _ => return Err(self.status_error(rel, r, "read metadata")),
         }
-        let head = self.head_from(&r, rel, None)?;
+        let head = self.head_from(&r, rel)?;
         self.remember(key, &head);
         Ok(Some(head))
     }
 
-    /// An object's metadata from the headers of a HEAD or a GET; `size`
-    /// when the length header is a range's.
-    fn head_from(&self, r: &Reply, rel: &Path, size: Option<u64>) -> tern_core::Result<Head> {
+    /// An object's metadata from the headers of a HEAD or a whole GET.
+    fn head_from(&self, r: &Reply, rel: &Path) -> tern_core::Result<Head> {
         let meta = |k: &str| r.header(&format!("x-amz-meta-{k}"));
-        let size = size
-            .or_else(|| r.header("content-length").and_then(|v| v.parse().ok()))
+        let size = r
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
             .ok_or_else(|| tern_core::Error::Other {
                 path: self.shown(rel),
                 message: "the store gave no length for the object".into(),
@@ -674,7 +662,7 @@ impl S3Endpoint {
             404 => return Ok(None),
             _ => return Err(self.status_error(rel, r, "read")),
         }
-        let head = self.head_from(&r, rel, None)?;
+        let head = self.head_from(&r, rel)?;
         let mut body = r.body;
         let mut data = Vec::with_capacity(size as usize);
         body.as_reader()
@@ -1599,12 +1587,12 @@ impl WriteFile for S3WriteFile {
 
     fn verify(&self, expected: &blake3::Hash) -> tern_core::Result<()> {
         if let Body::Whole(buf) = &self.body {
-            let b = buf.lock().map_err(|_| self.other("buffer lock poisoned".into()))?;
-            if blake3::hash(&b) != *expected {
+            let found = blake3::hash(&buf.lock().map_err(|_| self.other("buffer lock poisoned".into()))?);
+            if found != *expected {
                 return Err(tern_core::Error::VerifyFailed {
                     path: self.ep.shown(&self.rel),
                     expected: expected.to_hex().to_string(),
-                    found: blake3::hash(&b).to_hex().to_string(),
+                    found: found.to_hex().to_string(),
                 });
             }
         }
@@ -1673,10 +1661,9 @@ impl WriteFile for S3WriteFile {
                 if data.len() as u64 != self.spec.size {
                     return Err(self.other(format!("{} of {} bytes written", data.len(), self.spec.size)));
                 }
-                let h = blake3::hash(&data);
-                if hash.is_some_and(|x| x != h) {
-                    return Err(self.other("the bytes do not hash to what the source read".into()));
-                }
+                // Hashed here only where the engine did not say (verify
+                // checked this buffer against it when it did).
+                let h = hash.unwrap_or_else(|| blake3::hash(&data));
                 self.ep.put(&self.key, &self.rel, &data, &meta, h)
             }
             Body::Parts {
@@ -1910,13 +1897,8 @@ impl Dest for S3Endpoint {
                 return Err(tern_core::Error::Interrupted);
             }
             match &item.body {
+                // The hash is the engine's, of these very bytes.
                 BatchBody::File { hash, data, .. } => {
-                    if blake3::hash(data) != *hash {
-                        return Err(tern_core::Error::Other {
-                            path: self.shown(&item.rel),
-                            message: "the bytes do not hash to what the source read".into(),
-                        });
-                    }
                     self.put(&self.write_key(&item.rel)?, &item.rel, data, &item.meta, *hash)
                 }
                 _ => tern_core::endpoint::write_batch_each(self, vec![item.clone()], opts)
